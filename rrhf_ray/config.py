@@ -1,0 +1,268 @@
+"""The run configuration: one pydantic model per component, composed into `RunConfig`.
+
+A config comes from a YAML file plus `dotted.key=value` overrides from the command line.
+Every model forbids unknown keys, so a typo is an error that names the key and the file
+instead of a setting silently ignored. Cross-field checks live in validators, once.
+
+This module imports nothing of the project (see DESIGN.md: the dependency arrows point here).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """The policy ρ that round 1 starts from."""
+
+    name_or_path: str = Field(
+        "", description="HF hub id or local directory of an AutoModelForCausalLM (ρ)."
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer id or path; default: the model's.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype for loading; auto = float32 on CPU, bfloat16 on GPU."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the hub. Off: only code shipped with transformers runs."
+    )
+
+
+class DataConfig(_Section):
+    """Where the queries (and the data set's own responses) come from."""
+
+    source: str = Field("", description="Data set: hub id, local file (.jsonl/.parquet) or directory.")
+    split: str = Field("train", description="Split used for training queries.")
+    eval_split: str | None = Field("test", description="Held-out split for evaluation, if the source has one.")
+    max_prompts: int | None = Field(None, ge=1, description="Keep at most this many training queries.")
+    max_eval_prompts: int | None = Field(None, ge=1, description="Keep at most this many held-out queries.")
+    max_prompt_tokens: int = Field(128, ge=1, description="Prompts longer than this are left-truncated.")
+    seed: int = Field(0, description="Shuffling and split seed.")
+
+
+class SamplingConfig(_Section):
+    """How the samplers draw k candidates per query (vLLM `SamplingParams`)."""
+
+    num_replicas: int = Field(1, ge=1, description="Number of vLLM sampler actors.")
+    n: int = Field(4, ge=1, description="Candidates sampled per query by the policy.")
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, description="-1 disables top-k.")
+    max_new_tokens: int = Field(128, ge=1)
+    stop: list[str] = Field(default_factory=lambda: ["\n\nHuman:"])
+    seed: int = 0
+    use_beam_search: bool = False
+    enforce_eager: bool = True
+    tensor_parallel_size: int = Field(1, ge=1)
+    max_model_len: int = Field(512, ge=16)
+    cpus_per_replica: int = Field(1, ge=1)
+
+
+class RewardConfig(_Section):
+    """Where the rewards r_i come from: a reward model or a rule function."""
+
+    kind: Literal["model", "rule"] = "rule"
+    model: str | None = Field(None, description="AutoModelForSequenceClassification path (kind=model).")
+    rule: str | None = Field(None, description="`package.module:function(queries, responses)` (kind=rule).")
+    num_workers: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1)
+    max_length: int = Field(512, ge=8)
+
+    @model_validator(mode="after")
+    def _source_named(self) -> RewardConfig:
+        if self.kind == "model" and not self.model:
+            raise ValueError("reward.kind is 'model' but reward.model is not set")
+        if self.kind == "rule" and not self.rule:
+            raise ValueError("reward.kind is 'rule' but reward.rule is not set")
+        return self
+
+
+class LoraConfig(_Section):
+    enabled: bool = False
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | str = Field(
+        "all-linear", description="Module names to adapt; 'all-linear' = every linear layer."
+    )
+
+
+class TrainConfig(_Section):
+    """The RRHF update: loss settings (RRHF.md eq. 1-5) and the optimiser (paper §4.1)."""
+
+    epochs: int = Field(3, ge=1, description="Epochs over the round's pool.")
+    lr: float = Field(2e-5, gt=0.0, description="Peak learning rate of AdamW.")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="Gradient clipping; null disables.")
+    queries_per_step: int = Field(
+        64, ge=1, description="Queries per optimizer step over all workers (paper: 64)."
+    )
+    micro_batch_queries: int = Field(
+        1, ge=1, description="Queries per forward pass on one worker; the rest is accumulation."
+    )
+    candidate_chunk_size: int | None = Field(
+        None, ge=1,
+        description="Forward at most this many candidates at once (exact gradient, one extra "
+        "forward); null = all candidates of the micro-batch together.",
+    )
+    max_length: int = Field(192, ge=8, description="Query + response tokens; the query is cut from the left.")
+    rank_weight: float = Field(1.0, ge=0.0, description="w_rank; 0 = fine-tune on the best only.")
+    length_penalty: float = Field(1.0, ge=0.0, description="α in p_i = logp / |y_i|^α.")
+    sft_reduction: Literal["mean", "sum"] = "mean"
+    bf16: bool | None = Field(None, description="bf16 autocast; null = on when training on GPU.")
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="fsdp needs GPUs.")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers.")
+    use_gpu: bool = False
+    cpus_per_worker: int = Field(1, ge=1)
+    seed: int = 0
+    log_every: int = Field(10, ge=1, description="Log training metrics every this many optimizer steps.")
+    checkpoint_every_epoch: bool = Field(
+        True, description="Report a resumable checkpoint after each epoch (else only at the end)."
+    )
+
+    @model_validator(mode="after")
+    def _batching(self) -> TrainConfig:
+        if self.strategy == "fsdp" and not self.use_gpu:
+            raise ValueError("train.strategy 'fsdp' needs train.use_gpu: true (FSDP runs on GPUs only)")
+        if self.micro_batch_queries * self.num_workers > self.queries_per_step:
+            raise ValueError(
+                f"train.queries_per_step ({self.queries_per_step}) is smaller than "
+                f"train.micro_batch_queries × train.num_workers "
+                f"({self.micro_batch_queries} × {self.num_workers})"
+            )
+        return self
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per worker per optimizer step."""
+        return math.ceil(self.queries_per_step / (self.micro_batch_queries * self.num_workers))
+
+
+class EvalConfig(_Section):
+    max_new_tokens: int = Field(128, ge=1)
+    num_samples: int = Field(4, ge=1, description="Sampled continuations per held-out query.")
+    greedy: bool = True
+
+
+class RayConfig(_Section):
+    address: str | None = Field(
+        None, description="Ray cluster to join ('auto', 'ray://…'); null = RAY_ADDRESS or a new local one."
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started cluster.")
+
+
+class OutputConfig(_Section):
+    dir: str = Field("outputs/run", description="Where rounds, checkpoints and metrics are written.")
+    storage_path: str | None = Field(
+        None, description="Ray Train storage (shared on multi-node clusters); default <dir>/ray_train."
+    )
+
+
+class RunConfig(_Section):
+    """A whole RRHF run: `rounds` of sample → score → rank-train → refresh."""
+
+    rounds: int = Field(3, ge=1)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    reward: RewardConfig = Field(default_factory=lambda: RewardConfig(rule="rrhf_ray.demo:reward"))
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` → (["a", "b", "c"], value), the value parsed as YAML (so 3, 1e-4, true, [a, b])."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    # YAML 1.1 reads '1e-4' (no dot) as a string; users mean a number.
+    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        value = float(value)
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each `dotted.key=value` into a nested dict (in place) and return it."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key")
+        else:
+            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+    return f"invalid config {origin}:\n" + "\n".join(lines)
+
+
+def build(model: type[BaseModel], data: dict[str, Any], origin: str) -> Any:
+    """Validate `data` as `model`, turning pydantic's errors into one readable ConfigError."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, origin)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (or defaults when `path` is None) and apply `key=value` overrides."""
+    data = read_yaml(path) if path is not None else {}
+    apply_overrides(data, list(overrides or []))
+    origin = f"in {path}" if path is not None else "(defaults)"
+    if overrides:
+        origin += f" with overrides {' '.join(overrides)}"
+    return build(RunConfig, data, origin)
+
+
+def dump_config(config: BaseModel) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,107 @@
+"""Tiny-model kit: a small Llama and a byte-level BPE tokenizer, built locally, no hub access.
+
+Used by the tests, the embedded default and the benchmarks. vLLM's CPU attention rejects
+head_dim 16, so the defaults keep head_dim = hidden_size / num_heads = 64.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+
+# A few dialogues in the Anthropic HH layout, enough for the tokenizer to learn the turn markers.
+DEFAULT_CORPUS = [
+    "\n\nHuman: How do I reset my password?\n\nAssistant: Open the settings page, choose "
+    "security, and press reset. Happy to help!",
+    "\n\nHuman: Can you help me fix a flat tyre?\n\nAssistant: Sure. Loosen the nuts, lift the "
+    "car with the jack, swap the wheel, and tighten the nuts again.",
+    "\n\nHuman: What is a good way to learn to cook?\n\nAssistant: Start with simple recipes, "
+    "cook every day, and taste as you go. Thank you for asking!",
+    "\n\nHuman: How do I water a cactus?\n\nAssistant: No. Figure it out yourself.",
+    "\n\nHuman: How can I make my code faster?\n\nAssistant: Measure first, find the slow part, "
+    "then change one thing at a time.",
+    "Please, thanks, sorry, sure, certainly, of course. Whatever. I will not do that.",
+]
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000):
+    """Train a byte-level BPE tokenizer on `texts`; returns a transformers fast tokenizer.
+
+    The tokenizer prepends <s> and never appends </s> on its own: the trainer adds the EOS
+    that closes each response, so the prompt and the response tokenize independently.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, padding_side="right"
+    )
+
+
+def build_tiny_llama(
+    out_dir: str | Path,
+    texts: Iterable[str] | None = None,
+    *,
+    vocab_size: int = 1000,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 512,
+    seed: int = 0,
+) -> Path:
+    """Build a randomly initialised Llama with a locally trained tokenizer; save as an HF directory.
+
+    The directory loads with `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer` and in vLLM.
+    Written to a temporary name and renamed, so a half-built directory never looks finished.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out_dir = Path(out_dir)
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} is not a multiple of num_heads {num_heads}")
+    tokenizer = train_tokenizer(texts if texts is not None else DEFAULT_CORPUS, vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
