@@ -42,14 +42,35 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    """Where the queries (and the data set's own responses) come from."""
+    """Where the queries (and the data set's own responses) come from (read by `rrhf_ray.data`)."""
 
-    source: str = Field("", description="Data set: hub id, local file (.jsonl/.parquet) or directory.")
+    source: str = Field(
+        "",
+        description="Data set: hub id (load_dataset), local .jsonl/.parquet file, a directory "
+        "(data files, or one written by save_to_disk), or 'builtin:<name>'.",
+    )
+    format: Literal["auto", "rm-static", "hh-rlhf", "reference", "prompts"] = Field(
+        "auto",
+        description="Row layout: rm-static (prompt, chosen, rejected), hh-rlhf (chosen, rejected as "
+        "whole dialogues), reference (query, responses, scores), prompts (query); auto = from the fields.",
+    )
     split: str = Field("train", description="Split used for training queries.")
-    eval_split: str | None = Field("test", description="Held-out split for evaluation, if the source has one.")
+    eval_split: str | None = Field(
+        "test",
+        description="Held-out split for evaluation, if the source has one; otherwise (or when null) "
+        "a seeded eval_fraction of the training queries is held out.",
+    )
+    eval_fraction: float = Field(
+        0.05, ge=0.0, lt=1.0,
+        description="Share of queries held out for evaluation when the source has no eval split.",
+    )
     max_prompts: int | None = Field(None, ge=1, description="Keep at most this many training queries.")
     max_eval_prompts: int | None = Field(None, ge=1, description="Keep at most this many held-out queries.")
-    max_prompt_tokens: int = Field(128, ge=1, description="Prompts longer than this are left-truncated.")
+    max_prompt_tokens: int = Field(
+        128, ge=1,
+        description="Prompts longer than this (policy tokens) are cut from the left at a "
+        "'\\n\\nHuman:' turn; prompts that cannot be cut to fit are dropped.",
+    )
     seed: int = Field(0, description="Shuffling and split seed.")
 
 
@@ -63,12 +84,41 @@ class SamplingConfig(_Section):
     top_k: int = Field(-1, description="-1 disables top-k.")
     max_new_tokens: int = Field(128, ge=1)
     stop: list[str] = Field(default_factory=lambda: ["\n\nHuman:"])
-    seed: int = 0
-    use_beam_search: bool = False
-    enforce_eager: bool = True
+    seed: int = Field(0, description="Base seed; query i is seeded from (seed, i), so results do "
+                      "not depend on how queries are split across replicas.")
+    use_beam_search: bool = Field(False, description="Beam search of width n instead of sampling (BP).")
+    length_penalty: float = Field(1.0, description="Beam search length penalty.")
+    return_logprobs: bool = Field(True, description="Keep each candidate's cumulative log-prob.")
+    enforce_eager: bool = Field(True, description="Skip vLLM's graph compilation (faster start).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Engine dtype; auto = the checkpoint's."
+    )
+    kv_cache_gib: float | None = Field(
+        None, gt=0, description="CPU only: KV cache size (VLLM_CPU_KVCACHE_SPACE); null = env or 1."
+    )
     tensor_parallel_size: int = Field(1, ge=1)
     max_model_len: int = Field(512, ge=16)
     cpus_per_replica: int = Field(1, ge=1)
+    use_gpu: bool | None = Field(
+        None, description="Replicas on GPUs (tensor_parallel_size each); null = if the cluster has GPUs."
+    )
+    chunk_prompts: int = Field(
+        32, ge=1, description="Queries per request to a replica: the unit of balancing, retry and progress."
+    )
+    max_restarts: int = Field(1, ge=0, description="Ray restarts of a crashed replica.")
+    preset: str = Field(
+        "IP", description="Candidate sources (RRHF.md table 1): BP, DP, D, P, or IP / IP-n."
+    )
+    external: list[str] = Field(
+        default_factory=list,
+        description="JSONL files of extra responses {query, responses, source} joining each group.",
+    )
+
+    @model_validator(mode="after")
+    def _preset_known(self) -> SamplingConfig:
+        if not re.fullmatch(r"BP|DP|D|P|IP(-[1-9]\d*)?", self.preset):
+            raise ValueError(f"sampling.preset {self.preset!r} is not one of BP, DP, D, P, IP, IP-n")
+        return self
 
 
 class RewardConfig(_Section):
@@ -80,6 +130,16 @@ class RewardConfig(_Section):
     num_workers: int = Field(1, ge=1)
     batch_size: int = Field(16, ge=1)
     max_length: int = Field(512, ge=8)
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Reward model weights and forward dtype."
+    )
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs per reward actor (its torch threads).")
+    gpus_per_worker: float | None = Field(
+        None, ge=0.0, description="GPU share per reward actor; null = 0.5 if the cluster has GPUs, else 0."
+    )
+    chunk_queries: int = Field(
+        16, ge=1, description="Queries per request to a worker: the unit of balancing and progress."
+    )
 
     @model_validator(mode="after")
     def _source_named(self) -> RewardConfig:

@@ -1,0 +1,490 @@
+"""Query sources: the paper's data (Anthropic HH), the reference repo's JSONL, or a user's prompts.
+
+Every source becomes the same typed `QueryRecord`s, so the rest of the workflow never sees a
+source's layout. Layouts (RRHF.md, "Data"):
+
+- ``rm-static``: `Dahoas/rm-static` rows {prompt, response, chosen, rejected}; chosen ranks first.
+- ``hh-rlhf``: raw `Anthropic/hh-rlhf` rows {chosen, rejected}, each a whole dialogue; the query
+  is the shared text up to and including the last "\\n\\nAssistant:", the responses what follows.
+- ``reference``: the reference repo's JSONL {query, responses, scores[, sources]}.
+- ``prompts``: plain prompts {query}.
+
+Containers: a hub id or a directory of data files (`datasets.load_dataset`, the same call for
+both), a directory written by `save_to_disk`, a single .jsonl / .parquet file, or a loader
+registered with `register_builtin` and named as ``builtin:<name>``.
+
+Every row is converted (and so validated) before anything is tokenized or shuffled: a malformed
+row raises `DataError` naming the file, the row and the field, before any expensive work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from rrhf_ray.config import DataConfig
+from rrhf_ray.pool import DataError, QueryGroup, _row_error
+
+log = logging.getLogger(__name__)
+
+HUMAN = "\n\nHuman:"
+ASSISTANT = "\n\nAssistant:"
+BUILTIN_PREFIX = "builtin:"
+
+
+@dataclass(frozen=True)
+class QueryRecord:
+    """One query x and, optionally, the data set's own responses to it, best first.
+
+    `scores[i]` orders `responses[i]` (higher is better: HH chosen 1.0, rejected 0.0; reference
+    JSONL: its scores); `sources[i]` tags where it came from ("chosen", "rejected", "dataset").
+    A prompt-only source leaves all three empty.
+    """
+
+    query: str
+    responses: tuple[str, ...] = ()
+    scores: tuple[float, ...] = ()
+    sources: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Builtin loaders build records by hand; a lopsided record would mis-rank silently later.
+        if not isinstance(self.query, str) or not self.query.strip():
+            raise ValueError("query is empty or not a string")
+        object.__setattr__(self, "responses", tuple(self.responses))
+        object.__setattr__(self, "scores", tuple(float(s) for s in self.scores))
+        sources = tuple(self.sources) or ("dataset",) * len(self.responses)
+        object.__setattr__(self, "sources", sources)
+        if not len(self.responses) == len(self.scores) == len(self.sources):
+            raise ValueError(
+                f"{len(self.responses)} responses, {len(self.scores)} scores and "
+                f"{len(self.sources)} sources: the three must be the same length"
+            )
+
+    def to_group(self) -> QueryGroup:
+        """The data set's responses as a scored group (the paper's candidate source D)."""
+        return QueryGroup(
+            query=self.query,
+            responses=list(self.responses),
+            scores=list(self.scores),
+            sources=list(self.sources),
+        )
+
+
+@dataclass
+class SourceStats:
+    """What happened to one split of a source; every row read lands in exactly one bucket.
+
+    read = kept + dropped + duplicates + diverged + held_out + capped; `truncated` counts kept
+    rows whose query was cut from the left to fit `max_prompt_tokens`.
+    """
+
+    name: str
+    read: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped: int = 0  # longer than max_prompt_tokens even after cutting at a turn
+    duplicates: int = 0  # a query seen before (in this split, or in the eval split)
+    split: str = ""
+    diverged: int = 0  # hh-rlhf rows whose two dialogues do not share a prompt
+    held_out: int = 0  # moved to the seeded eval split
+    capped: int = 0  # beyond max_prompts / max_eval_prompts
+
+    def summary(self) -> str:
+        return (
+            f"data {self.name} [{self.split}]: read {self.read}, kept {self.kept}, "
+            f"truncated {self.truncated}, dropped {self.dropped} (too long), "
+            f"duplicates {self.duplicates}, diverged {self.diverged}, "
+            f"held out {self.held_out}, over the cap {self.capped}"
+        )
+
+
+@dataclass
+class LoadedData:
+    """Training and held-out queries, and one `SourceStats` per split (train first)."""
+
+    train: list[QueryRecord]
+    eval: list[QueryRecord]
+    stats: list[SourceStats]
+
+
+@dataclass
+class _RawSplit:
+    origin: str  # named in every error: a file path or "<source>[<split>]"
+    unit: str  # "line" (JSONL, from 1) or "row" (tables, from 0), as in pool.py
+    split: str
+    rows: list[tuple[int, Any]]  # (line or row number, raw row)
+
+
+# --------------------------------------------------------------------------- builtins
+
+_BUILTINS: dict[str, Callable[[], Any]] = {}
+
+
+def register_builtin(name: str, loader: Callable[[], Any]) -> None:
+    """Make ``source: "builtin:<name>"`` call `loader()`.
+
+    The loader returns QueryRecords (or rows in one of the layouts), or a mapping from split
+    name to such a list when it ships its own held-out split.
+    """
+    _BUILTINS[name] = loader
+
+
+def _open_builtin(name: str, cfg: DataConfig) -> tuple[_RawSplit, _RawSplit | None]:
+    if name not in _BUILTINS:
+        raise DataError(
+            f"data.source: unknown builtin data set {name!r}; "
+            f"registered: {sorted(_BUILTINS) or 'none'}"
+        )
+    out = _BUILTINS[name]()
+    origin = BUILTIN_PREFIX + name
+    if isinstance(out, Mapping):
+        return _pick_splits(out, origin, cfg)
+    return _RawSplit(origin, "row", cfg.split, list(enumerate(out))), None
+
+
+# --------------------------------------------------------------------------- containers
+
+
+def _open(cfg: DataConfig) -> tuple[_RawSplit, _RawSplit | None]:
+    """The training split and the source's own eval split (None when it has none)."""
+    source = cfg.source.strip()
+    if not source:
+        raise DataError(
+            "data.source is not set: name a hub id, a file, a directory or builtin:<name>"
+        )
+    if source.startswith(BUILTIN_PREFIX):
+        return _open_builtin(source[len(BUILTIN_PREFIX) :], cfg)
+    path = Path(source).expanduser()
+    if path.suffix in (".jsonl", ".json", ".parquet"):
+        if not path.is_file():
+            raise DataError(f"data file not found: {path}")
+        raw = _read_parquet(path) if path.suffix == ".parquet" else _read_jsonl(path)
+        return replace(raw, split=cfg.split), None
+    if path.is_dir() and any((path / n).is_file() for n in ("dataset_dict.json", "state.json")):
+        return _pick_splits(_datasets_call("load_from_disk", str(path)), source, cfg)
+    # A hub id, or a local directory of data files: one code path, `load_dataset(source)`.
+    return _pick_splits(_datasets_call("load_dataset", source), source, cfg)
+
+
+def _datasets_call(fn: str, source: str) -> Any:
+    import datasets
+
+    try:
+        return getattr(datasets, fn)(source)
+    # Unreachable hub, no such repo or directory, unparsable files: each is "cannot read" to
+    # the user, and `datasets` raises a different class for each across versions.
+    except Exception as err:  # noqa: BLE001
+        raise DataError(f"cannot read data set {source!r} with datasets.{fn}: {err}") from None
+
+
+def _pick_splits(splits: Any, origin: str, cfg: DataConfig) -> tuple[_RawSplit, _RawSplit | None]:
+    """Train and eval splits of a DatasetDict / mapping; a lone Dataset has no eval split."""
+    if not isinstance(splits, Mapping):  # DatasetDict is a dict; a lone Dataset is not
+        return _RawSplit(origin, "row", cfg.split, _rows(splits)), None
+    if cfg.split not in splits:
+        raise DataError(
+            f"{origin}: no split {cfg.split!r} (data.split); it has {sorted(splits.keys())}"
+        )
+    train = _RawSplit(f"{origin}[{cfg.split}]", "row", cfg.split, _rows(splits[cfg.split]))
+    ev = cfg.eval_split
+    if ev is None or ev == cfg.split or ev not in splits:
+        return train, None
+    return train, _RawSplit(f"{origin}[{ev}]", "row", ev, _rows(splits[ev]))
+
+
+def _rows(table: Any) -> list[tuple[int, Any]]:
+    rows = table.to_list() if hasattr(table, "to_list") else list(table)
+    return list(enumerate(rows))
+
+
+def _read_jsonl(path: Path) -> _RawSplit:
+    rows = []
+    try:
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(
+                        f"{path} line {lineno}: not UTF-8 text ({err.reason})"
+                    ) from None
+                if not line.strip():
+                    continue
+                try:
+                    rows.append((lineno, json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path} line {lineno}: not valid JSON ({err.msg})") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err})") from None
+    return _RawSplit(str(path), "line", "", rows)
+
+
+def _read_parquet(path: Path) -> _RawSplit:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{path}: cannot read as Parquet ({err})") from None
+    return _RawSplit(str(path), "row", "", list(enumerate(table.to_pylist())))
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def _text(row: Any, name: str, *, nonempty: bool = False) -> str:
+    """Field `name` of a row as a string; the ValueError / TypeError names the field."""
+    if not isinstance(row, Mapping):
+        raise TypeError(f"expected an object with field {name!r}, got {type(row).__name__}")
+    if name not in row:
+        raise ValueError(f"missing field {name!r}")
+    value = row[name]
+    if not isinstance(value, str):
+        raise TypeError(f"field {name!r} must be a string, got {type(value).__name__}")
+    if nonempty and not value.strip():
+        raise ValueError(f"field {name!r} is empty")
+    return value
+
+
+def _pair(query: str, chosen: str, rejected: str) -> QueryRecord:
+    return QueryRecord(query, (chosen, rejected), (1.0, 0.0), ("chosen", "rejected"))
+
+
+def _from_rm_static(row: Any) -> QueryRecord:
+    prompt = _text(row, "prompt", nonempty=True)
+    return _pair(prompt, _text(row, "chosen"), _text(row, "rejected"))
+
+
+def _split_dialogue(row: Any, name: str) -> tuple[str, str]:
+    """(prompt up to and including the last assistant turn marker, the final response)."""
+    text = _text(row, name, nonempty=True)
+    cut = text.rfind(ASSISTANT)
+    if cut < 0:
+        raise ValueError(f"field {name!r} has no {ASSISTANT!r} turn")
+    cut += len(ASSISTANT)
+    return text[:cut], text[cut:]
+
+
+def _from_hh(row: Any) -> QueryRecord | None:
+    prompt, chosen = _split_dialogue(row, "chosen")
+    other, rejected = _split_dialogue(row, "rejected")
+    if other != prompt:
+        return None  # the two answers do not answer the same query: no ranking to learn from
+    return _pair(prompt, chosen, rejected)
+
+
+def _from_reference(row: Any) -> QueryRecord:
+    if not isinstance(row, Mapping):
+        raise TypeError(f"expected a JSON object, got {type(row).__name__}")
+    group = QueryGroup.model_validate(row)  # pool.py's checks: one definition of a valid group
+    order = sorted(range(group.k), key=lambda i: -group.scores[i])  # stable: ties keep file order
+    sources = group.sources or ["dataset"] * group.k
+    return QueryRecord(
+        group.query,
+        tuple(group.responses[i] for i in order),
+        tuple(group.scores[i] for i in order),
+        tuple(sources[i] for i in order),
+    )
+
+
+def _from_prompt(row: Any) -> QueryRecord:
+    return QueryRecord(_text(row, "query", nonempty=True))
+
+
+def _from_record(row: Any) -> QueryRecord:
+    if not isinstance(row, QueryRecord):
+        raise TypeError(f"expected a QueryRecord, got {type(row).__name__}")
+    return row
+
+
+_LAYOUTS: dict[str, Callable[[Any], QueryRecord | None]] = {
+    "rm-static": _from_rm_static,
+    "hh-rlhf": _from_hh,
+    "reference": _from_reference,
+    "prompts": _from_prompt,
+    "records": _from_record,
+}
+# In order: the first layout whose fields a row has wins (rm-static has chosen/rejected too).
+_SIGNATURES = [
+    ("reference", {"query", "responses"}),
+    ("rm-static", {"prompt", "chosen", "rejected"}),
+    ("hh-rlhf", {"chosen", "rejected"}),
+    ("prompts", {"query"}),
+]
+
+
+def _layout(raw: _RawSplit, fmt: str) -> str:
+    """The configured layout, or the one the first row's fields match (format: auto)."""
+    if not raw.rows:
+        raise DataError(f"{raw.origin} holds no rows")
+    number, first = raw.rows[0]
+    if isinstance(first, QueryRecord):
+        return "records"
+    if fmt != "auto":
+        return fmt
+    if not isinstance(first, Mapping):
+        raise DataError(
+            f"{raw.origin} {raw.unit} {number}: expected an object, got {type(first).__name__}"
+        )
+    for layout, needed in _SIGNATURES:
+        if needed <= set(first):
+            return layout
+    raise DataError(
+        f"{raw.origin} {raw.unit} {number}: cannot tell the layout from fields {sorted(first)}; "
+        "expected query[+responses, scores] or [prompt+]chosen, rejected (or set data.format)"
+    )
+
+
+def _convert(raw: _RawSplit, layout: str, stats: SourceStats) -> list[QueryRecord]:
+    """Every row as a QueryRecord; the first malformed row raises, diverged HH rows are skipped."""
+    convert = _LAYOUTS[layout]
+    records, diverged = [], []
+    for number, row in raw.rows:
+        try:
+            record = convert(row)
+        except (ValueError, TypeError) as err:  # pydantic's ValidationError is a ValueError too
+            problem = err if isinstance(err, ValueError) else ValueError(str(err))
+            raise _row_error(Path(raw.origin), number, problem, what=raw.unit) from None
+        if record is None:
+            diverged.append(number)
+        else:
+            records.append(record)
+    stats.read, stats.diverged = len(raw.rows), len(diverged)
+    if diverged:
+        shown = ", ".join(map(str, diverged[:10])) + (" …" if len(diverged) > 10 else "")
+        log.warning(
+            "%s: skipped %d %s(s) whose chosen and rejected dialogues do not share the "
+            "prompt: %s %s",
+            raw.origin,
+            len(diverged),
+            raw.unit,
+            raw.unit,
+            shown,
+        )
+    return records
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def _dedupe(
+    records: Iterable[QueryRecord], seen: set[str], stats: SourceStats
+) -> list[QueryRecord]:
+    """First occurrence of each query; `seen` holds queries already claimed (by the eval split)."""
+    out = []
+    for record in records:
+        if record.query in seen:
+            stats.duplicates += 1
+            continue
+        seen.add(record.query)
+        out.append(record)
+    return out
+
+
+def _hold_out(records: list[QueryRecord], fraction: float, seed: int) -> tuple[list, list]:
+    """(train, eval): a seeded shuffle, the first `fraction` held out (≥ 1 if fraction > 0)."""
+    order = list(records)
+    random.Random(f"{seed}:held-out").shuffle(order)
+    n = round(len(order) * fraction)
+    if fraction > 0 and len(order) > 1:
+        n = max(n, 1)
+    return order[n:], order[:n]
+
+
+def truncate_query(query: str, tokenizer: Any, max_tokens: int) -> str | None:
+    """The query cut from the left at a "\\n\\nHuman:" turn so it fits `max_tokens`, or None.
+
+    Keeps as many of the latest turns as fit (the last turn is what the response answers);
+    cutting mid-turn would hand the policy a sentence fragment, so a query whose last turn
+    alone is too long, or that has no turn marker, is not cut but dropped (None).
+    Tokens are counted as the policy sees them, special tokens included.
+    """
+
+    def length(text: str) -> int:
+        return len(tokenizer(text)["input_ids"])
+
+    if length(query) <= max_tokens:
+        return query
+    for match in re.finditer(re.escape(HUMAN), query):
+        if match.start() > 0 and length(query[match.start() :]) <= max_tokens:
+            return query[match.start() :]  # earliest cut that fits = the most context kept
+    return None
+
+
+def _select(
+    records: list[QueryRecord],
+    limit: int | None,
+    rng: random.Random,
+    fit: Callable[[str], str | None] | None,
+    stats: SourceStats,
+) -> list[QueryRecord]:
+    """Shuffle, fit each query to the token budget, stop at `limit`; counts go to `stats`.
+
+    Fitting is lazy, so a 76k-row source capped at 1k prompts tokenizes about 1k of them.
+    """
+    order = list(records)
+    rng.shuffle(order)
+    kept: list[QueryRecord] = []
+    for i, record in enumerate(order):
+        if limit is not None and len(kept) >= limit:
+            stats.capped = len(order) - i
+            break
+        query = fit(record.query) if fit else record.query
+        if query is None:
+            stats.dropped += 1
+            continue
+        if query != record.query:
+            stats.truncated += 1
+            record = replace(record, query=query)
+        kept.append(record)
+    stats.kept = len(kept)
+    return kept
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def load_data(cfg: DataConfig, tokenizer: Any = None) -> LoadedData:
+    """Read `cfg.source`, validate every row, de-duplicate, split, fit to the token budget, cap.
+
+    `tokenizer` (the policy's) enables the `max_prompt_tokens` policy; without it queries are
+    kept whole. The eval split is the source's own (`eval_split`) when it has one, else a seeded
+    `eval_fraction` of the training queries. A training query equal to an eval query is dropped
+    from training (counted as a duplicate) so the held-out set stays held out.
+    """
+    train_raw, eval_raw = _open(cfg)
+    layout = _layout(train_raw, cfg.format)
+    train_stats = SourceStats(cfg.source, split=train_raw.split)
+    train = _convert(train_raw, layout, train_stats)
+    if eval_raw is not None:
+        eval_stats = SourceStats(cfg.source, split=eval_raw.split)
+        seen: set[str] = set()
+        held = _dedupe(_convert(eval_raw, layout, eval_stats), seen, eval_stats)
+        train = _dedupe(train, seen, train_stats)
+    else:
+        train = _dedupe(train, set(), train_stats)
+        train, held = _hold_out(train, cfg.eval_fraction, cfg.seed)
+        train_stats.held_out = len(held)
+        eval_stats = SourceStats(cfg.source, read=len(held), split="held-out")
+
+    fit = (
+        None
+        if tokenizer is None
+        else (lambda q: truncate_query(q, tokenizer, cfg.max_prompt_tokens))
+    )
+    train = _select(train, cfg.max_prompts, random.Random(f"{cfg.seed}:train"), fit, train_stats)
+    held = _select(held, cfg.max_eval_prompts, random.Random(f"{cfg.seed}:eval"), fit, eval_stats)
+    for stats in (train_stats, eval_stats):
+        log.info(stats.summary())
+    if not train:
+        raise DataError(
+            f"data.source {cfg.source!r} leaves no training queries: {train_stats.summary()}"
+            + (" (raise data.max_prompt_tokens?)" if train_stats.dropped else "")
+        )
+    return LoadedData(train, held, [train_stats, eval_stats])
