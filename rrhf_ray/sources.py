@@ -1,0 +1,164 @@
+"""Candidate sources: where the k candidates of one query come from, combined into one group.
+
+RRHF ranks candidates from anywhere (RRHF.md, "Sampling policies"). The sources here:
+
+- the current policy ρ* (a `SamplerPool` refreshed each round): tag "policy@<version>";
+- the frozen initial policy ρ (an optional second pool that never refreshes): "initial@0";
+- the data set's own responses (`rrhf_ray.data.QueryRecord`, best first): "chosen", "rejected", …;
+- files of responses from other models or humans, JSONL {"query", "responses", "source"}.
+
+Presets name the paper's policies (table 1) as a choice of sources. Diverse beam search is not
+offered by vLLM; temperature / top-p sampling (`SamplingParams(n=k)`) stands in for it, the
+modern default:
+
+| preset | policy candidates                      | data set responses |
+| ------ | -------------------------------------- | ------------------ |
+| BP     | beam search by ρ (width n)             | yes                |
+| DP     | sampled by ρ                           | yes                |
+| D      | sampled by ρ                           | no                 |
+| P      | none (offline)                         | yes                |
+| IP-n   | sampled by ρ* = round n−1's model      | yes (IP-1 ≡ DP)    |
+
+Identical responses to one query (after stripping surrounding whitespace) are merged into one
+candidate whose source lists every origin ("policy@1+chosen"): a duplicate would otherwise enter
+the ranking loss as a pair with itself, and the fine-tuning term would count it twice.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from rrhf_ray.pool import DataError, QueryGroup
+from rrhf_ray.sampling import Candidate
+
+CandidateSource = Sequence[Sequence[Candidate]] | Mapping[str, Sequence[Candidate]]
+"""Either one list of candidates per query (aligned with the queries) or a map query → list."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Which sources a named sampling policy uses (see the module table)."""
+
+    name: str
+    policy: Literal["initial", "current"] | None  # which sampler draws; None = no sampling
+    beam: bool
+    dataset: bool
+
+
+PRESETS: dict[str, Preset] = {
+    "BP": Preset("BP", "initial", beam=True, dataset=True),
+    "DP": Preset("DP", "initial", beam=False, dataset=True),
+    "D": Preset("D", "initial", beam=False, dataset=False),
+    "P": Preset("P", None, beam=False, dataset=True),
+    "IP": Preset("IP", "current", beam=False, dataset=True),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """"IP-3" → the IP preset (the round number picks the checkpoint, not the sources)."""
+    match = re.fullmatch(r"(BP|DP|D|P|IP)(?:-([1-9]\d*))?", name)
+    if not match or (match.group(2) and match.group(1) != "IP"):
+        raise ValueError(f"unknown sampling preset {name!r}; known: BP, DP, D, P, IP-n")
+    return PRESETS[match.group(1)]
+
+
+@dataclass(frozen=True)
+class CandidateGroup:
+    """One query and its candidates before scoring; `to_group(scores)` makes the QueryGroup."""
+
+    query: str
+    candidates: tuple[Candidate, ...]
+
+    @property
+    def responses(self) -> list[str]:
+        return [c.text for c in self.candidates]
+
+    @property
+    def sources(self) -> list[str]:
+        return [c.source for c in self.candidates]
+
+    def to_group(self, scores: Sequence[float] | None = None) -> QueryGroup:
+        """As a QueryGroup; without scores every reward is 0.0 (a placeholder until scored)."""
+        scores = [0.0] * len(self.candidates) if scores is None else [float(s) for s in scores]
+        return QueryGroup(query=self.query, responses=self.responses, scores=scores,
+                          sources=self.sources)
+
+    @classmethod
+    def from_group(cls, group: QueryGroup) -> CandidateGroup:
+        sources = group.sources or ["file"] * group.k
+        return cls(group.query, tuple(Candidate(text=r, source=s)
+                                      for r, s in zip(group.responses, sources)))
+
+
+def dataset_candidates(record: Any) -> list[Candidate]:
+    """The data set's own responses of a `rrhf_ray.data.QueryRecord`, best first, tagged."""
+    return [Candidate(text=r, source=s) for r, s in zip(record.responses, record.sources)]
+
+
+def read_external(path: str | Path) -> dict[str, list[Candidate]]:
+    """Read a JSONL of responses {"query", "responses", "source"} into a map query → candidates.
+
+    A query may appear on several lines (e.g. one per model); its responses are concatenated.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"external responses file not found: {path}")
+    out: dict[str, list[Candidate]] = {}
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path} line {lineno}: not valid JSON ({err.msg})") from None
+            query, responses, source = (obj.get(k) if isinstance(obj, dict) else None
+                                        for k in ("query", "responses", "source"))
+            if not isinstance(query, str) or not query.strip():
+                raise DataError(f"{path} line {lineno}: query: missing or not a non-empty string")
+            if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+                raise DataError(f"{path} line {lineno}: responses: expected a list of strings")
+            if not isinstance(source, str) or not source.strip():
+                raise DataError(f"{path} line {lineno}: source: missing or not a non-empty string")
+            out.setdefault(query, []).extend(Candidate(text=r, source=source) for r in responses)
+    return out
+
+
+def merge_duplicates(query: str, candidates: Iterable[Candidate]) -> CandidateGroup:
+    """One candidate per distinct response (first occurrence kept, sources joined with "+")."""
+    merged: dict[str, Candidate] = {}
+    for c in candidates:
+        key = c.text.strip()
+        first = merged.get(key)
+        if first is None:
+            merged[key] = c
+        elif c.source not in first.source.split("+"):
+            merged[key] = replace(first, source=f"{first.source}+{c.source}",
+                                  version=first.version if first.version is not None else c.version)
+    return CandidateGroup(query, tuple(merged.values()))
+
+
+def combine(queries: Sequence[str], sources: Sequence[CandidateSource]) -> list[CandidateGroup]:
+    """One merged group per query, its candidates in the order the sources are given.
+
+    Aligned sources must have one entry per query (a mismatch is a bug upstream, not data to
+    drop); mapped sources may miss queries. A query left with no candidate is an error, since
+    the trainer cannot rank an empty group.
+    """
+    for i, src in enumerate(sources):
+        if not isinstance(src, Mapping) and len(src) != len(queries):
+            raise ValueError(f"source {i} has {len(src)} entries for {len(queries)} queries")
+    groups = []
+    for qi, query in enumerate(queries):
+        found: list[Candidate] = []
+        for src in sources:
+            found.extend(src.get(query, ()) if isinstance(src, Mapping) else src[qi])
+        if not found:
+            raise DataError(f"query {qi} has no candidate from any source: {query[:80]!r}")
+        groups.append(merge_duplicates(query, found))
+    return groups
