@@ -1,0 +1,186 @@
+"""Rewards r_i = R(x, y_i): an HF reward model in M actors, or a rule function as Ray tasks.
+
+Reward model: `AutoModelForSequenceClassification` with one logit, in eval mode, batched.
+When query + response exceed `max_length`, the query is cut from the LEFT: the response is what
+is being judged, and the end of the dialogue (the turn it answers) matters more than its start.
+Query and response are tokenized apart and concatenated; with byte-level BPE a split at the
+response's leading space is also where the pre-tokenizer splits, so this equals tokenizing the
+joint text in practice, and it lets the cut fall on the query alone.
+
+Rule: any `package.module:function(queries, responses) -> list[float]`, importable on every node.
+
+A NaN or infinite reward stops scoring with `RewardError`, which names the query and carries the
+groups scored before it (`err.scored`), so nothing finished is lost.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from rrhf_ray.config import RewardConfig
+from rrhf_ray.pool import DataError, QueryGroup
+from rrhf_ray.sampling import dispatch_chunks
+from rrhf_ray.sources import CandidateGroup
+
+
+class RewardError(DataError):
+    """A non-finite reward; `scored` holds the groups (in order) scored before the bad one."""
+
+    def __init__(self, message: str, scored: list[QueryGroup]) -> None:
+        super().__init__(message)
+        self.scored = scored
+
+    def __reduce__(self) -> tuple:  # keeps `scored` when Ray ships the error to the caller
+        return (type(self), (str(self), self.scored))
+
+
+@dataclass(frozen=True)
+class ScoredChunk:
+    """Rewards of a flat list of (query, response) pairs, and the tokens the model read."""
+
+    scores: list[float]
+    tokens: int = 0
+
+
+def load_rule(spec: str) -> Callable[[list[str], list[str]], list[float]]:
+    """Import `package.module:function`; the error names the part that is wrong."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise DataError(f"reward.rule {spec!r} is not of the form package.module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise DataError(f"reward.rule {spec!r}: cannot import {module_name!r} ({err})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise DataError(f"reward.rule {spec!r}: {module_name} has no function {attr!r}")
+    return fn
+
+
+@ray.remote(max_retries=2)
+def _rule_task(spec: str, queries: list[str], responses: list[str]) -> ScoredChunk:
+    scores = [float(s) for s in load_rule(spec)(queries, responses)]
+    if len(scores) != len(responses):
+        raise DataError(f"reward.rule {spec} returned {len(scores)} rewards for {len(responses)} responses")
+    return ScoredChunk(scores)
+
+
+class RewardScorer:
+    """An HF reward model (one logit) scoring (query, response) pairs; runs as a Ray actor."""
+
+    def __init__(self, model_path: str, config: RewardConfig) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.config = config
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            model_path, dtype=getattr(torch, config.dtype)).to(self.device).eval()
+        if self.model.config.num_labels != 1:
+            raise DataError(f"reward model {model_path} has {self.model.config.num_labels} labels; "
+                            "a reward model needs exactly one logit")
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self.model.config.pad_token_id is None:
+            # The model finds each row's last real token through pad_token_id.
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.pad_id = self.model.config.pad_token_id
+
+    def encode(self, query: str, response: str) -> list[int]:
+        """Token ids of query + response within max_length, the query cut from the left."""
+        tok = self.tokenizer
+        body = tok(query, add_special_tokens=False)["input_ids"]
+        full = tok(query)["input_ids"]
+        start = next((i for i in range(len(full) - len(body) + 1) if full[i:i + len(body)] == body), 0)
+        prefix, suffix = full[:start], full[start + len(body):]  # e.g. <s> … / … </s>
+        reply = tok(response, add_special_tokens=False)["input_ids"]
+        room = self.config.max_length - len(prefix) - len(suffix) - len(reply)
+        if room < 0:  # the response alone is too long: keep its start, drop the query
+            return prefix + reply[: self.config.max_length - len(prefix) - len(suffix)] + suffix
+        return prefix + body[max(0, len(body) - room):] + reply + suffix
+
+    def score(self, queries: list[str], responses: list[str]) -> ScoredChunk:
+        import torch
+
+        ids = [self.encode(q, r) for q, r in zip(queries, responses)]
+        scores: list[float] = []
+        bs = self.config.batch_size
+        with torch.inference_mode():
+            for s in range(0, len(ids), bs):
+                batch = ids[s:s + bs]
+                width = max(len(x) for x in batch)
+                input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for i, x in enumerate(batch):  # right padding: positions match the unpadded pass
+                    input_ids[i, :len(x)] = torch.tensor(x)
+                    mask[i, :len(x)] = 1
+                logits = self.model(input_ids=input_ids.to(self.device),
+                                    attention_mask=mask.to(self.device)).logits
+                scores.extend(logits[:, 0].float().cpu().tolist())
+        return ScoredChunk(scores, tokens=sum(len(x) for x in ids))
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _score_task(workers: list[Any] | None, rule: str | None, num_workers: int,
+                groups: list[CandidateGroup], chunk: int, desc: str | None) -> list[QueryGroup]:
+    chunks = []
+    for s in range(0, len(groups), chunk):
+        part = groups[s:s + chunk]
+        chunks.append(([g.query for g in part for _ in g.candidates],
+                       [r for g in part for r in g.responses]))
+    if workers is not None:
+        def submit(w: int, c: tuple) -> ray.ObjectRef:
+            return workers[w].score.remote(*c)
+    else:  # M "workers" = at most M rule tasks at a time
+        def submit(w: int, c: tuple) -> ray.ObjectRef:
+            return _rule_task.remote(rule, *c)
+    sizes = [min(chunk, len(groups) - s) for s in range(0, len(groups), chunk)]
+    done = dispatch_chunks(num_workers, submit, chunks, sizes, desc,
+                           (lambda r: r.tokens) if workers is not None else None)
+    flat = [s for part in done for s in part.scores]
+    out: list[QueryGroup] = []
+    for g in groups:
+        scores, flat = flat[:len(g.candidates)], flat[len(g.candidates):]
+        bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
+        if bad:
+            raise RewardError(
+                f"reward {scores[bad[0]]} (not finite) for response {bad[0]} "
+                f"({g.candidates[bad[0]].source}) of query {len(out)}: {g.query[-200:]!r}; "
+                f"the {len(out)} groups before it were scored", out)
+        out.append(g.to_group(scores))
+    return out
+
+
+class RewardPool:
+    """M reward workers: `RewardScorer` actors (kind=model) or rule tasks (kind=rule)."""
+
+    def __init__(self, config: RewardConfig) -> None:
+        self.config = config
+        self.workers: list[Any] | None = None
+        if config.kind == "rule":
+            load_rule(config.rule or "")  # fail here, not in a worker, if the rule is wrong
+            return
+        gpus = config.gpus_per_worker
+        if gpus is None:
+            gpus = 0.5 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        actor_cls = ray.remote(RewardScorer).options(
+            num_cpus=config.cpus_per_worker, num_gpus=gpus, max_restarts=1)
+        self.workers = [actor_cls.remote(config.model, config) for _ in range(config.num_workers)]
+
+    def score(self, groups: Sequence[CandidateGroup], *, progress: bool = True) -> ray.ObjectRef:
+        """A ref to one scored QueryGroup per input group, in order (sources kept)."""
+        n = self.config.num_workers
+        chunk = max(1, min(self.config.chunk_queries, -(-len(groups) // n)))
+        desc = "scoring" if progress else None
+        return _score_task.remote(self.workers, self.config.rule, n, list(groups), chunk, desc)
+
+    def shutdown(self) -> None:
+        for w in self.workers or []:
+            ray.kill(w)

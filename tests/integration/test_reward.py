@@ -1,0 +1,130 @@
+"""Rewards on a real local Ray cluster: a tiny HF reward model in 2 actors, and rule rewards."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from rrhf_ray.config import RewardConfig
+from rrhf_ray.reward import RewardError, RewardPool, RewardScorer
+from rrhf_ray.sampling import Candidate
+from rrhf_ray.sources import CandidateGroup
+
+pytestmark = pytest.mark.ray
+
+GROUPS = [
+    CandidateGroup(f"\n\nHuman: {q}\n\nAssistant:", tuple(
+        Candidate(r, source=s) for r, s in zip(rs, ("policy@0", "chosen", "rejected"))))
+    for q, rs in [
+        ("How do I reset my password?", [" Open settings and press reset.", " No.", " Whatever."]),
+        ("Can you help me fix a flat tyre?", [" Sure. Loosen the nuts, lift the car.", " BAD"]),
+        ("What is a good way to learn to cook?", [" Start with simple recipes.", " Sorry."]),
+        ("How do I water a cactus?", [" Rarely, and only when the soil is dry.", " Figure it out."]),
+    ]
+]
+
+
+def length_reward(queries: list[str], responses: list[str]) -> list[float]:
+    """A rule reward: longer is better, plus the query's length so the pairing is checked."""
+    return [len(r) + len(q) / 1000 for q, r in zip(queries, responses)]
+
+
+def nan_on_bad(queries: list[str], responses: list[str]) -> list[float]:
+    return [math.nan if r.strip() == "BAD" else 1.0 for r in responses]
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LlamaForSequenceClassification (one logit) from the tiny config, with its tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = AutoConfig.from_pretrained(tiny_model_dir, num_labels=1, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(1)
+    model = LlamaForSequenceClassification(config)
+    out = tmp_path_factory.mktemp("rm") / "reward-model"
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def _hf_reward(model_dir: Path, ids: list[int]) -> float:
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+
+
+def test_model_rewards_equal_a_direct_hf_forward(ray_cluster, reward_model_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    config = RewardConfig(kind="model", model=str(reward_model_dir), num_workers=2, batch_size=2,
+                          chunk_queries=1)
+    pool = RewardPool(config)
+    try:
+        scored = ray_cluster.get(pool.score(GROUPS))
+    finally:
+        pool.shutdown()
+    tok = AutoTokenizer.from_pretrained(reward_model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(reward_model_dir, dtype=torch.float32).eval()
+    assert [g.query for g in scored] == [g.query for g in GROUPS]
+    for group, src in zip(scored, GROUPS):
+        assert group.responses == src.responses and group.sources == src.sources
+        for response, score in zip(group.responses, group.scores):
+            # Unpadded, one pair at a time: the actor's padded batches must not change a reward.
+            ids = tok(group.query)["input_ids"] + tok(response, add_special_tokens=False)["input_ids"]
+            with torch.inference_mode():
+                expected = model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+            assert score == pytest.approx(expected, abs=1e-5)
+    assert len({s for g in scored for s in g.scores}) > 1
+
+
+def test_long_query_is_cut_from_the_left_and_the_response_kept(reward_model_dir: Path) -> None:
+    scorer = RewardScorer(str(reward_model_dir), RewardConfig(kind="model", model=str(reward_model_dir),
+                                                              max_length=24))
+    tok = scorer.tokenizer
+    query = "\n\nHuman: " + "please help me with my long question " * 8 + "\n\nAssistant:"
+    response = " Sure, loosen the nuts first."
+    ids = scorer.encode(query, response)
+    reply = tok(response, add_special_tokens=False)["input_ids"]
+    body = tok(query, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 24
+    assert ids[0] == tok.bos_token_id
+    assert ids[-len(reply):] == reply                             # the response is intact
+    assert ids[1:-len(reply)] == body[-(24 - 1 - len(reply)):]    # the query's end survives
+    assert scorer.score([query], [response]).scores[0] == pytest.approx(
+        _hf_reward(reward_model_dir, ids), abs=1e-5)
+    short = scorer.encode("\n\nHuman: Hi\n\nAssistant:", response)  # nothing cut when it fits
+    assert short == tok("\n\nHuman: Hi\n\nAssistant:")["input_ids"] + reply
+
+
+def test_rule_rewards_run_as_tasks_in_order(ray_cluster) -> None:
+    pool = RewardPool(RewardConfig(kind="rule", rule=f"{__name__}:length_reward", num_workers=2,
+                                   chunk_queries=1))
+    scored = ray_cluster.get(pool.score(GROUPS))
+    for group in scored:
+        assert group.scores == [len(r) + len(group.query) / 1000 for r in group.responses]
+        assert group.sources == ["policy@0", "chosen", "rejected"][:group.k]
+
+
+def test_a_nan_reward_names_the_query_and_keeps_the_scored_prefix(ray_cluster) -> None:
+    pool = RewardPool(RewardConfig(kind="rule", rule=f"{__name__}:nan_on_bad", num_workers=2,
+                                   chunk_queries=1))
+    with pytest.raises(RewardError, match=r"nan \(not finite\) for response 1 \(chosen\) of query 1: "
+                                          r".*fix a flat tyre") as info:
+        ray_cluster.get(pool.score(GROUPS))
+    assert [g.query for g in info.value.scored] == [GROUPS[0].query]
+    assert info.value.scored[0].scores == [1.0, 1.0, 1.0]
+
+
+def test_a_wrong_rule_fails_before_any_work() -> None:
+    with pytest.raises(Exception, match="cannot import 'no_such_module'"):
+        RewardPool(RewardConfig(kind="rule", rule="no_such_module:fn"))
+    with pytest.raises(Exception, match="has no function 'missing'"):
+        RewardPool(RewardConfig(kind="rule", rule=f"{__name__}:missing"))
