@@ -2,7 +2,9 @@
 
 `train_loop_per_worker(config)` is the whole training loop of one worker. It runs on its own in
 a single process (tests, debugging) and, unchanged, inside `ray.train.torch.TorchTrainer`
-(`fit` below), which starts W workers with a process group (gloo on CPU, NCCL on GPU).
+(`fit` below), which starts W workers with a process group (gloo on CPU, NCCL on GPU). The loop
+(optimizer, accumulation, checkpoints, resume) is `trainer_core.run_worker`, shared with the SFT
+and reward-model trainers; this module adds the RRHF forward and loss.
 
 Batching, exactly: an optimizer step covers `queries_per_step` query groups over all workers;
 worker w takes the step's groups w, w+W, …, in micro-batches of `micro_batch_queries` queries
@@ -14,17 +16,10 @@ is that of the mean loss over the step's queries, however it was split.
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 import logging
-import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,12 +27,28 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rrhf_ray.config import TrainConfig
 from rrhf_ray.loss import RRHFLossOutput, rrhf_loss, sequence_logprobs
-from rrhf_ray.pool import DataError, QueryGroup, read_groups
+from rrhf_ray.pool import QueryGroup, read_groups
+
+# The shared machinery lives in trainer_core; these names stay importable from here.
+from rrhf_ray.trainer_core import (  # noqa: F401
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    MicroBatch,
+    Recipe,
+    fit_job,
+    install_dir,
+    plan_steps,
+    run_worker,
+    save_hf_checkpoint,
+)
+from rrhf_ray.trainer_core import device_for as _device  # noqa: F401
+from rrhf_ray.trainer_core import load_causal_lm as _load_model
+from rrhf_ray.trainer_core import load_tokenizer as _load_tokenizer
+from rrhf_ray.trainer_core import rank_world as _rank_world  # noqa: F401
+from rrhf_ray.trainer_core import unwrap as _unwrap  # noqa: F401
+from rrhf_ray.trainer_core import wrap_distributed as _wrap_distributed  # noqa: F401
 
 logger = logging.getLogger(__name__)
-
-STATE_FILE = "rrhf_train_state.json"  # epoch reached; present in every checkpoint we write
-OPTIMIZER_FILE = "optimizer.pt"  # optimizer + scheduler; only in non-final (resumable) checkpoints
 
 
 class TrainJob(BaseModel):
@@ -192,130 +203,6 @@ def micro_batch_loss(
     return out, int(lengths.sum())
 
 
-def plan_steps(n: int, queries_per_step: int, num_workers: int, seed: int) -> list[list[int]]:
-    """Shuffled group indices of one epoch, cut into optimizer steps. A last step too small to
-    give every worker a query joins the step before it."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    steps = [perm[i : i + queries_per_step] for i in range(0, n, queries_per_step)]
-    if len(steps) > 1 and len(steps[-1]) < num_workers:
-        steps[-2].extend(steps.pop())
-    if len(steps[0]) < num_workers:
-        raise DataError(f"{n} query groups cannot feed {num_workers} workers")
-    return steps
-
-
-# --------------------------------------------------------------------------- model set-up
-
-
-def _load_tokenizer(path: str, trust_remote_code: bool) -> Any:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if tok.eos_token_id is None:
-        raise ValueError(f"tokenizer {path} has no EOS token; RRHF closes every response with it")
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def _load_model(path: str, cfg: TrainConfig, trust_remote_code: bool) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=None
-    )
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    if cfg.lora.enabled:
-        from peft import LoraConfig as PeftLoraConfig
-        from peft import get_peft_model
-
-        if cfg.gradient_checkpointing:
-            model.enable_input_require_grads()
-        model = get_peft_model(
-            model,
-            PeftLoraConfig(
-                r=cfg.lora.r,
-                lora_alpha=cfg.lora.alpha,
-                lora_dropout=cfg.lora.dropout,
-                target_modules=cfg.lora.target_modules,
-                task_type="CAUSAL_LM",
-            ),
-        )
-    return model
-
-
-def _wrap_distributed(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return model
-    if cfg.strategy == "fsdp":
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
-        import functools
-
-        layer_names = set(getattr(model, "_no_split_modules", None) or [])
-        layer_cls = {m.__class__ for m in model.modules() if m.__class__.__name__ in layer_names}
-        policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layer_cls)
-        return FSDP(model, auto_wrap_policy=policy, device_id=device, use_orig_params=True)
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "no_sync") and hasattr(model, "module") else model
-
-
-def save_hf_checkpoint(model: torch.nn.Module, tokenizer: Any, directory: Path, cfg: TrainConfig) -> None:
-    """Write the policy as a plain HF directory (safetensors), LoRA merged, FSDP gathered.
-    Collective under FSDP: every rank must call it; only rank 0 writes."""
-    import torch.distributed as dist
-
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    state_dict = None
-    if cfg.strategy == "fsdp" and dist.is_initialized() and dist.get_world_size() > 1:
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        with FSDP.state_dict_type(
-            model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
-        ):
-            state_dict = model.state_dict()
-    if rank != 0:
-        return
-    inner = _unwrap(model)
-    if cfg.lora.enabled:
-        inner = copy.deepcopy(inner).merge_and_unload()
-    inner.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
-
-
-# --------------------------------------------------------------------------- the loop
-
-
-def _device(cfg: TrainConfig, in_ray: bool) -> torch.device:
-    if cfg.use_gpu and torch.cuda.is_available():
-        if in_ray:
-            import ray.train.torch
-
-            return ray.train.torch.get_device()
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if cfg.use_gpu:
-        raise RuntimeError("train.use_gpu is true but torch sees no CUDA device")
-    return torch.device("cpu")
-
-
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class _EpochMeter:
     """Query-weighted means of the loss terms, pair-weighted ranking accuracy, tokens/s."""
 
@@ -324,7 +211,8 @@ class _EpochMeter:
         self.loss = self.rank = self.sft = 0.0
         self.start = time.perf_counter()
 
-    def add(self, out: RRHFLossOutput, tokens: int) -> None:
+    def add(self, result: tuple[RRHFLossOutput, int]) -> None:
+        out, tokens = result
         q = int(out.query_mask.sum())
         self.queries += q
         self.loss += float(out.loss.detach()) * q
@@ -350,170 +238,39 @@ class _EpochMeter:
         }
 
 
+def _log_line(s: dict[str, float]) -> str:
+    return (f"loss {s['loss']:.4f} rank {s['rank_loss']:.4f} sft {s['sft_loss']:.4f} "
+            f"acc {s['rank_accuracy']:.3f} {s['tokens_per_s']:.0f} tok/s")
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     """Train one worker's share of a `TrainJob` (`config["job"]`, a dict).
 
     Without Ray (`config.get("ray")` false) it trains in this process and writes the model to
     `job.output_dir`. Under `TorchTrainer` it reports metrics every epoch and a checkpoint
     (an HF directory) through `ray.train.report`, resuming from `ray.train.get_checkpoint()`.
-    Returns the last epoch's metrics.
+    Returns the last epoch's metrics. The loop itself is `trainer_core.run_worker`.
     """
     job = TrainJob.model_validate(config["job"])
     cfg = job.train
-    in_ray = bool(config.get("ray"))
-    rank, world = _rank_world()
-    if world != cfg.num_workers:
-        logger.warning("train.num_workers is %d but %d processes run; using %d", cfg.num_workers, world, world)
-    device = _device(cfg, in_ray)
-    torch.manual_seed(cfg.seed)
 
-    with _resume_checkpoint(job, in_ray) as resume_dir:
-        state = json.loads((Path(resume_dir) / STATE_FILE).read_text()) if resume_dir else None
-        start_path = resume_dir or job.model_path
-        tokenizer = _load_tokenizer(job.tokenizer_path or start_path, job.trust_remote_code)
-        model = _load_model(start_path, cfg, job.trust_remote_code).to(device)
+    def recipe(tokenizer: Any, device: torch.device) -> Recipe:
         groups = [g for path in job.data_paths for g in read_groups(path)]
         encoded = [encode_group(tokenizer, g, cfg.max_length) for g in groups]
-        steps_per_epoch = len(plan_steps(len(encoded), cfg.queries_per_step, world, cfg.seed))
-        total_steps = steps_per_epoch * cfg.epochs
-        model.train()
-        ddp_model = _wrap_distributed(model, cfg, device)
-        params = [p for p in ddp_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
-        )
-        from transformers import get_scheduler
+        pad_id = tokenizer.pad_token_id
 
-        scheduler = get_scheduler(
-            "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler,
-            optimizer,
-            num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
-            num_training_steps=total_steps,
-        )
-        start_epoch = 0
-        if state is not None:
-            start_epoch = state["epoch"] + 1
-            opt_file = Path(resume_dir) / OPTIMIZER_FILE
-            if opt_file.exists():
-                saved = torch.load(opt_file, map_location="cpu", weights_only=True)
-                optimizer.load_state_dict(saved["optimizer"])
-                scheduler.load_state_dict(saved["scheduler"])
-            logger.info("resuming at epoch %d of %d", start_epoch + 1, cfg.epochs)
+        def micro_batch(model: torch.nn.Module, mb: MicroBatch) -> tuple[RRHFLossOutput, int]:
+            return micro_batch_loss(
+                model, [encoded[i] for i in mb.indices], cfg, pad_id, mb.device, mb.scale,
+                no_sync=mb.no_sync, sync_last=mb.sync_last, autocast=mb.autocast,
+            )
 
-    use_bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
-    def autocast_ctx() -> contextlib.AbstractContextManager:
-        if use_bf16:
-            return torch.autocast(device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return Recipe("RRHF", len(encoded), micro_batch, _EpochMeter, _log_line)
 
-    no_sync = getattr(ddp_model, "no_sync", None)
-    pad_id = tokenizer.pad_token_id
-    if rank == 0:
-        logger.info(
-            "RRHF training: %d query groups, %d epochs × %d steps, %d queries/step, %d worker(s), device %s",
-            len(encoded), cfg.epochs, steps_per_epoch, cfg.queries_per_step, world, device,
-        )
-    metrics: dict[str, float] = {}
-    global_step = start_epoch * steps_per_epoch
-    for epoch in range(start_epoch, cfg.epochs):
-        meter = _EpochMeter()
-        for step in plan_steps(len(encoded), cfg.queries_per_step, world, cfg.seed + epoch):
-            mine = step[rank::world]
-            micro = [mine[i : i + cfg.micro_batch_queries] for i in range(0, len(mine), cfg.micro_batch_queries)]
-            scale = world / len(step)
-            for m, idx in enumerate(micro):
-                out, tokens = micro_batch_loss(
-                    ddp_model, [encoded[i] for i in idx], cfg, pad_id, device, scale,
-                    no_sync=no_sync, sync_last=m == len(micro) - 1, autocast=autocast_ctx,
-                )
-                meter.add(out, tokens)
-            if cfg.max_grad_norm is not None:
-                if hasattr(ddp_model, "clip_grad_norm_"):
-                    ddp_model.clip_grad_norm_(cfg.max_grad_norm)
-                else:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            global_step += 1
-            if rank == 0 and (global_step % cfg.log_every == 0 or global_step == total_steps):
-                s = meter.summary()
-                logger.info(
-                    "epoch %d step %d/%d loss %.4f rank %.4f sft %.4f acc %.3f lr %.2e %.0f tok/s",
-                    epoch + 1, global_step, total_steps, s["loss"], s["rank_loss"], s["sft_loss"],
-                    s["rank_accuracy"], scheduler.get_last_lr()[0], s["tokens_per_s"],
-                )
-        metrics = {"epoch": float(epoch + 1), "step": float(global_step), **meter.summary()}
-        final = epoch == cfg.epochs - 1
-        if in_ray and (final or cfg.checkpoint_every_epoch):
-            _report_with_checkpoint(ddp_model, tokenizer, optimizer, scheduler, epoch, final, cfg, metrics)
-        elif in_ray:
-            import ray.train
+    def load(path: str, cfg: TrainConfig, trust_remote_code: bool, tokenizer: Any) -> torch.nn.Module:
+        return _load_model(path, cfg, trust_remote_code)
 
-            ray.train.report(metrics)
-    if not in_ray:
-        _save_final_local(ddp_model, tokenizer, Path(job.output_dir), cfg, metrics)
-    return metrics
-
-
-def _resume_checkpoint(job: TrainJob, in_ray: bool) -> contextlib.AbstractContextManager:
-    """A context giving the directory of the checkpoint to resume from, or None."""
-    if in_ray:
-        import ray.train
-
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is not None:
-            return ckpt.as_directory()
-    elif job.resume_from:
-        return contextlib.nullcontext(job.resume_from)
-    return contextlib.nullcontext(None)
-
-
-def _write_checkpoint(
-    model: torch.nn.Module, tokenizer: Any, optimizer: Any, scheduler: Any,
-    epoch: int, final: bool, cfg: TrainConfig, directory: Path,
-) -> None:
-    save_hf_checkpoint(model, tokenizer, directory, cfg)
-    rank, _ = _rank_world()
-    if rank == 0:
-        (directory / STATE_FILE).write_text(json.dumps({"epoch": epoch, "final": final}))
-        if not final:  # the next round starts a fresh optimizer; only a mid-fit resume needs it
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                       directory / OPTIMIZER_FILE)
-
-
-def _report_with_checkpoint(model, tokenizer, optimizer, scheduler, epoch, final, cfg, metrics) -> None:
-    import ray.train
-
-    rank, _ = _rank_world()
-    with tempfile.TemporaryDirectory() as tmp:
-        _write_checkpoint(model, tokenizer, optimizer, scheduler, epoch, final, cfg, Path(tmp))
-        ckpt = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
-        ray.train.report(metrics, checkpoint=ckpt)
-
-
-def _save_final_local(model, tokenizer, out: Path, cfg: TrainConfig, metrics: dict[str, float]) -> None:
-    rank, _ = _rank_world()
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _write_checkpoint(model, tokenizer, None, None, cfg.epochs - 1, True, cfg, tmp)
-    if rank == 0:
-        (tmp / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
-        install_dir(tmp, out)
-
-
-def install_dir(src: Path, dst: Path) -> None:
-    """Move a finished directory into place; an existing `dst` is replaced only after `src` is whole."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
+    return run_worker(job, bool(config.get("ray")), load, recipe)
 
 
 # --------------------------------------------------------------------------- Ray Train
@@ -522,40 +279,11 @@ def install_dir(src: Path, dst: Path) -> None:
 def fit(job: TrainJob, *, name: str = "rrhf", storage_path: str | None = None, max_failures: int = 0) -> dict[str, float]:
     """Run `job` under `TorchTrainer` on the connected Ray cluster; install the final checkpoint
     (an HF directory) at `job.output_dir` and return the final metrics."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    cfg = job.train
     # Validate the data before any worker starts: a malformed row costs nothing to report here.
     for path in job.data_paths:
         read_groups(path)
-    storage = storage_path or str(Path(job.output_dir).resolve().parent / "ray_train")
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"job": job.model_dump(mode="json"), "ray": True},
-        scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers,
-            use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-            failure_config=FailureConfig(max_failures=max_failures),
-        ),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training run {name!r} finished without a checkpoint")
-    out = Path(job.output_dir)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with result.checkpoint.as_directory() as d:
-        shutil.copytree(d, tmp)
-    (tmp / "train_metrics.json").write_text(json.dumps(result.metrics, indent=2))
-    install_dir(tmp, out)
-    return dict(result.metrics)
+    return fit_job(train_loop_per_worker, job, name=name, storage_path=storage_path,
+                   max_failures=max_failures)
 
 
 # --------------------------------------------------------------------------- measurement

@@ -1,0 +1,474 @@
+"""The training machinery shared by the RRHF, SFT and reward-model trainers.
+
+One worker's loop (`run_worker`) and its `TorchTrainer` wrapper (`fit_job`) know nothing about
+losses: a trainer hands them a `Recipe` (how to load its model, how many examples it has, how
+to run one micro-batch forward + backward, what to measure) and gets model loading, the
+process group wrap (DDP / FSDP), AdamW + LR schedule, accumulation with `no_sync`, clipping,
+bf16 autocast, per-epoch checkpoints through `ray.train.report`, resume from
+`ray.train.get_checkpoint()` (or a directory without Ray) and the final install of an HF
+directory (safetensors, LoRA merged).
+
+Batching, exactly: an optimizer step covers `queries_per_step` examples over all workers
+(for RRHF an example is a query group; for SFT a (query, response) pair; for a reward model a
+preference pair); worker w takes the step's examples w, w+W, …, in micro-batches of
+`micro_batch_queries`. The recipe's micro-batch adds `scale · Σ loss` to the gradient with
+`scale = W / step_weight(step)`, so after DDP's mean over workers the step's gradient is that
+of the mean over the step (per example, or per token for SFT), however it was split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from rrhf_ray.config import TrainConfig
+from rrhf_ray.pool import DataError
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "rrhf_train_state.json"  # epoch reached; present in every checkpoint we write
+OPTIMIZER_FILE = "optimizer.pt"  # optimizer + scheduler; only in non-final (resumable) checkpoints
+METRICS_FILE = "train_metrics.json"
+
+
+class CoreJob(Protocol):
+    """The fields of a job (TrainJob, SFTJob, RewardModelJob) the shared loop reads."""
+
+    model_path: str
+    output_dir: str
+    train: TrainConfig
+    tokenizer_path: str | None
+    trust_remote_code: bool
+    resume_from: str | None
+
+
+@dataclass
+class MicroBatch:
+    """What the loop hands a recipe for one micro-batch: the example indices and how to run them.
+
+    The recipe adds `scale · Σ loss` to the gradients. `no_sync` (DDP's / FSDP's) wraps each
+    forward + backward except the last one when `sync_last`, so gradients are all-reduced once
+    per optimizer step; `autocast` is bf16 autocast or a null context.
+    """
+
+    indices: list[int]
+    scale: float
+    device: torch.device
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None
+    sync_last: bool
+    autocast: Callable[[], contextlib.AbstractContextManager]
+
+    def sync_ctx(self, last: bool = True) -> contextlib.AbstractContextManager:
+        if self.no_sync is None or (last and self.sync_last):
+            return contextlib.nullcontext()
+        return self.no_sync()
+
+
+class Meter(Protocol):
+    def add(self, result: Any) -> None: ...
+    def summary(self) -> dict[str, float]: ...
+
+
+@dataclass
+class Recipe:
+    """What one trainer adds to the shared loop. Built on every worker after the tokenizer loads.
+
+    - `num_examples`: examples per epoch (indices 0 … n−1 are what `micro_batch` receives);
+    - `micro_batch(model, mb)`: forward + backward of examples `mb.indices`; returns what the
+      meter adds;
+    - `step_weight(indices)`: the denominator of the step's mean loss (default: the number of
+      examples; SFT: their response tokens);
+    - `new_meter()`: a fresh meter per epoch, `log_line(summary)` its one-line progress;
+    - `evaluate(model)`: optional held-out metrics at each epoch's end (all ranks call it).
+    """
+
+    name: str
+    num_examples: int
+    micro_batch: Callable[[torch.nn.Module, MicroBatch], Any]
+    new_meter: Callable[[], Meter]
+    log_line: Callable[[dict[str, float]], str]
+    step_weight: Callable[[Sequence[int]], float] = len
+    evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def plan_steps(n: int, queries_per_step: int, num_workers: int, seed: int) -> list[list[int]]:
+    """Shuffled example indices of one epoch, cut into optimizer steps. A last step too small to
+    give every worker an example joins the step before it."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    steps = [perm[i : i + queries_per_step] for i in range(0, n, queries_per_step)]
+    if len(steps) > 1 and len(steps[-1]) < num_workers:
+        steps[-2].extend(steps.pop())
+    if not steps or len(steps[0]) < num_workers:
+        raise DataError(f"{n} query groups cannot feed {num_workers} workers")
+    return steps
+
+
+# --------------------------------------------------------------------------- model set-up
+
+
+def load_tokenizer(path: str, trust_remote_code: bool, require_eos: bool = True) -> Any:
+    """A tokenizer with a pad token (the EOS when it has none). `require_eos`: a policy closes
+    every response with EOS; a reward model on an encoder backbone (BERT) may have none."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if require_eos and tok.eos_token_id is None:
+        raise ValueError(f"tokenizer {path} has no EOS token; RRHF closes every response with it")
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ValueError(f"tokenizer {path} has neither a pad nor an EOS token to pad with")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def prepare_model(model: torch.nn.Module, cfg: TrainConfig, task_type: str) -> torch.nn.Module:
+    """Gradient checkpointing and LoRA (peft `task_type`: CAUSAL_LM, SEQ_CLS) on a loaded model."""
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.lora.enabled:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+        # SEQ_CLS: peft trains the fresh score head in full (modules_to_save) beside the adapters.
+        model = get_peft_model(
+            model,
+            PeftLoraConfig(
+                r=cfg.lora.r,
+                lora_alpha=cfg.lora.alpha,
+                lora_dropout=cfg.lora.dropout,
+                target_modules=cfg.lora.target_modules,
+                task_type=task_type,
+            ),
+        )
+    return model
+
+
+def load_causal_lm(path: str, cfg: TrainConfig, trust_remote_code: bool) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=None
+    )
+    return prepare_model(model, cfg, "CAUSAL_LM")
+
+
+def wrap_distributed(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return model
+    if cfg.strategy == "fsdp":
+        import functools
+
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+        layer_names = set(getattr(model, "_no_split_modules", None) or [])
+        layer_cls = {m.__class__ for m in model.modules() if m.__class__.__name__ in layer_names}
+        policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layer_cls)
+        return FSDP(model, auto_wrap_policy=policy, device_id=device, use_orig_params=True)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "no_sync") and hasattr(model, "module") else model
+
+
+def save_hf_checkpoint(model: torch.nn.Module, tokenizer: Any, directory: Path, cfg: TrainConfig) -> None:
+    """Write the model as a plain HF directory (safetensors), LoRA merged, FSDP gathered.
+    Collective under FSDP: every rank must call it; only rank 0 writes."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    state_dict = None
+    if cfg.strategy == "fsdp" and dist.is_initialized() and dist.get_world_size() > 1:
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.state_dict_type(
+            model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+        ):
+            state_dict = model.state_dict()
+    if rank != 0:
+        return
+    inner = unwrap(model)
+    if cfg.lora.enabled:
+        inner = copy.deepcopy(inner).merge_and_unload()
+    inner.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+
+
+def device_for(cfg: TrainConfig, in_ray: bool) -> torch.device:
+    if cfg.use_gpu and torch.cuda.is_available():
+        if in_ray:
+            import ray.train.torch
+
+            return ray.train.torch.get_device()
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if cfg.use_gpu:
+        raise RuntimeError("train.use_gpu is true but torch sees no CUDA device")
+    return torch.device("cpu")
+
+
+def rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def run_worker(
+    job: CoreJob,
+    in_ray: bool,
+    load_model: Callable[[str, TrainConfig, bool, Any], torch.nn.Module],
+    build_recipe: Callable[[Any, torch.device], Recipe],
+    *,
+    require_eos: bool = True,
+) -> dict[str, float]:
+    """Train one worker's share of `job` with the recipe `build_recipe(tokenizer, device)`;
+    `load_model(path, train_config, trust_remote_code, tokenizer)` loads the model to train.
+
+    Without Ray it trains in this process and installs the model at `job.output_dir`. Under
+    `TorchTrainer` it reports metrics every epoch and a checkpoint (an HF directory) through
+    `ray.train.report`, resuming from `ray.train.get_checkpoint()`. Returns the last epoch's metrics.
+    """
+    cfg = job.train
+    rank, world = rank_world()
+    if world != cfg.num_workers:
+        logger.warning("train.num_workers is %d but %d processes run; using %d", cfg.num_workers, world, world)
+    device = device_for(cfg, in_ray)
+    torch.manual_seed(cfg.seed)
+
+    with _resume_checkpoint(job, in_ray) as resume_dir:
+        state = json.loads((Path(resume_dir) / STATE_FILE).read_text()) if resume_dir else None
+        start_path = resume_dir or job.model_path
+        tokenizer = load_tokenizer(job.tokenizer_path or start_path, job.trust_remote_code, require_eos)
+        model = load_model(start_path, cfg, job.trust_remote_code, tokenizer).to(device)
+        recipe = build_recipe(tokenizer, device)
+        steps_per_epoch = len(plan_steps(recipe.num_examples, cfg.queries_per_step, world, cfg.seed))
+        total_steps = steps_per_epoch * cfg.epochs
+        model.train()
+        ddp_model = wrap_distributed(model, cfg, device)
+        params = [p for p in ddp_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
+        )
+        from transformers import get_scheduler
+
+        scheduler = get_scheduler(
+            "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler,
+            optimizer,
+            num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
+            num_training_steps=total_steps,
+        )
+        start_epoch = 0
+        if state is not None:
+            start_epoch = state["epoch"] + 1
+            opt_file = Path(resume_dir) / OPTIMIZER_FILE
+            if opt_file.exists():
+                saved = torch.load(opt_file, map_location="cpu", weights_only=True)
+                optimizer.load_state_dict(saved["optimizer"])
+                scheduler.load_state_dict(saved["scheduler"])
+            logger.info("resuming at epoch %d of %d", start_epoch + 1, cfg.epochs)
+
+    use_bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
+
+    def autocast_ctx() -> contextlib.AbstractContextManager:
+        if use_bf16:
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    no_sync = getattr(ddp_model, "no_sync", None)
+    if rank == 0:
+        logger.info(
+            "%s training: %d examples, %d epochs × %d steps, %d examples/step, %d worker(s), device %s",
+            recipe.name, recipe.num_examples, cfg.epochs, steps_per_epoch, cfg.queries_per_step, world, device,
+        )
+    metrics: dict[str, float] = {}
+    global_step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, cfg.epochs):
+        meter = recipe.new_meter()
+        for step in plan_steps(recipe.num_examples, cfg.queries_per_step, world, cfg.seed + epoch):
+            mine = step[rank::world]
+            micro = [mine[i : i + cfg.micro_batch_queries] for i in range(0, len(mine), cfg.micro_batch_queries)]
+            scale = world / recipe.step_weight(step)
+            for m, idx in enumerate(micro):
+                mb = MicroBatch(idx, scale, device, no_sync, m == len(micro) - 1, autocast_ctx)
+                meter.add(recipe.micro_batch(ddp_model, mb))
+            if cfg.max_grad_norm is not None:
+                if hasattr(ddp_model, "clip_grad_norm_"):
+                    ddp_model.clip_grad_norm_(cfg.max_grad_norm)
+                else:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+            if rank == 0 and (global_step % cfg.log_every == 0 or global_step == total_steps):
+                logger.info(
+                    "epoch %d step %d/%d %s lr %.2e", epoch + 1, global_step, total_steps,
+                    recipe.log_line(meter.summary()), scheduler.get_last_lr()[0],
+                )
+        metrics = {"epoch": float(epoch + 1), "step": float(global_step), **meter.summary()}
+        if recipe.evaluate is not None:
+            ddp_model.eval()
+            with torch.no_grad(), autocast_ctx():
+                metrics.update(recipe.evaluate(ddp_model))
+            ddp_model.train()
+            if rank == 0:
+                logger.info("epoch %d held-out: %s", epoch + 1,
+                            ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("eval_")))
+        final = epoch == cfg.epochs - 1
+        if in_ray and (final or cfg.checkpoint_every_epoch):
+            _report_with_checkpoint(ddp_model, tokenizer, optimizer, scheduler, epoch, final, cfg, metrics)
+        elif in_ray:
+            import ray.train
+
+            ray.train.report(metrics)
+    if not in_ray:
+        save_final_local(ddp_model, tokenizer, Path(job.output_dir), cfg, metrics)
+    return metrics
+
+
+def _resume_checkpoint(job: CoreJob, in_ray: bool) -> contextlib.AbstractContextManager:
+    """A context giving the directory of the checkpoint to resume from, or None."""
+    if in_ray:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is not None:
+            return ckpt.as_directory()
+    elif job.resume_from:
+        return contextlib.nullcontext(job.resume_from)
+    return contextlib.nullcontext(None)
+
+
+def _write_checkpoint(
+    model: torch.nn.Module, tokenizer: Any, optimizer: Any, scheduler: Any,
+    epoch: int, final: bool, cfg: TrainConfig, directory: Path,
+) -> None:
+    save_hf_checkpoint(model, tokenizer, directory, cfg)
+    rank, _ = rank_world()
+    if rank == 0:
+        (directory / STATE_FILE).write_text(json.dumps({"epoch": epoch, "final": final}))
+        if not final:  # the next round starts a fresh optimizer; only a mid-fit resume needs it
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                       directory / OPTIMIZER_FILE)
+
+
+def _report_with_checkpoint(model, tokenizer, optimizer, scheduler, epoch, final, cfg, metrics) -> None:
+    import ray.train
+
+    rank, _ = rank_world()
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_checkpoint(model, tokenizer, optimizer, scheduler, epoch, final, cfg, Path(tmp))
+        ckpt = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def save_final_local(model, tokenizer, out: Path, cfg: TrainConfig, metrics: dict[str, float]) -> None:
+    rank, _ = rank_world()
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _write_checkpoint(model, tokenizer, None, None, cfg.epochs - 1, True, cfg, tmp)
+    if rank == 0:
+        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+        install_dir(tmp, out)
+
+
+def install_dir(src: Path, dst: Path) -> None:
+    """Move a finished directory into place; an existing `dst` is replaced only after `src` is whole."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def is_finished_model(directory: str | Path) -> bool:
+    """True when `directory` holds a model this package installed at the end of a fit."""
+    d = Path(directory)
+    state = d / STATE_FILE
+    if not (state.is_file() and (d / "config.json").is_file()):
+        return False
+    try:
+        return bool(json.loads(state.read_text()).get("final"))
+    except (OSError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------- Ray Train
+
+
+def fit_job(
+    loop: Callable[[dict[str, Any]], dict[str, float]],
+    job: CoreJob,
+    *,
+    name: str,
+    storage_path: str | None = None,
+    max_failures: int = 0,
+) -> dict[str, float]:
+    """Run `loop` (a `*_loop_per_worker`) on `job` under `TorchTrainer` on the connected Ray
+    cluster; install the final checkpoint (an HF directory) at `job.output_dir`; return the final
+    metrics. Validate the job's data before calling this: a bad row costs nothing to report here."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = job.train
+    storage = storage_path or str(Path(job.output_dir).resolve().parent / "ray_train")
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={"job": job.model_dump(mode="json"), "ray": True},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {name!r} finished without a checkpoint")
+    out = Path(job.output_dir)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with result.checkpoint.as_directory() as d:
+        shutil.copytree(d, tmp)
+    (tmp / METRICS_FILE).write_text(json.dumps(result.metrics, indent=2))
+    install_dir(tmp, out)
+    return dict(result.metrics)
