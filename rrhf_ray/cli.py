@@ -53,6 +53,159 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _connect(config) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=config.ray.address, num_cpus=config.ray.num_cpus, ignore_reinit_error=True)
+
+
+def _sample_queries(config) -> tuple[list[str], list[object]]:
+    """Training queries (and data-set records) via rrhf_ray.data, or a plain {"query"} JSONL."""
+    import importlib.util
+
+    if importlib.util.find_spec("rrhf_ray.data") is not None:
+        from rrhf_ray.data import load_data
+
+        tokenizer = None
+        if config.model.name_or_path:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.name_or_path)
+        records = load_data(config.data, tokenizer).train
+        return [r.query for r in records], list(records)
+    import json
+
+    path = Path(config.data.source)
+    if not path.is_file():
+        raise DataError(f"data.source: prompts file not found: {path}")
+    queries = []
+    for lineno, line in enumerate(path.open(encoding="utf-8"), start=1):
+        obj = json.loads(line) if line.strip() else None
+        if obj is not None and not (isinstance(obj, dict) and isinstance(obj.get("query"), str)):
+            raise DataError(f"{path} line {lineno}: query: missing or not a string")
+        if obj is not None:
+            queries.append(obj["query"])
+    return queries[: config.data.max_prompts], []
+
+
+class _PathThenOverrides(argparse.Action):
+    """`--out PATH [key=value …]`: argparse (3.11) cannot take positionals after an option once
+    the positional list was matched, so overrides written after `--out PATH` are collected here."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values[0])
+        namespace.overrides = list(getattr(namespace, "overrides", None) or []) + list(values[1:])
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import ray
+
+    from rrhf_ray.pool import write_groups
+    from rrhf_ray.sampling import SamplerPool
+    from rrhf_ray.sources import combine, dataset_candidates, get_preset, read_external
+
+    config = load_config(args.config, args.overrides)
+    preset = get_preset(config.sampling.preset)
+    if preset.policy is not None and not config.model.name_or_path:
+        raise ConfigError(f"model.name_or_path is required to sample with preset {preset.name}")
+    queries, records = _sample_queries(config)  # every row validated before engines start
+    external = [read_external(p) for p in config.sampling.external]
+    sources: list = []
+    if preset.policy is not None:
+        _connect(config)
+        name = config.sampling.preset
+        version = int(name.split("-")[1]) - 1 if name.startswith("IP-") else 0
+        sampling = config.sampling.model_copy(update={"use_beam_search": preset.beam
+                                                      or config.sampling.use_beam_search})
+        pool = SamplerPool(config.model.name_or_path, sampling, version=version,
+                           tag="policy" if preset.policy == "current" else "initial",
+                           trust_remote_code=config.model.trust_remote_code)
+        sources.append(ray.get(pool.sample(queries)))
+        pool.shutdown()
+    if preset.dataset and records:
+        sources.append([dataset_candidates(r) for r in records])
+    groups = combine(queries, sources + external)
+    write_groups([g.to_group() for g in groups], args.out)
+    print(f"wrote {len(groups)} queries, {sum(len(g.candidates) for g in groups)} candidates "
+          f"(preset {preset.name}, rewards 0.0 until `rrhf-ray score`) to {args.out}")
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    import ray
+
+    from rrhf_ray.pool import read_groups, reward_stats, write_groups
+    from rrhf_ray.reward import RewardError, RewardPool
+    from rrhf_ray.sources import CandidateGroup
+
+    config = load_config(args.config, args.overrides)
+    groups = [CandidateGroup.from_group(g) for g in read_groups(args.pool)]
+    _connect(config)
+    pool = RewardPool(config.reward)
+    try:
+        scored = ray.get(pool.score(groups))
+    except RewardError as err:
+        out = Path(args.out)
+        partial = out.with_name(f"{out.stem}.partial{out.suffix}")
+        if err.scored:
+            write_groups(err.scored, partial)
+        cause = getattr(err, "cause", err)
+        raise RewardError(f"{cause}; {len(err.scored)} scored groups written to {partial}",
+                          err.scored) from None
+    finally:
+        pool.shutdown()
+    write_groups(scored, args.out)
+    for tag, st in reward_stats(scored).items():
+        print(f"{tag:>20}: mean {st['mean']:.4g} std {st['std']:.4g} max {st['max']:.4g} "
+              f"(n={int(st['count'])})")
+    print(f"wrote {len(scored)} scored queries to {args.out}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from rrhf_ray.demo import DEMO_CONFIG
+    from rrhf_ray.report import format_table
+    from rrhf_ray.workflow import run
+
+    if args.config and "=" in args.config and not Path(args.config).exists():
+        args.overrides.insert(0, args.config)  # `rrhf-ray run rounds=2`: overrides of the default
+        args.config = None
+    path = args.config or str(DEMO_CONFIG)
+    config = load_config(path, args.overrides)  # every config error stops here, before Ray starts
+    logger.info("run config %s%s; outputs go to %s", path, " (the embedded default)" if not args.config else "",
+                Path(config.output.dir).resolve())
+    rows = run(config)
+    print(f"\nRRHF rounds ({config.output.dir}/metrics.jsonl, summary.md, report.png):\n")
+    print(format_table(rows))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from rrhf_ray.report import format_table, rows_upto
+    from rrhf_ray.workflow import STATE_FILE
+
+    state_file = Path(args.output_dir) / STATE_FILE
+    if not state_file.exists():
+        raise ConfigError(f"{args.output_dir} holds no run ({STATE_FILE} not found)")
+    state = json.loads(state_file.read_text())
+    stages = state["stages"]
+    rounds = state.get("rounds", 0)
+    print(f"run in {args.output_dir}: {rounds} round(s) configured, {len(stages)} stage(s) finished")
+    for name, info in stages.items():
+        print(f"  done  {name:<16} {info.get('seconds', 0):8.1f} s")
+    order = ["base", "sft", "reward_model", "round0/eval"] + [
+        f"round{r}/{s}" for r in range(1, rounds + 1) for s in ("sample", "score", "train", "eval")]
+    pending = [s for s in order if s not in stages and (s.startswith("round") or s == "round0/eval")]
+    print(f"next: {pending[0]}" if pending else "finished")
+    rows = rows_upto(stages, rounds)
+    if rows:
+        print(format_table(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rrhf-ray", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -72,6 +225,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("overrides", nargs="*", help="train keys, e.g. epochs=1 lr=1e-4 num_workers=2")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("sample", help="draw k candidates per training query (vLLM replicas + sources)")
+    p.add_argument("config", help="YAML run config (model, data, sampling, ray)")
+    p.add_argument("--out", required=True, nargs="+", action=_PathThenOverrides,
+                   metavar=("OUT", "OVERRIDE"), help="candidate pool, reference JSONL or .parquet")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. sampling.n=8")
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("score", help="reward every candidate of a pool file")
+    p.add_argument("config", help="YAML run config (reward, ray)")
+    p.add_argument("--pool", required=True, nargs="+", action=_PathThenOverrides,
+                   metavar=("POOL", "OVERRIDE"), help="pool file from `sample` (or any reference JSONL)")
+    p.add_argument("--out", required=True, nargs="+", action=_PathThenOverrides,
+                   metavar=("OUT", "OVERRIDE"), help="scored pool, reference JSONL or .parquet")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. reward.num_workers=2")
+    p.set_defaults(func=_cmd_score)
+    p = sub.add_parser("run", help="run (or resume) RRHF rounds; no CONFIG = the embedded demo")
+    p.add_argument("config", nargs="?", default=None, help="YAML run config (default: the embedded demo)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. rounds=2 output.dir=out/x")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("status", help="where a run stands: finished stages and per-round metrics")
+    p.add_argument("output_dir")
+    p.set_defaults(func=_cmd_status)
     return parser
 
 

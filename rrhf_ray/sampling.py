@@ -61,11 +61,12 @@ class Sampler:
     """One vLLM replica; runs as a Ray actor (`SamplerPool` starts it)."""
 
     def __init__(self, model_path: str, config: SamplingConfig, tag: str = "policy",
-                 tokenizer: str | None = None, trust_remote_code: bool = False) -> None:
+                 tokenizer: str | None = None, trust_remote_code: bool = False,
+                 version: int = 0) -> None:
         self.engine = VLLMEngine(model_path, config, tokenizer=tokenizer,
                                  trust_remote_code=trust_remote_code)
         self.tag = tag
-        self.version = 0
+        self.version = version
 
     def served_version(self) -> int:
         return self.version
@@ -173,10 +174,12 @@ class SamplerPool:
     """N `Sampler` replicas, each in its own placement group (GPU: tp GPUs; CPU: cpus_per_replica)."""
 
     def __init__(self, model_path: str, config: SamplingConfig, *, tag: str = "policy",
-                 tokenizer: str | None = None, trust_remote_code: bool = False) -> None:
+                 tokenizer: str | None = None, trust_remote_code: bool = False,
+                 version: int = 0) -> None:
+        """`version` labels the weights at `model_path` (0 = ρ; r = round r's checkpoint)."""
         self.config = config
         self.tag = tag
-        self.version = 0
+        self.version = version
         use_gpu = config.use_gpu
         if use_gpu is None:
             use_gpu = ray.cluster_resources().get("GPU", 0) > 0
@@ -192,7 +195,7 @@ class SamplerPool:
                 max_restarts=config.max_restarts,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True),
-            ).remote(str(model_path), config, tag, tokenizer, trust_remote_code)
+            ).remote(str(model_path), config, tag, tokenizer, trust_remote_code, version)
             for pg in self._groups
         ]
 

@@ -128,3 +128,43 @@ def test_a_wrong_rule_fails_before_any_work() -> None:
         RewardPool(RewardConfig(kind="rule", rule="no_such_module:fn"))
     with pytest.raises(Exception, match="has no function 'missing'"):
         RewardPool(RewardConfig(kind="rule", rule=f"{__name__}:missing"))
+
+
+def test_sample_and_score_commands_write_the_reference_format(ray_cluster, tmp_path: Path) -> None:
+    """`sample` with preset P (the data set's responses + an external file, no engine), then
+    `score` with a rule; a NaN rule exits 2 and leaves the scored prefix beside the output."""
+    import json
+
+    from rrhf_ray.cli import main
+    from rrhf_ray.pool import read_groups
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"query": g.query, "responses": g.responses[1:],
+                                        "scores": [1.0, 0.0][:len(g.candidates) - 1]}) + "\n" for g in GROUPS))
+    ext = tmp_path / "ext.jsonl"
+    ext.write_text(json.dumps({"query": GROUPS[0].query, "responses": [" Ask the admin.", " No."],
+                               "source": "gpt4"}) + "\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data: {{source: {data}, eval_split: null, eval_fraction: 0.0}}\n"
+                      f"sampling: {{preset: P, external: [{ext}]}}\n"
+                      f"reward: {{kind: rule, rule: '{__name__}:length_reward'}}\n")
+    pool, scored = tmp_path / "pool.jsonl", tmp_path / "scored.jsonl"
+    assert main(["sample", str(config), "--out", str(pool)]) == 0
+    groups = {g.query: g for g in read_groups(pool)}
+    first = groups[GROUPS[0].query]
+    assert first.responses == [" No.", " Whatever.", " Ask the admin."]
+    assert first.sources == ["dataset+gpt4", "dataset", "gpt4"]
+
+    assert main(["score", str(config), "--pool", str(pool), "--out", str(scored),
+                 "reward.num_workers=2"]) == 0
+    for g in read_groups(scored):
+        assert g.scores == [len(r) + len(g.query) / 1000 for r in g.responses]
+        assert g.sources == groups[g.query].sources
+
+    assert main(["score", str(config), "--pool", str(pool), "--out", str(tmp_path / "bad.jsonl"),
+                 f"reward.rule={__name__}:nan_on_bad"]) == 2
+    assert not (tmp_path / "bad.jsonl").exists()
+    order = [g.query for g in read_groups(pool)]
+    bad_at = order.index(GROUPS[1].query)
+    assert bad_at > 0  # data.seed 0 shuffles it off the front, so there is a prefix to keep
+    assert [g.query for g in read_groups(tmp_path / "bad.partial.jsonl")] == order[:bad_at]
