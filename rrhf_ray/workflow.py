@@ -1,0 +1,291 @@
+"""The driver: rounds of sample → score → rank-train → refresh → evaluate (RRHF's IP-n policy).
+
+Round 0 evaluates the untouched base model ρ. Round r samples k candidates per training query
+from ρ* (the model round r−1 trained; IP-1 ≡ DP), scores them, writes the round's pool, trains
+from ρ* for `train.epochs` with Ray Train, refreshes the samplers in place with the new
+checkpoint, and evaluates it on held-out queries.
+
+Resume: `state.json` in the output directory records each finished stage. Started again with
+the same output directory, the driver skips every finished stage whose output exists and
+continues at the first unfinished one. Every output is written under a temporary name and
+renamed when whole. More `rounds` than a finished run had continues from its last round; any
+other config change is refused.
+
+Layout of the output directory:
+    state.json  metrics.jsonl  summary.md  report.png
+    base/                    the built base model (builtin models only), sft/ reward_model/ stages
+    rounds/<r>/candidates.jsonl  pool.parquet  pool.jsonl  checkpoint/  metrics.json  eval.jsonl
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rrhf_ray.config import ConfigError, RunConfig, SamplingConfig
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+
+
+# --------------------------------------------------------------------------- run state
+
+
+def config_fingerprint(config: RunConfig) -> str:
+    """What must not change within one output directory: everything but the round count,
+    the Ray connection and progress display."""
+    data = config.model_dump(mode="json", exclude={"rounds": True, "ray": True})
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+class RunState:
+    """The finished stages of one output directory, and the config they were made with."""
+
+    def __init__(self, out: Path, config: RunConfig) -> None:
+        self.path = out / STATE_FILE
+        fingerprint = config_fingerprint(config)
+        if self.path.exists():
+            self.data = json.loads(self.path.read_text())
+            if self.data["fingerprint"] != fingerprint:
+                raise ConfigError(
+                    f"output directory {out} holds a run with a different config "
+                    f"(see {self.path}); use another output.dir, or the same config "
+                    f"(only `rounds` may grow)"
+                )
+        else:
+            self.data = {"fingerprint": fingerprint, "config": config.model_dump(mode="json"), "stages": {}}
+        self.data["rounds"] = config.rounds
+        write_json_atomic(self.path, self.data)
+
+    def done(self, stage: str, *outputs: Path) -> bool:
+        return stage in self.data["stages"] and all(p.exists() for p in outputs)
+
+    def finish(self, stage: str, seconds: float, **info: Any) -> None:
+        self.data["stages"][stage] = {"seconds": round(seconds, 2), "finished": time.time(), **info}
+        write_json_atomic(self.path, self.data)
+
+    def seconds(self, stage: str) -> float:
+        return self.data["stages"].get(stage, {}).get("seconds", 0.0)
+
+
+def timed_stage(state: RunState, stage: str, outputs: list[Path], work: Callable[[], dict | None]) -> bool:
+    """Run `work` unless the stage is finished with all its outputs; returns True if it ran."""
+    if state.done(stage, *outputs):
+        logger.info("%s: done already, skipped", stage)
+        return False
+    logger.info("%s: starting", stage)
+    start = time.perf_counter()
+    info = work() or {}
+    state.finish(stage, time.perf_counter() - start, **info)
+    logger.info("%s: finished in %.1f s", stage, state.seconds(stage))
+    return True
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def connect_ray(config: RunConfig) -> None:
+    """Join the configured cluster (`ray.address` or RAY_ADDRESS) or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        logger.info("joining the Ray cluster at %s", address)
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False)
+        logger.info("started a local Ray cluster: %s", ray.cluster_resources())
+
+
+def path_stage(state: RunState, stage: str, make: Callable[[], Path]) -> str:
+    """A stage whose output is a directory `make` returns; skipped while that directory exists."""
+    info = state.data["stages"].get(stage)
+    if info and Path(info["path"]).exists():
+        logger.info("%s: done already (%s), skipped", stage, info["path"])
+        return info["path"]
+    state.data["stages"].pop(stage, None)
+    timed_stage(state, stage, [], lambda: {"path": str(make())})
+    return state.data["stages"][stage]["path"]
+
+
+def base_model(config: RunConfig, out: Path, state: RunState) -> str:
+    """ρ's path: a built-in tiny model is built into `base/`, then the optional SFT stage runs."""
+    from rrhf_ray import demo
+
+    path = config.model.name_or_path
+    if not path:
+        raise ConfigError("model.name_or_path is not set")
+    if path in demo.BUILTIN_MODELS:
+        path = path_stage(state, "base", lambda: demo.BUILTIN_MODELS[path](out / "base"))
+    if getattr(config, "sft", None) is not None:
+        from rrhf_ray.sft import run_sft_stage
+
+        with_base = config.model_copy(update={"model": config.model.model_copy(update={"name_or_path": path})})
+        path = path_stage(state, "sft", lambda: run_sft_stage(with_base, out))
+    return path
+
+
+def reward_config(config: RunConfig, out: Path, state: RunState):
+    """The reward settings, pointing at the trained reward model when that stage is configured."""
+    if getattr(config, "reward_model", None) is None:
+        return config.reward
+    from rrhf_ray.reward_model import run_reward_model_stage
+
+    rm_dir = path_stage(state, "reward_model", lambda: run_reward_model_stage(config, out))
+    return config.reward.model_copy(update={"kind": "model", "model": rm_dir})
+
+
+# --------------------------------------------------------------------------- one round's stages
+
+
+def sample_stage(pools: dict, preset, records, queries: list[str], sampling: SamplingConfig,
+                 path: Path) -> dict:
+    """k candidates per query from the preset's sources, duplicates merged, written unscored."""
+    import ray
+
+    from rrhf_ray.pool import write_groups
+    from rrhf_ray.sources import combine, dataset_candidates, read_external
+
+    sources: list = []
+    if preset.policy is not None:
+        cfg = sampling.model_copy(update={"use_beam_search": preset.beam})
+        sources.append(ray.get(pools[preset.policy].sample(queries, cfg)))
+    if preset.dataset:
+        sources.append([dataset_candidates(r) for r in records])
+    for ext in sampling.external:
+        sources.append(read_external(ext))
+    groups = combine(queries, sources)
+    write_groups([g.to_group() for g in groups], path)
+    return {"groups": len(groups), "candidates": sum(len(g.candidates) for g in groups)}
+
+
+def score_stage(rewards, candidates_path: Path, pool_dir: Path) -> dict:
+    import ray
+
+    from rrhf_ray.pool import read_groups, reward_stats, write_groups
+    from rrhf_ray.sources import CandidateGroup
+
+    groups = [CandidateGroup.from_group(g) for g in read_groups(candidates_path)]
+    scored = ray.get(rewards.score(groups))
+    write_groups(scored, pool_dir / "pool.jsonl")
+    write_groups(scored, pool_dir / "pool.parquet")
+    return {"pool_stats": reward_stats(scored)}
+
+
+def train_stage(config: RunConfig, start_model: str, pool: Path, checkpoint: Path, r: int, out: Path) -> dict:
+    from rrhf_ray.training import TrainJob, fit
+
+    job = TrainJob(model_path=start_model, data_paths=[str(pool)], output_dir=str(checkpoint),
+                   train=config.train, trust_remote_code=config.model.trust_remote_code)
+    storage = config.output.storage_path or str((out / "ray_train").resolve())
+    metrics = fit(job, name=f"round{r}", storage_path=storage, max_failures=1)
+    return {"train": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+
+
+def eval_stage(pools: dict, rewards, eval_queries, references, model_path: str, config: RunConfig,
+               round0: list[float] | None, round_dir: Path) -> dict:
+    from rrhf_ray.evaluation import evaluate
+
+    result = evaluate(pools["current"], rewards, eval_queries, references, model_path,
+                      config.sampling, config.eval, config.train.max_length)
+    with open(round_dir / ".eval.jsonl.tmp", "w") as f:
+        for q, reply, g, s in zip(eval_queries, result.greedy_replies, result.greedy, result.sampled):
+            f.write(json.dumps({"query": q, "greedy_reply": reply, "greedy_reward": g, "sampled_rewards": s}) + "\n")
+    os.replace(round_dir / ".eval.jsonl.tmp", round_dir / "eval.jsonl")
+    return {"eval": result.metrics(round0)}
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def run(config: RunConfig) -> list[dict]:
+    """Run (or resume) the whole workflow; returns one metrics row per round, round 0 first."""
+    import ray
+
+    from rrhf_ray import demo  # noqa: F401  (registers the builtin demo data sets)
+    from rrhf_ray.data import load_data
+    from rrhf_ray.report import write_metrics, write_report
+    from rrhf_ray.reward import RewardPool
+    from rrhf_ray.sampling import SamplerPool
+    from rrhf_ray.sources import get_preset
+
+    out = Path(config.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = RunState(out, config)
+    preset = get_preset(config.sampling.preset)  # a bad preset fails before Ray starts
+    connect_ray(config)
+    logger.info("output directory: %s", out.resolve())
+
+    rho = base_model(config, out, state)
+    reward_cfg = reward_config(config, out, state)
+    from transformers import AutoTokenizer
+
+    data = load_data(config.data, AutoTokenizer.from_pretrained(rho))
+    queries = [r.query for r in data.train]
+    eval_queries = [r.query for r in data.eval]
+    references = [(r.query, r.responses[0]) for r in data.eval if r.responses]
+
+    def checkpoint(r: int) -> Path:
+        return out / "rounds" / str(r) / "checkpoint"
+
+    last = max([r for r in range(1, config.rounds + 1) if state.done(f"round{r}/train", checkpoint(r))],
+               default=0)
+    current_path = str(checkpoint(last)) if last else rho
+    pools = {"current": SamplerPool(current_path, config.sampling, tag="policy")}
+    if last:
+        ray.get(pools["current"].load_weights(current_path, last))  # version bookkeeping, same weights
+    if preset.policy == "initial":
+        pools["initial"] = SamplerPool(rho, config.sampling, tag="initial")
+    rewards = RewardPool(reward_cfg)
+
+    try:
+        round0_dir = out / "rounds" / "0"
+        round0_dir.mkdir(parents=True, exist_ok=True)
+        if last == 0:
+            timed_stage(state, "round0/eval", [round0_dir / "eval.jsonl"],
+                        lambda: eval_stage(pools, rewards, eval_queries, references, rho, config, None, round0_dir))
+        round0 = [json.loads(line)["greedy_reward"] for line in (round0_dir / "eval.jsonl").open()]
+
+        for r in range(1, config.rounds + 1):
+            rd = out / "rounds" / str(r)
+            rd.mkdir(parents=True, exist_ok=True)
+            logger.info("── round %d/%d ──", r, config.rounds)
+            start_model = str(checkpoint(r - 1)) if r > 1 else rho
+            timed_stage(state, f"round{r}/sample", [rd / "candidates.jsonl"],
+                        lambda: sample_stage(pools, preset, data.train, queries, config.sampling,
+                                             rd / "candidates.jsonl"))
+            timed_stage(state, f"round{r}/score", [rd / "pool.parquet", rd / "pool.jsonl"],
+                        lambda: score_stage(rewards, rd / "candidates.jsonl", rd))
+            timed_stage(state, f"round{r}/train", [checkpoint(r)],
+                        lambda: train_stage(config, start_model, rd / "pool.parquet", checkpoint(r), r, out))
+            if pools["current"].version < r:  # refresh ρ* in place: no engine restart
+                t = time.perf_counter()
+                ray.get(pools["current"].load_weights(str(checkpoint(r)), r))
+                logger.info("samplers now serve round %d's policy (%.2f s)", r, time.perf_counter() - t)
+            timed_stage(state, f"round{r}/eval", [rd / "eval.jsonl"],
+                        lambda: eval_stage(pools, rewards, eval_queries, references, str(checkpoint(r)),
+                                           config, round0, rd))
+            write_metrics(out, state.data["stages"], r)
+    finally:
+        for pool in pools.values():
+            pool.shutdown()
+        rewards.shutdown()
+    rows = write_metrics(out, state.data["stages"], config.rounds)
+    write_report(out, rows)
+    return rows

@@ -1,0 +1,93 @@
+"""The driver on a real local Ray cluster: outputs, resume after a killed driver, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rrhf_ray.cli import main
+from rrhf_ray.config import ConfigError, load_config
+from rrhf_ray.demo import DEMO_CONFIG
+from rrhf_ray.workflow import RunState, run
+
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parents[2]
+
+# A quick variant of the embedded default: the random (not fine-tuned) tiny base, few queries.
+QUICK = ["rounds=1", "data.max_prompts=16", "data.max_eval_prompts=8", "train.epochs=1",
+         "sampling.max_new_tokens=16", "eval.max_new_tokens=16", "eval.num_samples=2",
+         "sampling.chunk_prompts=8"]
+
+
+def stages(out: Path) -> dict:
+    return json.loads((out / "state.json").read_text())["stages"]
+
+
+def test_killed_driver_resumes_without_redoing_finished_stages(ray_cluster, tmp_path):
+    out = tmp_path / "run"
+    overrides = QUICK + [f"output.dir={out}"]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "rrhf_ray", "run", *overrides], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((out / "state.json").exists() and "round1/score" in stages(out)):
+            assert proc.poll() is None, "the driver ended before it could be killed"
+            assert time.monotonic() < deadline, "the driver did not reach round1/score in time"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = stages(out)
+    assert "round1/train" not in before
+    pool_mtime = (out / "rounds/1/pool.parquet").stat().st_mtime_ns
+
+    rows = run(load_config(DEMO_CONFIG, overrides))
+
+    after = stages(out)
+    for name in ("base", "round0/eval", "round1/sample", "round1/score"):
+        assert after[name]["finished"] == before[name]["finished"], f"{name} was redone"
+    assert (out / "rounds/1/pool.parquet").stat().st_mtime_ns == pool_mtime
+    assert [r["round"] for r in rows] == [0, 1]
+    assert (out / "rounds/1/checkpoint/model.safetensors").exists()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [0, 1]
+    for key in ("eval_reward_mean", "eval_reward_std", "perplexity", "win_rate_vs_round0",
+                "train_loss", "seconds_train", "seconds_sample"):
+        assert key in metrics[1]
+    assert metrics[1]["train_loss"] > 0 and metrics[1]["seconds_train"] > 0
+    assert not list(out.rglob(".*tmp*")), "a temporary file was left behind"
+
+    # Asking the finished run for one more round continues from its last round.
+    first_train = after["round1/train"]["finished"]
+    rows = run(load_config(DEMO_CONFIG, [*overrides[1:], "rounds=2"]))
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert stages(out)["round1/train"]["finished"] == first_train
+
+
+def test_a_different_config_in_an_existing_output_dir_is_refused(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    RunState(out, load_config(DEMO_CONFIG, QUICK + [f"output.dir={out}"]))
+    with pytest.raises(ConfigError, match="different config"):
+        RunState(out, load_config(DEMO_CONFIG, QUICK + [f"output.dir={out}", "train.lr=0.1"]))
+    RunState(out, load_config(DEMO_CONFIG, QUICK + [f"output.dir={out}", "rounds=4"]))  # more rounds: fine
+
+
+def test_config_error_stops_before_any_ray_work(tmp_path, capsys):
+    import ray
+
+    was_running = ray.is_initialized()
+    rc = main(["run", "train.epochz=2", f"output.dir={tmp_path / 'x'}"])
+    assert rc == 2
+    assert "train.epochz: unknown key" in capsys.readouterr().err
+    assert ray.is_initialized() == was_running
+    assert not (tmp_path / "x").exists()
