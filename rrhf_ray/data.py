@@ -137,6 +137,10 @@ def register_builtin(name: str, loader: Callable[[], Any]) -> None:
 
 def _open_builtin(name: str, cfg: DataConfig) -> tuple[_RawSplit, _RawSplit | None]:
     if name not in _BUILTINS:
+        # The package's own data sets register on import; a Ray worker may not have imported
+        # them yet.
+        import rrhf_ray.demo  # noqa: F401
+    if name not in _BUILTINS:
         raise DataError(
             f"data.source: unknown builtin data set {name!r}; "
             f"registered: {sorted(_BUILTINS) or 'none'}"
