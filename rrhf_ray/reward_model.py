@@ -1,0 +1,272 @@
+"""Reward-model training on Ray Train: the R(x, y) that scores RRHF's candidates.
+
+The model is an `AutoModelForSequenceClassification` with one logit on a causal (Llama, GPT-2)
+or encoder (BERT) backbone; `config.pad_token_id` is set so that the model reads its score at
+the last non-pad token. It learns from preference pairs with the Bradley-Terry loss
+(Ouyang et al. 2022, arXiv 2203.02155, eq. 1):
+
+    L = −log σ(r(x, y_chosen) − r(x, y_rejected)),   averaged over the pairs of a step.
+
+The text scored is query + response, tokenized apart and concatenated, the query cut from the
+left to fit `max_length`, exactly as `rrhf_ray.reward.RewardScorer` reads it at scoring time:
+no EOS is appended, special tokens wrap the whole (e.g. <s> … for Llama, [CLS] … [SEP] for BERT).
+The saved directory (safetensors + tokenizer) loads with a plain
+`AutoModelForSequenceClassification.from_pretrained(dir)`.
+
+The loop is `trainer_core.run_worker` (DDP / FSDP, accumulation, schedule, clipping, LoRA,
+bf16, checkpoints, resume); held-out pairwise accuracy is reported at each epoch's end.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from rrhf_ray.config import TrainConfig
+from rrhf_ray.pairs import PairFormat, PreferencePair, hold_out, read_preference_pairs
+from rrhf_ray.trainer_core import (
+    MicroBatch,
+    Recipe,
+    fit_job,
+    is_finished_model,
+    load_tokenizer,
+    prepare_model,
+    run_worker,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class RewardModelJob(BaseModel):
+    """Everything one reward-model fit needs; crosses the driver → worker boundary as a dict."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_path: str = Field(description="Backbone to start from: a causal LM, an encoder, or a reward model.")
+    data_path: str = Field(
+        description="Preference JSONL/Parquet {query, chosen, rejected}, or an HH-layout source."
+    )
+    output_dir: str = Field(description="Where the trained reward model (HF directory) is written.")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    data_format: PairFormat = Field("auto", description="Layout of data_path; auto = from the fields.")
+    eval_path: str | None = Field(None, description="Held-out pairs: accuracy reported each epoch.")
+    eval_fraction: float = Field(
+        0.05, ge=0.0, lt=1.0, description="Without eval_path: share of the pairs held out (seeded)."
+    )
+    tokenizer_path: str | None = None
+    trust_remote_code: bool = False
+    resume_from: str | None = Field(None, description="A checkpoint of an interrupted fit (no Ray).")
+
+
+def load_job_pairs(job: RewardModelJob) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(training, held-out) preference pairs of `job`, every row validated."""
+    pairs = read_preference_pairs(job.data_path, format=job.data_format)
+    if job.eval_path:
+        return pairs, read_preference_pairs(job.eval_path, format=job.data_format)
+    return hold_out(pairs, job.eval_fraction, job.train.seed)
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """−log σ(r_chosen − r_rejected) per pair ([P] rewards in, [P] losses out), computed as
+    softplus(r_rejected − r_chosen), which stays finite for any margin."""
+    return torch.nn.functional.softplus(rejected.float() - chosen.float())
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def encode_text(tokenizer: Any, query: str, response: str, max_length: int) -> list[int]:
+    """Token ids of query + response within `max_length`, the query cut from the left; the
+    tokenizer's special tokens (BOS / CLS … SEP) wrap the whole. Same ids as RewardScorer.encode."""
+    body = tokenizer(query, add_special_tokens=False)["input_ids"]
+    full = tokenizer(query)["input_ids"]
+    start = next((i for i in range(len(full) - len(body) + 1) if full[i : i + len(body)] == body), 0)
+    prefix, suffix = full[:start], full[start + len(body) :]
+    reply = tokenizer(response, add_special_tokens=False)["input_ids"]
+    room = max_length - len(prefix) - len(suffix) - len(reply)
+    if room < 0:  # the response alone is too long: keep its start, drop the query
+        return prefix + reply[: max_length - len(prefix) - len(suffix)] + suffix
+    return prefix + body[max(0, len(body) - room) :] + reply + suffix
+
+
+def _pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):  # right padding; the model reads the last non-pad token
+        input_ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return input_ids, mask
+
+
+def rewards(model: torch.nn.Module, rows: Sequence[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:
+    """One forward over `rows` (token ids): the [N] rewards."""
+    input_ids, mask = _pad(rows, pad_id)
+    return model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits[:, 0]
+
+
+def load_reward_backbone(path: str, cfg: TrainConfig, trust_remote_code: bool, tokenizer: Any) -> torch.nn.Module:
+    """A one-logit sequence classifier on `path`, reading its score at the last non-pad token."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=None
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return prepare_model(model, cfg, "SEQ_CLS")
+
+
+class _RMMeter:
+    """Pair-weighted mean loss, pairwise accuracy and reward margin; tokens/s."""
+
+    def __init__(self) -> None:
+        self.loss, self.margin = 0.0, 0.0
+        self.pairs = self.correct = self.tokens = 0
+        self.start = time.perf_counter()
+
+    def add(self, result: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]) -> None:
+        losses, chosen, rejected, tokens = result
+        self.loss += float(losses.sum())
+        self.margin += float((chosen - rejected).sum())
+        self.correct += int((chosen > rejected).sum())
+        self.pairs += len(losses)
+        self.tokens += tokens
+
+    def summary(self) -> dict[str, float]:
+        p = max(self.pairs, 1)
+        seconds = time.perf_counter() - self.start
+        return {
+            "loss": self.loss / p,
+            "accuracy": self.correct / p,
+            "margin": self.margin / p,
+            "tokens_per_s": self.tokens / seconds if seconds > 0 else 0.0,
+            "pairs": float(self.pairs),
+        }
+
+
+def _accuracy(model: torch.nn.Module, encoded: Sequence[tuple[list[int], list[int]]], pad_id: int,
+              device: torch.device, batch_size: int) -> tuple[float, float]:
+    """(pairwise accuracy, mean margin) of `model` on encoded (chosen, rejected) pairs."""
+    correct, margin = 0, 0.0
+    for s in range(0, len(encoded), batch_size):
+        part = encoded[s : s + batch_size]
+        r = rewards(model, [c for c, _ in part] + [x for _, x in part], pad_id, device).float()
+        diff = r[: len(part)] - r[len(part) :]
+        correct += int((diff > 0).sum())
+        margin += float(diff.sum())
+    return correct / max(len(encoded), 1), margin / max(len(encoded), 1)
+
+
+# --------------------------------------------------------------------------- the worker loop
+
+
+def rm_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
+    """Train one worker's share of a `RewardModelJob` (`config["job"]`, a dict); without Ray
+    (`config.get("ray")` false) in this process, writing the model to `job.output_dir`."""
+    job = RewardModelJob.model_validate(config["job"])
+    cfg = job.train
+
+    def recipe(tokenizer: Any, device: torch.device) -> Recipe:
+        train_pairs, eval_pairs = load_job_pairs(job)
+
+        def enc(p: PreferencePair) -> tuple[list[int], list[int]]:
+            return (encode_text(tokenizer, p.query, p.chosen, cfg.max_length),
+                    encode_text(tokenizer, p.query, p.rejected, cfg.max_length))
+
+        encoded = [enc(p) for p in train_pairs]
+        held = [enc(p) for p in eval_pairs]
+        pad_id = tokenizer.pad_token_id
+
+        def micro_batch(model: torch.nn.Module, mb: MicroBatch) -> tuple:
+            part = [encoded[i] for i in mb.indices]
+            with mb.sync_ctx():
+                with mb.autocast():  # chosen and rejected in one forward: one DDP sync per pass
+                    r = rewards(model, [c for c, _ in part] + [x for _, x in part], pad_id, mb.device)
+                chosen, rejected = r[: len(part)], r[len(part) :]
+                losses = bradley_terry_loss(chosen, rejected)
+                (losses.sum() * mb.scale).backward()
+            tokens = sum(len(c) + len(x) for c, x in part)
+            return losses.detach(), chosen.detach().float(), rejected.detach().float(), tokens
+
+        def evaluate(model: torch.nn.Module) -> dict[str, float]:
+            acc, margin = _accuracy(model, held, pad_id, device, cfg.micro_batch_queries)
+            return {"eval_accuracy": acc, "eval_margin": margin}
+
+        return Recipe(
+            "reward-model", len(encoded), micro_batch, _RMMeter,
+            lambda s: f"loss {s['loss']:.4f} acc {s['accuracy']:.3f} margin {s['margin']:.3f}",
+            evaluate=evaluate if held else None,
+        )
+
+    return run_worker(job, bool(config.get("ray")), load_reward_backbone, recipe, require_eos=False)
+
+
+def fit_reward_model(job: RewardModelJob, *, name: str, storage_path: str | None = None,
+                     max_failures: int = 0) -> dict[str, float]:
+    """Run `job` under `TorchTrainer` on the connected Ray cluster; install the reward model
+    (an HF directory) at `job.output_dir` and return the final metrics."""
+    train_pairs, held = load_job_pairs(job)  # every row checked before any worker starts
+    logger.info("reward model on %d pairs (%d held out) from %s", len(train_pairs), len(held), job.data_path)
+    return fit_job(rm_loop_per_worker, job, name=name, storage_path=storage_path, max_failures=max_failures)
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+@torch.no_grad()
+def pairwise_accuracy(model_path: str | Path, pairs: Sequence[PreferencePair | tuple[str, str, str]],
+                      max_length: int = 512, batch_size: int = 16) -> float:
+    """Share of `pairs` whose chosen response the reward model at `model_path` scores higher."""
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = load_tokenizer(str(model_path), False, require_eos=False)
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, dtype=torch.float32).eval()
+    device = next(model.parameters()).device
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else tokenizer.pad_token_id
+    encoded = []
+    for p in pairs:
+        q, c, r = (p.query, p.chosen, p.rejected) if isinstance(p, PreferencePair) else p
+        encoded.append((encode_text(tokenizer, q, c, max_length), encode_text(tokenizer, q, r, max_length)))
+    return _accuracy(model, encoded, pad_id, device, batch_size)[0]
+
+
+# --------------------------------------------------------------------------- the workflow stage
+
+
+def run_reward_model_stage(run_config: Any, out_dir: str | Path) -> Path:
+    """Train a reward model on `run_config.reward_model` into `out_dir/<output_subdir>`; the
+    driver scores the rounds with the returned directory (reward.kind: model). A finished model
+    already there is kept. Trains under Ray Train when Ray is connected, else in this process."""
+    import ray
+
+    stage = run_config.reward_model
+    if stage is None:
+        raise ValueError("run_reward_model_stage: the run config has no `reward_model` section")
+    out = Path(out_dir) / stage.output_subdir
+    if is_finished_model(out):
+        logger.info("reward-model stage: using the finished model at %s", out)
+        return out
+    base = stage.base_model or run_config.model.name_or_path
+    if not base:
+        raise ValueError("reward_model.base_model and model.name_or_path are both empty: no backbone")
+    job = RewardModelJob(
+        model_path=base, data_path=stage.data, output_dir=str(out), train=stage.train,
+        data_format=stage.format, eval_path=stage.eval_data, eval_fraction=stage.eval_fraction,
+        trust_remote_code=run_config.model.trust_remote_code,
+    )
+    if ray.is_initialized():
+        fit_reward_model(job, name=f"{Path(out_dir).name}-reward-model",
+                         storage_path=run_config.output.storage_path)
+    else:
+        load_job_pairs(job)
+        rm_loop_per_worker({"job": job.model_dump(mode="json")})
+    return out

@@ -1,0 +1,237 @@
+"""Supervised fine-tuning of the initial policy ρ on Ray Train (the stage before RRHF).
+
+Causal-LM fine-tuning on (query, response) pairs with the prompt masked: the loss is the
+per-token mean of −log π(y_t | x, y_<t) over the response tokens and the EOS that closes the
+response, never over the query or the padding. Tokenisation is RRHF's own (`encode_group`):
+query and response tokenized apart, the query cut from the left to fit `max_length`, so the
+policy is fine-tuned on exactly the token layout the RRHF trainer scores later.
+
+The loop (DDP / FSDP, accumulation, LR schedule, clipping, LoRA, bf16, checkpoints, resume) is
+`trainer_core.run_worker`. A step's gradient is that of the mean NLL over all response tokens of
+the step's pairs, whatever the split over workers and micro-batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from rrhf_ray.config import TrainConfig
+from rrhf_ray.pairs import PairFormat, SFTPair, hold_out, read_sft_pairs
+from rrhf_ray.pool import QueryGroup
+from rrhf_ray.trainer_core import (
+    MicroBatch,
+    Recipe,
+    fit_job,
+    is_finished_model,
+    load_causal_lm,
+    load_tokenizer,
+    run_worker,
+)
+from rrhf_ray.training import encode_group
+
+logger = logging.getLogger(__name__)
+
+IGNORE = -100  # label of a token that carries no loss (the query, the padding)
+
+
+class SFTJob(BaseModel):
+    """Everything one SFT fit needs; crosses the driver → worker boundary as a dict."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_path: str = Field(description="HF directory or hub id of the causal LM to fine-tune.")
+    data_path: str = Field(
+        description="Pairs JSONL/Parquet {query, response}, or an HH-layout source (its chosen responses)."
+    )
+    output_dir: str = Field(description="Where the fine-tuned HF model (safetensors) is written.")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    data_format: PairFormat = Field("auto", description="Layout of data_path; auto = from the fields.")
+    eval_path: str | None = Field(None, description="Held-out pairs: NLL reported each epoch.")
+    eval_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Without eval_path: share of the pairs held out (seeded)."
+    )
+    tokenizer_path: str | None = None
+    trust_remote_code: bool = False
+    resume_from: str | None = Field(None, description="A checkpoint of an interrupted fit (no Ray).")
+
+
+def load_job_pairs(job: SFTJob) -> tuple[list[SFTPair], list[SFTPair]]:
+    """(training, held-out) pairs of `job`, every row validated."""
+    pairs = read_sft_pairs(job.data_path, format=job.data_format)
+    if job.eval_path:
+        return pairs, read_sft_pairs(job.eval_path, format=job.data_format)
+    return hold_out(pairs, job.eval_fraction, job.train.seed)
+
+
+# --------------------------------------------------------------------------- tokens and loss
+
+
+def encode_pair(tokenizer: Any, pair: SFTPair, max_length: int) -> tuple[list[int], int]:
+    """(token ids of query + response + EOS, index of the first response token)."""
+    enc = encode_group(tokenizer, QueryGroup(query=pair.query, responses=[pair.response], scores=[0.0]),
+                       max_length)
+    return enc.ids[0], enc.starts[0]
+
+
+def sft_batch(encoded: Sequence[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and labels [N, T]; labels are the input ids on the
+    response tokens and the closing EOS, `IGNORE` on the query and the padding."""
+    width = max(len(ids) for ids, _ in encoded)
+    n = len(encoded)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    labels = torch.full((n, width), IGNORE, dtype=torch.long)
+    for row, (ids, start) in enumerate(encoded):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention[row, : len(ids)] = 1
+        labels[row, start : len(ids)] = torch.tensor(ids[start:])
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def nll_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, int]:
+    """(Σ −log π over the labelled tokens, their number). Position t predicts token t + 1."""
+    input_ids = batch["input_ids"].to(device)
+    labels = batch["labels"].to(device)
+    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device),
+                   use_cache=False).logits
+    target = labels[:, 1:]
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+        ignore_index=IGNORE, reduction="sum",
+    )
+    return loss, int((target != IGNORE).sum())
+
+
+class _SFTMeter:
+    """Token-weighted mean NLL of the response tokens, and tokens/s."""
+
+    def __init__(self) -> None:
+        self.nll, self.tokens, self.pairs = 0.0, 0, 0
+        self.start = time.perf_counter()
+
+    def add(self, result: tuple[float, int, int]) -> None:
+        nll, tokens, pairs = result
+        self.nll += nll
+        self.tokens += tokens
+        self.pairs += pairs
+
+    def summary(self) -> dict[str, float]:
+        seconds = time.perf_counter() - self.start
+        return {
+            "loss": self.nll / max(self.tokens, 1),
+            "tokens_per_s": self.tokens / seconds if seconds > 0 else 0.0,
+            "response_tokens": float(self.tokens),
+            "pairs": float(self.pairs),
+        }
+
+
+def _mean_nll(model: torch.nn.Module, encoded: Sequence[tuple[list[int], int]], pad_id: int,
+              device: torch.device, batch_size: int) -> float:
+    total, tokens = 0.0, 0
+    for s in range(0, len(encoded), batch_size):
+        loss, n = nll_sum(model, sft_batch(encoded[s : s + batch_size], pad_id), device)
+        total += float(loss)
+        tokens += n
+    return total / max(tokens, 1)
+
+
+# --------------------------------------------------------------------------- the worker loop
+
+
+def sft_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
+    """Fine-tune one worker's share of an `SFTJob` (`config["job"]`, a dict); without Ray
+    (`config.get("ray")` false) in this process, writing the model to `job.output_dir`."""
+    job = SFTJob.model_validate(config["job"])
+    cfg = job.train
+
+    def recipe(tokenizer: Any, device: torch.device) -> Recipe:
+        train_pairs, eval_pairs = load_job_pairs(job)
+        encoded = [encode_pair(tokenizer, p, cfg.max_length) for p in train_pairs]
+        held = [encode_pair(tokenizer, p, cfg.max_length) for p in eval_pairs]
+        pad_id = tokenizer.pad_token_id
+
+        def micro_batch(model: torch.nn.Module, mb: MicroBatch) -> tuple[float, int, int]:
+            batch = sft_batch([encoded[i] for i in mb.indices], pad_id)
+            with mb.sync_ctx():
+                with mb.autocast():
+                    loss, tokens = nll_sum(model, batch, mb.device)
+                (loss * mb.scale).backward()
+            return float(loss.detach()), tokens, len(mb.indices)
+
+        def step_weight(indices: Sequence[int]) -> float:
+            return float(sum(len(encoded[i][0]) - encoded[i][1] for i in indices))
+
+        def evaluate(model: torch.nn.Module) -> dict[str, float]:
+            return {"eval_nll": _mean_nll(model, held, pad_id, device, cfg.micro_batch_queries)}
+
+        return Recipe(
+            "SFT", len(encoded), micro_batch, _SFTMeter,
+            lambda s: f"nll {s['loss']:.4f} {s['tokens_per_s']:.0f} tok/s",
+            step_weight=step_weight, evaluate=evaluate if held else None,
+        )
+
+    def load(path: str, cfg: TrainConfig, trust_remote_code: bool, tokenizer: Any) -> torch.nn.Module:
+        return load_causal_lm(path, cfg, trust_remote_code)
+
+    return run_worker(job, bool(config.get("ray")), load, recipe)
+
+
+def fit_sft(job: SFTJob, *, name: str, storage_path: str | None = None, max_failures: int = 0) -> dict[str, float]:
+    """Run `job` under `TorchTrainer` on the connected Ray cluster; install the fine-tuned model
+    (an HF directory) at `job.output_dir` and return the final metrics."""
+    train_pairs, _ = load_job_pairs(job)  # every row checked before any worker starts
+    logger.info("SFT on %d pairs from %s", len(train_pairs), job.data_path)
+    return fit_job(sft_loop_per_worker, job, name=name, storage_path=storage_path, max_failures=max_failures)
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+@torch.no_grad()
+def heldout_nll(model_path: str | Path, pairs: Sequence[SFTPair | tuple[str, str]], max_length: int = 192,
+                batch_size: int = 8) -> float:
+    """Mean per-token NLL of the responses (+ EOS) of `pairs` under the model at `model_path`."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(str(model_path), False)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    device = next(model.parameters()).device
+    encoded = [encode_pair(tokenizer, p if isinstance(p, SFTPair) else SFTPair(*p), max_length) for p in pairs]
+    return _mean_nll(model, encoded, tokenizer.pad_token_id, device, batch_size)
+
+
+# --------------------------------------------------------------------------- the workflow stage
+
+
+def run_sft_stage(run_config: Any, out_dir: str | Path) -> Path:
+    """Fine-tune `run_config.model` on `run_config.sft` into `out_dir/<sft.output_subdir>`; the
+    driver starts RRHF from the returned directory. A finished model already there is kept (a
+    resumed run never redoes the stage). Trains under Ray Train when Ray is connected, else here."""
+    stage = run_config.sft
+    if stage is None:
+        raise ValueError("run_sft_stage: the run config has no `sft` section")
+    out = Path(out_dir) / stage.output_subdir
+    if is_finished_model(out):
+        logger.info("SFT stage: using the finished model at %s", out)
+        return out
+    job = SFTJob(
+        model_path=run_config.model.name_or_path, data_path=stage.data, output_dir=str(out),
+        train=stage.train, data_format=stage.format, eval_path=stage.eval_data,
+        eval_fraction=stage.eval_fraction, tokenizer_path=run_config.model.tokenizer,
+        trust_remote_code=run_config.model.trust_remote_code,
+    )
+    import ray
+
+    if ray.is_initialized():
+        fit_sft(job, name=f"{Path(out_dir).name}-sft", storage_path=run_config.output.storage_path)
+    else:
+        load_job_pairs(job)
+        sft_loop_per_worker({"job": job.model_dump(mode="json")})
+    return out

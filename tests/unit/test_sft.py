@@ -1,0 +1,96 @@
+"""SFT without Ray: the prompt carries no loss, the loss is RRHF's response log-probability,
+and fine-tuning lowers the held-out NLL of the responses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rrhf_ray.config import TrainConfig
+from rrhf_ray.pairs import SFTPair, read_sft_pairs
+from rrhf_ray.pool import DataError
+from rrhf_ray.sft import IGNORE, SFTJob, encode_pair, heldout_nll, nll_sum, sft_batch, sft_loop_per_worker
+from rrhf_ray.training import candidate_logprobs
+from tests.stage_data import preference_rows, sft_rows, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_labels_mask_the_prompt_and_padding_and_keep_the_eos(tokenizer):
+    short = SFTPair("\n\nHuman: hi\n\nAssistant:", " Hello")
+    long = SFTPair("\n\nHuman: how are you today?\n\nAssistant:", " Very well, thank you for asking!")
+    enc = [encode_pair(tokenizer, p, 64) for p in (short, long)]
+    batch = sft_batch(enc, tokenizer.pad_token_id)
+    q = tokenizer(short.query)["input_ids"]
+    r = tokenizer(short.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    labels = batch["labels"][0].tolist()
+    width = batch["input_ids"].shape[1]
+    assert batch["input_ids"][0, : len(q) + len(r)].tolist() == q + r
+    assert labels == [IGNORE] * len(q) + r + [IGNORE] * (width - len(q) - len(r))
+    assert batch["attention_mask"][0].tolist() == [1] * (len(q) + len(r)) + [0] * (width - len(q) - len(r))
+    assert (batch["labels"][1] != IGNORE).sum() == len(enc[1][0]) - enc[1][1]  # no padding in row 1
+
+
+def test_the_loss_is_the_response_nll_only(tiny_model_dir, tokenizer):
+    """nll_sum equals −Σ log π over response + EOS as RRHF's scorer computes it (an independent
+    masking path), and no prompt position enters the sum."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    pairs = [SFTPair(r["query"], r["response"]) for r in sft_rows(3)]
+    enc = [encode_pair(tokenizer, p, 96) for p in pairs]
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        loss, tokens = nll_sum(model, sft_batch(enc, tokenizer.pad_token_id), cpu)
+        logp, lengths = candidate_logprobs(model, enc, tokenizer.pad_token_id, cpu)
+    assert tokens == int(lengths.sum()) == sum(len(ids) - s for ids, s in enc)
+    assert loss.item() == pytest.approx(-logp.sum().item(), rel=1e-5)
+    # Labelling the prompt too adds its tokens to the sum: the masking above is what removed them.
+    batch = sft_batch(enc, tokenizer.pad_token_id)
+    full = batch | {"labels": torch.where(batch["attention_mask"].bool(), batch["input_ids"], IGNORE)}
+    with torch.no_grad():
+        loss_all, tokens_all = nll_sum(model, full, cpu)
+    assert tokens_all == sum(len(ids) - 1 for ids, _ in enc) > tokens
+    assert loss_all.item() > loss.item()
+
+
+def test_sft_lowers_the_heldout_nll_of_the_responses(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(24))
+    held_file = write_jsonl(tmp_path / "held.jsonl", sft_rows(8, held_out=True))
+    held = read_sft_pairs(str(held_file))
+    before = heldout_nll(tiny_model_dir, held)
+    cfg = TrainConfig(epochs=2, lr=2e-3, queries_per_step=8, micro_batch_queries=4, warmup_ratio=0.0)
+    job = SFTJob(model_path=str(tiny_model_dir), data_path=str(data), output_dir=str(tmp_path / "out"),
+                 train=cfg, eval_path=str(held_file))
+    metrics = sft_loop_per_worker({"job": job.model_dump()})
+    after = heldout_nll(tmp_path / "out", held)
+    assert after < before - 1.0, (before, after)
+    assert metrics["eval_nll"] == pytest.approx(after, rel=1e-4)
+    assert metrics["step"] == 6 and metrics["pairs"] == 24
+    assert json.loads((tmp_path / "out" / "train_metrics.json").read_text())["epoch"] == 2
+
+
+def test_sft_takes_the_chosen_response_of_hh_layout_rows(tmp_path):
+    rows = [{"prompt": r["query"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in preference_rows(3)]
+    pairs = read_sft_pairs(str(write_jsonl(tmp_path / "rm_static.jsonl", rows)))
+    assert [(p.query, p.response) for p in pairs] == [(r["prompt"], r["chosen"]) for r in rows]
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"query": "\n\nHuman: hi\n\nAssistant:"}, "line 2: missing field 'response'"),
+        ({"query": "\n\nHuman: hi\n\nAssistant:", "response": "  "}, "line 2: field 'response' is empty"),
+        ({"query": "", "response": " Hello"}, "line 2: field 'query' is empty"),
+        ({"query": "q", "response": 3}, "line 2: field 'response' must be a string"),
+    ],
+)
+def test_malformed_sft_rows_are_named(tmp_path, row, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", [sft_rows(1)[0], row])
+    with pytest.raises(DataError, match=message) as err:
+        read_sft_pairs(str(path))
+    assert str(path) in str(err.value)
