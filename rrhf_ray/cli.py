@@ -206,6 +206,85 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stage_train(stage_cls: type, args: argparse.Namespace) -> object:
+    """The stage's TrainConfig: its own defaults (SFT / reward model) with the `key=value` overrides."""
+    items = [o.removeprefix("train.") for o in args.overrides]
+    data = {"data": args.data, "train": apply_overrides({}, items)}
+    return build(stage_cls, data, f"(train overrides {' '.join(args.overrides)})").train
+
+
+def _check_model_arg(model: str) -> None:
+    if not Path(model).exists() and model.startswith((".", "/")):
+        raise ConfigError(f"--model: directory not found: {model}")
+
+
+def _print_result(what: str, output: str, metrics: dict) -> None:
+    print(f"saved the {what} to {output}")
+    print("final epoch: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+
+
+def _cmd_sft(args: argparse.Namespace) -> int:
+    from rrhf_ray.config import SFTStageConfig
+    from rrhf_ray.sft import SFTJob, fit_sft, load_job_pairs, sft_loop_per_worker
+
+    train_cfg = _stage_train(SFTStageConfig, args)
+    _check_model_arg(args.model)
+    job = SFTJob(model_path=args.model, data_path=args.data, output_dir=args.output, train=train_cfg,
+                 eval_path=args.eval_data, trust_remote_code=args.trust_remote_code)
+    train_pairs, held = load_job_pairs(job)  # validates every row before anything starts
+    logger.info("read %d SFT pairs (%d held out) from %s", len(train_pairs), len(held), args.data)
+    if args.no_ray:
+        metrics = sft_loop_per_worker({"job": job.model_dump(mode="json")})
+    else:
+        import ray
+
+        ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=True)
+        metrics = fit_sft(job, name=Path(args.output).name)
+    _print_result("fine-tuned model", args.output, metrics)
+    return 0
+
+
+def _cmd_train_rm(args: argparse.Namespace) -> int:
+    from rrhf_ray.config import RewardModelStageConfig
+    from rrhf_ray.reward_model import (
+        RewardModelJob,
+        fit_reward_model,
+        load_job_pairs,
+        rm_loop_per_worker,
+    )
+
+    train_cfg = _stage_train(RewardModelStageConfig, args)
+    _check_model_arg(args.model)
+    job = RewardModelJob(model_path=args.model, data_path=args.data, output_dir=args.output, train=train_cfg,
+                         eval_path=args.eval_data, trust_remote_code=args.trust_remote_code)
+    if args.eval_fraction is not None:
+        job.eval_fraction = args.eval_fraction
+    train_pairs, held = load_job_pairs(job)  # validates every row before anything starts
+    logger.info("read %d preference pairs (%d held out) from %s", len(train_pairs), len(held), args.data)
+    if args.no_ray:
+        metrics = rm_loop_per_worker({"job": job.model_dump(mode="json")})
+    else:
+        import ray
+
+        ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=True)
+        metrics = fit_reward_model(job, name=Path(args.output).name)
+    _print_result("reward model", args.output, metrics)
+    return 0
+
+
+def _add_stage_parser(sub: argparse._SubParsersAction, name: str, help_: str, data_help: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_)
+    p.add_argument("--data", required=True, help=data_help)
+    p.add_argument("--model", required=True, help="HF model directory or hub id to start from")
+    p.add_argument("--output", required=True, help="directory for the trained HF model")
+    p.add_argument("--eval-data", default=None, help="held-out pairs, measured after each epoch")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    p.add_argument("--no-ray", action="store_true", help="train in this process, without Ray")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("overrides", nargs="*", help="train keys, e.g. epochs=1 lr=1e-4 num_workers=2")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rrhf-ray", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -249,6 +328,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="where a run stands: finished stages and per-round metrics")
     p.add_argument("output_dir")
     p.set_defaults(func=_cmd_status)
+
+    p = _add_stage_parser(sub, "sft", "fine-tune a causal LM on (query, response) pairs, prompt masked",
+                          "JSONL/Parquet {query, response}, or an HH-layout source (chosen responses)")
+    p.set_defaults(func=_cmd_sft)
+    p = _add_stage_parser(sub, "train-rm", "train a reward model on preference pairs (Bradley-Terry)",
+                          "JSONL/Parquet {query, chosen, rejected}, or an HH-layout source")
+    p.add_argument("--eval-fraction", type=float, default=None,
+                   help="without --eval-data: share of the pairs held out (default 0.05)")
+    p.set_defaults(func=_cmd_train_rm)
     return parser
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -237,6 +237,74 @@ class OutputConfig(_Section):
     )
 
 
+def _sft_train_defaults() -> TrainConfig:
+    # Alpaca-style SFT: 3 epochs, lr 2e-5, warm-up 3 % then cosine, 128 pairs a step.
+    return TrainConfig(epochs=3, lr=2e-5, queries_per_step=128, micro_batch_queries=4, max_length=512)
+
+
+def _reward_model_train_defaults() -> TrainConfig:
+    # InstructGPT-style reward model: one epoch (more overfits), lr 1e-5, 64 pairs a step.
+    return TrainConfig(epochs=1, lr=1e-5, queries_per_step=64, micro_batch_queries=4, max_length=512)
+
+
+class SFTStageConfig(_Section):
+    """Supervised fine-tuning of ρ before round 1 (`rrhf_ray.sft`); its output becomes ρ."""
+
+    data: str = Field(
+        description="Pairs JSONL/Parquet {query, response}, or an HH-layout source (rm-static, "
+        "hh-rlhf, reference JSONL, hub id, directory) whose best (chosen) responses are learned."
+    )
+    format: Literal["auto", "pairs", "rm-static", "hh-rlhf", "reference"] = Field(
+        "auto", description="Layout of `data`; auto = from the fields of the first row."
+    )
+    eval_data: str | None = Field(None, description="Held-out pairs; their response NLL is reported each epoch.")
+    eval_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Without eval_data: share of the pairs held out (seeded)."
+    )
+    train: TrainConfig = Field(
+        default_factory=_sft_train_defaults,
+        description="Optimiser and batching; queries_per_step counts (query, response) pairs. The "
+        "RRHF-only keys (rank_weight, length_penalty, sft_reduction, candidate_chunk_size) are unused.",
+    )
+    output_subdir: str = Field("sft", description="Directory under output.dir for the fine-tuned model.")
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _over_sft_defaults(cls, value: Any) -> Any:
+        # `sft.train.epochs=1` changes one key of the SFT defaults, not of TrainConfig's.
+        return {**_sft_train_defaults().model_dump(), **value} if isinstance(value, dict) else value
+
+
+class RewardModelStageConfig(_Section):
+    """Reward-model training before round 1 (`rrhf_ray.reward_model`); its output scores the rounds."""
+
+    data: str = Field(
+        description="Preference JSONL/Parquet {query, chosen, rejected}, or an HH-layout source "
+        "(rm-static, hh-rlhf, reference JSONL: best vs worst response)."
+    )
+    format: Literal["auto", "pairs", "rm-static", "hh-rlhf", "reference"] = Field(
+        "auto", description="Layout of `data`; auto = from the fields of the first row."
+    )
+    eval_data: str | None = Field(None, description="Held-out pairs; pairwise accuracy is reported each epoch.")
+    eval_fraction: float = Field(
+        0.05, ge=0.0, lt=1.0, description="Without eval_data: share of the pairs held out (seeded)."
+    )
+    base_model: str = Field(
+        "", description="Backbone (causal LM or encoder, hub id or directory); empty = model.name_or_path."
+    )
+    train: TrainConfig = Field(
+        default_factory=_reward_model_train_defaults,
+        description="Optimiser and batching; queries_per_step counts preference pairs, max_length the "
+        "query + response tokens (the query cut from the left). RRHF-only keys are unused.",
+    )
+    output_subdir: str = Field("reward_model", description="Directory under output.dir for the reward model.")
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _over_rm_defaults(cls, value: Any) -> Any:
+        return {**_reward_model_train_defaults().model_dump(), **value} if isinstance(value, dict) else value
+
+
 class RunConfig(_Section):
     """A whole RRHF run: `rounds` of sample → score → rank-train → refresh."""
 
@@ -249,6 +317,12 @@ class RunConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    sft: SFTStageConfig | None = Field(
+        None, description="If set, fine-tune model.name_or_path on these pairs first; RRHF starts from the result."
+    )
+    reward_model: RewardModelStageConfig | None = Field(
+        None, description="If set, train a reward model on these preference pairs first and score with it."
+    )
 
 
 # --------------------------------------------------------------------------- loading
