@@ -94,3 +94,23 @@ def test_malformed_sft_rows_are_named(tmp_path, row, message):
     with pytest.raises(DataError, match=message) as err:
         read_sft_pairs(str(path))
     assert str(path) in str(err.value)
+
+
+def test_sft_stage_trains_once_then_reuses_its_output(tiny_model_dir, tmp_path):
+    from rrhf_ray.config import RunConfig
+    from rrhf_ray.sft import run_sft_stage
+
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(8))
+    run = RunConfig.model_validate({
+        "model": {"name_or_path": str(tiny_model_dir)},
+        "sft": {"data": str(data), "eval_fraction": 0.25,
+                "train": {"epochs": 1, "queries_per_step": 3, "micro_batch_queries": 3}},
+    })
+    assert run.sft.train.lr == 2e-5 and run.sft.train.max_length == 512  # SFT defaults kept
+    out = run_sft_stage(run, tmp_path / "run")
+    assert out == tmp_path / "run" / "sft"
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert metrics["pairs"] == 6 and "eval_nll" in metrics  # 2 of 8 held out
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert run_sft_stage(run, tmp_path / "run") == out
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
