@@ -21,8 +21,8 @@ pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[2]
 
-# A quick variant of the embedded default: the random (not fine-tuned) tiny base, few queries.
-QUICK = ["rounds=1", "data.max_prompts=16", "data.max_eval_prompts=8", "train.epochs=1",
+# A quick variant of the embedded default: no SFT stage (a random tiny base), few queries.
+QUICK = ["sft=null", "rounds=1", "data.max_prompts=16", "data.max_eval_prompts=8", "train.epochs=1",
          "sampling.max_new_tokens=16", "eval.max_new_tokens=16", "eval.num_samples=2",
          "sampling.chunk_prompts=8"]
 
