@@ -68,7 +68,7 @@ def test_killed_driver_resumes_without_redoing_finished_stages(ray_cluster, tmp_
 
     # Asking the finished run for one more round continues from its last round.
     first_train = after["round1/train"]["finished"]
-    rows = run(load_config(DEMO_CONFIG, [*overrides[1:], "rounds=2"]))
+    rows = run(load_config(DEMO_CONFIG, [*overrides, "rounds=2"]))  # the last key=value wins
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert stages(out)["round1/train"]["finished"] == first_train
 
