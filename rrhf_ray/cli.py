@@ -11,7 +11,14 @@ import logging
 import sys
 from pathlib import Path
 
-from rrhf_ray.config import ConfigError, TrainConfig, apply_overrides, build, dump_config, load_config
+from rrhf_ray.config import (
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    build,
+    dump_config,
+    load_config,
+)
 from rrhf_ray.pool import DataError
 
 logger = logging.getLogger("rrhf_ray")

@@ -82,7 +82,7 @@ class VLLMEngine:
             n=config.n,
             temperature=config.temperature,
             top_p=config.top_p,
-            top_k=config.top_k if config.top_k > 0 else 0,  # vLLM: 0 or -1 = off
+            top_k=max(0, config.top_k),  # vLLM: 0 or -1 = off
             max_tokens=config.max_new_tokens,
             stop=list(config.stop) or None,
             seed=seed,

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -74,14 +75,9 @@ def _row_error(path: Path, row: int, err: ValidationError | ValueError, what: st
     return DataError(f"{path} {what} {row}: {detail}")
 
 
-def read_groups(path: str | Path) -> list[QueryGroup]:
-    """Read and validate every group of a reference-format JSONL or a Parquet pool file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    if path.suffix == ".parquet":
-        return _read_parquet(path)
-    groups = []
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line; a line that is not a JSON object is a
+    DataError naming the file and the line."""
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -92,10 +88,22 @@ def read_groups(path: str | Path) -> list[QueryGroup]:
                 raise DataError(f"{path} line {lineno}: not valid JSON ({err.msg})") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{path} line {lineno}: expected a JSON object")
-            try:
-                groups.append(QueryGroup.model_validate(obj))
-            except ValidationError as err:
-                raise _row_error(path, lineno, err) from None
+            yield lineno, obj
+
+
+def read_groups(path: str | Path) -> list[QueryGroup]:
+    """Read and validate every group of a reference-format JSONL or a Parquet pool file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    if path.suffix == ".parquet":
+        return _read_parquet(path)
+    groups = []
+    for lineno, obj in iter_jsonl(path):
+        try:
+            groups.append(QueryGroup.model_validate(obj))
+        except ValidationError as err:
+            raise _row_error(path, lineno, err) from None
     if not groups:
         raise DataError(f"{path} holds no query groups")
     return groups

@@ -26,14 +26,13 @@ the ranking loss as a pair with itself, and the fine-tuning term would count it 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from rrhf_ray.pool import DataError, QueryGroup
+from rrhf_ray.pool import DataError, QueryGroup, iter_jsonl
 from rrhf_ray.sampling import Candidate
 
 CandidateSource = Sequence[Sequence[Candidate]] | Mapping[str, Sequence[Candidate]]
@@ -109,23 +108,15 @@ def read_external(path: str | Path) -> dict[str, list[Candidate]]:
     if not path.is_file():
         raise DataError(f"external responses file not found: {path}")
     out: dict[str, list[Candidate]] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path} line {lineno}: not valid JSON ({err.msg})") from None
-            query, responses, source = (obj.get(k) if isinstance(obj, dict) else None
-                                        for k in ("query", "responses", "source"))
-            if not isinstance(query, str) or not query.strip():
-                raise DataError(f"{path} line {lineno}: query: missing or not a non-empty string")
-            if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
-                raise DataError(f"{path} line {lineno}: responses: expected a list of strings")
-            if not isinstance(source, str) or not source.strip():
-                raise DataError(f"{path} line {lineno}: source: missing or not a non-empty string")
-            out.setdefault(query, []).extend(Candidate(text=r, source=source) for r in responses)
+    for lineno, obj in iter_jsonl(path):
+        query, responses, source = (obj.get(k) for k in ("query", "responses", "source"))
+        if not isinstance(query, str) or not query.strip():
+            raise DataError(f"{path} line {lineno}: query: missing or not a non-empty string")
+        if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+            raise DataError(f"{path} line {lineno}: responses: expected a list of strings")
+        if not isinstance(source, str) or not source.strip():
+            raise DataError(f"{path} line {lineno}: source: missing or not a non-empty string")
+        out.setdefault(query, []).extend(Candidate(text=r, source=source) for r in responses)
     return out
 
 
