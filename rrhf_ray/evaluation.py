@@ -63,26 +63,9 @@ def win_rate(rewards: Sequence[float], baseline: Sequence[float]) -> float:
 @ray.remote(num_cpus=1)
 def perplexity_task(model_path: str, pairs: list[tuple[str, str]], max_length: int) -> float:
     """exp(mean NLL per response token) of the model at `model_path` on (query, response) pairs."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from rrhf_ray.sft import heldout_nll
 
-    from rrhf_ray.pool import QueryGroup
-    from rrhf_ray.training import candidate_logprobs, encode_group
-
-    tok = AutoTokenizer.from_pretrained(model_path)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device).eval()
-    total_logp, total_tokens = 0.0, 0
-    with torch.no_grad():
-        for s in range(0, len(pairs), 16):
-            cands = []
-            for query, response in pairs[s : s + 16]:
-                enc = encode_group(tok, QueryGroup(query=query, responses=[response], scores=[0.0]), max_length)
-                cands.append((enc.ids[0], enc.starts[0]))
-            logp, lengths = candidate_logprobs(model, cands, tok.pad_token_id, device)
-            total_logp += float(logp.sum())
-            total_tokens += int(lengths.sum())
-    return math.exp(-total_logp / max(total_tokens, 1))
+    return math.exp(heldout_nll(model_path, pairs, max_length))
 
 
 def evaluate(
