@@ -133,7 +133,7 @@ def base_model(config: RunConfig, out: Path, state: RunState) -> str:
         raise ConfigError("model.name_or_path is not set")
     if path in demo.BUILTIN_MODELS:
         path = path_stage(state, "base", lambda: demo.BUILTIN_MODELS[path](out / "base"))
-    if getattr(config, "sft", None) is not None:
+    if config.sft is not None:
         from rrhf_ray.sft import run_sft_stage
 
         with_base = config.model_copy(update={"model": config.model.model_copy(update={"name_or_path": path})})
@@ -143,7 +143,7 @@ def base_model(config: RunConfig, out: Path, state: RunState) -> str:
 
 def reward_config(config: RunConfig, out: Path, state: RunState):
     """The reward settings, pointing at the trained reward model when that stage is configured."""
-    if getattr(config, "reward_model", None) is None:
+    if config.reward_model is None:
         return config.reward
     from rrhf_ray.reward_model import run_reward_model_stage
 
