@@ -66,6 +66,7 @@ class VLLMEngine:
             tensor_parallel_size=config.tensor_parallel_size,
             max_model_len=config.max_model_len,
             trust_remote_code=trust_remote_code,
+            load_format="safetensors",  # never unpickle weights
         )
         if config.tensor_parallel_size > 1:
             # Inside a Ray actor that already holds tp GPUs: workers as local processes.

@@ -79,7 +79,10 @@ def evaluate(
     max_length: int,
 ) -> EvalResult:
     """Greedy and sampled replies of the sampler's current policy, scored; perplexity in parallel."""
-    ppl_ref = perplexity_task.remote(model_path, references, max_length) if references else None
+    # On a GPU cluster the policy's forward goes to a GPU (free while no trainer runs), not the head.
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    ppl_ref = (perplexity_task.options(num_gpus=gpus).remote(model_path, references, max_length)
+               if references else None)
     greedy_cfg = sampling.model_copy(update={"n": 1, "temperature": 0.0, "top_p": 1.0, "top_k": -1,
                                              "max_new_tokens": cfg.max_new_tokens})
     sampled_cfg = sampling.model_copy(update={"n": cfg.num_samples, "max_new_tokens": cfg.max_new_tokens,

@@ -82,7 +82,7 @@ class RewardScorer:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            model_path, dtype=getattr(torch, config.dtype)).to(self.device).eval()
+            model_path, dtype=getattr(torch, config.dtype), use_safetensors=True).to(self.device).eval()
         if self.model.config.num_labels != 1:
             raise DataError(f"reward model {model_path} has {self.model.config.num_labels} labels; "
                             "a reward model needs exactly one logit")

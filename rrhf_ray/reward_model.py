@@ -119,7 +119,7 @@ def load_reward_backbone(path: str, cfg: TrainConfig, trust_remote_code: bool, t
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=None
+        path, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
     )
     model.config.pad_token_id = tokenizer.pad_token_id
     return prepare_model(model, cfg, "SEQ_CLS")
@@ -229,7 +229,8 @@ def pairwise_accuracy(model_path: str | Path, pairs: Sequence[PreferencePair | t
     from transformers import AutoModelForSequenceClassification
 
     tokenizer = load_tokenizer(str(model_path), False, require_eos=False)
-    model = AutoModelForSequenceClassification.from_pretrained(model_path, dtype=torch.float32).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_path, dtype=torch.float32, use_safetensors=True).eval()
     device = next(model.parameters()).device
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else tokenizer.pad_token_id
     encoded = []

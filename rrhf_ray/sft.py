@@ -201,7 +201,9 @@ def heldout_nll(model_path: str | Path, pairs: Sequence[SFTPair | tuple[str, str
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(str(model_path), False)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True)
+    model = model.to(device).eval()
     device = next(model.parameters()).device
     encoded = [encode_pair(tokenizer, p if isinstance(p, SFTPair) else SFTPair(*p), max_length) for p in pairs]
     return _mean_nll(model, encoded, tokenizer.pad_token_id, device, batch_size)

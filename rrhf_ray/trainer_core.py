@@ -166,7 +166,7 @@ def load_causal_lm(path: str, cfg: TrainConfig, trust_remote_code: bool) -> torc
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=None
+        path, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
     )
     return prepare_model(model, cfg, "CAUSAL_LM")
 

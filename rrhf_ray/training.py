@@ -297,7 +297,7 @@ def ranking_metrics(model_path: str, groups: Sequence[QueryGroup], max_length: i
     from transformers import AutoModelForCausalLM
 
     tokenizer = _load_tokenizer(model_path, False)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True).eval()
     device = next(model.parameters()).device
     encoded = [encode_group(tokenizer, g, max_length) for g in groups]
     pairs = correct = 0
