@@ -106,7 +106,7 @@ def write_report(out: Path, rows: list[dict[str, Any]]) -> None:
         pts = [(x, r[key]) for x, r in zip(rounds, rows) if r.get(key) is not None]
         if pts:
             ax1.plot(*zip(*pts), marker="o", label=label)
-    ax1.set(xlabel="round", ylabel="reward", title="held-out reward")
+    ax1.set(xlabel="round", ylabel="reward", title="reward (greedy, sampled: held-out queries)")
     ax1.legend()
     ppl = [(x, r["perplexity"]) for x, r in zip(rounds, rows) if r.get("perplexity") is not None]
     if ppl:

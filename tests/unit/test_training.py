@@ -66,9 +66,14 @@ def test_padding_does_not_change_a_candidates_log_probability(tiny_model_dir, to
     assert lengths.tolist() == [len(ids) - s for ids, s in pairs]
 
 
-def gradients(model_dir, tokenizer, groups, split: list[int], chunk: int | None):
-    model = load(model_dir)
-    cfg = TrainConfig(queries_per_step=len(groups), candidate_chunk_size=chunk)
+def gradients(model_dir, tokenizer, groups, split: list[int], chunk: int | None, checkpointing: bool = False):
+    from rrhf_ray.training import _load_model
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(queries_per_step=len(groups), candidate_chunk_size=chunk,
+                      gradient_checkpointing=checkpointing)
+    model = _load_model(str(model_dir), cfg, False)
+    model.train()
     enc = [encode_group(tokenizer, g, 96) for g in groups]
     start = 0
     for size in split:
@@ -79,15 +84,18 @@ def gradients(model_dir, tokenizer, groups, split: list[int], chunk: int | None)
 
 
 def test_accumulation_and_chunking_give_the_same_gradient(tiny_model_dir, tokenizer):
-    """1 micro-batch of 8 queries = 8 micro-batches of 1 = 2 × 4 with candidates in chunks of 2."""
+    """1 micro-batch of 8 queries = 8 micro-batches of 1 = 2 × 4 with candidates in chunks of 2
+    = 1 × 8 with gradient checkpointing (activations recomputed in the backward)."""
     groups = [QueryGroup(**r) for r in ranked_rows(8)]
     one = gradients(tiny_model_dir, tokenizer, groups, [8], None)
     eight = gradients(tiny_model_dir, tokenizer, groups, [1] * 8, None)
     chunked = gradients(tiny_model_dir, tokenizer, groups, [4, 4], 2)
+    recomputed = gradients(tiny_model_dir, tokenizer, groups, [8], None, checkpointing=True)
     for name, g in one.items():
         assert g.abs().max() > 0, name
         torch.testing.assert_close(eight[name], g, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(chunked[name], g, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(recomputed[name], g, rtol=1e-4, atol=1e-6)
 
 
 def test_plan_steps_covers_every_group_once():
