@@ -1,10 +1,11 @@
 """RRHF training throughput: our batched trainer against the reference code's way.
 
-Baseline ("reference"): one query per optimizer step; its k candidates padded to the longest and
-run as one batch (GanjinZero/RRHF train.py with its 1-query-per-device limit).
-Ours: `micro_batch_queries` queries (all their candidates) per forward, `queries_per_step`
-queries per optimizer step. Same model, same data, same epoch, one process, in one run.
-Prints response tokens/s of each and the ratio.
+Baseline ("reference"): a plain loop written here, the reference code's way (GanjinZero/RRHF
+train.py with its 1-query-per-device limit): one query per optimizer step, its k candidates
+padded to the longest and run as one batch, AdamW step after each query.
+Ours: the project's trainer (`train_loop_per_worker`), `micro_batch_queries` queries (all their
+candidates) per forward, `queries_per_step` queries per optimizer step. Same model, same data,
+one epoch, one process, in one run. Prints response tokens/s of each and the ratio.
 
     .venv/bin/python benchmarks/train_step.py [--queries 64] [--hidden 512] [--layers 4]
 """
@@ -41,7 +42,33 @@ def make_pool(path: Path, n: int, k: int, seed: int) -> Path:
     return path
 
 
-def run(model: Path, data: Path, out: Path, **train) -> float:
+def reference_loop(model_dir: Path, data: Path, max_length: int = 192) -> tuple[float, float, float]:
+    """One query per step, k candidates padded into one batch: (tokens/s, tokens, wall s)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rrhf_ray.loss import rrhf_loss
+    from rrhf_ray.pool import read_groups
+    from rrhf_ray.training import candidate_logprobs, encode_group
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
+    groups = [encode_group(tok, g, max_length) for g in read_groups(data)]
+    start, tokens = time.perf_counter(), 0
+    for g in groups:
+        logp, lengths = candidate_logprobs(model, list(zip(g.ids, g.starts)), tok.pad_token_id,
+                                           torch.device("cpu"))
+        out = rrhf_loss(logp[None], lengths[None], torch.tensor([g.rewards]))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += int(lengths.sum())
+    wall = time.perf_counter() - start
+    return tokens / wall, float(tokens), wall
+
+
+def run(model: Path, data: Path, out: Path, **train) -> tuple[float, float, float]:
     cfg = TrainConfig(epochs=1, lr=1e-5, warmup_ratio=0.0, log_every=10_000, max_length=192, **train)
     job = TrainJob(model_path=str(model), data_paths=[str(data)], output_dir=str(out), train=cfg)
     start = time.perf_counter()
@@ -69,14 +96,15 @@ def main() -> None:
                                  num_heads=args.hidden // 64)
         data = make_pool(tmp / "pool.jsonl", args.queries, args.k, seed=0)
         rows = [
-            ("reference: 1 query/step, k padded", dict(queries_per_step=1, micro_batch_queries=1)),
+            (f"rrhf-ray: 1 query/forward, {args.micro_batch}/step",
+             dict(queries_per_step=args.micro_batch, micro_batch_queries=1)),
             (f"rrhf-ray: {args.micro_batch} queries/forward",
              dict(queries_per_step=args.micro_batch, micro_batch_queries=args.micro_batch)),
             (f"rrhf-ray: {args.micro_batch} q/forward, chunks of {args.k}",
              dict(queries_per_step=args.micro_batch, micro_batch_queries=args.micro_batch,
                   candidate_chunk_size=args.k)),
         ]
-        results = []
+        results = [("reference: 1 query/step, k padded", *reference_loop(model, data))]
         for name, kw in rows:
             tps, tokens, wall = run(model, data, tmp / "out", **kw)
             results.append((name, tps, tokens, wall))
