@@ -98,6 +98,8 @@ def main() -> None:
         rows = [
             (f"rrhf-ray: 1 query/forward, {args.micro_batch}/step",
              dict(queries_per_step=args.micro_batch, micro_batch_queries=1)),
+            (f"rrhf-ray: 2 queries/forward, {args.micro_batch}/step (length-sorted)",
+             dict(queries_per_step=args.micro_batch, micro_batch_queries=2)),
             (f"rrhf-ray: {args.micro_batch} queries/forward",
              dict(queries_per_step=args.micro_batch, micro_batch_queries=args.micro_batch)),
             (f"rrhf-ray: {args.micro_batch} q/forward, chunks of {args.k}",
@@ -112,9 +114,9 @@ def main() -> None:
     base = results[0][1]
     print(f"\nRRHF train step, {args.queries} queries × k={args.k}, Llama hidden {args.hidden} × "
           f"{args.layers} layers, fp32, {torch.get_num_threads()} threads, 1 epoch")
-    print(f"{'trainer':<44} {'resp tok/s':>10} {'tokens':>8} {'wall s':>7} {'× ref':>6}")
+    print(f"{'trainer':<52} {'resp tok/s':>10} {'tokens':>8} {'wall s':>7} {'× ref':>6}")
     for name, tps, tokens, wall in results:
-        print(f"{name:<44} {tps:>10.0f} {tokens:>8.0f} {wall:>7.1f} {tps / base:>6.2f}")
+        print(f"{name:<52} {tps:>10.0f} {tokens:>8.0f} {wall:>7.1f} {tps / base:>6.2f}")
 
 
 if __name__ == "__main__":

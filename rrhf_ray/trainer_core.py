@@ -91,7 +91,10 @@ class Recipe:
     - `step_weight(indices)`: the denominator of the step's mean loss (default: the number of
       examples; SFT: their response tokens);
     - `new_meter()`: a fresh meter per epoch, `log_line(summary)` its one-line progress;
-    - `evaluate(model)`: optional held-out metrics at each epoch's end (all ranks call it).
+    - `evaluate(model)`: optional held-out metrics at each epoch's end (all ranks call it);
+    - `example_length(i)`: optional padded width of example i. Within each optimizer step the
+      examples are then ordered by it before they are dealt to workers and micro-batches, so a
+      micro-batch pads to similar lengths; the step's gradient (a sum) is the same in any order.
     """
 
     name: str
@@ -101,6 +104,7 @@ class Recipe:
     log_line: Callable[[dict[str, float]], str]
     step_weight: Callable[[Sequence[int]], float] = len
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None
+    example_length: Callable[[int], int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -314,6 +318,8 @@ def run_worker(
     for epoch in range(start_epoch, cfg.epochs):
         meter = recipe.new_meter()
         for step in plan_steps(recipe.num_examples, cfg.queries_per_step, world, cfg.seed + epoch):
+            if recipe.example_length is not None:
+                step = sorted(step, key=recipe.example_length, reverse=True)
             mine = step[rank::world]
             micro = [mine[i : i + cfg.micro_batch_queries] for i in range(0, len(mine), cfg.micro_batch_queries)]
             scale = world / recipe.step_weight(step)

@@ -265,7 +265,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
                 no_sync=mb.no_sync, sync_last=mb.sync_last, autocast=mb.autocast,
             )
 
-        return Recipe("RRHF", len(encoded), micro_batch, _EpochMeter, _log_line)
+        return Recipe("RRHF", len(encoded), micro_batch, _EpochMeter, _log_line,
+                      example_length=lambda i: max(len(ids) for ids in encoded[i].ids))
 
     def load(path: str, cfg: TrainConfig, trust_remote_code: bool, tokenizer: Any) -> torch.nn.Module:
         return _load_model(path, cfg, trust_remote_code)
