@@ -16,7 +16,7 @@ import ray
 
 from rrhf_ray.config import EvalConfig, SamplingConfig
 from rrhf_ray.reward import RewardPool
-from rrhf_ray.sampling import Candidate, SamplerPool
+from rrhf_ray.sampling import Candidate, SamplerPool, get_samples
 from rrhf_ray.sources import CandidateGroup
 
 
@@ -87,8 +87,8 @@ def evaluate(
                                              "max_new_tokens": cfg.max_new_tokens})
     sampled_cfg = sampling.model_copy(update={"n": cfg.num_samples, "max_new_tokens": cfg.max_new_tokens,
                                               "seed": sampling.seed + 10_000})
-    greedy = ray.get(sampler.sample(queries, greedy_cfg, progress=False))
-    sampled = ray.get(sampler.sample(queries, sampled_cfg, progress=False))
+    greedy = get_samples(sampler, queries, greedy_cfg, progress=False)
+    sampled = get_samples(sampler, queries, sampled_cfg, progress=False)
     scored = ray.get(rewards.score(
         [_group(q, c) for q, c in zip(queries, greedy)] + [_group(q, c) for q, c in zip(queries, sampled)],
         progress=False,

@@ -16,6 +16,7 @@ pool would silently train on the wrong policy's candidates.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -28,6 +29,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rrhf_ray.config import SamplingConfig
 from rrhf_ray.engine import Completion, VLLMEngine
+
+logger = logging.getLogger(__name__)
 
 # Two requests queued per replica keep it busy while the coordinator receives the last result.
 _IN_FLIGHT_PER_WORKER = 2
@@ -180,6 +183,7 @@ class SamplerPool:
         self.config = config
         self.tag = tag
         self.version = version
+        self.weights = str(model_path)  # what every replica should serve: reloaded by `get_samples`
         use_gpu = config.use_gpu
         if use_gpu is None:
             use_gpu = ray.cluster_resources().get("GPU", 0) > 0
@@ -206,6 +210,7 @@ class SamplerPool:
     def load_weights(self, checkpoint_dir: str, version: int) -> list[ray.ObjectRef]:
         """Refresh every replica in place to the checkpoint of round `version`."""
         self.version = version
+        self.weights = str(checkpoint_dir)
         return [r.load_weights.remote(str(checkpoint_dir), version) for r in self.replicas]
 
     def sample(self, prompts: Sequence[str], config: SamplingConfig | None = None, *,
@@ -228,3 +233,16 @@ class SamplerPool:
             ray.kill(r)
         for pg in self._groups:
             remove_placement_group(pg)
+
+
+def get_samples(pool: SamplerPool, prompts: Sequence[str], config: SamplingConfig | None = None,
+                **kwargs: Any) -> list[list[Candidate]]:
+    """`ray.get(pool.sample(...))` for the driver. A replica that Ray restarted after a crash comes
+    back serving the weights it was built with, and the pool refuses to sample with mixed
+    versions; here every replica reloads the pool's current weights once and the call is retried."""
+    try:
+        return ray.get(pool.sample(prompts, config, **kwargs))
+    except MixedVersionsError as err:
+        logger.warning("%s; reloading %s on every replica and retrying", err, pool.weights)
+        ray.get(pool.load_weights(pool.weights, pool.version))
+        return ray.get(pool.sample(prompts, config, **kwargs))

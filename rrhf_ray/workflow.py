@@ -25,6 +25,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -157,15 +158,14 @@ def reward_config(config: RunConfig, out: Path, state: RunState):
 def sample_stage(pools: dict, preset, records, queries: list[str], sampling: SamplingConfig,
                  path: Path) -> dict:
     """k candidates per query from the preset's sources, duplicates merged, written unscored."""
-    import ray
-
     from rrhf_ray.pool import write_groups
+    from rrhf_ray.sampling import get_samples
     from rrhf_ray.sources import combine, dataset_candidates, read_external
 
     sources: list = []
     if preset.policy is not None:
         cfg = sampling.model_copy(update={"use_beam_search": preset.beam})
-        sources.append(ray.get(pools[preset.policy].sample(queries, cfg)))
+        sources.append(get_samples(pools[preset.policy], queries, cfg))
     if preset.dataset:
         sources.append([dataset_candidates(r) for r in records])
     for ext in sampling.external:
@@ -247,9 +247,7 @@ def run(config: RunConfig) -> list[dict]:
     last = max([r for r in range(1, config.rounds + 1) if state.done(f"round{r}/train", checkpoint(r))],
                default=0)
     current_path = str(checkpoint(last)) if last else rho
-    pools = {"current": SamplerPool(current_path, config.sampling, tag="policy")}
-    if last:
-        ray.get(pools["current"].load_weights(current_path, last))  # version bookkeeping, same weights
+    pools = {"current": SamplerPool(current_path, config.sampling, tag="policy", version=last)}
     if preset.policy == "initial":
         pools["initial"] = SamplerPool(rho, config.sampling, tag="initial")
     rewards = RewardPool(reward_cfg)
@@ -259,7 +257,7 @@ def run(config: RunConfig) -> list[dict]:
         round0_dir.mkdir(parents=True, exist_ok=True)
         if last == 0:
             timed_stage(state, "round0/eval", [round0_dir / "eval.jsonl"],
-                        lambda: eval_stage(pools, rewards, eval_queries, references, rho, config, None, round0_dir))
+                        partial(eval_stage, pools, rewards, eval_queries, references, rho, config, None, round0_dir))
         round0 = [json.loads(line)["greedy_reward"] for line in (round0_dir / "eval.jsonl").open()]
 
         for r in range(1, config.rounds + 1):
@@ -268,19 +266,19 @@ def run(config: RunConfig) -> list[dict]:
             logger.info("── round %d/%d ──", r, config.rounds)
             start_model = str(checkpoint(r - 1)) if r > 1 else rho
             timed_stage(state, f"round{r}/sample", [rd / "candidates.jsonl"],
-                        lambda: sample_stage(pools, preset, data.train, queries, config.sampling,
-                                             rd / "candidates.jsonl"))
+                        partial(sample_stage, pools, preset, data.train, queries, config.sampling,
+                                rd / "candidates.jsonl"))
             timed_stage(state, f"round{r}/score", [rd / "pool.parquet", rd / "pool.jsonl"],
-                        lambda: score_stage(rewards, rd / "candidates.jsonl", rd))
+                        partial(score_stage, rewards, rd / "candidates.jsonl", rd))
             timed_stage(state, f"round{r}/train", [checkpoint(r)],
-                        lambda: train_stage(config, start_model, rd / "pool.parquet", checkpoint(r), r, out))
+                        partial(train_stage, config, start_model, rd / "pool.parquet", checkpoint(r), r, out))
             if pools["current"].version < r:  # refresh ρ* in place: no engine restart
                 t = time.perf_counter()
                 ray.get(pools["current"].load_weights(str(checkpoint(r)), r))
                 logger.info("samplers now serve round %d's policy (%.2f s)", r, time.perf_counter() - t)
             timed_stage(state, f"round{r}/eval", [rd / "eval.jsonl"],
-                        lambda: eval_stage(pools, rewards, eval_queries, references, str(checkpoint(r)),
-                                           config, round0, rd))
+                        partial(eval_stage, pools, rewards, eval_queries, references, str(checkpoint(r)),
+                                config, round0, rd))
             write_metrics(out, state.data["stages"], r)
     finally:
         for pool in pools.values():

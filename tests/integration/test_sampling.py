@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from rrhf_ray.config import SamplingConfig
-from rrhf_ray.sampling import MixedVersionsError, SamplerPool, query_seed
+from rrhf_ray.sampling import MixedVersionsError, SamplerPool, get_samples, query_seed
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 
@@ -107,6 +107,25 @@ def test_mixed_versions_are_refused(ray_cluster, pool, tiny_model_dir: Path) -> 
     ray_cluster.get(pool.load_weights(str(tiny_model_dir), 2))
     groups = ray_cluster.get(pool.sample(PROMPTS[:1]))
     assert groups[0][0].source == "policy@2"
+
+
+def test_a_restarted_replica_is_reloaded_with_the_current_weights(ray_cluster, pool, tiny_model_dir: Path) -> None:
+    """Ray restarts a crashed replica with the weights it was built with (version 0); the pool
+    refuses that mix, and `get_samples` reloads the pool's current weights and goes on."""
+    ray_cluster.get(pool.load_weights(str(tiny_model_dir), 3))
+    ray_cluster.kill(pool.replicas[0], no_restart=False)
+    deadline = time.monotonic() + 120
+    while True:  # wait for the restarted engine
+        try:
+            if ray_cluster.get(pool.replicas[0].served_version.remote(), timeout=10) == 0:
+                break
+        except (ray_cluster.exceptions.RayActorError, ray_cluster.exceptions.GetTimeoutError):
+            pass
+        assert time.monotonic() < deadline, "the replica did not come back"
+        time.sleep(1)
+    groups = get_samples(pool, PROMPTS[:2])
+    assert all(c.source == "policy@3" for g in groups for c in g)
+    assert ray_cluster.get(pool.versions()) == [3, 3]
 
 
 def test_a_replica_dying_mid_batch_loses_no_query(ray_cluster, pool) -> None:
