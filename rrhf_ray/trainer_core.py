@@ -340,7 +340,8 @@ def run_worker(
                     "epoch %d step %d/%d %s lr %.2e", epoch + 1, global_step, total_steps,
                     recipe.log_line(meter.summary()), scheduler.get_last_lr()[0],
                 )
-        metrics = {"epoch": float(epoch + 1), "step": float(global_step), **meter.summary()}
+        metrics = {"epoch": float(epoch + 1), "step": float(global_step),
+                   "resumed_at_epoch": float(start_epoch), **meter.summary()}
         if recipe.evaluate is not None:
             ddp_model.eval()
             with torch.no_grad(), autocast_ctx():
