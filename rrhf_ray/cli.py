@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rrhf_ray.config import (
     ConfigError,
@@ -41,22 +43,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from rrhf_ray.training import TrainJob, fit, train_loop_per_worker
 
     train_cfg = _train_overrides(args.overrides)
-    if not Path(args.model).exists() and args.model.startswith((".", "/")):
-        raise ConfigError(f"--model: directory not found: {args.model}")
+    _check_model_arg(args.model)
     groups = read_groups(args.data)  # validates every line before anything starts
     logger.info("read %d query groups (%d candidates) from %s",
                 len(groups), sum(g.k for g in groups), args.data)
     job = TrainJob(model_path=args.model, data_paths=[args.data], output_dir=args.output, train=train_cfg,
                    trust_remote_code=args.trust_remote_code)
-    if args.no_ray:
-        metrics = train_loop_per_worker({"job": job.model_dump(mode="json")})
-    else:
-        import ray
-
-        ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=True)
-        metrics = fit(job, name=Path(args.output).name)
-    print(f"saved the trained model to {args.output}")
-    print("final epoch: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+    _print_result("trained model", args.output, _train(args, job, train_loop_per_worker, fit))
     return 0
 
 
@@ -225,6 +218,16 @@ def _check_model_arg(model: str) -> None:
         raise ConfigError(f"--model: directory not found: {model}")
 
 
+def _train(args: argparse.Namespace, job: Any, loop: Callable, fit: Callable) -> dict:
+    """`loop` in this process (--no-ray), else `fit` under Ray Train on the joined cluster."""
+    if args.no_ray:
+        return loop({"job": job.model_dump(mode="json")})
+    import ray
+
+    ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=True)
+    return fit(job, name=Path(args.output).name)
+
+
 def _print_result(what: str, output: str, metrics: dict) -> None:
     print(f"saved the {what} to {output}")
     print("final epoch: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
@@ -240,14 +243,7 @@ def _cmd_sft(args: argparse.Namespace) -> int:
                  eval_path=args.eval_data, trust_remote_code=args.trust_remote_code)
     train_pairs, held = load_job_pairs(job)  # validates every row before anything starts
     logger.info("read %d SFT pairs (%d held out) from %s", len(train_pairs), len(held), args.data)
-    if args.no_ray:
-        metrics = sft_loop_per_worker({"job": job.model_dump(mode="json")})
-    else:
-        import ray
-
-        ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=True)
-        metrics = fit_sft(job, name=Path(args.output).name)
-    _print_result("fine-tuned model", args.output, metrics)
+    _print_result("fine-tuned model", args.output, _train(args, job, sft_loop_per_worker, fit_sft))
     return 0
 
 
@@ -268,14 +264,7 @@ def _cmd_train_rm(args: argparse.Namespace) -> int:
         job.eval_fraction = args.eval_fraction
     train_pairs, held = load_job_pairs(job)  # validates every row before anything starts
     logger.info("read %d preference pairs (%d held out) from %s", len(train_pairs), len(held), args.data)
-    if args.no_ray:
-        metrics = rm_loop_per_worker({"job": job.model_dump(mode="json")})
-    else:
-        import ray
-
-        ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=True)
-        metrics = fit_reward_model(job, name=Path(args.output).name)
-    _print_result("reward model", args.output, metrics)
+    _print_result("reward model", args.output, _train(args, job, rm_loop_per_worker, fit_reward_model))
     return 0
 
 
