@@ -175,6 +175,7 @@ def sft_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
             "SFT", len(encoded), micro_batch, _SFTMeter,
             lambda s: f"nll {s['loss']:.4f} {s['tokens_per_s']:.0f} tok/s",
             step_weight=step_weight, evaluate=evaluate if held else None,
+            example_length=lambda i: len(encoded[i][0]),
         )
 
     def load(path: str, cfg: TrainConfig, trust_remote_code: bool, tokenizer: Any) -> torch.nn.Module:

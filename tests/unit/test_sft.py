@@ -114,3 +114,24 @@ def test_sft_stage_trains_once_then_reuses_its_output(tiny_model_dir, tmp_path):
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     assert run_sft_stage(run, tmp_path / "run") == out
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_one_batch_equals_single_examples_in_gradient(tiny_model_dir, tokenizer):
+    """The SFT step's loss is Σ NLL / step tokens: a batch of 4 padded pairs gives the same
+    gradient as the 4 pairs one by one (so accumulation and DDP splits do not change a step)."""
+    pairs = [SFTPair(r["query"], r["response"]) for r in sft_rows(4)]
+    encoded = [encode_pair(tokenizer, p, 96) for p in pairs]
+    tokens = sum(len(ids) - start for ids, start in encoded)
+
+    def grads(batches):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        for batch in batches:
+            loss, _ = nll_sum(model, sft_batch(batch, tokenizer.pad_token_id), torch.device("cpu"))
+            (loss / tokens).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    together = grads([encoded])
+    alone = grads([[e] for e in encoded])
+    for name, g in together.items():
+        torch.testing.assert_close(alone[name], g, rtol=1e-4, atol=1e-6)
