@@ -22,6 +22,7 @@ from rrhf_ray.config import (
     load_config,
 )
 from rrhf_ray.pool import DataError
+from rrhf_ray.workflow import local_path, with_absolute_paths
 
 logger = logging.getLogger("rrhf_ray")
 
@@ -105,7 +106,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from rrhf_ray.sampling import SamplerPool
     from rrhf_ray.sources import combine, dataset_candidates, get_preset, read_external
 
-    config = load_config(args.config, args.overrides)
+    config = with_absolute_paths(load_config(args.config, args.overrides))
     preset = get_preset(config.sampling.preset)
     if preset.policy is not None and not config.model.name_or_path:
         raise ConfigError(f"model.name_or_path is required to sample with preset {preset.name}")
@@ -139,7 +140,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from rrhf_ray.reward import RewardError, RewardPool
     from rrhf_ray.sources import CandidateGroup
 
-    config = load_config(args.config, args.overrides)
+    config = with_absolute_paths(load_config(args.config, args.overrides))
     groups = [CandidateGroup.from_group(g) for g in read_groups(args.pool)]
     _connect(config)
     pool = RewardPool(config.reward)
@@ -338,6 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Ray Train workers do not run in this directory: hand them absolute paths.
+    for name in ("model", "data", "eval_data", "pool"):
+        if getattr(args, name, None):
+            setattr(args, name, local_path(getattr(args, name)))
+    for name in ("output", "out"):
+        if getattr(args, name, None):
+            setattr(args, name, str(Path(getattr(args, name)).resolve()))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

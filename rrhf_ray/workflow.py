@@ -99,6 +99,35 @@ def timed_stage(state: RunState, stage: str, outputs: list[Path], work: Callable
 # --------------------------------------------------------------------------- set-up
 
 
+def local_path(value: str | None) -> str | None:
+    """An existing local path made absolute (Ray actors and Ray Train workers do not share the
+    driver's working directory); hub ids, `builtin:` names and URIs unchanged."""
+    if value and "://" not in value and not value.startswith("builtin:") and Path(value).exists():
+        return str(Path(value).resolve())
+    return value
+
+
+def with_absolute_paths(config: RunConfig) -> RunConfig:
+    """The config with every local input path absolute, and output.dir absolute."""
+    update: dict[str, Any] = {
+        "model": config.model.model_copy(update={
+            "name_or_path": local_path(config.model.name_or_path),
+            "tokenizer": local_path(config.model.tokenizer)}),
+        "data": config.data.model_copy(update={"source": local_path(config.data.source)}),
+        "reward": config.reward.model_copy(update={"model": local_path(config.reward.model)}),
+        "sampling": config.sampling.model_copy(update={
+            "external": [local_path(p) for p in config.sampling.external]}),
+        "output": config.output.model_copy(update={"dir": str(Path(config.output.dir).resolve())}),
+    }
+    if config.sft is not None:
+        update["sft"] = config.sft.model_copy(update={
+            "data": local_path(config.sft.data), "eval_data": local_path(config.sft.eval_data)})
+    if config.reward_model is not None:
+        update["reward_model"] = config.reward_model.model_copy(update={
+            f: local_path(getattr(config.reward_model, f)) for f in ("data", "eval_data", "base_model")})
+    return config.model_copy(update=update)
+
+
 def connect_ray(config: RunConfig) -> None:
     """Join the configured cluster (`ray.address` or RAY_ADDRESS) or start a local one."""
     import ray
@@ -225,9 +254,9 @@ def run(config: RunConfig) -> list[dict]:
     from rrhf_ray.sampling import SamplerPool
     from rrhf_ray.sources import get_preset
 
+    state = RunState(Path(config.output.dir), config)  # the config as given: its fingerprint
+    config = with_absolute_paths(config)
     out = Path(config.output.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state = RunState(out, config)
     preset = get_preset(config.sampling.preset)  # a bad preset fails before Ray starts
     connect_ray(config)
     logger.info("output directory: %s", out.resolve())
