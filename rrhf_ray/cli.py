@@ -22,7 +22,7 @@ from rrhf_ray.config import (
     load_config,
 )
 from rrhf_ray.pool import DataError
-from rrhf_ray.workflow import local_path, with_absolute_paths
+from rrhf_ray.workflow import connect_ray, local_path, sample_stage, with_absolute_paths
 
 logger = logging.getLogger("rrhf_ray")
 
@@ -54,40 +54,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _connect(config) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=config.ray.address, num_cpus=config.ray.num_cpus, ignore_reinit_error=True)
-
-
 def _sample_queries(config) -> tuple[list[str], list[object]]:
-    """Training queries (and data-set records) via rrhf_ray.data, or a plain {"query"} JSONL."""
-    import importlib.util
+    """Training queries and their data-set records (`rrhf_ray.data`), every row validated."""
+    from rrhf_ray.data import load_data
 
-    if importlib.util.find_spec("rrhf_ray.data") is not None:
-        from rrhf_ray.data import load_data
+    tokenizer = None
+    if config.model.name_or_path:
+        from transformers import AutoTokenizer
 
-        tokenizer = None
-        if config.model.name_or_path:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.name_or_path)
-        records = load_data(config.data, tokenizer).train
-        return [r.query for r in records], list(records)
-    import json
-
-    path = Path(config.data.source)
-    if not path.is_file():
-        raise DataError(f"data.source: prompts file not found: {path}")
-    queries = []
-    for lineno, line in enumerate(path.open(encoding="utf-8"), start=1):
-        obj = json.loads(line) if line.strip() else None
-        if obj is not None and not (isinstance(obj, dict) and isinstance(obj.get("query"), str)):
-            raise DataError(f"{path} line {lineno}: query: missing or not a string")
-        if obj is not None:
-            queries.append(obj["query"])
-    return queries[: config.data.max_prompts], []
+        tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.name_or_path)
+    records = load_data(config.data, tokenizer).train
+    return [r.query for r in records], list(records)
 
 
 class _PathThenOverrides(argparse.Action):
@@ -100,11 +77,8 @@ class _PathThenOverrides(argparse.Action):
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    import ray
-
-    from rrhf_ray.pool import write_groups
     from rrhf_ray.sampling import SamplerPool
-    from rrhf_ray.sources import combine, dataset_candidates, get_preset, read_external
+    from rrhf_ray.sources import get_preset, read_external
 
     config = with_absolute_paths(load_config(args.config, args.overrides))
     preset = get_preset(config.sampling.preset)
@@ -112,23 +86,21 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError(f"model.name_or_path is required to sample with preset {preset.name}")
     queries, records = _sample_queries(config)  # every row validated before engines start
     external = [read_external(p) for p in config.sampling.external]
-    sources: list = []
+    pools = {}
     if preset.policy is not None:
-        _connect(config)
+        connect_ray(config)
         name = config.sampling.preset
         version = int(name.split("-")[1]) - 1 if name.startswith("IP-") else 0
-        sampling = config.sampling.model_copy(update={"use_beam_search": preset.beam
-                                                      or config.sampling.use_beam_search})
-        pool = SamplerPool(config.model.name_or_path, sampling, version=version,
-                           tag="policy" if preset.policy == "current" else "initial",
-                           trust_remote_code=config.model.trust_remote_code)
-        sources.append(ray.get(pool.sample(queries)))
-        pool.shutdown()
-    if preset.dataset and records:
-        sources.append([dataset_candidates(r) for r in records])
-    groups = combine(queries, sources + external)
-    write_groups([g.to_group() for g in groups], args.out)
-    print(f"wrote {len(groups)} queries, {sum(len(g.candidates) for g in groups)} candidates "
+        pools[preset.policy] = SamplerPool(
+            config.model.name_or_path, config.sampling, version=version,
+            tag="policy" if preset.policy == "current" else "initial",
+            trust_remote_code=config.model.trust_remote_code)
+    try:
+        info = sample_stage(pools, preset, records, queries, config.sampling, external, Path(args.out))
+    finally:
+        for pool in pools.values():
+            pool.shutdown()
+    print(f"wrote {info['groups']} queries, {info['candidates']} candidates "
           f"(preset {preset.name}, rewards 0.0 until `rrhf-ray score`) to {args.out}")
     return 0
 
@@ -142,7 +114,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
     config = with_absolute_paths(load_config(args.config, args.overrides))
     groups = [CandidateGroup.from_group(g) for g in read_groups(args.pool)]
-    _connect(config)
+    connect_ray(config)
     pool = RewardPool(config.reward)
     try:
         scored = ray.get(pool.score(groups))
@@ -269,16 +241,23 @@ def _cmd_train_rm(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_stage_parser(sub: argparse._SubParsersAction, name: str, help_: str, data_help: str) -> argparse.ArgumentParser:
+def _add_training_parser(sub: argparse._SubParsersAction, name: str, help_: str,
+                         data_help: str) -> argparse.ArgumentParser:
+    """The arguments `train`, `sft` and `train-rm` share."""
     p = sub.add_parser(name, help=help_)
     p.add_argument("--data", required=True, help=data_help)
     p.add_argument("--model", required=True, help="HF model directory or hub id to start from")
     p.add_argument("--output", required=True, help="directory for the trained HF model")
-    p.add_argument("--eval-data", default=None, help="held-out pairs, measured after each epoch")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     p.add_argument("--no-ray", action="store_true", help="train in this process, without Ray")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("overrides", nargs="*", help="train keys, e.g. epochs=1 lr=1e-4 num_workers=2")
+    return p
+
+
+def _add_stage_parser(sub: argparse._SubParsersAction, name: str, help_: str, data_help: str) -> argparse.ArgumentParser:
+    p = _add_training_parser(sub, name, help_, data_help)
+    p.add_argument("--eval-data", default=None, help="held-out pairs, measured after each epoch")
     return p
 
 
@@ -292,14 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted.key=value")
     p.set_defaults(func=_cmd_validate)
 
-    p = sub.add_parser("train", help="RRHF-train a model on a ranked file {query, responses, scores}")
-    p.add_argument("--data", required=True, help="reference-format JSONL or a Parquet pool")
-    p.add_argument("--model", required=True, help="HF model directory or hub id to start from")
-    p.add_argument("--output", required=True, help="directory for the trained HF model")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
-    p.add_argument("--no-ray", action="store_true", help="train in this process, without Ray")
-    p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("overrides", nargs="*", help="train keys, e.g. epochs=1 lr=1e-4 num_workers=2")
+    p = _add_training_parser(sub, "train", "RRHF-train a model on a ranked file {query, responses, scores}",
+                             "reference-format JSONL or a Parquet pool")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("sample", help="draw k candidates per training query (vLLM replicas + sources)")

@@ -185,21 +185,21 @@ def reward_config(config: RunConfig, out: Path, state: RunState):
 
 
 def sample_stage(pools: dict, preset, records, queries: list[str], sampling: SamplingConfig,
-                 path: Path) -> dict:
-    """k candidates per query from the preset's sources, duplicates merged, written unscored."""
+                 external: list[dict], path: Path) -> dict:
+    """k candidates per query from the preset's sources (the policy pool the preset names, the
+    data set's responses, `external` maps read by `read_external`), duplicates merged, written
+    unscored to `path`."""
     from rrhf_ray.pool import write_groups
     from rrhf_ray.sampling import get_samples
-    from rrhf_ray.sources import combine, dataset_candidates, read_external
+    from rrhf_ray.sources import combine, dataset_candidates
 
     sources: list = []
     if preset.policy is not None:
-        cfg = sampling.model_copy(update={"use_beam_search": preset.beam})
+        cfg = sampling.model_copy(update={"use_beam_search": preset.beam or sampling.use_beam_search})
         sources.append(get_samples(pools[preset.policy], queries, cfg))
-    if preset.dataset:
+    if preset.dataset and records:
         sources.append([dataset_candidates(r) for r in records])
-    for ext in sampling.external:
-        sources.append(read_external(ext))
-    groups = combine(queries, sources)
+    groups = combine(queries, sources + external)
     write_groups([g.to_group() for g in groups], path)
     return {"groups": len(groups), "candidates": sum(len(g.candidates) for g in groups)}
 
@@ -252,12 +252,13 @@ def run(config: RunConfig) -> list[dict]:
     from rrhf_ray.report import write_metrics, write_report
     from rrhf_ray.reward import RewardPool
     from rrhf_ray.sampling import SamplerPool
-    from rrhf_ray.sources import get_preset
+    from rrhf_ray.sources import get_preset, read_external
 
     state = RunState(Path(config.output.dir), config)  # the config as given: its fingerprint
     config = with_absolute_paths(config)
     out = Path(config.output.dir)
     preset = get_preset(config.sampling.preset)  # a bad preset fails before Ray starts
+    external = [read_external(p) for p in config.sampling.external]  # so does a bad file
     connect_ray(config)
     logger.info("output directory: %s", out.resolve())
 
@@ -296,7 +297,7 @@ def run(config: RunConfig) -> list[dict]:
             start_model = str(checkpoint(r - 1)) if r > 1 else rho
             timed_stage(state, f"round{r}/sample", [rd / "candidates.jsonl"],
                         partial(sample_stage, pools, preset, data.train, queries, config.sampling,
-                                rd / "candidates.jsonl"))
+                                external, rd / "candidates.jsonl"))
             timed_stage(state, f"round{r}/score", [rd / "pool.parquet", rd / "pool.jsonl"],
                         partial(score_stage, rewards, rd / "candidates.jsonl", rd))
             timed_stage(state, f"round{r}/train", [checkpoint(r)],
