@@ -2,7 +2,7 @@
 
 Both draw n candidates for the same prompts with the same lengths, temperature 1 and top-k off
 (HF applies top_k=50 unless told `top_k=0`), on the same bf16 Llama built locally with
-`rrhf_ray.tiny.build_tiny_llama` (default: hidden 512, 8 layers, 8 heads, ~30M parameters).
+`rrhf_ray.demo.tiny.build_tiny_llama` (default: hidden 512, 8 layers, 8 heads, ~30M parameters).
 Engine start-up is reported apart; the timed runs follow one warm-up each.
 
     .venv/bin/python benchmarks/sampling.py                 # eager engine
@@ -53,7 +53,7 @@ def pool_generate(model_dir: Path, prompts: list[str], args: argparse.Namespace)
     import ray
 
     from rrhf_ray.config import SamplingConfig
-    from rrhf_ray.sampling import SamplerPool, count_tokens
+    from rrhf_ray.actors.sampler import SamplerPool, count_tokens
 
     cpus = os.cpu_count() or 2
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="enforce_eager off (torch.compile)")
     args = parser.parse_args()
 
-    from rrhf_ray.tiny import DEFAULT_CORPUS, build_tiny_llama
+    from rrhf_ray.demo.tiny import DEFAULT_CORPUS, build_tiny_llama
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_tiny_llama(Path(tmp) / "llama", hidden_size=args.hidden,

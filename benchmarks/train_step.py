@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from rrhf_ray.config import TrainConfig
-from rrhf_ray.tiny import DEFAULT_CORPUS, build_tiny_llama
-from rrhf_ray.training import TrainJob, train_loop_per_worker
+from rrhf_ray.demo.tiny import DEFAULT_CORPUS, build_tiny_llama
+from rrhf_ray.train.rrhf import TrainJob, train_loop_per_worker
 
 WORDS = "please thank you sure step first then next carefully water heat mix wait check done".split()
 
@@ -47,8 +47,8 @@ def reference_loop(model_dir: Path, data: Path, max_length: int = 192) -> tuple[
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rrhf_ray.loss import rrhf_loss
-    from rrhf_ray.pool import read_groups
-    from rrhf_ray.training import candidate_logprobs, encode_group
+    from rrhf_ray.types import read_groups
+    from rrhf_ray.train.rrhf import candidate_logprobs, encode_group
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()

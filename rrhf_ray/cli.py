@@ -21,14 +21,32 @@ from rrhf_ray.config import (
     dump_config,
     load_config,
 )
-from rrhf_ray.pool import DataError
-from rrhf_ray.workflow import connect_ray, local_path, sample_stage, with_absolute_paths
+from rrhf_ray.types import DataError
+from rrhf_ray.workflow import (
+    build_pools,
+    connect_ray,
+    local_path,
+    sample_stage,
+    with_absolute_paths,
+)
 
 logger = logging.getLogger("rrhf_ray")
 
+DEFAULT_CONFIG = "builtin:demo"  # `rrhf-ray run` with no config: the embedded default
+
+
+def _load_run_config(args: argparse.Namespace) -> tuple[str, Any]:
+    """(the config's path, the validated RunConfig) of `run` / `validate`: CONFIG may be left
+    out (the embedded default), and `rrhf-ray run rounds=2` means overrides of the default."""
+    if args.config and "=" in args.config and not Path(args.config).exists():
+        args.overrides.insert(0, args.config)
+        args.config = None
+    path = _config_path(args.config)
+    return path, load_config(path, args.overrides)
+
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.overrides)
+    _, config = _load_run_config(args)
     print(dump_config(config), end="")
     return 0
 
@@ -40,8 +58,8 @@ def _train_overrides(overrides: list[str]) -> TrainConfig:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from rrhf_ray.pool import read_groups
-    from rrhf_ray.training import TrainJob, fit, train_loop_per_worker
+    from rrhf_ray.train.rrhf import TrainJob, fit, train_loop_per_worker
+    from rrhf_ray.types import read_groups
 
     train_cfg = _train_overrides(args.overrides)
     _check_model_arg(args.model)
@@ -55,8 +73,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _sample_queries(config) -> tuple[list[str], list[object]]:
-    """Training queries and their data-set records (`rrhf_ray.data`), every row validated."""
-    from rrhf_ray.data import load_data
+    """Training queries and their data-set records (`rrhf_ray.data.queries`), every row validated."""
+    from rrhf_ray.data.queries import load_data
 
     tokenizer = None
     if config.model.name_or_path:
@@ -77,24 +95,20 @@ class _PathThenOverrides(argparse.Action):
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from rrhf_ray.sampling import SamplerPool
-    from rrhf_ray.sources import get_preset, read_external
+    from rrhf_ray.data.candidates import get_preset, read_external
 
     config = with_absolute_paths(load_config(args.config, args.overrides))
     preset = get_preset(config.sampling.preset)
-    if preset.policy is not None and not config.model.name_or_path:
-        raise ConfigError(f"model.name_or_path is required to sample with preset {preset.name}")
     queries, records = _sample_queries(config)  # every row validated before engines start
     external = [read_external(p) for p in config.sampling.external]
     pools = {}
     if preset.policy is not None:
         connect_ray(config)
+        # IP-n samples from ρ* = round n−1's model: model.name_or_path is that checkpoint.
         name = config.sampling.preset
         version = int(name.split("-")[1]) - 1 if name.startswith("IP-") else 0
-        pools[preset.policy] = SamplerPool(
-            config.model.name_or_path, config.sampling, version=version,
-            tag="policy" if preset.policy == "current" else "initial",
-            trust_remote_code=config.model.trust_remote_code)
+        model = config.model.name_or_path
+        pools = build_pools(config, preset, model, model, version)
     try:
         info = sample_stage(pools, preset, records, queries, config.sampling, external, Path(args.out))
     finally:
@@ -108,9 +122,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _cmd_score(args: argparse.Namespace) -> int:
     import ray
 
-    from rrhf_ray.pool import read_groups, reward_stats, write_groups
-    from rrhf_ray.reward import RewardError, RewardPool
-    from rrhf_ray.sources import CandidateGroup
+    from rrhf_ray.actors.scorer import RewardError, RewardPool
+    from rrhf_ray.types import CandidateGroup, read_groups, reward_stats, write_groups
 
     config = with_absolute_paths(load_config(args.config, args.overrides))
     groups = [CandidateGroup.from_group(g) for g in read_groups(args.pool)]
@@ -123,8 +136,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         partial = out.with_name(f"{out.stem}.partial{out.suffix}")
         if err.scored:
             write_groups(err.scored, partial)
-        cause = getattr(err, "cause", err)
-        raise RewardError(f"{cause}; {len(err.scored)} scored groups written to {partial}",
+        raise RewardError(f"{err}; {len(err.scored)} scored groups written to {partial}",
                           err.scored) from None
     finally:
         pool.shutdown()
@@ -136,16 +148,25 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_path(config: str | None) -> str:
+    """A run config's path: the file named, a packaged ``builtin:<name>`` config, or (none
+    given) the embedded default."""
+    from rrhf_ray import registry
+
+    name = config or DEFAULT_CONFIG
+    if registry.is_builtin(name):
+        try:
+            return str(registry.lookup("config", name))
+        except registry.UnknownBuiltinError as err:
+            raise ConfigError(str(err)) from None
+    return name
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    from rrhf_ray.demo import DEMO_CONFIG
     from rrhf_ray.report import format_table
     from rrhf_ray.workflow import run
 
-    if args.config and "=" in args.config and not Path(args.config).exists():
-        args.overrides.insert(0, args.config)  # `rrhf-ray run rounds=2`: overrides of the default
-        args.config = None
-    path = args.config or str(DEMO_CONFIG)
-    config = load_config(path, args.overrides)  # every config error stops here, before Ray starts
+    path, config = _load_run_config(args)  # every config error stops here, before Ray starts
     logger.info("run config %s%s; outputs go to %s", path, " (the embedded default)" if not args.config else "",
                 Path(config.output.dir).resolve())
     rows = run(config)
@@ -208,7 +229,7 @@ def _print_result(what: str, output: str, metrics: dict) -> None:
 
 def _cmd_sft(args: argparse.Namespace) -> int:
     from rrhf_ray.config import SFTStageConfig
-    from rrhf_ray.sft import SFTJob, fit_sft, load_job_pairs, sft_loop_per_worker
+    from rrhf_ray.train.sft import SFTJob, fit_sft, load_job_pairs, sft_loop_per_worker
 
     train_cfg = _stage_train(SFTStageConfig, args)
     _check_model_arg(args.model)
@@ -222,7 +243,7 @@ def _cmd_sft(args: argparse.Namespace) -> int:
 
 def _cmd_train_rm(args: argparse.Namespace) -> int:
     from rrhf_ray.config import RewardModelStageConfig
-    from rrhf_ray.reward_model import (
+    from rrhf_ray.train.reward_model import (
         RewardModelJob,
         fit_reward_model,
         load_job_pairs,
@@ -267,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("validate", help="check a run config and print it resolved")
-    p.add_argument("config", help="YAML run config")
+    p.add_argument("config", nargs="?", default=None, help="YAML run config (default: the embedded demo)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value")
     p.set_defaults(func=_cmd_validate)
 

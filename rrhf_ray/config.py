@@ -4,7 +4,7 @@ A config comes from a YAML file plus `dotted.key=value` overrides from the comma
 Every model forbids unknown keys, so a typo is an error that names the key and the file
 instead of a setting silently ignored. Cross-field checks live in validators, once.
 
-This module imports nothing of the project (see DESIGN.md: the dependency arrows point here).
+This module imports nothing of the project: every other module depends on it, never the reverse.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ class ModelConfig(_Section):
     """The policy ρ that round 1 starts from."""
 
     name_or_path: str = Field(
-        "", description="HF hub id or local directory of an AutoModelForCausalLM (ρ)."
+        min_length=1,
+        description="HF hub id, local directory of an AutoModelForCausalLM (ρ), or builtin:<name>.",
     )
     tokenizer: str | None = Field(None, description="Tokenizer id or path; default: the model's.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -42,10 +43,10 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    """Where the queries (and the data set's own responses) come from (read by `rrhf_ray.data`)."""
+    """Where the queries (and the data set's own responses) come from (`rrhf_ray.data.queries`)."""
 
     source: str = Field(
-        "",
+        min_length=1,
         description="Data set: hub id (load_dataset), local .jsonl/.parquet file, a directory "
         "(data files, or one written by save_to_disk), or 'builtin:<name>'.",
     )
@@ -107,7 +108,7 @@ class SamplingConfig(_Section):
     )
     max_restarts: int = Field(1, ge=0, description="Ray restarts of a crashed replica.")
     preset: str = Field(
-        "IP", description="Candidate sources (RRHF.md table 1): BP, DP, D, P, or IP / IP-n."
+        "IP", description="Candidate sources (docs/algorithm.md, sampling policies): BP, DP, D, P, or IP / IP-n."
     )
     external: list[str] = Field(
         default_factory=list,
@@ -126,7 +127,9 @@ class RewardConfig(_Section):
 
     kind: Literal["model", "rule"] = "rule"
     model: str | None = Field(None, description="AutoModelForSequenceClassification path (kind=model).")
-    rule: str | None = Field(None, description="`package.module:function(queries, responses)` (kind=rule).")
+    rule: str | None = Field(
+        None, description="`package.module:function(queries, responses)` or builtin:<name> (kind=rule)."
+    )
     num_workers: int = Field(1, ge=1)
     batch_size: int = Field(16, ge=1)
     max_length: int = Field(512, ge=8)
@@ -161,7 +164,7 @@ class LoraConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """The RRHF update: loss settings (RRHF.md eq. 1-5) and the optimiser (paper §4.1)."""
+    """The RRHF update: loss settings (docs/algorithm.md, eq. 1-5) and the optimiser (paper §4.1)."""
 
     epochs: int = Field(3, ge=1, description="Epochs over the round's pool.")
     lr: float = Field(2e-5, gt=0.0, description="Peak learning rate of AdamW.")
@@ -220,7 +223,6 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     max_new_tokens: int = Field(128, ge=1)
     num_samples: int = Field(4, ge=1, description="Sampled continuations per held-out query.")
-    greedy: bool = True
 
 
 class RayConfig(_Section):
@@ -309,10 +311,10 @@ class RunConfig(_Section):
     """A whole RRHF run: `rounds` of sample → score → rank-train → refresh."""
 
     rounds: int = Field(3, ge=1)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig
+    data: DataConfig
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    reward: RewardConfig = Field(default_factory=lambda: RewardConfig(rule="rrhf_ray.demo:reward"))
+    reward: RewardConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -362,6 +364,8 @@ def _format_errors(err: ValidationError, origin: str) -> str:
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"  {loc}: unknown key")
+        elif e["type"] == "missing":
+            lines.append(f"  {loc}: required, not set")
         else:
             lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
     return f"invalid config {origin}:\n" + "\n".join(lines)

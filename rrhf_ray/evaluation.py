@@ -1,7 +1,7 @@
 """Evaluation of one round's policy on held-out queries (never trained on).
 
 - reward of greedy replies (mean / std), the paper's protocol; on small models greedy decoding
-  saturates early (RRHF.md), so the reward of sampled replies is reported beside it;
+  saturates early (docs/algorithm.md), so the reward of sampled replies is reported beside it;
 - perplexity of the policy on the data set's reference responses, where the data set has them;
 - win rate against round 0: per query, greedy reward above round 0's (ties count one half).
 """
@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import ray
 
+from rrhf_ray.actors.sampler import SamplerPool, get_samples
+from rrhf_ray.actors.scorer import RewardPool
 from rrhf_ray.config import EvalConfig, SamplingConfig
-from rrhf_ray.reward import RewardPool
-from rrhf_ray.sampling import Candidate, SamplerPool, get_samples
-from rrhf_ray.sources import CandidateGroup
+from rrhf_ray.types import Candidate, CandidateGroup
 
 
 @dataclass
@@ -63,7 +63,7 @@ def win_rate(rewards: Sequence[float], baseline: Sequence[float]) -> float:
 @ray.remote(num_cpus=1)
 def perplexity_task(model_path: str, pairs: list[tuple[str, str]], max_length: int) -> float:
     """exp(mean NLL per response token) of the model at `model_path` on (query, response) pairs."""
-    from rrhf_ray.sft import heldout_nll
+    from rrhf_ray.train.sft import heldout_nll
 
     return math.exp(heldout_nll(model_path, pairs, max_length))
 

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from rrhf_ray.types import atomic_write
 
 STAGES = ("sample", "score", "train", "eval")
 
@@ -44,12 +46,6 @@ def round_row(stages: dict[str, Any], r: int) -> dict[str, Any] | None:
     return row
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def rows_upto(stages: dict[str, Any], upto: int) -> list[dict[str, Any]]:
     return [row for r in range(upto + 1) if (row := round_row(stages, r)) is not None]
 
@@ -58,8 +54,8 @@ def write_metrics(out: Path, stages: dict[str, Any], upto: int) -> list[dict[str
     """Rebuild metrics.jsonl and each round's metrics.json from the state (idempotent on resume)."""
     rows = rows_upto(stages, upto)
     for row in rows:
-        _atomic_write(out / "rounds" / str(row["round"]) / "metrics.json", json.dumps(row, indent=2))
-    _atomic_write(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+        atomic_write(out / "rounds" / str(row["round"]) / "metrics.json", json.dumps(row, indent=2))
+    atomic_write(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     return rows
 
 
@@ -82,17 +78,17 @@ def write_report(out: Path, rows: list[dict[str, Any]]) -> None:
     """summary.md (the table and where things are) and report.png (reward and perplexity by round)."""
     summary = [
         "# RRHF run summary", "",
-        "Greedy reward: held-out queries, greedy replies (the paper's protocol). Sampled reward: "
+        ("Greedy reward: held-out queries, greedy replies (the paper's protocol). Sampled reward: "
         "the same queries, sampled replies: on small models greedy decoding saturates early, so "
-        "read both. Pool reward: mean reward of the round's training candidates.", "",
+        "read both. Pool reward: mean reward of the round's training candidates."), "",
         format_table(rows), "",
         "Seconds per stage: " + "; ".join(
             f"round {r['round']}: " + ", ".join(f"{s} {r[f'seconds_{s}']:.0f}" for s in STAGES)
             for r in rows), "",
-        "Files: `metrics.jsonl` (one object per round), `rounds/<r>/pool.parquet`, "
-        "`rounds/<r>/checkpoint/` (Hugging Face safetensors), `rounds/<r>/eval.jsonl`.",
+        ("Files: `metrics.jsonl` (one object per round), `rounds/<r>/pool.parquet`, "
+        "`rounds/<r>/checkpoint/` (Hugging Face safetensors), `rounds/<r>/eval.jsonl`."),
     ]
-    _atomic_write(out / "summary.md", "\n".join(summary) + "\n")
+    atomic_write(out / "summary.md", "\n".join(summary) + "\n")
 
     import matplotlib
 
@@ -116,7 +112,7 @@ def write_report(out: Path, rows: list[dict[str, Any]]) -> None:
         ax.set_xticks(rounds)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out / f".report.png.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, out / "report.png")
+    atomic_write(out / "report.png", buf.getvalue())

@@ -29,7 +29,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from rrhf_ray import registry
 from rrhf_ray.config import ConfigError, RunConfig, SamplingConfig
+from rrhf_ray.types import atomic_write, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +49,7 @@ def config_fingerprint(config: RunConfig) -> str:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2, default=str))
 
 
 class RunState:
@@ -102,7 +101,7 @@ def timed_stage(state: RunState, stage: str, outputs: list[Path], work: Callable
 def local_path(value: str | None) -> str | None:
     """An existing local path made absolute (Ray actors and Ray Train workers do not share the
     driver's working directory); hub ids, `builtin:` names and URIs unchanged."""
-    if value and "://" not in value and not value.startswith("builtin:") and Path(value).exists():
+    if value and "://" not in value and not registry.is_builtin(value) and Path(value).exists():
         return str(Path(value).resolve())
     return value
 
@@ -155,16 +154,13 @@ def path_stage(state: RunState, stage: str, make: Callable[[], Path]) -> str:
 
 
 def base_model(config: RunConfig, out: Path, state: RunState) -> str:
-    """ρ's path: a built-in tiny model is built into `base/`, then the optional SFT stage runs."""
-    from rrhf_ray import demo
-
+    """ρ's path: a built-in model is built into `base/`, then the optional SFT stage runs."""
     path = config.model.name_or_path
-    if not path:
-        raise ConfigError("model.name_or_path is not set")
-    if path in demo.BUILTIN_MODELS:
-        path = path_stage(state, "base", lambda: demo.BUILTIN_MODELS[path](out / "base"))
+    if registry.is_builtin(path):
+        build = registry.lookup("model", path)
+        path = path_stage(state, "base", lambda: build(out / "base"))
     if config.sft is not None:
-        from rrhf_ray.sft import run_sft_stage
+        from rrhf_ray.train.sft import run_sft_stage
 
         with_base = config.model_copy(update={"model": config.model.model_copy(update={"name_or_path": path})})
         path = path_stage(state, "sft", lambda: run_sft_stage(with_base, out))
@@ -175,7 +171,7 @@ def reward_config(config: RunConfig, out: Path, state: RunState):
     """The reward settings, pointing at the trained reward model when that stage is configured."""
     if config.reward_model is None:
         return config.reward
-    from rrhf_ray.reward_model import run_reward_model_stage
+    from rrhf_ray.train.reward_model import run_reward_model_stage
 
     rm_dir = path_stage(state, "reward_model", lambda: run_reward_model_stage(config, out))
     return config.reward.model_copy(update={"kind": "model", "model": rm_dir})
@@ -184,14 +180,30 @@ def reward_config(config: RunConfig, out: Path, state: RunState):
 # --------------------------------------------------------------------------- one round's stages
 
 
+def build_pools(config: RunConfig, preset, rho: str, current: str, version: int) -> dict:
+    """The sampler pools a preset needs: "current" (ρ*, the weights at `current`, labelled
+    `version`) for IP, "initial" (the frozen ρ at `rho`) for BP / DP / D; none for P. Used by
+    both `run` and `rrhf-ray sample`, so the two build the same engines."""
+    from rrhf_ray.actors.sampler import SamplerPool
+
+    model = config.model
+    kwargs = {"tokenizer": model.tokenizer, "trust_remote_code": model.trust_remote_code}
+    pools = {}
+    if preset.policy == "current":
+        pools["current"] = SamplerPool(current, config.sampling, tag="policy", version=version, **kwargs)
+    elif preset.policy == "initial":
+        pools["initial"] = SamplerPool(rho, config.sampling, tag="initial", **kwargs)
+    return pools
+
+
 def sample_stage(pools: dict, preset, records, queries: list[str], sampling: SamplingConfig,
                  external: list[dict], path: Path) -> dict:
     """k candidates per query from the preset's sources (the policy pool the preset names, the
     data set's responses, `external` maps read by `read_external`), duplicates merged, written
     unscored to `path`."""
-    from rrhf_ray.pool import write_groups
-    from rrhf_ray.sampling import get_samples
-    from rrhf_ray.sources import combine, dataset_candidates
+    from rrhf_ray.actors.sampler import get_samples
+    from rrhf_ray.data.candidates import combine, dataset_candidates
+    from rrhf_ray.types import write_groups
 
     sources: list = []
     if preset.policy is not None:
@@ -207,8 +219,7 @@ def sample_stage(pools: dict, preset, records, queries: list[str], sampling: Sam
 def score_stage(rewards, candidates_path: Path, pool_dir: Path) -> dict:
     import ray
 
-    from rrhf_ray.pool import read_groups, reward_stats, write_groups
-    from rrhf_ray.sources import CandidateGroup
+    from rrhf_ray.types import CandidateGroup, read_groups, reward_stats, write_groups
 
     groups = [CandidateGroup.from_group(g) for g in read_groups(candidates_path)]
     scored = ray.get(rewards.score(groups))
@@ -218,7 +229,7 @@ def score_stage(rewards, candidates_path: Path, pool_dir: Path) -> dict:
 
 
 def train_stage(config: RunConfig, start_model: str, pool: Path, checkpoint: Path, r: int, out: Path) -> dict:
-    from rrhf_ray.training import TrainJob, fit
+    from rrhf_ray.train.rrhf import TrainJob, fit
 
     job = TrainJob(model_path=start_model, data_paths=[str(pool)], output_dir=str(checkpoint),
                    train=config.train, trust_remote_code=config.model.trust_remote_code)
@@ -233,10 +244,9 @@ def eval_stage(pools: dict, rewards, eval_queries, references, model_path: str, 
 
     result = evaluate(pools["current"], rewards, eval_queries, references, model_path,
                       config.sampling, config.eval, config.train.max_length)
-    with open(round_dir / ".eval.jsonl.tmp", "w") as f:
-        for q, reply, g, s in zip(eval_queries, result.greedy_replies, result.greedy, result.sampled):
-            f.write(json.dumps({"query": q, "greedy_reply": reply, "greedy_reward": g, "sampled_rewards": s}) + "\n")
-    os.replace(round_dir / ".eval.jsonl.tmp", round_dir / "eval.jsonl")
+    write_jsonl(({"query": q, "greedy_reply": reply, "greedy_reward": g, "sampled_rewards": s}
+                 for q, reply, g, s in zip(eval_queries, result.greedy_replies, result.greedy, result.sampled)),
+                round_dir / "eval.jsonl")
     return {"eval": result.metrics(round0)}
 
 
@@ -247,12 +257,10 @@ def run(config: RunConfig) -> list[dict]:
     """Run (or resume) the whole workflow; returns one metrics row per round, round 0 first."""
     import ray
 
-    from rrhf_ray import demo  # noqa: F401  (registers the builtin demo data sets)
-    from rrhf_ray.data import load_data
+    from rrhf_ray.actors.scorer import RewardPool
+    from rrhf_ray.data.candidates import get_preset, read_external
+    from rrhf_ray.data.queries import load_data
     from rrhf_ray.report import write_metrics, write_report
-    from rrhf_ray.reward import RewardPool
-    from rrhf_ray.sampling import SamplerPool
-    from rrhf_ray.sources import get_preset, read_external
 
     state = RunState(Path(config.output.dir), config)  # the config as given: its fingerprint
     config = with_absolute_paths(config)
@@ -266,7 +274,7 @@ def run(config: RunConfig) -> list[dict]:
     reward_cfg = reward_config(config, out, state)
     from transformers import AutoTokenizer
 
-    data = load_data(config.data, AutoTokenizer.from_pretrained(rho))
+    data = load_data(config.data, AutoTokenizer.from_pretrained(config.model.tokenizer or rho))
     queries = [r.query for r in data.train]
     eval_queries = [r.query for r in data.eval]
     references = [(r.query, r.responses[0]) for r in data.eval if r.responses]
@@ -277,9 +285,10 @@ def run(config: RunConfig) -> list[dict]:
     last = max([r for r in range(1, config.rounds + 1) if state.done(f"round{r}/train", checkpoint(r))],
                default=0)
     current_path = str(checkpoint(last)) if last else rho
-    pools = {"current": SamplerPool(current_path, config.sampling, tag="policy", version=last)}
-    if preset.policy == "initial":
-        pools["initial"] = SamplerPool(rho, config.sampling, tag="initial")
+    # Evaluation samples from ρ* whatever the preset, so "current" always exists.
+    pools = build_pools(config, preset, rho, current_path, last)
+    if "current" not in pools:
+        pools.update(build_pools(config, get_preset("IP"), rho, current_path, last))
     rewards = RewardPool(reward_cfg)
 
     try:

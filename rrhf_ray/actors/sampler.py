@@ -1,6 +1,6 @@
 """Sampler replicas: N vLLM engines as Ray actors that draw k candidates per query.
 
-The pool follows STYLE.md habit 6: it owns the actors, its methods return ObjectRefs, and only
+The pool is a thin actor group: it owns the actors, its methods return ObjectRefs, and only
 the caller (the driver) calls `ray.get`. Work is cut into chunks of queries before anything is
 shipped; one coordinator task (0 CPUs) hands chunks to whichever replica is free, retries a chunk
 whose replica died on another replica, reports progress, and returns candidates in query order.
@@ -17,37 +17,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
-from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rrhf_ray.actors.dispatch import count_tokens, dispatch_chunks
+from rrhf_ray.actors.engine import VLLMEngine
 from rrhf_ray.config import SamplingConfig
-from rrhf_ray.engine import Completion, VLLMEngine
+from rrhf_ray.types import Candidate
 
 logger = logging.getLogger(__name__)
-
-# Two requests queued per replica keep it busy while the coordinator receives the last result.
-_IN_FLIGHT_PER_WORKER = 2
-
-
-@dataclass(frozen=True)
-class Candidate(Completion):
-    """One candidate response y_i to a query, tagged with where it came from.
-
-    `source` is e.g. "policy@2" (round 2's checkpoint ρ*), "initial@0" (the frozen ρ),
-    "chosen" (the data set's), or several joined by "+" after duplicates were merged.
-    `version` is the policy version (round) that produced it; None for non-policy sources.
-    """
-
-    source: str = "policy"
-    version: int | None = None
-
 
 class MixedVersionsError(RuntimeError):
     """The replicas of one pool serve different policy versions."""
@@ -94,61 +76,6 @@ class Sampler:
             [Candidate(**vars(c), source=source, version=self.version) for c in group]
             for group in self.engine.generate(prompts, seeds, config)
         ]
-
-
-# --------------------------------------------------------------------------- dispatch (shared)
-
-def count_tokens(result: Sequence[Sequence[Candidate]]) -> int:
-    return sum(len(c.token_ids) for group in result for c in group)
-
-
-def dispatch_chunks(num_workers: int, submit: Callable[[int, Any], ray.ObjectRef],
-                    chunks: Sequence[Any], sizes: Sequence[int], desc: str | None = None,
-                    tokens: Callable[[Any], int] | None = None) -> list[Any]:
-    """Run `submit(worker_index, chunk)` for every chunk on any live worker; results in chunk order.
-
-    Shared by the sampler and reward pools. Runs inside a Ray task (it calls `ray.get`). A chunk
-    whose worker died (RayActorError) goes to another worker, so a crashed replica costs one
-    chunk's time, not the batch; any other error (bad data, mixed versions) is raised at once.
-    `sizes[i]` is the number of queries of chunk i, for the progress bar; `tokens(result)`
-    adds a tokens/s figure.
-    """
-    from ray.experimental.tqdm_ray import tqdm
-
-    results: list[Any] = [None] * len(chunks)
-    pending = deque(range(len(chunks)))
-    alive = set(range(num_workers))
-    load = dict.fromkeys(alive, 0)
-    inflight: dict[ray.ObjectRef, tuple[int, int]] = {}
-    bar = tqdm(total=sum(sizes), desc=desc, unit="query") if desc else None
-    start, n_tokens = time.monotonic(), 0
-    while pending or inflight:
-        while pending and alive:
-            w = min(alive, key=lambda i: load[i])
-            if load[w] >= _IN_FLIGHT_PER_WORKER:
-                break
-            c = pending.popleft()
-            inflight[submit(w, chunks[c])] = (c, w)
-            load[w] += 1
-        if not inflight:
-            raise RuntimeError(f"every worker died; {len(pending)} of {len(chunks)} chunks not done")
-        [ref], _ = ray.wait(list(inflight), num_returns=1)
-        c, w = inflight.pop(ref)
-        load[w] -= 1
-        try:
-            results[c] = ray.get(ref)
-        except ray.exceptions.RayActorError:
-            alive.discard(w)  # a restarted actor comes back with ρ's weights: not for this call
-            pending.appendleft(c)
-            continue
-        if bar is not None:
-            if tokens is not None:
-                n_tokens += tokens(results[c])
-                bar.set_description(f"{desc} {n_tokens / (time.monotonic() - start):.0f} tok/s")
-            bar.update(sizes[c])
-    if bar is not None:
-        bar.close()
-    return results
 
 
 @ray.remote(num_cpus=0, max_retries=0)

@@ -7,7 +7,8 @@ Query and response are tokenized apart and concatenated; with byte-level BPE a s
 response's leading space is also where the pre-tokenizer splits, so this equals tokenizing the
 joint text in practice, and it lets the cut fall on the query alone.
 
-Rule: any `package.module:function(queries, responses) -> list[float]`, importable on every node.
+Rule: any `package.module:function(queries, responses) -> list[float]`, importable on every node,
+or a registered ``builtin:<name>`` (`rrhf_ray.registry`).
 
 A NaN or infinite reward stops scoring with `RewardError`, which names the query and carries the
 groups scored before it (`err.scored`), so nothing finished is lost.
@@ -23,10 +24,11 @@ from typing import Any
 
 import ray
 
+from rrhf_ray import registry
+from rrhf_ray.actors.dispatch import dispatch_chunks
 from rrhf_ray.config import RewardConfig
-from rrhf_ray.pool import DataError, QueryGroup
-from rrhf_ray.sampling import dispatch_chunks
-from rrhf_ray.sources import CandidateGroup
+from rrhf_ray.train.tokens import collate, encode
+from rrhf_ray.types import CandidateGroup, DataError, QueryGroup
 
 
 class RewardError(DataError):
@@ -49,7 +51,13 @@ class ScoredChunk:
 
 
 def load_rule(spec: str) -> Callable[[list[str], list[str]], list[float]]:
-    """Import `package.module:function`; the error names the part that is wrong."""
+    """Import `package.module:function` (or look up ``builtin:<name>``); the error names the part
+    that is wrong."""
+    if registry.is_builtin(spec):
+        try:
+            return registry.lookup("reward", spec)
+        except registry.UnknownBuiltinError as err:
+            raise DataError(f"reward.rule: {err}") from None
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise DataError(f"reward.rule {spec!r} is not of the form package.module:function")
@@ -95,16 +103,7 @@ class RewardScorer:
 
     def encode(self, query: str, response: str) -> list[int]:
         """Token ids of query + response within max_length, the query cut from the left."""
-        tok = self.tokenizer
-        body = tok(query, add_special_tokens=False)["input_ids"]
-        full = tok(query)["input_ids"]
-        start = next((i for i in range(len(full) - len(body) + 1) if full[i:i + len(body)] == body), 0)
-        prefix, suffix = full[:start], full[start + len(body):]  # e.g. <s> … / … </s>
-        reply = tok(response, add_special_tokens=False)["input_ids"]
-        room = self.config.max_length - len(prefix) - len(suffix) - len(reply)
-        if room < 0:  # the response alone is too long: keep its start, drop the query
-            return prefix + reply[: self.config.max_length - len(prefix) - len(suffix)] + suffix
-        return prefix + body[max(0, len(body) - room):] + reply + suffix
+        return encode(self.tokenizer, query, response, self.config.max_length, policy=False)[0]
 
     def score(self, queries: list[str], responses: list[str]) -> ScoredChunk:
         import torch
@@ -114,15 +113,8 @@ class RewardScorer:
         bs = self.config.batch_size
         with torch.inference_mode():
             for s in range(0, len(ids), bs):
-                batch = ids[s:s + bs]
-                width = max(len(x) for x in batch)
-                input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for i, x in enumerate(batch):  # right padding: positions match the unpadded pass
-                    input_ids[i, :len(x)] = torch.tensor(x)
-                    mask[i, :len(x)] = 1
-                logits = self.model(input_ids=input_ids.to(self.device),
-                                    attention_mask=mask.to(self.device)).logits
+                batch = collate(ids[s:s + bs], self.pad_id).to(self.device)
+                logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
                 scores.extend(logits[:, 0].float().cpu().tolist())
         return ScoredChunk(scores, tokens=sum(len(x) for x in ids))
 

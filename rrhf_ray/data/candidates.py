@@ -1,10 +1,10 @@
 """Candidate sources: where the k candidates of one query come from, combined into one group.
 
-RRHF ranks candidates from anywhere (RRHF.md, "Sampling policies"). The sources here:
+RRHF ranks candidates from anywhere (docs/algorithm.md, "Sampling policies"). The sources here:
 
 - the current policy ρ* (a `SamplerPool` refreshed each round): tag "policy@<version>";
 - the frozen initial policy ρ (an optional second pool that never refreshes): "initial@0";
-- the data set's own responses (`rrhf_ray.data.QueryRecord`, best first): "chosen", "rejected", …;
+- the data set's own responses (`rrhf_ray.data.queries.QueryRecord`, best first): "chosen", "rejected", …;
 - files of responses from other models or humans, JSONL {"query", "responses", "source"}.
 
 Presets name the paper's policies (table 1) as a choice of sources. Diverse beam search is not
@@ -27,13 +27,12 @@ the ranking loss as a pair with itself, and the fine-tuning term would count it 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from rrhf_ray.pool import DataError, QueryGroup, iter_jsonl
-from rrhf_ray.sampling import Candidate
+from rrhf_ray.types import Candidate, CandidateGroup, DataError, iter_jsonl, merge_duplicates
 
 CandidateSource = Sequence[Sequence[Candidate]] | Mapping[str, Sequence[Candidate]]
 """Either one list of candidates per query (aligned with the queries) or a map query → list."""
@@ -66,34 +65,6 @@ def get_preset(name: str) -> Preset:
     return PRESETS[match.group(1)]
 
 
-@dataclass(frozen=True)
-class CandidateGroup:
-    """One query and its candidates before scoring; `to_group(scores)` makes the QueryGroup."""
-
-    query: str
-    candidates: tuple[Candidate, ...]
-
-    @property
-    def responses(self) -> list[str]:
-        return [c.text for c in self.candidates]
-
-    @property
-    def sources(self) -> list[str]:
-        return [c.source for c in self.candidates]
-
-    def to_group(self, scores: Sequence[float] | None = None) -> QueryGroup:
-        """As a QueryGroup; without scores every reward is 0.0 (a placeholder until scored)."""
-        scores = [0.0] * len(self.candidates) if scores is None else [float(s) for s in scores]
-        return QueryGroup(query=self.query, responses=self.responses, scores=scores,
-                          sources=self.sources)
-
-    @classmethod
-    def from_group(cls, group: QueryGroup) -> CandidateGroup:
-        sources = group.sources or ["file"] * group.k
-        return cls(group.query, tuple(Candidate(text=r, source=s)
-                                      for r, s in zip(group.responses, sources)))
-
-
 def dataset_candidates(record: Any) -> list[Candidate]:
     """The data set's own responses of a `rrhf_ray.data.QueryRecord`, best first, tagged."""
     return [Candidate(text=r, source=s) for r, s in zip(record.responses, record.sources)]
@@ -118,20 +89,6 @@ def read_external(path: str | Path) -> dict[str, list[Candidate]]:
             raise DataError(f"{path} line {lineno}: source: missing or not a non-empty string")
         out.setdefault(query, []).extend(Candidate(text=r, source=source) for r in responses)
     return out
-
-
-def merge_duplicates(query: str, candidates: Iterable[Candidate]) -> CandidateGroup:
-    """One candidate per distinct response (first occurrence kept, sources joined with "+")."""
-    merged: dict[str, Candidate] = {}
-    for c in candidates:
-        key = c.text.strip()
-        first = merged.get(key)
-        if first is None:
-            merged[key] = c
-        elif c.source not in first.source.split("+"):
-            merged[key] = replace(first, source=f"{first.source}+{c.source}",
-                                  version=first.version if first.version is not None else c.version)
-    return CandidateGroup(query, tuple(merged.values()))
 
 
 def combine(queries: Sequence[str], sources: Sequence[CandidateSource]) -> list[CandidateGroup]:

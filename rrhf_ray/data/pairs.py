@@ -2,7 +2,7 @@
 (query, chosen, rejected) for a reward model.
 
 Sources: the pair JSONL / Parquet of these stages (`{"query", "response"}` or
-`{"query", "chosen", "rejected"}`), or any source `rrhf_ray.data` reads (rm-static, hh-rlhf,
+`{"query", "chosen", "rejected"}`), or any source `rrhf_ray.data.queries` reads (rm-static, hh-rlhf,
 reference JSONL, hub ids, `save_to_disk` directories, builtins), whose records list the data
 set's responses best first: SFT takes the best, a preference pair the best and the worst.
 
@@ -12,17 +12,20 @@ equal to its rejected raises `DataError` naming the file (or split) and the line
 
 from __future__ import annotations
 
-import logging
-import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from rrhf_ray.config import DataConfig
-from rrhf_ray.pool import DataError, _row_error
-
-log = logging.getLogger(__name__)
+from rrhf_ray.data.queries import (
+    LAYOUTS,
+    RawSplit,
+    convert_rows,
+    detect_layout,
+    open_source,
+    text_field,
+)
+from rrhf_ray.types import DataError
 
 PairFormat = Literal["auto", "pairs", "rm-static", "hh-rlhf", "reference"]
 
@@ -44,14 +47,12 @@ class PreferencePair:
     rejected: str
 
 
-def _source_rows(source: str, fmt: str, split: str) -> tuple[Any, str]:
-    """Raw rows with their line / row numbers, and the layout of `rrhf_ray.data` they follow
-    ("pairs" for this module's own). The one place that reaches into data.py's row reader."""
-    from rrhf_ray import data
-
+def _source_rows(source: str, fmt: str, split: str) -> tuple[RawSplit, str]:
+    """Raw rows with their line / row numbers, and the layout of `rrhf_ray.data.queries` they
+    follow ("pairs" for this module's own)."""
     cfg = DataConfig(source=source, split=split, eval_split=None,
                      format="auto" if fmt == "pairs" else fmt)
-    raw, _ = data._open(cfg)
+    raw, _ = open_source(cfg)
     if not raw.rows:
         raise DataError(f"{raw.origin} holds no rows")
     first = raw.rows[0][1]
@@ -60,30 +61,16 @@ def _source_rows(source: str, fmt: str, split: str) -> tuple[Any, str]:
         and ("response" in first or "chosen" in first or "rejected" in first)
     ):
         return raw, "pairs"
-    return raw, data._layout(raw, fmt)
-
-
-def _field(row: Any, name: str) -> str:
-    if not isinstance(row, Mapping):
-        raise TypeError(f"expected an object, got {type(row).__name__}")
-    if name not in row or row[name] is None:
-        raise ValueError(f"missing field {name!r}")
-    value = row[name]
-    if not isinstance(value, str):
-        raise TypeError(f"field {name!r} must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise ValueError(f"field {name!r} is empty")
-    return value
+    return raw, detect_layout(raw, fmt)
 
 
 def _texts(row: Any, layout: str, names: tuple[str, ...], need: int) -> tuple[str, tuple[str, ...]] | None:
     """(query, texts) of one row, checked; None for an hh-rlhf row whose dialogues diverge."""
-    from rrhf_ray import data
-
     if layout == "pairs":
-        query, texts = _field(row, "query"), tuple(_field(row, n) for n in names)
+        query = text_field(row, "query", nonempty=True)
+        texts = tuple(text_field(row, n, nonempty=True) for n in names)
     else:
-        record = data._LAYOUTS[layout](row)
+        record = LAYOUTS[layout](row)
         if record is None:  # hh-rlhf dialogues that do not share a prompt: no pair to learn
             return None
         if len(record.responses) < need:
@@ -105,23 +92,10 @@ def _texts(row: Any, layout: str, names: tuple[str, ...], need: int) -> tuple[st
 
 def _records(source: str, fmt: PairFormat, split: str, need: int) -> list[tuple[str, tuple[str, ...]]]:
     """(query, texts) of every row: for "pairs" rows the texts are (response,) or (chosen,
-    rejected); for data.py's layouts the data set's responses, best first (at least `need`)."""
+    rejected); for the query layouts the data set's responses, best first (at least `need`)."""
     raw, layout = _source_rows(source, fmt, split)
     names = ("response",) if need == 1 else ("chosen", "rejected")
-    out, skipped = [], 0
-    for number, row in raw.rows:
-        try:
-            texts = _texts(row, layout, names, need)
-        except (ValueError, TypeError) as err:
-            problem = err if isinstance(err, ValueError) else ValueError(str(err))
-            raise _row_error(Path(raw.origin), number, problem, what=raw.unit) from None
-        if texts is None:
-            skipped += 1
-        else:
-            out.append(texts)
-    if skipped:
-        log.warning("%s: skipped %d %s(s) whose chosen and rejected dialogues do not share the prompt",
-                    raw.origin, skipped, raw.unit)
+    out, _ = convert_rows(raw, lambda row: _texts(row, layout, names, need))
     if not out:
         raise DataError(f"{raw.origin} holds no usable pairs")
     return out
@@ -137,14 +111,3 @@ def read_preference_pairs(
 ) -> list[PreferencePair]:
     """Every (query, chosen, rejected) of `source`, validated; see the module docstring."""
     return [PreferencePair(q, t[0], t[1]) for q, t in _records(source, format, split, need=2)]
-
-
-def hold_out(items: Sequence[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
-    """(train, held-out): a seeded shuffle with the first `fraction` held out (≥ 1 if > 0).
-    Deterministic, so every Ray Train worker computes the same split."""
-    order = list(items)
-    if fraction <= 0 or len(order) < 2:
-        return order, []
-    random.Random(f"{seed}:held-out").shuffle(order)
-    n = max(1, round(len(order) * fraction))
-    return order[n:], order[:n]

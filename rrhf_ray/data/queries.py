@@ -1,7 +1,7 @@
 """Query sources: the paper's data (Anthropic HH), the reference repo's JSONL, or a user's prompts.
 
 Every source becomes the same typed `QueryRecord`s, so the rest of the workflow never sees a
-source's layout. Layouts (RRHF.md, "Data"):
+source's layout. Layouts (docs/algorithm.md, "Data"):
 
 - ``rm-static``: `Dahoas/rm-static` rows {prompt, response, chosen, rejected}; chosen ranks first.
 - ``hh-rlhf``: raw `Anthropic/hh-rlhf` rows {chosen, rejected}, each a whole dialogue; the query
@@ -11,7 +11,7 @@ source's layout. Layouts (RRHF.md, "Data"):
 
 Containers: a hub id or a directory of data files (`datasets.load_dataset`, the same call for
 both), a directory written by `save_to_disk`, a single .jsonl / .parquet file, or a loader
-registered with `register_builtin` and named as ``builtin:<name>``.
+registered in `rrhf_ray.registry` and named as ``builtin:<name>``.
 
 Every row is converted (and so validated) before anything is tokenized or shuffled: a malformed
 row raises `DataError` naming the file, the row and the field, before any expensive work.
@@ -19,23 +19,24 @@ row raises `DataError` naming the file, the row and the field, before any expens
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from rrhf_ray import registry
 from rrhf_ray.config import DataConfig
-from rrhf_ray.pool import DataError, QueryGroup, _row_error
+from rrhf_ray.types import DataError, QueryGroup, iter_jsonl, read_parquet_rows, row_error
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
-BUILTIN_PREFIX = "builtin:"
 
 
 @dataclass(frozen=True)
@@ -114,62 +115,50 @@ class LoadedData:
 
 
 @dataclass
-class _RawSplit:
+class RawSplit:
+    """The raw rows of one split of a source, before any layout is applied."""
+
     origin: str  # named in every error: a file path or "<source>[<split>]"
-    unit: str  # "line" (JSONL, from 1) or "row" (tables, from 0), as in pool.py
+    unit: str  # "line" (JSONL, from 1) or "row" (tables, from 0), as in rrhf_ray.types
     split: str
     rows: list[tuple[int, Any]]  # (line or row number, raw row)
 
 
 # --------------------------------------------------------------------------- builtins
 
-_BUILTINS: dict[str, Callable[[], Any]] = {}
 
-
-def register_builtin(name: str, loader: Callable[[], Any]) -> None:
-    """Make ``source: "builtin:<name>"`` call `loader()`.
-
-    The loader returns QueryRecords (or rows in one of the layouts), or a mapping from split
-    name to such a list when it ships its own held-out split.
-    """
-    _BUILTINS[name] = loader
-
-
-def _open_builtin(name: str, cfg: DataConfig) -> tuple[_RawSplit, _RawSplit | None]:
-    if name not in _BUILTINS:
-        # The package's own data sets register on import; a Ray worker may not have imported
-        # them yet.
-        import rrhf_ray.demo  # noqa: F401
-    if name not in _BUILTINS:
-        raise DataError(
-            f"data.source: unknown builtin data set {name!r}; "
-            f"registered: {sorted(_BUILTINS) or 'none'}"
-        )
-    out = _BUILTINS[name]()
-    origin = BUILTIN_PREFIX + name
+def _open_builtin(name: str, cfg: DataConfig) -> tuple[RawSplit, RawSplit | None]:
+    try:
+        loader = registry.lookup("data", name)
+    except registry.UnknownBuiltinError as err:
+        raise DataError(f"data.source: {err}") from None
+    out = loader()
+    origin = registry.PREFIX + name
     if isinstance(out, Mapping):
         return _pick_splits(out, origin, cfg)
-    return _RawSplit(origin, "row", cfg.split, list(enumerate(out))), None
+    return RawSplit(origin, "row", cfg.split, list(enumerate(out))), None
 
 
 # --------------------------------------------------------------------------- containers
 
 
-def _open(cfg: DataConfig) -> tuple[_RawSplit, _RawSplit | None]:
-    """The training split and the source's own eval split (None when it has none)."""
+def open_source(cfg: DataConfig) -> tuple[RawSplit, RawSplit | None]:
+    """The training split and the source's own eval split (None when it has none), unconverted."""
     source = cfg.source.strip()
     if not source:
         raise DataError(
             "data.source is not set: name a hub id, a file, a directory or builtin:<name>"
         )
-    if source.startswith(BUILTIN_PREFIX):
-        return _open_builtin(source[len(BUILTIN_PREFIX) :], cfg)
+    if registry.is_builtin(source):
+        return _open_builtin(source.removeprefix(registry.PREFIX), cfg)
     path = Path(source).expanduser()
     if path.suffix in (".jsonl", ".json", ".parquet"):
         if not path.is_file():
             raise DataError(f"data file not found: {path}")
-        raw = _read_parquet(path) if path.suffix == ".parquet" else _read_jsonl(path)
-        return replace(raw, split=cfg.split), None
+        if path.suffix == ".parquet":
+            return RawSplit(str(path), "row", cfg.split, list(enumerate(read_parquet_rows(path)))), None
+        rows = list(iter_jsonl(path, objects_only=False))
+        return RawSplit(str(path), "line", cfg.split, rows), None
     if path.is_dir() and any((path / n).is_file() for n in ("dataset_dict.json", "state.json")):
         return _pick_splits(_datasets_call("load_from_disk", str(path)), source, cfg)
     # A hub id, or a local directory of data files: one code path, `load_dataset(source)`.
@@ -187,19 +176,19 @@ def _datasets_call(fn: str, source: str) -> Any:
         raise DataError(f"cannot read data set {source!r} with datasets.{fn}: {err}") from None
 
 
-def _pick_splits(splits: Any, origin: str, cfg: DataConfig) -> tuple[_RawSplit, _RawSplit | None]:
+def _pick_splits(splits: Any, origin: str, cfg: DataConfig) -> tuple[RawSplit, RawSplit | None]:
     """Train and eval splits of a DatasetDict / mapping; a lone Dataset has no eval split."""
     if not isinstance(splits, Mapping):  # DatasetDict is a dict; a lone Dataset is not
-        return _RawSplit(origin, "row", cfg.split, _rows(splits)), None
+        return RawSplit(origin, "row", cfg.split, _rows(splits)), None
     if cfg.split not in splits:
         raise DataError(
             f"{origin}: no split {cfg.split!r} (data.split); it has {sorted(splits.keys())}"
         )
-    train = _RawSplit(f"{origin}[{cfg.split}]", "row", cfg.split, _rows(splits[cfg.split]))
+    train = RawSplit(f"{origin}[{cfg.split}]", "row", cfg.split, _rows(splits[cfg.split]))
     ev = cfg.eval_split
     if ev is None or ev == cfg.split or ev not in splits:
         return train, None
-    return train, _RawSplit(f"{origin}[{ev}]", "row", ev, _rows(splits[ev]))
+    return train, RawSplit(f"{origin}[{ev}]", "row", ev, _rows(splits[ev]))
 
 
 def _rows(table: Any) -> list[tuple[int, Any]]:
@@ -207,42 +196,10 @@ def _rows(table: Any) -> list[tuple[int, Any]]:
     return list(enumerate(rows))
 
 
-def _read_jsonl(path: Path) -> _RawSplit:
-    rows = []
-    try:
-        with path.open("rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise DataError(
-                        f"{path} line {lineno}: not UTF-8 text ({err.reason})"
-                    ) from None
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((lineno, json.loads(line)))
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path} line {lineno}: not valid JSON ({err.msg})") from None
-    except OSError as err:
-        raise DataError(f"{path}: cannot read ({err})") from None
-    return _RawSplit(str(path), "line", "", rows)
-
-
-def _read_parquet(path: Path) -> _RawSplit:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
-        raise DataError(f"{path}: cannot read as Parquet ({err})") from None
-    return _RawSplit(str(path), "row", "", list(enumerate(table.to_pylist())))
-
-
 # --------------------------------------------------------------------------- layouts
 
 
-def _text(row: Any, name: str, *, nonempty: bool = False) -> str:
+def text_field(row: Any, name: str, *, nonempty: bool = False) -> str:
     """Field `name` of a row as a string; the ValueError / TypeError names the field."""
     if not isinstance(row, Mapping):
         raise TypeError(f"expected an object with field {name!r}, got {type(row).__name__}")
@@ -261,13 +218,13 @@ def _pair(query: str, chosen: str, rejected: str) -> QueryRecord:
 
 
 def _from_rm_static(row: Any) -> QueryRecord:
-    prompt = _text(row, "prompt", nonempty=True)
-    return _pair(prompt, _text(row, "chosen"), _text(row, "rejected"))
+    prompt = text_field(row, "prompt", nonempty=True)
+    return _pair(prompt, text_field(row, "chosen"), text_field(row, "rejected"))
 
 
 def _split_dialogue(row: Any, name: str) -> tuple[str, str]:
     """(prompt up to and including the last assistant turn marker, the final response)."""
-    text = _text(row, name, nonempty=True)
+    text = text_field(row, name, nonempty=True)
     cut = text.rfind(ASSISTANT)
     if cut < 0:
         raise ValueError(f"field {name!r} has no {ASSISTANT!r} turn")
@@ -286,7 +243,7 @@ def _from_hh(row: Any) -> QueryRecord | None:
 def _from_reference(row: Any) -> QueryRecord:
     if not isinstance(row, Mapping):
         raise TypeError(f"expected a JSON object, got {type(row).__name__}")
-    group = QueryGroup.model_validate(row)  # pool.py's checks: one definition of a valid group
+    group = QueryGroup.model_validate(row)  # rrhf_ray.types's checks: one definition of a valid group
     order = sorted(range(group.k), key=lambda i: -group.scores[i])  # stable: ties keep file order
     sources = group.sources or ["dataset"] * group.k
     return QueryRecord(
@@ -298,7 +255,7 @@ def _from_reference(row: Any) -> QueryRecord:
 
 
 def _from_prompt(row: Any) -> QueryRecord:
-    return QueryRecord(_text(row, "query", nonempty=True))
+    return QueryRecord(text_field(row, "query", nonempty=True))
 
 
 def _from_record(row: Any) -> QueryRecord:
@@ -307,7 +264,7 @@ def _from_record(row: Any) -> QueryRecord:
     return row
 
 
-_LAYOUTS: dict[str, Callable[[Any], QueryRecord | None]] = {
+LAYOUTS: dict[str, Callable[[Any], QueryRecord | None]] = {
     "rm-static": _from_rm_static,
     "hh-rlhf": _from_hh,
     "reference": _from_reference,
@@ -323,7 +280,7 @@ _SIGNATURES = [
 ]
 
 
-def _layout(raw: _RawSplit, fmt: str) -> str:
+def detect_layout(raw: RawSplit, fmt: str) -> str:
     """The configured layout, or the one the first row's fields match (format: auto)."""
     if not raw.rows:
         raise DataError(f"{raw.origin} holds no rows")
@@ -345,32 +302,38 @@ def _layout(raw: _RawSplit, fmt: str) -> str:
     )
 
 
-def _convert(raw: _RawSplit, layout: str, stats: SourceStats) -> list[QueryRecord]:
-    """Every row as a QueryRecord; the first malformed row raises, diverged HH rows are skipped."""
-    convert = _LAYOUTS[layout]
-    records, diverged = [], []
+def convert_rows(raw: RawSplit, convert: Callable[[Any], T | None]) -> tuple[list[T], list[int]]:
+    """`convert` applied to every row: (the converted rows, the numbers of rows it skipped by
+    returning None). The first row it rejects (ValueError / TypeError) raises a DataError naming
+    the origin, the line or row, and the field; skipped rows are logged once."""
+    out, skipped = [], []
     for number, row in raw.rows:
         try:
-            record = convert(row)
+            item = convert(row)
         except (ValueError, TypeError) as err:  # pydantic's ValidationError is a ValueError too
-            problem = err if isinstance(err, ValueError) else ValueError(str(err))
-            raise _row_error(Path(raw.origin), number, problem, what=raw.unit) from None
-        if record is None:
-            diverged.append(number)
+            raise row_error(raw.origin, number, err, what=raw.unit) from None
+        if item is None:
+            skipped.append(number)
         else:
-            records.append(record)
-    stats.read, stats.diverged = len(raw.rows), len(diverged)
-    if diverged:
-        shown = ", ".join(map(str, diverged[:10])) + (" …" if len(diverged) > 10 else "")
+            out.append(item)
+    if skipped:
+        shown = ", ".join(map(str, skipped[:10])) + (" …" if len(skipped) > 10 else "")
         log.warning(
             "%s: skipped %d %s(s) whose chosen and rejected dialogues do not share the "
             "prompt: %s %s",
             raw.origin,
-            len(diverged),
+            len(skipped),
             raw.unit,
             raw.unit,
             shown,
         )
+    return out, skipped
+
+
+def _convert(raw: RawSplit, layout: str, stats: SourceStats) -> list[QueryRecord]:
+    """Every row as a QueryRecord; the first malformed row raises, diverged HH rows are skipped."""
+    records, diverged = convert_rows(raw, LAYOUTS[layout])
+    stats.read, stats.diverged = len(raw.rows), len(diverged)
     return records
 
 
@@ -391,13 +354,15 @@ def _dedupe(
     return out
 
 
-def _hold_out(records: list[QueryRecord], fraction: float, seed: int) -> tuple[list, list]:
-    """(train, eval): a seeded shuffle, the first `fraction` held out (≥ 1 if fraction > 0)."""
-    order = list(records)
+def hold_out(items: Sequence[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """(train, held-out): a seeded shuffle, the first `fraction` held out (≥ 1 if fraction > 0
+    and there are at least two items). Deterministic, so every Ray Train worker computes the
+    same split."""
+    order = list(items)
+    if fraction <= 0 or len(order) < 2:
+        return order, []
     random.Random(f"{seed}:held-out").shuffle(order)
-    n = round(len(order) * fraction)
-    if fraction > 0 and len(order) > 1:
-        n = max(n, 1)
+    n = max(1, round(len(order) * fraction))
     return order[n:], order[:n]
 
 
@@ -462,8 +427,8 @@ def load_data(cfg: DataConfig, tokenizer: Any = None) -> LoadedData:
     `eval_fraction` of the training queries. A training query equal to an eval query is dropped
     from training (counted as a duplicate) so the held-out set stays held out.
     """
-    train_raw, eval_raw = _open(cfg)
-    layout = _layout(train_raw, cfg.format)
+    train_raw, eval_raw = open_source(cfg)
+    layout = detect_layout(train_raw, cfg.format)
     train_stats = SourceStats(cfg.source, split=train_raw.split)
     train = _convert(train_raw, layout, train_stats)
     if eval_raw is not None:
@@ -473,7 +438,7 @@ def load_data(cfg: DataConfig, tokenizer: Any = None) -> LoadedData:
         train = _dedupe(train, seen, train_stats)
     else:
         train = _dedupe(train, set(), train_stats)
-        train, held = _hold_out(train, cfg.eval_fraction, cfg.seed)
+        train, held = hold_out(train, cfg.eval_fraction, cfg.seed)
         train_stats.held_out = len(held)
         eval_stats = SourceStats(cfg.source, read=len(held), split="held-out")
 

@@ -9,8 +9,9 @@ A user asks how to do one of 24 everyday tasks. A reply is an opener (polite / r
 
 The supervised data mixes every style uniformly, so the fine-tuned base ρ samples all of them and
 RRHF has something to rank. Training prompts and held-out prompts use different phrasings.
-Registered as the data sources ``builtin:demo`` (prompts, with a held-out split) and
-``builtin:demo-sft`` (query, response) pairs for the SFT stage.
+`rrhf_ray.demo` registers it: data ``builtin:demo`` (prompts, with a held-out split) and
+``builtin:demo-sft`` ((query, response) pairs for the SFT stage), reward ``builtin:demo``, model
+``builtin:demo-tiny-llama``.
 """
 
 from __future__ import annotations
@@ -18,9 +19,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from rrhf_ray.data import QueryRecord, register_builtin
-
-DEMO_CONFIG = Path(__file__).with_name("demo.yaml")  # the embedded default run config
+from rrhf_ray.data.queries import QueryRecord
 
 TOPICS: list[tuple[str, str]] = [
     ("reset a password", "open the settings page, choose security, then press reset password"),
@@ -143,17 +142,14 @@ def corpus() -> list[str]:
     return texts
 
 
-register_builtin("demo", prompts)
-register_builtin("demo-sft", lambda: [{"query": p["query"], "responses": [p["response"]], "scores": [1.0]}
-                                      for p in sft_pairs()])
+def sft_rows() -> list[dict]:
+    """The SFT pairs as reference rows (one response each), for ``builtin:demo-sft``."""
+    return [{"query": p["query"], "responses": [p["response"]], "scores": [1.0]} for p in sft_pairs()]
 
 
-def build_demo_model(out_dir):
+def build_demo_model(out_dir: str | Path) -> Path:
     """The demo's base: a 2-layer Llama (hidden 128, 2 heads) and a BPE tokenizer trained on the
     task's text, randomly initialised (the SFT stage teaches it the help desk)."""
-    from rrhf_ray.tiny import build_tiny_llama
+    from rrhf_ray.demo.tiny import build_tiny_llama
 
     return build_tiny_llama(out_dir, corpus(), vocab_size=1000, hidden_size=128, num_layers=2, num_heads=2)
-
-
-BUILTIN_MODELS = {"builtin:demo-tiny-llama": build_demo_model}

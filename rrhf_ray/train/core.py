@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from typing import Any, Protocol
 import torch
 
 from rrhf_ray.config import TrainConfig
-from rrhf_ray.pool import DataError
+from rrhf_ray.types import DataError, atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +77,43 @@ class MicroBatch:
         return self.no_sync()
 
 
-class Meter(Protocol):
-    def add(self, result: Any) -> None: ...
-    def summary(self) -> dict[str, float]: ...
+@dataclass
+class Measured:
+    """What one micro-batch measured: for each named value, (sum, weight) so that an epoch's
+    value is Σ sum / Σ weight (a query-, pair- or token-weighted mean); `counts` are summed
+    (queries, pairs); `tokens` are the response tokens it scored (for tokens/s)."""
+
+    values: dict[str, tuple[float, float]]
+    tokens: int = 0
+    counts: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Meter:
+    """Weighted means of what the micro-batches of one epoch measured, and tokens/s."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, float] = field(default_factory=dict)
+    tokens: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, measured: Measured) -> None:
+        for name, (total, weight) in measured.values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + total
+            self.weights[name] = self.weights.get(name, 0.0) + weight
+        for name, n in measured.counts.items():
+            self.counts[name] = self.counts.get(name, 0.0) + n
+        self.tokens += measured.tokens
+
+    def summary(self) -> dict[str, float]:
+        seconds = time.perf_counter() - self.start
+        out = {name: self.sums[name] / w if (w := self.weights[name]) > 0 else float("nan")
+               for name in self.sums}
+        out.update(self.counts)
+        out["tokens_per_s"] = self.tokens / seconds if seconds > 0 else 0.0
+        out["response_tokens"] = float(self.tokens)
+        return out
 
 
 @dataclass
@@ -86,11 +121,11 @@ class Recipe:
     """What one trainer adds to the shared loop. Built on every worker after the tokenizer loads.
 
     - `num_examples`: examples per epoch (indices 0 … n−1 are what `micro_batch` receives);
-    - `micro_batch(model, mb)`: forward + backward of examples `mb.indices`; returns what the
-      meter adds;
+    - `micro_batch(model, mb)`: forward + backward of examples `mb.indices`; returns what it
+      `Measured` (the epoch's `Meter` averages it);
     - `step_weight(indices)`: the denominator of the step's mean loss (default: the number of
       examples; SFT: their response tokens);
-    - `new_meter()`: a fresh meter per epoch, `log_line(summary)` its one-line progress;
+    - `log_line(summary)`: the one-line progress of the meter's summary;
     - `evaluate(model)`: optional held-out metrics at each epoch's end (all ranks call it);
     - `example_length(i)`: optional padded width of example i. Within each optimizer step the
       examples are then ordered by it before they are dealt to workers and micro-batches, so a
@@ -99,13 +134,11 @@ class Recipe:
 
     name: str
     num_examples: int
-    micro_batch: Callable[[torch.nn.Module, MicroBatch], Any]
-    new_meter: Callable[[], Meter]
+    micro_batch: Callable[[torch.nn.Module, MicroBatch], Measured]
     log_line: Callable[[dict[str, float]], str]
     step_weight: Callable[[Sequence[int]], float] = len
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None
     example_length: Callable[[int], int] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- steps
@@ -316,7 +349,7 @@ def run_worker(
     metrics: dict[str, float] = {}
     global_step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, cfg.epochs):
-        meter = recipe.new_meter()
+        meter = Meter()
         for step in plan_steps(recipe.num_examples, cfg.queries_per_step, world, cfg.seed + epoch):
             if recipe.example_length is not None:
                 step = sorted(step, key=recipe.example_length, reverse=True)
@@ -399,27 +432,16 @@ def _report_with_checkpoint(model, tokenizer, optimizer, scheduler, epoch, final
 
 
 def save_final_local(model, tokenizer, out: Path, cfg: TrainConfig, metrics: dict[str, float]) -> None:
+    """The finished model as an HF directory at `out`, written whole or not at all. Collective
+    under FSDP (every rank gathers); rank 0 writes."""
     rank, _ = rank_world()
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if rank != 0:
+        _write_checkpoint(model, tokenizer, None, None, cfg.epochs - 1, True, cfg, out)
+        return
+    with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-    _write_checkpoint(model, tokenizer, None, None, cfg.epochs - 1, True, cfg, tmp)
-    if rank == 0:
+        _write_checkpoint(model, tokenizer, None, None, cfg.epochs - 1, True, cfg, tmp)
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-        install_dir(tmp, out)
-
-
-def install_dir(src: Path, dst: Path) -> None:
-    """Move a finished directory into place; an existing `dst` is replaced only after `src` is whole."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 def is_finished_model(directory: str | Path) -> bool:
@@ -471,11 +493,7 @@ def fit_job(
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name!r} finished without a checkpoint")
-    out = Path(job.output_dir)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with result.checkpoint.as_directory() as d:
+    with atomic_path(job.output_dir) as tmp, result.checkpoint.as_directory() as d:
         shutil.copytree(d, tmp)
-    (tmp / METRICS_FILE).write_text(json.dumps(result.metrics, indent=2))
-    install_dir(tmp, out)
+        (tmp / METRICS_FILE).write_text(json.dumps(result.metrics, indent=2))
     return dict(result.metrics)

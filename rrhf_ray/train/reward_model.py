@@ -8,19 +8,19 @@ the last non-pad token. It learns from preference pairs with the Bradley-Terry l
     L = −log σ(r(x, y_chosen) − r(x, y_rejected)),   averaged over the pairs of a step.
 
 The text scored is query + response, tokenized apart and concatenated, the query cut from the
-left to fit `max_length`, exactly as `rrhf_ray.reward.RewardScorer` reads it at scoring time:
+left to fit `max_length`, exactly as `rrhf_ray.actors.scorer.RewardScorer` reads it at scoring time
+(both use `rrhf_ray.train.tokens.encode` with `policy=False`):
 no EOS is appended, special tokens wrap the whole (e.g. <s> … for Llama, [CLS] … [SEP] for BERT).
 The saved directory (safetensors + tokenizer) loads with a plain
 `AutoModelForSequenceClassification.from_pretrained(dir)`.
 
-The loop is `trainer_core.run_worker` (DDP / FSDP, accumulation, schedule, clipping, LoRA,
+The loop is `rrhf_ray.train.core.run_worker` (DDP / FSDP, accumulation, schedule, clipping, LoRA,
 bf16, checkpoints, resume); held-out pairwise accuracy is reported at each epoch's end.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,8 +29,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from rrhf_ray.config import TrainConfig
-from rrhf_ray.pairs import PairFormat, PreferencePair, hold_out, read_preference_pairs
-from rrhf_ray.trainer_core import (
+from rrhf_ray.data.pairs import PairFormat, PreferencePair, read_preference_pairs
+from rrhf_ray.data.queries import hold_out
+from rrhf_ray.train.core import (
+    Measured,
     MicroBatch,
     Recipe,
     fit_job,
@@ -39,6 +41,7 @@ from rrhf_ray.trainer_core import (
     prepare_model,
     run_worker,
 )
+from rrhf_ray.train.tokens import collate, encode
 
 logger = logging.getLogger(__name__)
 
@@ -87,31 +90,14 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Te
 def encode_text(tokenizer: Any, query: str, response: str, max_length: int) -> list[int]:
     """Token ids of query + response within `max_length`, the query cut from the left; the
     tokenizer's special tokens (BOS / CLS … SEP) wrap the whole. Same ids as RewardScorer.encode."""
-    body = tokenizer(query, add_special_tokens=False)["input_ids"]
-    full = tokenizer(query)["input_ids"]
-    start = next((i for i in range(len(full) - len(body) + 1) if full[i : i + len(body)] == body), 0)
-    prefix, suffix = full[:start], full[start + len(body) :]
-    reply = tokenizer(response, add_special_tokens=False)["input_ids"]
-    room = max_length - len(prefix) - len(suffix) - len(reply)
-    if room < 0:  # the response alone is too long: keep its start, drop the query
-        return prefix + reply[: max_length - len(prefix) - len(suffix)] + suffix
-    return prefix + body[max(0, len(body) - room) :] + reply + suffix
-
-
-def _pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):  # right padding; the model reads the last non-pad token
-        input_ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return input_ids, mask
+    return encode(tokenizer, query, response, max_length, policy=False)[0]
 
 
 def rewards(model: torch.nn.Module, rows: Sequence[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:
-    """One forward over `rows` (token ids): the [N] rewards."""
-    input_ids, mask = _pad(rows, pad_id)
-    return model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits[:, 0]
+    """One forward over `rows` (token ids, right-padded; the model reads the last non-pad
+    token): the [N] rewards."""
+    batch = collate(rows, pad_id).to(device)
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, 0]
 
 
 def load_reward_backbone(path: str, cfg: TrainConfig, trust_remote_code: bool, tokenizer: Any) -> torch.nn.Module:
@@ -123,34 +109,6 @@ def load_reward_backbone(path: str, cfg: TrainConfig, trust_remote_code: bool, t
     )
     model.config.pad_token_id = tokenizer.pad_token_id
     return prepare_model(model, cfg, "SEQ_CLS")
-
-
-class _RMMeter:
-    """Pair-weighted mean loss, pairwise accuracy and reward margin; tokens/s."""
-
-    def __init__(self) -> None:
-        self.loss, self.margin = 0.0, 0.0
-        self.pairs = self.correct = self.tokens = 0
-        self.start = time.perf_counter()
-
-    def add(self, result: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]) -> None:
-        losses, chosen, rejected, tokens = result
-        self.loss += float(losses.sum())
-        self.margin += float((chosen - rejected).sum())
-        self.correct += int((chosen > rejected).sum())
-        self.pairs += len(losses)
-        self.tokens += tokens
-
-    def summary(self) -> dict[str, float]:
-        p = max(self.pairs, 1)
-        seconds = time.perf_counter() - self.start
-        return {
-            "loss": self.loss / p,
-            "accuracy": self.correct / p,
-            "margin": self.margin / p,
-            "tokens_per_s": self.tokens / seconds if seconds > 0 else 0.0,
-            "pairs": float(self.pairs),
-        }
 
 
 def _accuracy(model: torch.nn.Module, encoded: Sequence[tuple[list[int], list[int]]], pad_id: int,
@@ -186,7 +144,7 @@ def rm_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
         held = [enc(p) for p in eval_pairs]
         pad_id = tokenizer.pad_token_id
 
-        def micro_batch(model: torch.nn.Module, mb: MicroBatch) -> tuple:
+        def micro_batch(model: torch.nn.Module, mb: MicroBatch) -> Measured:
             part = [encoded[i] for i in mb.indices]
             with mb.sync_ctx():
                 with mb.autocast():  # chosen and rejected in one forward: one DDP sync per pass
@@ -195,14 +153,18 @@ def rm_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
                 losses = bradley_terry_loss(chosen, rejected)
                 (losses.sum() * mb.scale).backward()
             tokens = sum(len(c) + len(x) for c, x in part)
-            return losses.detach(), chosen.detach().float(), rejected.detach().float(), tokens
+            n = float(len(part))
+            diff = (chosen - rejected).detach().float()
+            return Measured({"loss": (float(losses.detach().sum()), n),
+                             "accuracy": (float((diff > 0).sum()), n),
+                             "margin": (float(diff.sum()), n)}, tokens, {"pairs": n})
 
         def evaluate(model: torch.nn.Module) -> dict[str, float]:
             acc, margin = _accuracy(model, held, pad_id, device, cfg.micro_batch_queries)
             return {"eval_accuracy": acc, "eval_margin": margin}
 
         return Recipe(
-            "reward-model", len(encoded), micro_batch, _RMMeter,
+            "reward-model", len(encoded), micro_batch,
             lambda s: f"loss {s['loss']:.4f} acc {s['accuracy']:.3f} margin {s['margin']:.3f}",
             evaluate=evaluate if held else None,
         )

@@ -3,8 +3,8 @@
 `train_loop_per_worker(config)` is the whole training loop of one worker. It runs on its own in
 a single process (tests, debugging) and, unchanged, inside `ray.train.torch.TorchTrainer`
 (`fit` below), which starts W workers with a process group (gloo on CPU, NCCL on GPU). The loop
-(optimizer, accumulation, checkpoints, resume) is `trainer_core.run_worker`, shared with the SFT
-and reward-model trainers; this module adds the RRHF forward and loss.
+(optimizer, accumulation, checkpoints, resume) is `rrhf_ray.train.core.run_worker`, shared with
+the SFT and reward-model trainers; this module adds the RRHF forward and loss.
 
 Batching, exactly: an optimizer step covers `queries_per_step` query groups over all workers;
 worker w takes the step's groups w, w+W, …, in micro-batches of `micro_batch_queries` queries
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,26 +26,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rrhf_ray.config import TrainConfig
 from rrhf_ray.loss import RRHFLossOutput, rrhf_loss, sequence_logprobs
-from rrhf_ray.pool import QueryGroup, read_groups
-
-# The shared machinery lives in trainer_core; these names stay importable from here.
-from rrhf_ray.trainer_core import (  # noqa: F401
-    OPTIMIZER_FILE,
-    STATE_FILE,
+from rrhf_ray.train.core import (
+    Measured,
     MicroBatch,
     Recipe,
     fit_job,
-    install_dir,
-    plan_steps,
+    load_causal_lm,
+    load_tokenizer,
     run_worker,
-    save_hf_checkpoint,
 )
-from rrhf_ray.trainer_core import device_for as _device  # noqa: F401
-from rrhf_ray.trainer_core import load_causal_lm as _load_model
-from rrhf_ray.trainer_core import load_tokenizer as _load_tokenizer
-from rrhf_ray.trainer_core import rank_world as _rank_world  # noqa: F401
-from rrhf_ray.trainer_core import unwrap as _unwrap  # noqa: F401
-from rrhf_ray.trainer_core import wrap_distributed as _wrap_distributed  # noqa: F401
+from rrhf_ray.train.tokens import collate, encode
+from rrhf_ray.types import QueryGroup, read_groups
 
 logger = logging.getLogger(__name__)
 
@@ -78,35 +68,14 @@ class EncodedGroup:
 
 
 def encode_group(tokenizer: Any, group: QueryGroup, max_length: int) -> EncodedGroup:
-    """Tokenize query and each response separately (no BPE merge across the boundary), close each
-    response with EOS, and fit query + response into `max_length` by cutting the query from the
-    left; a response longer than the budget is cut from the right (then it has no EOS)."""
-    query_ids = tokenizer(group.query, add_special_tokens=True)["input_ids"]
-    eos = tokenizer.eos_token_id
+    """Each candidate as a policy sequence (`rrhf_ray.train.tokens.encode`): query and response
+    tokenized apart, the response closed with EOS, the query cut from the left to fit."""
     ids, starts = [], []
     for response in group.responses:
-        resp = tokenizer(response, add_special_tokens=False)["input_ids"] + [eos]
-        resp = resp[: max_length - 1]  # at least one query token predicts the first response token
-        q = query_ids[-(max_length - len(resp)) :]
-        ids.append(q + resp)
-        starts.append(len(q))
+        row, start = encode(tokenizer, group.query, response, max_length)
+        ids.append(row)
+        starts.append(start)
     return EncodedGroup(ids=ids, starts=starts, rewards=list(group.scores))
-
-
-def collate(
-    candidates: Sequence[tuple[list[int], int]], pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad candidates → input_ids, attention_mask, response_mask, each [N, T]."""
-    width = max(len(ids) for ids, _ in candidates)
-    n = len(candidates)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    attention = torch.zeros((n, width), dtype=torch.long)
-    response = torch.zeros((n, width), dtype=torch.bool)
-    for row, (ids, start) in enumerate(candidates):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention[row, : len(ids)] = 1
-        response[row, start : len(ids)] = True
-    return input_ids, attention, response
 
 
 # --------------------------------------------------------------------------- forward + loss
@@ -116,9 +85,9 @@ def candidate_logprobs(
     model: torch.nn.Module, candidates: Sequence[tuple[list[int], int]], pad_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ log π over response tokens, response lengths) of each candidate, in one forward."""
-    input_ids, attention, response = (t.to(device) for t in collate(candidates, pad_id))
-    logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
-    return sequence_logprobs(logits, input_ids, response)
+    batch = collate(candidates, pad_id).to(device)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    return sequence_logprobs(logits, batch.input_ids, batch.response_mask)
 
 
 def _batch_layout(groups: Sequence[EncodedGroup]) -> tuple[list[tuple[list[int], int]], list[tuple[int, int]], int]:
@@ -168,9 +137,9 @@ def micro_batch_loss(
     for bi, i in where:
         rewards[bi, i] = groups[bi].rewards[i]
         valid[bi, i] = True
-    loss_kwargs = dict(
-        rank_weight=cfg.rank_weight, length_penalty=cfg.length_penalty, sft_reduction=cfg.sft_reduction
-    )
+    loss_kwargs = {
+        "rank_weight": cfg.rank_weight, "length_penalty": cfg.length_penalty, "sft_reduction": cfg.sft_reduction
+    }
 
     def sync_ctx(last: bool) -> contextlib.AbstractContextManager:
         if no_sync is None or (last and sync_last):
@@ -203,39 +172,16 @@ def micro_batch_loss(
     return out, int(lengths.sum())
 
 
-class _EpochMeter:
-    """Query-weighted means of the loss terms, pair-weighted ranking accuracy, tokens/s."""
-
-    def __init__(self) -> None:
-        self.queries = self.pairs = self.correct = self.tokens = 0
-        self.loss = self.rank = self.sft = 0.0
-        self.start = time.perf_counter()
-
-    def add(self, result: tuple[RRHFLossOutput, int]) -> None:
-        out, tokens = result
-        q = int(out.query_mask.sum())
-        self.queries += q
-        self.loss += float(out.loss.detach()) * q
-        self.rank += float(out.rank_loss.detach()) * q
-        self.sft += float(out.sft_loss.detach()) * q
-        pairs = int(out.num_pairs)
-        self.pairs += pairs
-        if pairs:
-            self.correct += round(float(out.rank_accuracy) * pairs)
-        self.tokens += tokens
-
-    def summary(self) -> dict[str, float]:
-        q = max(self.queries, 1)
-        seconds = time.perf_counter() - self.start
-        return {
-            "loss": self.loss / q,
-            "rank_loss": self.rank / q,
-            "sft_loss": self.sft / q,
-            "rank_accuracy": self.correct / self.pairs if self.pairs else float("nan"),
-            "tokens_per_s": self.tokens / seconds if seconds > 0 else 0.0,
-            "response_tokens": float(self.tokens),
-            "queries": float(self.queries),
-        }
+def measure(out: RRHFLossOutput, tokens: int) -> Measured:
+    """The loss terms weighted by queries, ranking accuracy by pairs (for the epoch's `Meter`)."""
+    q = float(out.query_mask.sum())
+    pairs = float(out.num_pairs)
+    return Measured({
+        "loss": (float(out.loss.detach()) * q, q),
+        "rank_loss": (float(out.rank_loss.detach()) * q, q),
+        "sft_loss": (float(out.sft_loss.detach()) * q, q),
+        "rank_accuracy": (round(float(out.rank_accuracy) * pairs) if pairs else 0.0, pairs),
+    }, tokens, {"queries": q})
 
 
 def _log_line(s: dict[str, float]) -> str:
@@ -249,7 +195,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     Without Ray (`config.get("ray")` false) it trains in this process and writes the model to
     `job.output_dir`. Under `TorchTrainer` it reports metrics every epoch and a checkpoint
     (an HF directory) through `ray.train.report`, resuming from `ray.train.get_checkpoint()`.
-    Returns the last epoch's metrics. The loop itself is `trainer_core.run_worker`.
+    Returns the last epoch's metrics. The loop itself is `rrhf_ray.train.core.run_worker`.
     """
     job = TrainJob.model_validate(config["job"])
     cfg = job.train
@@ -259,17 +205,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
         encoded = [encode_group(tokenizer, g, cfg.max_length) for g in groups]
         pad_id = tokenizer.pad_token_id
 
-        def micro_batch(model: torch.nn.Module, mb: MicroBatch) -> tuple[RRHFLossOutput, int]:
-            return micro_batch_loss(
+        def micro_batch(model: torch.nn.Module, mb: MicroBatch) -> Measured:
+            return measure(*micro_batch_loss(
                 model, [encoded[i] for i in mb.indices], cfg, pad_id, mb.device, mb.scale,
                 no_sync=mb.no_sync, sync_last=mb.sync_last, autocast=mb.autocast,
-            )
+            ))
 
-        return Recipe("RRHF", len(encoded), micro_batch, _EpochMeter, _log_line,
+        return Recipe("RRHF", len(encoded), micro_batch, _log_line,
                       example_length=lambda i: max(len(ids) for ids in encoded[i].ids))
 
     def load(path: str, cfg: TrainConfig, trust_remote_code: bool, tokenizer: Any) -> torch.nn.Module:
-        return _load_model(path, cfg, trust_remote_code)
+        return load_causal_lm(path, cfg, trust_remote_code)
 
     return run_worker(job, bool(config.get("ray")), load, recipe)
 
@@ -297,7 +243,7 @@ def ranking_metrics(model_path: str, groups: Sequence[QueryGroup], max_length: i
     mean per-token NLL of each query's best candidate. No gradients, CPU/GPU as loaded."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = _load_tokenizer(model_path, False)
+    tokenizer = load_tokenizer(model_path, False)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True).eval()
     device = next(model.parameters()).device
     encoded = [encode_group(tokenizer, g, max_length) for g in groups]

@@ -2,19 +2,19 @@
 
 Causal-LM fine-tuning on (query, response) pairs with the prompt masked: the loss is the
 per-token mean of −log π(y_t | x, y_<t) over the response tokens and the EOS that closes the
-response, never over the query or the padding. Tokenisation is RRHF's own (`encode_group`):
-query and response tokenized apart, the query cut from the left to fit `max_length`, so the
-policy is fine-tuned on exactly the token layout the RRHF trainer scores later.
+response, never over the query or the padding. Tokenisation is RRHF's own policy sequence
+(`rrhf_ray.train.tokens.encode`): query and response tokenized apart, the query cut from the left
+to fit `max_length`, so the policy is fine-tuned on exactly the token layout the RRHF trainer
+scores later.
 
 The loop (DDP / FSDP, accumulation, LR schedule, clipping, LoRA, bf16, checkpoints, resume) is
-`trainer_core.run_worker`. A step's gradient is that of the mean NLL over all response tokens of
+`rrhf_ray.train.core.run_worker`. A step's gradient is that of the mean NLL over all response tokens of
 the step's pairs, whatever the split over workers and micro-batches.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,9 +23,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from rrhf_ray.config import TrainConfig
-from rrhf_ray.pairs import PairFormat, SFTPair, hold_out, read_sft_pairs
-from rrhf_ray.pool import QueryGroup
-from rrhf_ray.trainer_core import (
+from rrhf_ray.data.pairs import PairFormat, SFTPair, read_sft_pairs
+from rrhf_ray.data.queries import hold_out
+from rrhf_ray.train.core import (
+    Measured,
     MicroBatch,
     Recipe,
     fit_job,
@@ -34,11 +35,9 @@ from rrhf_ray.trainer_core import (
     load_tokenizer,
     run_worker,
 )
-from rrhf_ray.training import encode_group
+from rrhf_ray.train.tokens import IGNORE, Batch, collate, encode
 
 logger = logging.getLogger(__name__)
-
-IGNORE = -100  # label of a token that carries no loss (the query, the padding)
 
 
 class SFTJob(BaseModel):
@@ -75,32 +74,14 @@ def load_job_pairs(job: SFTJob) -> tuple[list[SFTPair], list[SFTPair]]:
 
 def encode_pair(tokenizer: Any, pair: SFTPair, max_length: int) -> tuple[list[int], int]:
     """(token ids of query + response + EOS, index of the first response token)."""
-    enc = encode_group(tokenizer, QueryGroup(query=pair.query, responses=[pair.response], scores=[0.0]),
-                       max_length)
-    return enc.ids[0], enc.starts[0]
+    return encode(tokenizer, pair.query, pair.response, max_length)
 
 
-def sft_batch(encoded: Sequence[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids, attention_mask and labels [N, T]; labels are the input ids on the
-    response tokens and the closing EOS, `IGNORE` on the query and the padding."""
-    width = max(len(ids) for ids, _ in encoded)
-    n = len(encoded)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    attention = torch.zeros((n, width), dtype=torch.long)
-    labels = torch.full((n, width), IGNORE, dtype=torch.long)
-    for row, (ids, start) in enumerate(encoded):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention[row, : len(ids)] = 1
-        labels[row, start : len(ids)] = torch.tensor(ids[start:])
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
-
-
-def nll_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, int]:
-    """(Σ −log π over the labelled tokens, their number). Position t predicts token t + 1."""
-    input_ids = batch["input_ids"].to(device)
-    labels = batch["labels"].to(device)
-    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device),
-                   use_cache=False).logits
+def nll_sum(model: torch.nn.Module, batch: Batch, device: torch.device) -> tuple[torch.Tensor, int]:
+    """(Σ −log π over the response tokens, their number). Position t predicts token t + 1."""
+    batch = batch.to(device)
+    labels = batch.labels()
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     target = labels[:, 1:]
     loss = torch.nn.functional.cross_entropy(
         logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1),
@@ -109,34 +90,11 @@ def nll_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torc
     return loss, int((target != IGNORE).sum())
 
 
-class _SFTMeter:
-    """Token-weighted mean NLL of the response tokens, and tokens/s."""
-
-    def __init__(self) -> None:
-        self.nll, self.tokens, self.pairs = 0.0, 0, 0
-        self.start = time.perf_counter()
-
-    def add(self, result: tuple[float, int, int]) -> None:
-        nll, tokens, pairs = result
-        self.nll += nll
-        self.tokens += tokens
-        self.pairs += pairs
-
-    def summary(self) -> dict[str, float]:
-        seconds = time.perf_counter() - self.start
-        return {
-            "loss": self.nll / max(self.tokens, 1),
-            "tokens_per_s": self.tokens / seconds if seconds > 0 else 0.0,
-            "response_tokens": float(self.tokens),
-            "pairs": float(self.pairs),
-        }
-
-
 def _mean_nll(model: torch.nn.Module, encoded: Sequence[tuple[list[int], int]], pad_id: int,
               device: torch.device, batch_size: int) -> float:
     total, tokens = 0.0, 0
     for s in range(0, len(encoded), batch_size):
-        loss, n = nll_sum(model, sft_batch(encoded[s : s + batch_size], pad_id), device)
+        loss, n = nll_sum(model, collate(encoded[s : s + batch_size], pad_id), device)
         total += float(loss)
         tokens += n
     return total / max(tokens, 1)
@@ -157,13 +115,13 @@ def sft_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
         held = [encode_pair(tokenizer, p, cfg.max_length) for p in eval_pairs]
         pad_id = tokenizer.pad_token_id
 
-        def micro_batch(model: torch.nn.Module, mb: MicroBatch) -> tuple[float, int, int]:
-            batch = sft_batch([encoded[i] for i in mb.indices], pad_id)
+        def micro_batch(model: torch.nn.Module, mb: MicroBatch) -> Measured:
+            batch = collate([encoded[i] for i in mb.indices], pad_id)
             with mb.sync_ctx():
                 with mb.autocast():
                     loss, tokens = nll_sum(model, batch, mb.device)
                 (loss * mb.scale).backward()
-            return float(loss.detach()), tokens, len(mb.indices)
+            return Measured({"loss": (float(loss.detach()), tokens)}, tokens, {"pairs": len(mb.indices)})
 
         def step_weight(indices: Sequence[int]) -> float:
             return float(sum(len(encoded[i][0]) - encoded[i][1] for i in indices))
@@ -172,7 +130,7 @@ def sft_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
             return {"eval_nll": _mean_nll(model, held, pad_id, device, cfg.micro_batch_queries)}
 
         return Recipe(
-            "SFT", len(encoded), micro_batch, _SFTMeter,
+            "SFT", len(encoded), micro_batch,
             lambda s: f"nll {s['loss']:.4f} {s['tokens_per_s']:.0f} tok/s",
             step_weight=step_weight, evaluate=evaluate if held else None,
             example_length=lambda i: len(encoded[i][0]),

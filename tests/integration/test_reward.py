@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from rrhf_ray.config import RewardConfig
-from rrhf_ray.reward import RewardError, RewardPool, RewardScorer
-from rrhf_ray.sampling import Candidate
-from rrhf_ray.sources import CandidateGroup
+from rrhf_ray.actors.scorer import RewardError, RewardPool, RewardScorer
+from rrhf_ray.types import Candidate
+from rrhf_ray.types import CandidateGroup
 
 pytestmark = pytest.mark.ray
 
@@ -136,7 +136,7 @@ def test_sample_and_score_commands_write_the_reference_format(ray_cluster, tmp_p
     import json
 
     from rrhf_ray.cli import main
-    from rrhf_ray.pool import read_groups
+    from rrhf_ray.types import read_groups
 
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"query": g.query, "responses": g.responses[1:],

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from rrhf_ray.config import SamplingConfig
-from rrhf_ray.sampling import MixedVersionsError, SamplerPool, get_samples, query_seed
+from rrhf_ray.actors.sampler import MixedVersionsError, SamplerPool, get_samples, query_seed
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 

@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from rrhf_ray.cli import main
 from rrhf_ray.config import RewardConfig, RunConfig
-from rrhf_ray.pairs import read_preference_pairs, read_sft_pairs
-from rrhf_ray.reward_model import encode_text, pairwise_accuracy, run_reward_model_stage
-from rrhf_ray.sft import heldout_nll
+from rrhf_ray.data.pairs import read_preference_pairs, read_sft_pairs
+from rrhf_ray.train.reward_model import encode_text, pairwise_accuracy, run_reward_model_stage
+from rrhf_ray.train.sft import heldout_nll
 from tests.stage_data import preference_rows, sft_rows, write_jsonl
 
 pytestmark = pytest.mark.ray
@@ -41,6 +41,7 @@ def test_reward_model_stage_trains_once_and_scores_the_same_in_reward_scorer(ray
     held_file = write_jsonl(tmp_path / "held.jsonl", preference_rows(16, held_out=True))
     run = RunConfig.model_validate({
         "model": {"name_or_path": str(tiny_model_dir)},
+        "data": {"source": str(data)}, "reward": {"rule": "builtin:demo"},
         "reward_model": {"data": str(data), "eval_data": str(held_file),
                          "train": {"epochs": 2, "lr": 1e-3, "queries_per_step": 8, "warmup_ratio": 0.0}},
         "output": {"dir": str(tmp_path / "run")},
@@ -58,7 +59,7 @@ def test_reward_model_stage_trains_once_and_scores_the_same_in_reward_scorer(ray
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
 
     # The project's reward actor loads it with from_pretrained alone and gets the same scores.
-    from rrhf_ray.reward import RewardScorer
+    from rrhf_ray.actors.scorer import RewardScorer
 
     queries = [p.query for p in pairs[:6] for _ in (0, 1)]
     responses = [r for p in pairs[:6] for r in (p.chosen, p.rejected)]

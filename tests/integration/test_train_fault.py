@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from rrhf_ray.config import TrainConfig
-from rrhf_ray.training import TrainJob, fit
+from rrhf_ray.train.rrhf import TrainJob, fit
 from tests.helpers import write_ranked
 
 pytestmark = pytest.mark.ray

@@ -8,9 +8,19 @@ from rrhf_ray.cli import main
 from rrhf_ray.config import ConfigError, RunConfig, TrainConfig, load_config
 
 
+# The three sections every run config must set; the tests below add what they exercise.
+REQUIRED = """model:
+  name_or_path: builtin:demo-tiny-llama
+data:
+  source: builtin:demo
+reward:
+  rule: builtin:demo
+"""
+
+
 def write(tmp_path, text):
     path = tmp_path / "run.yaml"
-    path.write_text(text)
+    path.write_text(REQUIRED + text)
     return path
 
 
@@ -49,14 +59,24 @@ def test_bad_override_syntax():
         load_config(None, ["train.lr"])
 
 
-def test_cross_field_checks():
+def test_required_sections_have_no_empty_default(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("rounds: 2\ndata:\n  source: ''\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "model: required, not set" in str(err.value)
+    assert "reward: required, not set" in str(err.value)
+    assert "data.source: String should have at least 1 character" in str(err.value)
+
+
+def test_cross_field_checks(tmp_path):
     with pytest.raises(ValueError, match="fsdp"):
         TrainConfig(strategy="fsdp")
     with pytest.raises(ValueError, match="queries_per_step"):
         TrainConfig(queries_per_step=4, micro_batch_queries=4, num_workers=2)
     assert TrainConfig(queries_per_step=64, micro_batch_queries=2, num_workers=4).accumulation_steps == 8
     with pytest.raises(ValueError, match="reward.rule is not set"):
-        load_config(None, ["reward.rule=null"])
+        load_config(write(tmp_path, ""), ["reward.rule=null"])
 
 
 def test_validate_command_prints_resolved_config(tmp_path, capsys):

@@ -15,14 +15,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from rrhf_ray.config import DataConfig
-from rrhf_ray.data import (
+from rrhf_ray.data.queries import (
     QueryRecord,
     SourceStats,
     load_data,
-    register_builtin,
     truncate_query,
 )
-from rrhf_ray.pool import DataError
+from rrhf_ray.registry import register
+from rrhf_ray.types import DataError
 
 H, A = "\n\nHuman:", "\n\nAssistant:"
 
@@ -144,7 +144,7 @@ def test_hh_rlhf_split_at_last_assistant_turn_and_diverging_rows(
     write_jsonl(repo / "train.jsonl", rows)
     write_jsonl(repo / "test.jsonl", [{"chosen": f"{H} q{A} yes", "rejected": f"{H} q{A} no"}])
 
-    with caplog.at_level(logging.INFO, logger="rrhf_ray.data"):
+    with caplog.at_level(logging.INFO, logger="rrhf_ray.data.queries"):
         data = load_data(cfg(repo))
 
     by_query = {r.query: r for r in data.train}
@@ -237,15 +237,14 @@ def test_save_to_disk_directories(tmp_path: Path) -> None:
 
 
 def test_builtin_loaders(tmp_path: Path) -> None:
-    register_builtin("test-list", lambda: [QueryRecord(f"q{i}") for i in range(5)])
-    register_builtin(
-        "test-splits",
+    register("data", "test-list", lambda: [QueryRecord(f"q{i}") for i in range(5)])
+    register("data", "test-splits",
         lambda: {
             "train": [QueryRecord("a"), QueryRecord("b", (" y",), (1.0,))],
             "test": [QueryRecord("c")],
         },
     )
-    register_builtin("test-rows", lambda: [{"query": "r1"}, {"query": "r2"}])
+    register("data", "test-rows", lambda: [{"query": "r1"}, {"query": "r2"}])
     data = load_data(DataConfig(source="builtin:test-list", eval_fraction=0.2))
     assert sorted(r.query for r in data.train + data.eval) == [f"q{i}" for i in range(5)]
     assert len(data.eval) == 1
@@ -257,7 +256,7 @@ def test_builtin_loaders(tmp_path: Path) -> None:
     assert sorted(r.query for r in data.train) == ["r1", "r2"]  # rows in a layout work too
     assert QueryRecord("b", (" y",), (1.0,)).sources == ("dataset",)
 
-    with pytest.raises(DataError, match=r"unknown builtin data set 'nope'.*test-list"):
+    with pytest.raises(DataError, match=r"unknown built-in data builtin:nope.*test-list"):
         load_data(DataConfig(source="builtin:nope"))
 
 
@@ -464,7 +463,7 @@ def test_unreadable_sources(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"empty\.jsonl holds no rows"):
         load_data(cfg(write_jsonl(tmp_path / "empty.jsonl", [])))
     with pytest.raises(DataError, match=r"data\.source is not set"):
-        load_data(DataConfig())
+        load_data(DataConfig.model_construct(source="  "))
 
     repo = tmp_path / "rm"
     write_parquet(repo / "data" / "train-0.parquet", [rm_row(0)])
@@ -479,4 +478,5 @@ def test_config_rejects_unknown_format_and_bad_fraction() -> None:
         DataConfig(format="csv")
     with pytest.raises(ValidationError, match="eval_fraction"):
         DataConfig(eval_fraction=1.0)
-    assert DataConfig().format == "auto" and DataConfig().eval_fraction == 0.05
+    default = DataConfig(source="x.jsonl")
+    assert default.format == "auto" and default.eval_fraction == 0.05

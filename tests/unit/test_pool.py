@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from rrhf_ray.pool import DataError, QueryGroup, read_groups, reward_stats, write_groups
+from rrhf_ray.types import DataError, QueryGroup, read_groups, reward_stats, write_groups
 
 
 def write_lines(path, rows):

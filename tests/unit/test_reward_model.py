@@ -12,16 +12,16 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rrhf_ray.config import LoraConfig, TrainConfig
-from rrhf_ray.pairs import read_preference_pairs
-from rrhf_ray.pool import DataError
-from rrhf_ray.reward_model import (
+from rrhf_ray.data.pairs import read_preference_pairs
+from rrhf_ray.types import DataError
+from rrhf_ray.train.reward_model import (
     RewardModelJob,
     bradley_terry_loss,
     encode_text,
     pairwise_accuracy,
     rm_loop_per_worker,
 )
-from rrhf_ray.trainer_core import is_finished_model
+from rrhf_ray.train.core import is_finished_model
 from tests.stage_data import preference_rows, write_jsonl
 
 CFG = TrainConfig(epochs=2, lr=1e-3, queries_per_step=8, micro_batch_queries=4, warmup_ratio=0.0)
@@ -135,7 +135,7 @@ def test_malformed_hh_rows_are_named(tmp_path):
 
 def test_fit_validates_before_any_worker_starts(tiny_model_dir, tmp_path):
     """fit_reward_model raises on a bad row without needing (or touching) a Ray cluster."""
-    from rrhf_ray.reward_model import fit_reward_model
+    from rrhf_ray.train.reward_model import fit_reward_model
 
     path = write_jsonl(tmp_path / "bad.jsonl", [preference_rows(1)[0], {"query": "q", "chosen": "a", "rejected": "a"}])
     job = RewardModelJob(model_path=str(tiny_model_dir), data_path=str(path), output_dir=str(tmp_path / "o"))

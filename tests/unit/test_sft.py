@@ -10,10 +10,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rrhf_ray.config import TrainConfig
-from rrhf_ray.pairs import SFTPair, read_sft_pairs
-from rrhf_ray.pool import DataError
-from rrhf_ray.sft import IGNORE, SFTJob, encode_pair, heldout_nll, nll_sum, sft_batch, sft_loop_per_worker
-from rrhf_ray.training import candidate_logprobs
+from rrhf_ray.data.pairs import SFTPair, read_sft_pairs
+from rrhf_ray.types import DataError
+from rrhf_ray.train.sft import SFTJob, encode_pair, heldout_nll, nll_sum, sft_loop_per_worker
+from rrhf_ray.train.tokens import IGNORE, Batch, collate
+from rrhf_ray.train.rrhf import candidate_logprobs
 from tests.stage_data import preference_rows, sft_rows, write_jsonl
 
 
@@ -26,15 +27,15 @@ def test_labels_mask_the_prompt_and_padding_and_keep_the_eos(tokenizer):
     short = SFTPair("\n\nHuman: hi\n\nAssistant:", " Hello")
     long = SFTPair("\n\nHuman: how are you today?\n\nAssistant:", " Very well, thank you for asking!")
     enc = [encode_pair(tokenizer, p, 64) for p in (short, long)]
-    batch = sft_batch(enc, tokenizer.pad_token_id)
+    batch = collate(enc, tokenizer.pad_token_id)
     q = tokenizer(short.query)["input_ids"]
     r = tokenizer(short.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    labels = batch["labels"][0].tolist()
-    width = batch["input_ids"].shape[1]
-    assert batch["input_ids"][0, : len(q) + len(r)].tolist() == q + r
+    labels = batch.labels()[0].tolist()
+    width = batch.input_ids.shape[1]
+    assert batch.input_ids[0, : len(q) + len(r)].tolist() == q + r
     assert labels == [IGNORE] * len(q) + r + [IGNORE] * (width - len(q) - len(r))
-    assert batch["attention_mask"][0].tolist() == [1] * (len(q) + len(r)) + [0] * (width - len(q) - len(r))
-    assert (batch["labels"][1] != IGNORE).sum() == len(enc[1][0]) - enc[1][1]  # no padding in row 1
+    assert batch.attention_mask[0].tolist() == [1] * (len(q) + len(r)) + [0] * (width - len(q) - len(r))
+    assert (batch.labels()[1] != IGNORE).sum() == len(enc[1][0]) - enc[1][1]  # no padding in row 1
 
 
 def test_the_loss_is_the_response_nll_only(tiny_model_dir, tokenizer):
@@ -45,13 +46,13 @@ def test_the_loss_is_the_response_nll_only(tiny_model_dir, tokenizer):
     enc = [encode_pair(tokenizer, p, 96) for p in pairs]
     cpu = torch.device("cpu")
     with torch.no_grad():
-        loss, tokens = nll_sum(model, sft_batch(enc, tokenizer.pad_token_id), cpu)
+        loss, tokens = nll_sum(model, collate(enc, tokenizer.pad_token_id), cpu)
         logp, lengths = candidate_logprobs(model, enc, tokenizer.pad_token_id, cpu)
     assert tokens == int(lengths.sum()) == sum(len(ids) - s for ids, s in enc)
     assert loss.item() == pytest.approx(-logp.sum().item(), rel=1e-5)
     # Labelling the prompt too adds its tokens to the sum: the masking above is what removed them.
-    batch = sft_batch(enc, tokenizer.pad_token_id)
-    full = batch | {"labels": torch.where(batch["attention_mask"].bool(), batch["input_ids"], IGNORE)}
+    batch = collate(enc, tokenizer.pad_token_id)
+    full = Batch(batch.input_ids, batch.attention_mask, batch.attention_mask.bool())
     with torch.no_grad():
         loss_all, tokens_all = nll_sum(model, full, cpu)
     assert tokens_all == sum(len(ids) - 1 for ids, _ in enc) > tokens
@@ -98,11 +99,12 @@ def test_malformed_sft_rows_are_named(tmp_path, row, message):
 
 def test_sft_stage_trains_once_then_reuses_its_output(tiny_model_dir, tmp_path):
     from rrhf_ray.config import RunConfig
-    from rrhf_ray.sft import run_sft_stage
+    from rrhf_ray.train.sft import run_sft_stage
 
     data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(8))
     run = RunConfig.model_validate({
         "model": {"name_or_path": str(tiny_model_dir)},
+        "data": {"source": str(data)}, "reward": {"rule": "builtin:demo"},
         "sft": {"data": str(data), "eval_fraction": 0.25,
                 "train": {"epochs": 1, "queries_per_step": 3, "micro_batch_queries": 3}},
     })
@@ -127,7 +129,7 @@ def test_one_batch_equals_single_examples_in_gradient(tiny_model_dir, tokenizer)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
         for batch in batches:
-            loss, _ = nll_sum(model, sft_batch(batch, tokenizer.pad_token_id), torch.device("cpu"))
+            loss, _ = nll_sum(model, collate(batch, tokenizer.pad_token_id), torch.device("cpu"))
             (loss / tokens).backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from rrhf_ray.pool import DataError, read_groups, write_groups
-from rrhf_ray.sampling import Candidate, query_seed
-from rrhf_ray.sources import (
+from rrhf_ray.actors.sampler import query_seed
+from rrhf_ray.data.candidates import combine, dataset_candidates, get_preset, read_external
+from rrhf_ray.types import (
+    Candidate,
     CandidateGroup,
-    combine,
-    dataset_candidates,
-    get_preset,
+    DataError,
     merge_duplicates,
-    read_external,
+    read_groups,
+    write_groups,
 )
 
 Q1 = "\n\nHuman: How do I reset my password?\n\nAssistant:"
@@ -23,8 +23,8 @@ Q2 = "\n\nHuman: How do I water a cactus?\n\nAssistant:"
 
 
 def _record(query: str, responses: list[str], sources: list[str]):
-    """A data-set record; uses rrhf_ray.data.QueryRecord when that module is present."""
-    from rrhf_ray.data import QueryRecord
+    """A data-set record (rrhf_ray.data.queries.QueryRecord)."""
+    from rrhf_ray.data.queries import QueryRecord
 
     return QueryRecord(query, tuple(responses), tuple(float(-i) for i in range(len(responses))),
                        tuple(sources))

@@ -8,16 +8,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rrhf_ray.config import LoraConfig, TrainConfig
-from rrhf_ray.pool import QueryGroup, read_groups
-from rrhf_ray.training import (
+from rrhf_ray.train.core import load_causal_lm, plan_steps, save_hf_checkpoint
+from rrhf_ray.train.rrhf import (
     TrainJob,
     candidate_logprobs,
     encode_group,
     micro_batch_loss,
-    plan_steps,
-    save_hf_checkpoint,
     train_loop_per_worker,
 )
+from rrhf_ray.types import QueryGroup, read_groups
 from tests.helpers import ranked_rows, write_ranked
 
 
@@ -67,12 +66,11 @@ def test_padding_does_not_change_a_candidates_log_probability(tiny_model_dir, to
 
 
 def gradients(model_dir, tokenizer, groups, split: list[int], chunk: int | None, checkpointing: bool = False):
-    from rrhf_ray.training import _load_model
 
     torch.manual_seed(0)
     cfg = TrainConfig(queries_per_step=len(groups), candidate_chunk_size=chunk,
                       gradient_checkpointing=checkpointing)
-    model = _load_model(str(model_dir), cfg, False)
+    model = load_causal_lm(str(model_dir), cfg, False)
     model.train()
     enc = [encode_group(tokenizer, g, 96) for g in groups]
     start = 0
@@ -106,10 +104,9 @@ def test_plan_steps_covers_every_group_once():
 
 
 def test_lora_checkpoint_is_merged_and_reloads_to_the_same_logits(tiny_model_dir, tokenizer, tmp_path):
-    from rrhf_ray.training import _load_model
 
     cfg = TrainConfig(lora=LoraConfig(enabled=True, r=4))
-    model = _load_model(str(tiny_model_dir), cfg, False)
+    model = load_causal_lm(str(tiny_model_dir), cfg, False)
     with torch.no_grad():  # make the adapter do something: B starts at zero
         for n, p in model.named_parameters():
             if "lora_B" in n:

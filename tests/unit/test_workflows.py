@@ -1,4 +1,5 @@
-"""Every run config users submit (workflows/*.yaml) passes `rrhf-ray validate` as it is."""
+"""Every run config users submit (workflows/*.yaml, and the packaged default) passes
+`rrhf-ray validate` as it is."""
 
 from __future__ import annotations
 
@@ -13,7 +14,13 @@ WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.y
 
 
 def test_there_are_workflows():
-    assert {p.name for p in WORKFLOWS} >= {"demo.yaml", "hh_llama7b.yaml"}
+    assert {p.name for p in WORKFLOWS} >= {"hh_llama7b.yaml"}
+
+
+def test_validate_without_a_config_resolves_the_packaged_default(capsys):
+    assert main(["validate", "rounds=2"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "rounds: 2" in out and "builtin:demo-tiny-llama" in out
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
@@ -23,7 +30,7 @@ def test_workflow_validates(path, capsys):
 
 
 def test_hh_llama7b_has_the_papers_settings():
-    """RRHF.md §"Reference hyper-parameters": the values a faithful 7B run needs."""
+    """docs/algorithm.md §"Reference hyper-parameters": the values a faithful 7B run needs."""
     c = load_config(Path(__file__).resolve().parents[2] / "workflows" / "hh_llama7b.yaml")
     assert c.data.source == "Dahoas/rm-static" and c.data.format == "rm-static"
     assert c.reward.kind == "model" and c.reward.model == "Dahoas/gptj-rm-static"

@@ -1,0 +1,166 @@
+"""The prefix-shared forward equals the padded one: log-probs and every parameter's gradient."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from rrhf_ray.train.prefix import (
+    PackedQueries,
+    PrefixSharedForward,
+    candidate_logprobs_padded,
+    candidate_logprobs_shared,
+    supports_prefix_sharing,
+    tokens_computed,
+)
+
+VOCAB = 1000
+ARCHS = ["llama", "qwen2", "mistral", "gpt_neox"]
+
+
+def _build_tiny_llama(out_dir: Path) -> Path:
+    try:
+        from rrhf_ray.demo.tiny import build_tiny_llama
+    except ImportError:  # before the move
+        from rrhf_ray.tiny import build_tiny_llama
+    return build_tiny_llama(out_dir, hidden_size=128, num_layers=2, num_heads=2, seed=0)
+
+
+def _random_model(arch: str) -> torch.nn.Module:
+    """A randomly initialised tiny model of another architecture: hidden 128, 2 heads, 2 layers."""
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=128, num_attention_heads=2, num_hidden_layers=2,
+                  intermediate_size=256, max_position_embeddings=512, tie_word_embeddings=False)
+    if arch == "qwen2":
+        config = tf.Qwen2Config(num_key_value_heads=1, **common)  # GQA, q/k/v biases
+        cls = tf.Qwen2ForCausalLM
+    elif arch == "mistral":
+        config = tf.MistralConfig(num_key_value_heads=1, **common)  # sliding-window cache layers
+        cls = tf.MistralForCausalLM
+    elif arch == "gpt_neox":
+        config = tf.GPTNeoXConfig(rotary_pct=0.5, **common)  # partial rotary, parallel residual
+        cls = tf.GPTNeoXForCausalLM
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(0)
+    return cls(config)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.nn.Module]:
+    from transformers import AutoModelForCausalLM
+
+    out = {}
+    llama_dir = _build_tiny_llama(tmp_path_factory.mktemp("prefix") / "tiny-llama")
+    out["llama"] = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    for arch in ARCHS[1:]:
+        out[arch] = _random_model(arch)
+    for model in out.values():
+        model.float().eval()
+    return out
+
+
+def _batch(vocab: int, seed: int = 0) -> PackedQueries:
+    """3 queries, P = 5, 17, 40, k = 1, 3, 6, responses of 1..30 tokens."""
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+    prompts, responses = [], []
+    for p, k in [(5, 1), (17, 3), (40, 6)]:
+        prompts.append([1] + ids(p - 1))
+        lens = torch.randint(1, 31, (k,), generator=g).tolist()
+        responses.append([ids(n - 1) + [2] for n in lens])
+    responses[2][0] = [7]  # a one-token response beside longer ones
+    return PackedQueries(prompts, responses)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logprobs_equal(models: dict[str, torch.nn.Module], arch: str) -> None:
+    model = models[arch]
+    batch = _batch(model.config.vocab_size)
+    assert supports_prefix_sharing(model)
+    with torch.no_grad():
+        ref, ref_len = candidate_logprobs_padded(model, batch)
+        got, got_len = candidate_logprobs_shared(model, batch)
+    assert got.dtype == torch.float32 and got.shape == (10,)
+    assert got_len.tolist() == [len(r) for r in batch.flat_responses] == ref_len.tolist()
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gradients_equal(models: dict[str, torch.nn.Module], arch: str) -> None:
+    model = models[arch]
+    batch = _batch(model.config.vocab_size, seed=1)
+    weights = torch.randn(sum(batch.num_candidates), generator=torch.Generator().manual_seed(2))
+
+    def grads(fn) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        logp, _ = fn(model, batch)
+        (logp * weights).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref = grads(candidate_logprobs_padded)
+    got = grads(candidate_logprobs_shared)
+    model.zero_grad(set_to_none=True)
+    assert got.keys() == ref.keys() and len(ref) > 0
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_single_query_one_token(models: dict[str, torch.nn.Module]) -> None:
+    model = models["llama"]
+    batch = PackedQueries([[1, 50, 60]], [[[2]]])
+    with torch.no_grad():
+        ref, _ = candidate_logprobs_padded(model, batch)
+        got, lengths = PrefixSharedForward(model)(batch)
+    assert lengths.tolist() == [1]
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+
+
+def test_gradient_checkpointing_falls_back(models: dict[str, torch.nn.Module]) -> None:
+    model = models["llama"]
+    batch = _batch(model.config.vocab_size)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    try:
+        assert not supports_prefix_sharing(model)
+        with pytest.raises(RuntimeError, match="cache"):
+            candidate_logprobs_shared(model, batch)
+        with torch.no_grad():
+            got, _ = PrefixSharedForward(model)(batch)  # padded fallback
+            ref, _ = candidate_logprobs_padded(model, batch)
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    finally:
+        model.gradient_checkpointing_disable()
+        model.eval()
+    assert supports_prefix_sharing(model)
+
+
+def test_supports_prefix_sharing_allow_list() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=2))
+    assert not supports_prefix_sharing(gpt2)
+    assert not supports_prefix_sharing(torch.nn.Linear(2, 2))
+
+
+def test_packed_queries_validation() -> None:
+    with pytest.raises(ValueError):
+        PackedQueries([[1]], [])
+    with pytest.raises(ValueError):
+        PackedQueries([[1]], [[]])
+    with pytest.raises(ValueError):
+        PackedQueries([[1]], [[[]]])
+    with pytest.raises(ValueError):
+        PackedQueries([[]], [[[2]]])
+
+
+def test_tokens_computed() -> None:
+    assert tokens_computed(200, [10, 20, 30], shared=True) == 260
+    assert tokens_computed(200, [10, 20, 30], shared=False) == 660
+    assert tokens_computed(5, [1], shared=True) == tokens_computed(5, [1], shared=False) == 6
