@@ -52,8 +52,8 @@ def pool_generate(model_dir: Path, prompts: list[str], args: argparse.Namespace)
     """(candidate tokens, seconds, start-up seconds) of a SamplerPool."""
     import ray
 
-    from rrhf_ray.config import SamplingConfig
     from rrhf_ray.actors.sampler import SamplerPool, count_tokens
+    from rrhf_ray.config import SamplingConfig
 
     cpus = os.cpu_count() or 2
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)

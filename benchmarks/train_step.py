@@ -25,7 +25,7 @@ from rrhf_ray.config import TrainConfig
 from rrhf_ray.demo.tiny import DEFAULT_CORPUS, build_tiny_llama
 from rrhf_ray.train.rrhf import TrainJob, train_loop_per_worker
 
-WORDS = "please thank you sure step first then next carefully water heat mix wait check done".split()
+WORDS = ["please", "thank", "you", "sure", "step", "first", "then", "next", "carefully", "water", "heat", "mix", "wait", "check", "done"]
 
 
 def make_pool(path: Path, n: int, k: int, seed: int) -> Path:
@@ -47,8 +47,8 @@ def reference_loop(model_dir: Path, data: Path, max_length: int = 192) -> tuple[
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rrhf_ray.loss import rrhf_loss
-    from rrhf_ray.types import read_groups
     from rrhf_ray.train.rrhf import candidate_logprobs, encode_group
+    from rrhf_ray.types import read_groups
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
@@ -97,14 +97,14 @@ def main() -> None:
         data = make_pool(tmp / "pool.jsonl", args.queries, args.k, seed=0)
         rows = [
             (f"rrhf-ray: 1 query/forward, {args.micro_batch}/step",
-             dict(queries_per_step=args.micro_batch, micro_batch_queries=1)),
+             {"queries_per_step": args.micro_batch, "micro_batch_queries": 1}),
             (f"rrhf-ray: 2 queries/forward, {args.micro_batch}/step (length-sorted)",
-             dict(queries_per_step=args.micro_batch, micro_batch_queries=2)),
+             {"queries_per_step": args.micro_batch, "micro_batch_queries": 2}),
             (f"rrhf-ray: {args.micro_batch} queries/forward",
-             dict(queries_per_step=args.micro_batch, micro_batch_queries=args.micro_batch)),
+             {"queries_per_step": args.micro_batch, "micro_batch_queries": args.micro_batch}),
             (f"rrhf-ray: {args.micro_batch} q/forward, chunks of {args.k}",
-             dict(queries_per_step=args.micro_batch, micro_batch_queries=args.micro_batch,
-                  candidate_chunk_size=args.k)),
+             {"queries_per_step": args.micro_batch, "micro_batch_queries": args.micro_batch,
+                  "candidate_chunk_size": args.k}),
         ]
         results = [("reference: 1 query/step, k padded", *reference_loop(model, data))]
         for name, kw in rows:

@@ -13,6 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from rrhf_ray import registry
 from rrhf_ray.config import (
     ConfigError,
     TrainConfig,
@@ -20,15 +23,10 @@ from rrhf_ray.config import (
     build,
     dump_config,
     load_config,
+    local_path,
 )
 from rrhf_ray.types import DataError
-from rrhf_ray.workflow import (
-    build_pools,
-    connect_ray,
-    local_path,
-    sample_stage,
-    with_absolute_paths,
-)
+from rrhf_ray.workflow import build_pools, connect_ray, sample_stage
 
 logger = logging.getLogger("rrhf_ray")
 
@@ -46,8 +44,15 @@ def _load_run_config(args: argparse.Namespace) -> tuple[str, Any]:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    """The resolved config, then what `rrhf_ray.preflight` checked (as YAML comments, so the
+    output stays a loadable config); a config that `run` would refuse exits 2 here."""
+    from rrhf_ray.preflight import check_run
+
     _, config = _load_run_config(args)
+    checked = check_run(config)
     print(dump_config(config), end="")
+    for line in checked.lines:
+        print(f"# {line}")
     return 0
 
 
@@ -95,12 +100,11 @@ class _PathThenOverrides(argparse.Action):
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from rrhf_ray.data.candidates import get_preset, read_external
+    from rrhf_ray.preflight import check_sample
 
-    config = with_absolute_paths(load_config(args.config, args.overrides))
-    preset = get_preset(config.sampling.preset)
+    checked = check_sample(load_config(args.config, args.overrides))  # model, lengths, external files
+    config, preset, external = checked.config, checked.preset, checked.external
     queries, records = _sample_queries(config)  # every row validated before engines start
-    external = [read_external(p) for p in config.sampling.external]
     pools = {}
     if preset.policy is not None:
         connect_ray(config)
@@ -123,10 +127,11 @@ def _cmd_score(args: argparse.Namespace) -> int:
     import ray
 
     from rrhf_ray.actors.scorer import RewardError, RewardPool
+    from rrhf_ray.preflight import check_score
     from rrhf_ray.types import CandidateGroup, read_groups, reward_stats, write_groups
 
-    config = with_absolute_paths(load_config(args.config, args.overrides))
-    groups = [CandidateGroup.from_group(g) for g in read_groups(args.pool)]
+    config = check_score(load_config(args.config, args.overrides)).config  # the rule or reward model
+    groups = [CandidateGroup.from_group(g) for g in read_groups(args.pool, scored=False)]
     connect_ray(config)
     pool = RewardPool(config.reward)
     try:
@@ -166,7 +171,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from rrhf_ray.report import format_table
     from rrhf_ray.workflow import run
 
-    path, config = _load_run_config(args)  # every config error stops here, before Ray starts
+    # Config errors stop here; `run` checks models, data and reward (rrhf_ray.preflight) before Ray starts.
+    path, config = _load_run_config(args)
     logger.info("run config %s%s; outputs go to %s", path, " (the embedded default)" if not args.config else "",
                 Path(config.output.dir).resolve())
     rows = run(config)
@@ -179,7 +185,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     import json
 
     from rrhf_ray.report import format_table, rows_upto
-    from rrhf_ray.workflow import STATE_FILE
+    from rrhf_ray.state import STATE_FILE
 
     state_file = Path(args.output_dir) / STATE_FILE
     if not state_file.exists():
@@ -346,9 +352,34 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    # A bad input gets one line, never a traceback: config and data errors, an unknown built-in,
+    # a pydantic model built from user input, a user's path that is missing or of the wrong kind.
+    except (ConfigError, DataError, registry.UnknownBuiltinError, ValidationError,
+            FileNotFoundError, IsADirectoryError, NotADirectoryError) as err:
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
+
+
+def error_line(err: BaseException) -> str:
+    """One line for a user: pydantic's errors joined, an OS error's path, a Ray task's own error
+    without Ray's traceback, several lines joined with '; '."""
+    cause = getattr(err, "cause", None)  # ray.exceptions.RayTaskError wraps the task's error
+    if isinstance(cause, BaseException) and cause is not err:
+        err = cause
+    if isinstance(err, ValidationError):
+        text = f"invalid {err.title}: " + "; ".join(
+            (f"{'.'.join(map(str, e['loc']))}: " if e["loc"] else "") + e["msg"] for e in err.errors())
+    elif isinstance(err, OSError) and err.filename:
+        text = f"{err.strerror or type(err).__name__}: {err.filename}"
+    else:
+        text = str(err)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    head, rest = lines[0], "; ".join(lines[1:])
+    if not rest:
+        return head
+    return f"{head} {rest}" if head.endswith(":") else f"{head}; {rest}"
 
 
 if __name__ == "__main__":

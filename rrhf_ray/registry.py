@@ -19,8 +19,10 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 from typing import Any, Literal
 
+from rrhf_ray.config import BUILTIN_PREFIX
+
 Kind = Literal["config", "data", "model", "reward"]
-PREFIX = "builtin:"
+PREFIX = BUILTIN_PREFIX
 ENTRY_POINT_GROUP = "rrhf_ray.builtins"
 
 _REGISTRY: dict[str, dict[str, Any]] = {"config": {}, "data": {}, "model": {}, "reward": {}}
@@ -40,6 +42,11 @@ def register(kind: Kind, name: str, obj: Any) -> Any:
         raise ValueError(f"unknown built-in kind {kind!r}; known: {sorted(_REGISTRY)}")
     _REGISTRY[kind][name] = obj
     return obj
+
+
+def unregister(kind: Kind, name: str) -> None:
+    """Forget ``builtin:<name>`` of `kind` (no error if it was not registered)."""
+    _REGISTRY[kind].pop(name.removeprefix(PREFIX), None)
 
 
 def is_builtin(value: str | None) -> bool:

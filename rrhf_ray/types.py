@@ -64,6 +64,13 @@ class Candidate:
     finish_reason: str | None = None
     source: str = "policy"
     version: int | None = None
+    prompt_token_ids: tuple[int, ...] = ()  # the query as the engine tokenized it
+    tokenizer: str | None = None  # fingerprint of the tokenizer that made the token ids
+
+    @property
+    def truncated(self) -> bool:
+        """Cut off by the length limit: no EOS closes it."""
+        return self.finish_reason == "length"
 
 
 @dataclass(frozen=True)
@@ -82,16 +89,47 @@ class CandidateGroup:
         return [c.source for c in self.candidates]
 
     def to_group(self, scores: Sequence[float] | None = None) -> QueryGroup:
-        """As a QueryGroup; without scores every reward is 0.0 (a placeholder until scored)."""
-        scores = [0.0] * len(self.candidates) if scores is None else [float(s) for s in scores]
-        return QueryGroup(query=self.query, responses=self.responses, scores=scores,
-                          sources=self.sources)
+        """As a QueryGroup, with what the samplers knew about each candidate; without scores the
+        group is unscored (`scores` None), which training refuses."""
+        cs = self.candidates
+        sampled = [c for c in cs if c.token_ids and c.tokenizer]
+        tokens = {}
+        if sampled:  # candidates of one group come from engines of one tokenizer
+            first = sampled[0]
+            tokens = {
+                "prompt_ids": list(first.prompt_token_ids) or None,
+                "tokenizer": first.tokenizer,
+                "token_ids": [list(c.token_ids) if c.tokenizer == first.tokenizer else None for c in cs],
+            }
+        return QueryGroup(
+            query=self.query, responses=self.responses, sources=self.sources,
+            scores=None if scores is None else [float(s) for s in scores],
+            finish_reasons=_or_none([c.finish_reason for c in cs]),
+            logprobs=_or_none([c.cumulative_logprob for c in cs]),
+            versions=_or_none([c.version for c in cs]),
+            **tokens,
+        )
 
     @classmethod
     def from_group(cls, group: QueryGroup) -> CandidateGroup:
-        sources = group.sources or ["file"] * group.k
-        return cls(group.query, tuple(Candidate(text=r, source=s)
-                                      for r, s in zip(group.responses, sources)))
+        k = group.k
+        sources = group.sources or ["file"] * k
+        token_ids = group.token_ids or [None] * k
+        finish = group.finish_reasons or [None] * k
+        logprobs = group.logprobs or [None] * k
+        versions = group.versions or [None] * k
+        return cls(group.query, tuple(
+            Candidate(text=group.responses[i], source=sources[i],
+                      token_ids=tuple(token_ids[i] or ()), finish_reason=finish[i],
+                      cumulative_logprob=logprobs[i], version=versions[i],
+                      prompt_token_ids=tuple(group.prompt_ids or ()) if token_ids[i] else (),
+                      tokenizer=group.tokenizer if token_ids[i] else None)
+            for i in range(k)))
+
+
+def _or_none(values: list[Any]) -> list[Any] | None:
+    """`values`, or None when none is known (keeps text-only files in the reference format)."""
+    return values if any(v is not None for v in values) else None
 
 
 def merge_duplicates(query: str, candidates: Iterable[Candidate]) -> CandidateGroup:
@@ -118,33 +156,54 @@ def merge_duplicates(query: str, candidates: Iterable[Candidate]) -> CandidateGr
 class QueryGroup(BaseModel):
     """One query x with candidates y_1 … y_k and rewards r_1 … r_k (k ≥ 1).
 
-    `scores[i]` is the reward of `responses[i]`; `sources[i]` tags where it came from
-    (e.g. "policy@2" for round 2's sampler, "chosen" / "rejected" for the data set's own).
+    `scores[i]` is the reward of `responses[i]` (None: not scored yet); `sources[i]` tags where
+    it came from (e.g. "policy@2" for round 2's sampler, "chosen" / "rejected" for the data
+    set's own). The reference format is query, responses and scores; the other fields are what a
+    sampler knew, optional, per candidate (None where a candidate came from text):
+
+    - `token_ids[i]`: the response's token ids as the engine sampled them (the EOS that ended
+      it included; a stop string's tokens cut off), made by the tokenizer `tokenizer` (a
+      fingerprint), whose ids of the query are `prompt_ids`;
+    - `finish_reasons[i]`: "stop" (ended by EOS or a stop string) or "length" (cut off);
+    - `logprobs[i]`: Σ log π of its tokens under the sampling policy; `versions[i]`: that
+      policy's round.
     """
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     query: str
     responses: list[str] = Field(min_length=1)
-    scores: list[float]
+    scores: list[float] | None
     sources: list[str] | None = None
+    token_ids: list[list[int] | None] | None = None
+    finish_reasons: list[str | None] | None = None
+    logprobs: list[float | None] | None = None
+    versions: list[int | None] | None = None
+    prompt_ids: list[int] | None = None
+    tokenizer: str | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> QueryGroup:
         if not self.query.strip():
             raise ValueError("query is empty")
-        if len(self.scores) != len(self.responses):
-            raise ValueError(
-                f"scores has {len(self.scores)} entries but responses has {len(self.responses)}"
-            )
-        for i, s in enumerate(self.scores):
+        k = len(self.responses)
+        for name in ("scores", "sources", "token_ids", "finish_reasons", "logprobs", "versions"):
+            values = getattr(self, name)
+            if values is not None and len(values) != k:
+                raise ValueError(f"{name} has {len(values)} entries but responses has {k}")
+        for i, s in enumerate(self.scores or ()):
             if not math.isfinite(s):
                 raise ValueError(f"scores[{i}] is {s}, not a finite number")
-        if self.sources is not None and len(self.sources) != len(self.responses):
-            raise ValueError(
-                f"sources has {len(self.sources)} entries but responses has {len(self.responses)}"
-            )
+        for i, reason in enumerate(self.finish_reasons or ()):
+            if reason not in (None, "stop", "length"):
+                raise ValueError(f"finish_reasons[{i}] is {reason!r}, not 'stop', 'length' or null")
+        if self.token_ids is not None and any(self.token_ids) and not self.tokenizer:
+            raise ValueError("token_ids are given but tokenizer (the fingerprint that made them) is not")
         return self
+
+    @property
+    def scored(self) -> bool:
+        return self.scores is not None
 
     @property
     def k(self) -> int:
@@ -223,14 +282,18 @@ def read_parquet_rows(path: str | Path) -> list[dict[str, Any]]:
         raise DataError(f"{path}: cannot read as Parquet ({err})") from None
 
 
-def read_groups(path: str | Path) -> list[QueryGroup]:
-    """Read and validate every group of a reference-format JSONL or a Parquet pool file."""
+def read_groups(path: str | Path, *, scored: bool = True) -> list[QueryGroup]:
+    """Read and validate every group of a reference-format JSONL or a Parquet pool file.
+
+    `scored`: every group must carry rewards (training); a group with `scores: null` (sampled,
+    not scored yet) is then an error naming its line.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     if path.suffix == ".parquet":
         rows = list(enumerate(read_parquet_rows(path)))
-        missing = {"query", "responses", "scores"} - set(rows[0][1] if rows else {})
+        missing = {"query", "responses"} - set(rows[0][1] if rows else {})
         if rows and missing:
             raise DataError(f"{path}: missing column(s) {sorted(missing)}")
         what = "row"
@@ -239,9 +302,13 @@ def read_groups(path: str | Path) -> list[QueryGroup]:
     groups = []
     for number, obj in rows:
         try:
-            groups.append(QueryGroup.model_validate(obj))
+            group = QueryGroup.model_validate(obj)
         except ValidationError as err:
             raise row_error(path, number, err, what) from None
+        if scored and not group.scored:
+            raise DataError(f"{path} {what} {number}: scores: null, the group is not scored yet "
+                            "(score it first: `rrhf-ray score`)")
+        groups.append(group)
     if not groups:
         raise DataError(f"{path} holds no query groups")
     return groups
@@ -294,16 +361,19 @@ def _remove(path: Path) -> None:
 
 
 def write_groups(groups: Iterable[QueryGroup], path: str | Path) -> Path:
-    """Write groups as reference JSONL (.jsonl) or Parquet (.parquet), atomically."""
+    """Write groups as reference JSONL (.jsonl) or Parquet (.parquet), atomically. Optional
+    fields that are unknown are left out of JSONL lines; `scores` is always written (null when
+    the group is not scored)."""
     path = Path(path)
-    rows = [g.model_dump(exclude_none=True) for g in groups]
+    rows = [{**g.model_dump(exclude_none=True), "scores": g.scores} for g in groups]
     with atomic_path(path) as tmp:
         if path.suffix == ".parquet":
             import pyarrow as pa
             import pyarrow.parquet as pq
 
             for r in rows:
-                r.setdefault("sources", None)
+                for name in QueryGroup.model_fields:
+                    r.setdefault(name, None)
             pq.write_table(pa.Table.from_pylist(rows), tmp)
         else:
             with tmp.open("w", encoding="utf-8") as f:

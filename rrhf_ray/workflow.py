@@ -19,7 +19,6 @@ Layout of the output directory:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,105 +26,13 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 from rrhf_ray import registry
-from rrhf_ray.config import ConfigError, RunConfig, SamplingConfig
-from rrhf_ray.types import atomic_write, write_jsonl
+from rrhf_ray.config import RunConfig, SamplingConfig
+from rrhf_ray.state import RunState, timed_stage
+from rrhf_ray.types import write_jsonl
 
 logger = logging.getLogger(__name__)
-
-STATE_FILE = "state.json"
-
-
-# --------------------------------------------------------------------------- run state
-
-
-def config_fingerprint(config: RunConfig) -> str:
-    """What must not change within one output directory: everything but the round count,
-    the Ray connection and progress display."""
-    data = config.model_dump(mode="json", exclude={"rounds": True, "ray": True})
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    atomic_write(path, json.dumps(data, indent=2, default=str))
-
-
-class RunState:
-    """The finished stages of one output directory, and the config they were made with."""
-
-    def __init__(self, out: Path, config: RunConfig) -> None:
-        self.path = out / STATE_FILE
-        fingerprint = config_fingerprint(config)
-        if self.path.exists():
-            self.data = json.loads(self.path.read_text())
-            if self.data["fingerprint"] != fingerprint:
-                raise ConfigError(
-                    f"output directory {out} holds a run with a different config "
-                    f"(see {self.path}); use another output.dir, or the same config "
-                    f"(only `rounds` may grow)"
-                )
-        else:
-            self.data = {"fingerprint": fingerprint, "config": config.model_dump(mode="json"), "stages": {}}
-        self.data["rounds"] = config.rounds
-        write_json_atomic(self.path, self.data)
-
-    def done(self, stage: str, *outputs: Path) -> bool:
-        return stage in self.data["stages"] and all(p.exists() for p in outputs)
-
-    def finish(self, stage: str, seconds: float, **info: Any) -> None:
-        self.data["stages"][stage] = {"seconds": round(seconds, 2), "finished": time.time(), **info}
-        write_json_atomic(self.path, self.data)
-
-    def seconds(self, stage: str) -> float:
-        return self.data["stages"].get(stage, {}).get("seconds", 0.0)
-
-
-def timed_stage(state: RunState, stage: str, outputs: list[Path], work: Callable[[], dict | None]) -> bool:
-    """Run `work` unless the stage is finished with all its outputs; returns True if it ran."""
-    if state.done(stage, *outputs):
-        logger.info("%s: done already, skipped", stage)
-        return False
-    logger.info("%s: starting", stage)
-    start = time.perf_counter()
-    info = work() or {}
-    state.finish(stage, time.perf_counter() - start, **info)
-    logger.info("%s: finished in %.1f s", stage, state.seconds(stage))
-    return True
-
-
-# --------------------------------------------------------------------------- set-up
-
-
-def local_path(value: str | None) -> str | None:
-    """An existing local path made absolute (Ray actors and Ray Train workers do not share the
-    driver's working directory); hub ids, `builtin:` names and URIs unchanged."""
-    if value and "://" not in value and not registry.is_builtin(value) and Path(value).exists():
-        return str(Path(value).resolve())
-    return value
-
-
-def with_absolute_paths(config: RunConfig) -> RunConfig:
-    """The config with every local input path absolute, and output.dir absolute."""
-    update: dict[str, Any] = {
-        "model": config.model.model_copy(update={
-            "name_or_path": local_path(config.model.name_or_path),
-            "tokenizer": local_path(config.model.tokenizer)}),
-        "data": config.data.model_copy(update={"source": local_path(config.data.source)}),
-        "reward": config.reward.model_copy(update={"model": local_path(config.reward.model)}),
-        "sampling": config.sampling.model_copy(update={
-            "external": [local_path(p) for p in config.sampling.external]}),
-        "output": config.output.model_copy(update={"dir": str(Path(config.output.dir).resolve())}),
-    }
-    if config.sft is not None:
-        update["sft"] = config.sft.model_copy(update={
-            "data": local_path(config.sft.data), "eval_data": local_path(config.sft.eval_data)})
-    if config.reward_model is not None:
-        update["reward_model"] = config.reward_model.model_copy(update={
-            f: local_path(getattr(config.reward_model, f)) for f in ("data", "eval_data", "base_model")})
-    return config.model_copy(update=update)
-
 
 def connect_ray(config: RunConfig) -> None:
     """Join the configured cluster (`ray.address` or RAY_ADDRESS) or start a local one."""
@@ -221,7 +128,7 @@ def score_stage(rewards, candidates_path: Path, pool_dir: Path) -> dict:
 
     from rrhf_ray.types import CandidateGroup, read_groups, reward_stats, write_groups
 
-    groups = [CandidateGroup.from_group(g) for g in read_groups(candidates_path)]
+    groups = [CandidateGroup.from_group(g) for g in read_groups(candidates_path, scored=False)]
     scored = ray.get(rewards.score(groups))
     write_groups(scored, pool_dir / "pool.jsonl")
     write_groups(scored, pool_dir / "pool.parquet")
@@ -258,15 +165,18 @@ def run(config: RunConfig) -> list[dict]:
     import ray
 
     from rrhf_ray.actors.scorer import RewardPool
-    from rrhf_ray.data.candidates import get_preset, read_external
+    from rrhf_ray.data.candidates import get_preset
     from rrhf_ray.data.queries import load_data
+    from rrhf_ray.preflight import check_run
     from rrhf_ray.report import write_metrics, write_report
 
+    # Every static mistake (models, data rows, reward rule, lengths) stops here: before Ray
+    # starts, before anything trains, before output.dir is written.
+    checked = check_run(config)
     state = RunState(Path(config.output.dir), config)  # the config as given: its fingerprint
-    config = with_absolute_paths(config)
+    config = checked.config  # local paths absolute (with_absolute_paths)
     out = Path(config.output.dir)
-    preset = get_preset(config.sampling.preset)  # a bad preset fails before Ray starts
-    external = [read_external(p) for p in config.sampling.external]  # so does a bad file
+    preset, external = checked.preset, checked.external
     connect_ray(config)
     logger.info("output directory: %s", out.resolve())
 

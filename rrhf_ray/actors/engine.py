@@ -23,20 +23,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from rrhf_ray.config import SamplingConfig
+from rrhf_ray.train.tokens import tokenizer_fingerprint
 
 
 @dataclass(frozen=True)
 class Completion:
     """One generated response, as the engine returns it (no project vocabulary yet).
 
-    `token_ids` are the response tokens only (the EOS that ended it included);
-    `cumulative_logprob` is Σ log π(y_t | x, y_<t) in nats, None when it was not requested.
+    `token_ids` are the response tokens only: the EOS that ended it included, the tokens of a
+    stop string that ended it cut off (so they decode to `text`); `cumulative_logprob` is
+    Σ log π(y_t | x, y_<t) of those tokens in nats, None when it was not requested or when
+    tokens were cut. `finish_reason` is "stop" (EOS or a stop string) or "length";
+    `prompt_token_ids` the query as the engine tokenized it.
     """
 
     text: str
     token_ids: tuple[int, ...] = ()
     cumulative_logprob: float | None = None
     finish_reason: str | None = None
+    prompt_token_ids: tuple[int, ...] = ()
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
@@ -73,6 +78,7 @@ class VLLMEngine:
             kwargs["distributed_executor_backend"] = "mp"
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
+        self.fingerprint = tokenizer_fingerprint(self.tokenizer)
 
     # ------------------------------------------------------------------ generation
 
@@ -107,13 +113,27 @@ class VLLMEngine:
             return self.beam_search(prompts, config)
         params = [self._params(config, s) for s in seeds]
         outputs = self.llm.generate(list(prompts), params, use_tqdm=False)
-        return [
-            [Completion(text=c.text, token_ids=tuple(c.token_ids),
-                        cumulative_logprob=c.cumulative_logprob if config.return_logprobs else None,
-                        finish_reason=c.finish_reason)
-             for c in out.outputs]
-            for out in outputs
-        ]
+        results = []
+        for out in outputs:
+            group = []
+            for c in out.outputs:
+                ids, logprob = tuple(c.token_ids), c.cumulative_logprob if config.return_logprobs else None
+                if isinstance(c.stop_reason, str):  # a stop string: vLLM keeps its tokens, not its text
+                    ids, logprob = self._tokens_of(ids, c.text), None
+                group.append(Completion(text=c.text, token_ids=ids, cumulative_logprob=logprob,
+                                        finish_reason=c.finish_reason,
+                                        prompt_token_ids=tuple(out.prompt_token_ids or ())))
+            results.append(group)
+        return results
+
+    def _tokens_of(self, ids: tuple[int, ...], text: str) -> tuple[int, ...]:
+        """The longest prefix of `ids` that decodes to `text` (the tokens before a stop string);
+        () when no prefix does (a stop string inside a token): the text is then re-tokenized by
+        whoever trains on it."""
+        for end in range(len(ids), max(-1, len(ids) - 64), -1):
+            if self.tokenizer.decode(list(ids[:end]), skip_special_tokens=True) == text:
+                return ids[:end]
+        return ()
 
     def beam_search(self, prompts: Sequence[str], config: SamplingConfig) -> list[list[Completion]]:
         """Beam search with beam width config.n (the paper's BP policy); deterministic, no seed."""
@@ -124,7 +144,8 @@ class VLLMEngine:
         outputs = self.llm.beam_search([{"prompt": p} for p in prompts], params)
         results = []
         for prompt, out in zip(prompts, outputs):
-            n_prompt = len(self.tokenizer(prompt)["input_ids"])
+            prompt_ids = self.tokenizer(prompt)["input_ids"]
+            n_prompt = len(prompt_ids)
             group = []
             for seq in out.sequences:
                 ids = list(seq.tokens[n_prompt:])
@@ -136,7 +157,8 @@ class VLLMEngine:
                 group.append(Completion(text=text, token_ids=tuple(ids),
                                         # after a cut the beam's sum covers tokens we dropped
                                         cumulative_logprob=None if stopped else seq.cum_logprob,
-                                        finish_reason="stop" if ended else "length"))
+                                        finish_reason="stop" if ended else "length",
+                                        prompt_token_ids=tuple(prompt_ids)))
             results.append(group)
         return results
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,18 +44,32 @@ def query_seed(base_seed: int, index: int) -> int:
 
 
 class Sampler:
-    """One vLLM replica; runs as a Ray actor (`SamplerPool` starts it)."""
+    """One vLLM replica; runs as a Ray actor (`SamplerPool` starts it).
+
+    `replica` is its index in the pool. It keeps the seeds of the last `SERVED_LOG` chunks it
+    generated (`served_chunks`): since query i's seed is `query_seed(seed, i)`, they say which
+    queries this replica answered, e.g. that a chunk was re-run here after another replica died.
+    """
+
+    SERVED_LOG = 4096
 
     def __init__(self, model_path: str, config: SamplingConfig, tag: str = "policy",
                  tokenizer: str | None = None, trust_remote_code: bool = False,
-                 version: int = 0) -> None:
+                 version: int = 0, replica: int = 0) -> None:
         self.engine = VLLMEngine(model_path, config, tokenizer=tokenizer,
                                  trust_remote_code=trust_remote_code)
         self.tag = tag
         self.version = version
+        self.replica = replica
+        self._served: deque[tuple[int, ...]] = deque(maxlen=self.SERVED_LOG)
 
     def served_version(self) -> int:
         return self.version
+
+    def served_chunks(self) -> list[tuple[int, ...]]:
+        """The seeds of each chunk this replica generated, oldest first (the last SERVED_LOG;
+        a restarted replica starts a new log)."""
+        return list(self._served)
 
     def load_weights(self, checkpoint_dir: str, version: int) -> int:
         """Reload weights in place from an HF checkpoint directory; returns the new version."""
@@ -72,10 +87,14 @@ class Sampler:
         config = config or self.engine.config
         kind = f"{self.tag}-beam" if config.use_beam_search else self.tag
         source = f"{kind}@{self.version}"
-        return [
-            [Candidate(**vars(c), source=source, version=self.version) for c in group]
+        groups = [
+            [Candidate(**vars(c), source=source, version=self.version, tokenizer=self.engine.fingerprint)
+             for c in group]
             for group in self.engine.generate(prompts, seeds, config)
         ]
+        if seeds:
+            self._served.append(tuple(seeds))
+        return groups
 
 
 @ray.remote(num_cpus=0, max_retries=0)
@@ -126,13 +145,17 @@ class SamplerPool:
                 max_restarts=config.max_restarts,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True),
-            ).remote(str(model_path), config, tag, tokenizer, trust_remote_code, version)
-            for pg in self._groups
+            ).remote(str(model_path), config, tag, tokenizer, trust_remote_code, version, i)
+            for i, pg in enumerate(self._groups)
         ]
 
     def versions(self) -> list[ray.ObjectRef]:
         """The version each replica serves (refs; also a readiness barrier: engines built)."""
         return [r.served_version.remote() for r in self.replicas]
+
+    def served_chunks(self) -> list[ray.ObjectRef]:
+        """Per replica, a ref to the seeds of each chunk it generated (`Sampler.served_chunks`)."""
+        return [r.served_chunks.remote() for r in self.replicas]
 
     def load_weights(self, checkpoint_dir: str, version: int) -> list[ray.ObjectRef]:
         """Refresh every replica in place to the checkpoint of round `version`."""

@@ -244,6 +244,8 @@ def _from_reference(row: Any) -> QueryRecord:
     if not isinstance(row, Mapping):
         raise TypeError(f"expected a JSON object, got {type(row).__name__}")
     group = QueryGroup.model_validate(row)  # rrhf_ray.types's checks: one definition of a valid group
+    if group.scores is None:
+        raise ValueError("scores: null, the responses are not ranked (score them first)")
     order = sorted(range(group.k), key=lambda i: -group.scores[i])  # stable: ties keep file order
     sources = group.sources or ["dataset"] * group.k
     return QueryRecord(

@@ -30,29 +30,57 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, TypeVar
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from rrhf_ray.config import TrainConfig
+from rrhf_ray.data.pairs import PairFormat
+from rrhf_ray.data.queries import hold_out
 from rrhf_ray.types import DataError, atomic_path
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STATE_FILE = "rrhf_train_state.json"  # epoch reached; present in every checkpoint we write
 OPTIMIZER_FILE = "optimizer.pt"  # optimizer + scheduler; only in non-final (resumable) checkpoints
 METRICS_FILE = "train_metrics.json"
 
 
-class CoreJob(Protocol):
-    """The fields of a job (TrainJob, SFTJob, RewardModelJob) the shared loop reads."""
+class Job(BaseModel):
+    """What every fit needs (RRHF, SFT, reward model); crosses the driver → worker boundary as a
+    dict. Each trainer's job adds its data."""
 
-    model_path: str
-    output_dir: str
-    train: TrainConfig
-    tokenizer_path: str | None
-    trust_remote_code: bool
-    resume_from: str | None
+    model_config = ConfigDict(extra="forbid")
+
+    model_path: str = Field(description="HF directory or hub id of the model to start from.")
+    output_dir: str = Field(description="Where the trained HF model (safetensors) is written.")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tokenizer_path: str | None = None
+    trust_remote_code: bool = False
+    resume_from: str | None = Field(None, description="A checkpoint of an interrupted fit (no Ray).")
+
+
+class PairJob(Job):
+    """A fit on pairs (SFT: query, response; reward model: query, chosen, rejected)."""
+
+    data_path: str = Field(
+        description="Pairs JSONL/Parquet, or an HH-layout source (rm-static, hh-rlhf, reference "
+        "JSONL, hub id, directory) read by `rrhf_ray.data.pairs`."
+    )
+    data_format: PairFormat = Field("auto", description="Layout of data_path; auto = from the fields.")
+    eval_path: str | None = Field(None, description="Held-out pairs, measured after each epoch.")
+    eval_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Without eval_path: share of the pairs held out (seeded)."
+    )
+
+    def split_pairs(self, read: Callable[..., list[T]]) -> tuple[list[T], list[T]]:
+        """(training, held-out) pairs read by `read(source, format=...)`, every row validated."""
+        pairs = read(self.data_path, format=self.data_format)
+        if self.eval_path:
+            return pairs, read(self.eval_path, format=self.data_format)
+        return hold_out(pairs, self.eval_fraction, self.train.seed)
 
 
 @dataclass
@@ -127,6 +155,8 @@ class Recipe:
       examples; SFT: their response tokens);
     - `log_line(summary)`: the one-line progress of the meter's summary;
     - `evaluate(model)`: optional held-out metrics at each epoch's end (all ranks call it);
+    - `example_tokens(i)`: optional tokens example i computes; with `train.micro_batch_tokens`
+      micro-batches are packed up to that budget instead of `micro_batch_queries` examples;
     - `example_length(i)`: optional padded width of example i. Within each optimizer step the
       examples are then ordered by it before they are dealt to workers and micro-batches, so a
       micro-batch pads to similar lengths; the step's gradient (a sum) is the same in any order.
@@ -139,6 +169,7 @@ class Recipe:
     step_weight: Callable[[Sequence[int]], float] = len
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None
     example_length: Callable[[int], int] | None = None
+    example_tokens: Callable[[int], int] | None = None
 
 
 # --------------------------------------------------------------------------- steps
@@ -154,6 +185,29 @@ def plan_steps(n: int, queries_per_step: int, num_workers: int, seed: int) -> li
     if not steps or len(steps[0]) < num_workers:
         raise DataError(f"{n} query groups cannot feed {num_workers} workers")
     return steps
+
+
+def micro_batches(indices: Sequence[int], cfg: TrainConfig,
+                  tokens: Callable[[int], int] | None) -> list[list[int]]:
+    """A worker's share of one step cut into micro-batches: `micro_batch_queries` examples each,
+    or, with `micro_batch_tokens` (and a recipe that counts tokens), as many consecutive
+    examples as fit the budget (an example alone over it is a micro-batch of its own; the
+    recipe runs it in chunks). The step's gradient is a sum over examples: the cut changes
+    memory and speed, not the gradient."""
+    if cfg.micro_batch_tokens is None or tokens is None:
+        n = cfg.micro_batch_queries
+        return [list(indices[i : i + n]) for i in range(0, len(indices), n)]
+    out: list[list[int]] = []
+    used = 0
+    for i in indices:
+        t = tokens(i)
+        if out and used + t <= cfg.micro_batch_tokens:
+            out[-1].append(i)
+            used += t
+        else:
+            out.append([i])
+            used = t
+    return out
 
 
 # --------------------------------------------------------------------------- model set-up
@@ -280,14 +334,14 @@ def rank_world() -> tuple[int, int]:
 
 
 def run_worker(
-    job: CoreJob,
+    job: Job,
     in_ray: bool,
     load_model: Callable[[str, TrainConfig, bool, Any], torch.nn.Module],
-    build_recipe: Callable[[Any, torch.device], Recipe],
+    build_recipe: Callable[[Any, torch.device, torch.nn.Module], Recipe],
     *,
     require_eos: bool = True,
 ) -> dict[str, float]:
-    """Train one worker's share of `job` with the recipe `build_recipe(tokenizer, device)`;
+    """Train one worker's share of `job` with the recipe `build_recipe(tokenizer, device, model)`;
     `load_model(path, train_config, trust_remote_code, tokenizer)` loads the model to train.
 
     Without Ray it trains in this process and installs the model at `job.output_dir`. Under
@@ -306,7 +360,7 @@ def run_worker(
         start_path = resume_dir or job.model_path
         tokenizer = load_tokenizer(job.tokenizer_path or start_path, job.trust_remote_code, require_eos)
         model = load_model(start_path, cfg, job.trust_remote_code, tokenizer).to(device)
-        recipe = build_recipe(tokenizer, device)
+        recipe = build_recipe(tokenizer, device, model)
         steps_per_epoch = len(plan_steps(recipe.num_examples, cfg.queries_per_step, world, cfg.seed))
         total_steps = steps_per_epoch * cfg.epochs
         model.train()
@@ -354,7 +408,7 @@ def run_worker(
             if recipe.example_length is not None:
                 step = sorted(step, key=recipe.example_length, reverse=True)
             mine = step[rank::world]
-            micro = [mine[i : i + cfg.micro_batch_queries] for i in range(0, len(mine), cfg.micro_batch_queries)]
+            micro = micro_batches(mine, cfg, recipe.example_tokens)
             scale = world / recipe.step_weight(step)
             for m, idx in enumerate(micro):
                 mb = MicroBatch(idx, scale, device, no_sync, m == len(micro) - 1, autocast_ctx)
@@ -395,7 +449,7 @@ def run_worker(
     return metrics
 
 
-def _resume_checkpoint(job: CoreJob, in_ray: bool) -> contextlib.AbstractContextManager:
+def _resume_checkpoint(job: Job, in_ray: bool) -> contextlib.AbstractContextManager:
     """A context giving the directory of the checkpoint to resume from, or None."""
     if in_ray:
         import ray.train
@@ -461,7 +515,7 @@ def is_finished_model(directory: str | Path) -> bool:
 
 def fit_job(
     loop: Callable[[dict[str, Any]], dict[str, float]],
-    job: CoreJob,
+    job: Job,
     *,
     name: str,
     storage_path: str | None = None,
@@ -497,3 +551,23 @@ def fit_job(
         shutil.copytree(d, tmp)
         (tmp / METRICS_FILE).write_text(json.dumps(result.metrics, indent=2))
     return dict(result.metrics)
+
+
+def train_once(job: Job, loop: Callable[[dict[str, Any]], dict[str, float]],
+               fit: Callable[..., dict[str, float]], *, what: str, name: str,
+               storage_path: str | None) -> Path:
+    """A workflow stage that trains `job` into `job.output_dir` unless a finished model is there
+    already (a resumed run never redoes it): under Ray Train (`fit`) when Ray is connected, else
+    `loop` in this process. Returns the model directory."""
+    import ray
+
+    out = Path(job.output_dir)
+    if is_finished_model(out):
+        logger.info("%s stage: using the finished model at %s", what, out)
+        return out
+    if ray.is_initialized():
+        fit(job, name=name, storage_path=storage_path)
+    else:
+        loop({"job": job.model_dump(mode="json")})
+    return out
+

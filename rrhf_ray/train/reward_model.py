@@ -26,53 +26,38 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from rrhf_ray.config import TrainConfig
-from rrhf_ray.data.pairs import PairFormat, PreferencePair, read_preference_pairs
-from rrhf_ray.data.queries import hold_out
+from rrhf_ray.data.pairs import PreferencePair, read_preference_pairs
 from rrhf_ray.train.core import (
     Measured,
     MicroBatch,
+    PairJob,
     Recipe,
     fit_job,
-    is_finished_model,
     load_tokenizer,
     prepare_model,
     run_worker,
+    train_once,
 )
 from rrhf_ray.train.tokens import collate, encode
 
 logger = logging.getLogger(__name__)
 
 
-class RewardModelJob(BaseModel):
-    """Everything one reward-model fit needs; crosses the driver → worker boundary as a dict."""
+class RewardModelJob(PairJob):
+    """A reward-model fit on (query, chosen, rejected) pairs from a backbone (`model_path`: a
+    causal LM, an encoder, or a reward model); held-out pairwise accuracy each epoch."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    model_path: str = Field(description="Backbone to start from: a causal LM, an encoder, or a reward model.")
-    data_path: str = Field(
-        description="Preference JSONL/Parquet {query, chosen, rejected}, or an HH-layout source."
-    )
-    output_dir: str = Field(description="Where the trained reward model (HF directory) is written.")
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    data_format: PairFormat = Field("auto", description="Layout of data_path; auto = from the fields.")
-    eval_path: str | None = Field(None, description="Held-out pairs: accuracy reported each epoch.")
     eval_fraction: float = Field(
         0.05, ge=0.0, lt=1.0, description="Without eval_path: share of the pairs held out (seeded)."
     )
-    tokenizer_path: str | None = None
-    trust_remote_code: bool = False
-    resume_from: str | None = Field(None, description="A checkpoint of an interrupted fit (no Ray).")
 
 
 def load_job_pairs(job: RewardModelJob) -> tuple[list[PreferencePair], list[PreferencePair]]:
     """(training, held-out) preference pairs of `job`, every row validated."""
-    pairs = read_preference_pairs(job.data_path, format=job.data_format)
-    if job.eval_path:
-        return pairs, read_preference_pairs(job.eval_path, format=job.data_format)
-    return hold_out(pairs, job.eval_fraction, job.train.seed)
+    return job.split_pairs(read_preference_pairs)
 
 
 # --------------------------------------------------------------------------- loss
@@ -133,7 +118,7 @@ def rm_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     job = RewardModelJob.model_validate(config["job"])
     cfg = job.train
 
-    def recipe(tokenizer: Any, device: torch.device) -> Recipe:
+    def recipe(tokenizer: Any, device: torch.device, model: torch.nn.Module) -> Recipe:
         train_pairs, eval_pairs = load_job_pairs(job)
 
         def enc(p: PreferencePair) -> tuple[list[int], list[int]]:
@@ -209,27 +194,14 @@ def run_reward_model_stage(run_config: Any, out_dir: str | Path) -> Path:
     """Train a reward model on `run_config.reward_model` into `out_dir/<output_subdir>`; the
     driver scores the rounds with the returned directory (reward.kind: model). A finished model
     already there is kept. Trains under Ray Train when Ray is connected, else in this process."""
-    import ray
-
     stage = run_config.reward_model
     if stage is None:
         raise ValueError("run_reward_model_stage: the run config has no `reward_model` section")
-    out = Path(out_dir) / stage.output_subdir
-    if is_finished_model(out):
-        logger.info("reward-model stage: using the finished model at %s", out)
-        return out
-    base = stage.base_model or run_config.model.name_or_path
-    if not base:
-        raise ValueError("reward_model.base_model and model.name_or_path are both empty: no backbone")
     job = RewardModelJob(
-        model_path=base, data_path=stage.data, output_dir=str(out), train=stage.train,
+        model_path=stage.base_model or run_config.model.name_or_path, data_path=stage.data,
+        output_dir=str(Path(out_dir) / stage.output_subdir), train=stage.train,
         data_format=stage.format, eval_path=stage.eval_data, eval_fraction=stage.eval_fraction,
         trust_remote_code=run_config.model.trust_remote_code,
     )
-    if ray.is_initialized():
-        fit_reward_model(job, name=f"{Path(out_dir).name}-reward-model",
-                         storage_path=run_config.output.storage_path)
-    else:
-        load_job_pairs(job)
-        rm_loop_per_worker({"job": job.model_dump(mode="json")})
-    return out
+    return train_once(job, rm_loop_per_worker, fit_reward_model, what="reward-model",
+                      name=f"{Path(out_dir).name}-reward-model", storage_path=run_config.output.storage_path)

@@ -22,11 +22,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from rrhf_ray.config import TrainConfig
-from rrhf_ray.loss import RRHFLossOutput, rrhf_loss, sequence_logprobs
+from rrhf_ray.loss import RRHFLossOutput, rrhf_loss
 from rrhf_ray.train.core import (
+    Job,
     Measured,
     MicroBatch,
     Recipe,
@@ -35,24 +36,23 @@ from rrhf_ray.train.core import (
     load_tokenizer,
     run_worker,
 )
-from rrhf_ray.train.tokens import collate, encode
+from rrhf_ray.train.prefix import (
+    PackedQueries,
+    candidate_logprobs_padded,
+    candidate_logprobs_shared,
+    supports_prefix_sharing,
+    tokens_computed,
+)
+from rrhf_ray.train.tokens import special_split, tokenizer_fingerprint
 from rrhf_ray.types import QueryGroup, read_groups
 
 logger = logging.getLogger(__name__)
 
 
-class TrainJob(BaseModel):
-    """Everything one `fit()` needs; crosses the driver → worker boundary as a dict."""
+class TrainJob(Job):
+    """An RRHF fit: the policy to start from (ρ*) and the round's ranked pools."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    model_path: str = Field(description="HF directory or hub id of the policy to start from (ρ*).")
     data_paths: list[str] = Field(min_length=1, description="Reference JSONL or Parquet pool files.")
-    output_dir: str = Field(description="Where the trained HF model (safetensors) is written.")
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    tokenizer_path: str | None = None
-    trust_remote_code: bool = False
-    resume_from: str | None = Field(None, description="A checkpoint of an interrupted fit (no Ray).")
 
 
 # --------------------------------------------------------------------------- tokenisation
@@ -60,83 +60,175 @@ class TrainJob(BaseModel):
 
 @dataclass
 class EncodedGroup:
-    """One query group as token ids: candidate i is `ids[i]`, its response starts at `starts[i]`."""
+    """One query group as token ids: the prompt once, then each candidate's response (the EOS
+    that closes it included when it stopped). Candidate i is `prompt + responses[i]`."""
 
-    ids: list[list[int]]
-    starts: list[int]
+    prompt: list[int]
+    responses: list[list[int]]
     rewards: list[float]
+
+    @property
+    def ids(self) -> list[list[int]]:
+        """Each candidate as one row, prompt included (the padded layout)."""
+        return [self.prompt + r for r in self.responses]
+
+    @property
+    def starts(self) -> list[int]:
+        return [len(self.prompt)] * len(self.responses)
+
+    def tokens(self, shared: bool) -> int:
+        """Tokens one forward computes for this group (`rrhf_ray.train.prefix.tokens_computed`)."""
+        return tokens_computed(len(self.prompt), [len(r) for r in self.responses], shared)
+
+
+@dataclass
+class Encoder:
+    """Query groups → `EncodedGroup`s for one tokenizer (one per trainer).
+
+    Token ids a sampler recorded are used as they are when the group's tokenizer fingerprint is
+    this tokenizer's; other candidates (data set responses, files, another tokenizer) are
+    tokenized from their text. EOS closes a response that stopped; a response cut off by the
+    sampler's length limit (`finish_reason: length`) gets none, so the fine-tuning term never
+    teaches the model to stop mid-sentence; with `truncated="drop"` such candidates leave the
+    group (ranking and fine-tuning alike). One prompt per group: when a group exceeds
+    `max_length`, responses longer than the budget are cut from the right, then the query is
+    cut from the left (its special prefix, e.g. BOS, kept) once for all k candidates, so every
+    candidate is scored against the same context.
+    """
+
+    tokenizer: Any
+    max_length: int
+    truncated: str = "keep"
+    dropped: int = 0  # candidates left out (truncated="drop")
+
+    def __post_init__(self) -> None:
+        prefix, _, suffix = special_split(self.tokenizer, "x")
+        self.n_prefix, self.n_suffix = len(prefix), len(suffix)
+        self.fingerprint = tokenizer_fingerprint(self.tokenizer)
+        self.eos = self.tokenizer.eos_token_id
+
+    def __call__(self, group: QueryGroup) -> EncodedGroup | None:
+        own = group.tokenizer == self.fingerprint
+        if own and group.prompt_ids:
+            prompt = list(group.prompt_ids)
+        else:
+            prompt = self.tokenizer(group.query)["input_ids"]
+        token_ids = group.token_ids if own and group.token_ids else [None] * group.k
+        finish = group.finish_reasons or [None] * group.k
+        responses, rewards = [], []
+        for i, text in enumerate(group.responses):
+            truncated = finish[i] == "length"
+            if truncated and self.truncated == "drop":
+                self.dropped += 1
+                continue
+            ids = list(token_ids[i]) if token_ids[i] else self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if not truncated and (not ids or ids[-1] != self.eos):
+                ids.append(self.eos)
+            responses.append(ids)
+            rewards.append(group.scores[i])
+        if not responses:
+            return None
+        return EncodedGroup(self._fit(prompt, responses), responses, rewards)
+
+    def _fit(self, prompt: list[int], responses: list[list[int]]) -> list[int]:
+        """Cut responses (in place) and the prompt so every candidate fits `max_length`."""
+        fixed = self.n_prefix + self.n_suffix
+        cap = max(1, self.max_length - max(fixed, 1))  # a response needs one token before it
+        for r in responses:
+            del r[cap:]
+        room = self.max_length - max(len(r) for r in responses) - fixed
+        body = prompt[self.n_prefix : len(prompt) - self.n_suffix]
+        if len(body) > room:
+            body = body[len(body) - max(room, 0):] if room > 0 else []
+            return prompt[: self.n_prefix] + body + prompt[len(prompt) - self.n_suffix :]
+        return prompt
 
 
 def encode_group(tokenizer: Any, group: QueryGroup, max_length: int) -> EncodedGroup:
-    """Each candidate as a policy sequence (`rrhf_ray.train.tokens.encode`): query and response
-    tokenized apart, the response closed with EOS, the query cut from the left to fit."""
-    ids, starts = [], []
-    for response in group.responses:
-        row, start = encode(tokenizer, group.query, response, max_length)
-        ids.append(row)
-        starts.append(start)
-    return EncodedGroup(ids=ids, starts=starts, rewards=list(group.scores))
+    """`Encoder(tokenizer, max_length)(group)` for one group (tests, measurement)."""
+    encoded = Encoder(tokenizer, max_length)(group)
+    assert encoded is not None  # keep mode never drops a candidate
+    return encoded
 
 
 # --------------------------------------------------------------------------- forward + loss
 
 
-def candidate_logprobs(
-    model: torch.nn.Module, candidates: Sequence[tuple[list[int], int]], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ log π over response tokens, response lengths) of each candidate, in one forward."""
-    batch = collate(candidates, pad_id).to(device)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    return sequence_logprobs(logits, batch.input_ids, batch.response_mask)
+def use_prefix_sharing(model: torch.nn.Module, setting: str) -> bool:
+    """Whether the prompt-shared forward runs for `train.prefix_sharing` on this model: "auto"
+    where `supports_prefix_sharing`, "on" must be supported, "off" never."""
+    if setting == "off":
+        return False
+    supported = supports_prefix_sharing(model)
+    if setting == "on" and not supported:
+        raise ValueError(
+            "train.prefix_sharing is 'on' but this model cannot share the prompt (architecture "
+            f"{getattr(getattr(model, 'config', None), 'model_type', '?')} or its attention kernel "
+            "is not among the tested ones): use 'auto' or 'off'"
+        )
+    return supported
 
 
-def _batch_layout(groups: Sequence[EncodedGroup]) -> tuple[list[tuple[list[int], int]], list[tuple[int, int]], int]:
-    flat, where = [], []
-    for b, g in enumerate(groups):
-        for i, (ids, start) in enumerate(zip(g.ids, g.starts)):
-            flat.append((ids, start))
-            where.append((b, i))
-    return flat, where, max(len(g.ids) for g in groups)
+def candidate_logprobs(model: torch.nn.Module, groups: Sequence[EncodedGroup], shared: bool,
+                       spans: Sequence[tuple[int, int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ log π over response tokens, response lengths) of the candidates of `groups`, query-major,
+    in one forward: the prompt once per query (`shared`) or once per candidate (padded).
+    `spans`: only candidates lo…hi−1 of group g for each (g, lo, hi)."""
+    spans = spans or [(g, 0, len(e.responses)) for g, e in enumerate(groups)]
+    batch = PackedQueries([groups[g].prompt for g, _, _ in spans],
+                          [groups[g].responses[lo:hi] for g, lo, hi in spans])
+    if shared:
+        return candidate_logprobs_shared(model, batch)
+    return candidate_logprobs_padded(model, batch)
 
 
-def _to_bk(values: torch.Tensor, where: list[tuple[int, int]], b: int, k: int) -> torch.Tensor:
-    out = torch.zeros((b, k), dtype=values.dtype, device=values.device)
-    rows = torch.tensor([w[0] for w in where], device=values.device)
-    cols = torch.tensor([w[1] for w in where], device=values.device)
-    return out.index_put((rows, cols), values)
+def _chunks(groups: Sequence[EncodedGroup], size: int) -> list[list[tuple[int, int, int]]]:
+    """Candidates cut into forwards of at most `size` candidates, in query-major order."""
+    out, current, n = [], [], 0
+    for g, e in enumerate(groups):
+        lo = 0
+        while lo < len(e.responses):
+            take = min(size - n, len(e.responses) - lo)
+            current.append((g, lo, lo + take))
+            n, lo = n + take, lo + take
+            if n == size:
+                out.append(current)
+                current, n = [], 0
+    if current:
+        out.append(current)
+    return out
 
 
 def micro_batch_loss(
     model: torch.nn.Module,
     groups: Sequence[EncodedGroup],
     cfg: TrainConfig,
-    pad_id: int,
     device: torch.device,
     scale: float,
     *,
+    shared: bool = False,
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
     sync_last: bool = True,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> tuple[RRHFLossOutput, int]:
     """Forward + backward of one micro-batch; adds `scale · Σ_q L_q` to the gradients.
 
-    With `candidate_chunk_size`, the candidates go through the model in chunks: a no-grad pass
-    gives every p_i, the loss gives dL/d(logp_sum_i), and each chunk is run again with grad and
-    back-propagated with those coefficients. The gradient is exact (the loss depends on the
-    model only through logp_sum), at the price of one extra forward; activation memory is that
-    of one chunk.
+    With `candidate_chunk_size` (or a query over `micro_batch_tokens`), the candidates go through
+    the model in chunks: a no-grad pass gives every p_i, the loss gives dL/d(logp_sum_i), and each
+    chunk is run again with grad and back-propagated with those coefficients. The gradient is
+    exact (the loss depends on the model only through logp_sum), at the price of one extra
+    forward; activation memory is that of one chunk.
 
     `no_sync` (DDP's / FSDP's) wraps each forward + backward, except the last one when
     `sync_last`, so that gradients are all-reduced once per optimizer step.
     Returns the loss output and the number of response tokens.
     """
-    flat, where, k = _batch_layout(groups)
-    b = len(groups)
+    b, k = len(groups), max(len(g.responses) for g in groups)
     rewards = torch.zeros((b, k), dtype=torch.float32, device=device)
     valid = torch.zeros((b, k), dtype=torch.bool, device=device)
-    for bi, i in where:
-        rewards[bi, i] = groups[bi].rewards[i]
-        valid[bi, i] = True
+    for bi, g in enumerate(groups):
+        rewards[bi, : len(g.rewards)] = torch.tensor(g.rewards, dtype=torch.float32)
+        valid[bi, : len(g.rewards)] = True
     loss_kwargs = {
         "rank_weight": cfg.rank_weight, "length_penalty": cfg.length_penalty, "sft_reduction": cfg.sft_reduction
     }
@@ -146,30 +238,46 @@ def micro_batch_loss(
             return contextlib.nullcontext()
         return no_sync()
 
-    chunk = cfg.candidate_chunk_size or len(flat)
-    if chunk >= len(flat):
+    def to_bk(flat: torch.Tensor) -> torch.Tensor:
+        return flat.new_zeros((b, k)).masked_scatter(valid, flat)
+
+    chunk = _chunk_size(groups, cfg, shared)
+    n = int(valid.sum())
+    if chunk >= n:
         with sync_ctx(last=True):
             with autocast():
-                logp, lengths = candidate_logprobs(model, flat, pad_id, device)
-            out = rrhf_loss(
-                _to_bk(logp, where, b, k), _to_bk(lengths, where, b, k), rewards, valid, **loss_kwargs
-            )
+                logp, lengths = candidate_logprobs(model, groups, shared)
+            out = rrhf_loss(to_bk(logp), to_bk(lengths), rewards, valid, **loss_kwargs)
             (out.per_query_loss.sum() * scale).backward()
         return out, int(lengths.sum())
 
-    spans = [(s, min(s + chunk, len(flat))) for s in range(0, len(flat), chunk)]
+    chunks = _chunks(groups, chunk)
     with torch.no_grad(), autocast():
-        parts = [candidate_logprobs(model, flat[s:e], pad_id, device) for s, e in spans]
+        parts = [candidate_logprobs(model, groups, shared, c) for c in chunks]
     logp = torch.cat([p[0] for p in parts]).requires_grad_(True)
     lengths = torch.cat([p[1] for p in parts])
-    out = rrhf_loss(_to_bk(logp, where, b, k), _to_bk(lengths, where, b, k), rewards, valid, **loss_kwargs)
+    out = rrhf_loss(to_bk(logp), to_bk(lengths), rewards, valid, **loss_kwargs)
     (coeff,) = torch.autograd.grad(out.per_query_loss.sum() * scale, logp)
-    for n, (s, e) in enumerate(spans):
-        with sync_ctx(last=n == len(spans) - 1):
+    start = 0
+    for i, c in enumerate(chunks):
+        size = sum(hi - lo for _, lo, hi in c)
+        with sync_ctx(last=i == len(chunks) - 1):
             with autocast():
-                lp, _ = candidate_logprobs(model, flat[s:e], pad_id, device)
-            (lp * coeff[s:e]).sum().backward()
+                lp, _ = candidate_logprobs(model, groups, shared, c)
+            (lp * coeff[start : start + size]).sum().backward()
+        start += size
     return out, int(lengths.sum())
+
+
+def _chunk_size(groups: Sequence[EncodedGroup], cfg: TrainConfig, shared: bool) -> int:
+    """Candidates per forward: `candidate_chunk_size`, or as many as fit `micro_batch_tokens`
+    (a micro-batch is packed to the budget, so only a single query over it is chunked)."""
+    n = sum(len(g.responses) for g in groups)
+    size = cfg.candidate_chunk_size or n
+    if cfg.micro_batch_tokens is not None and sum(g.tokens(shared) for g in groups) > cfg.micro_batch_tokens:
+        longest = max(len(g.prompt) + max(len(r) for r in g.responses) for g in groups)
+        size = min(size, max(1, cfg.micro_batch_tokens // longest))
+    return size
 
 
 def measure(out: RRHFLossOutput, tokens: int) -> Measured:
@@ -200,19 +308,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     job = TrainJob.model_validate(config["job"])
     cfg = job.train
 
-    def recipe(tokenizer: Any, device: torch.device) -> Recipe:
+    def recipe(tokenizer: Any, device: torch.device, model: torch.nn.Module) -> Recipe:
         groups = [g for path in job.data_paths for g in read_groups(path)]
-        encoded = [encode_group(tokenizer, g, cfg.max_length) for g in groups]
-        pad_id = tokenizer.pad_token_id
+        encoder = Encoder(tokenizer, cfg.max_length, cfg.truncated)
+        encoded = [e for e in map(encoder, groups) if e is not None]
+        if encoder.dropped:
+            logger.info("train.truncated=drop: left out %d truncated candidate(s), %d group(s) empty",
+                        encoder.dropped, len(groups) - len(encoded))
+        shared = use_prefix_sharing(model, cfg.prefix_sharing)
+        if not shared and cfg.prefix_sharing == "auto":
+            logger.info("prefix sharing: not supported by this model here (%s); the prompt is "
+                        "computed once per candidate", getattr(model.config, "model_type", "?"))
 
         def micro_batch(model: torch.nn.Module, mb: MicroBatch) -> Measured:
             return measure(*micro_batch_loss(
-                model, [encoded[i] for i in mb.indices], cfg, pad_id, mb.device, mb.scale,
+                model, [encoded[i] for i in mb.indices], cfg, mb.device, mb.scale, shared=shared,
                 no_sync=mb.no_sync, sync_last=mb.sync_last, autocast=mb.autocast,
             ))
 
         return Recipe("RRHF", len(encoded), micro_batch, _log_line,
-                      example_length=lambda i: max(len(ids) for ids in encoded[i].ids))
+                      example_length=lambda i: encoded[i].tokens(shared),
+                      example_tokens=lambda i: encoded[i].tokens(shared))
 
     def load(path: str, cfg: TrainConfig, trust_remote_code: bool, tokenizer: Any) -> torch.nn.Module:
         return load_causal_lm(path, cfg, trust_remote_code)
@@ -245,24 +361,25 @@ def ranking_metrics(model_path: str, groups: Sequence[QueryGroup], max_length: i
 
     tokenizer = load_tokenizer(model_path, False)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True).eval()
-    device = next(model.parameters()).device
-    encoded = [encode_group(tokenizer, g, max_length) for g in groups]
+    encoder = Encoder(tokenizer, max_length)
+    encoded = [encoder(g) for g in groups]
+    shared = supports_prefix_sharing(model)
     pairs = correct = 0
     nll, n = 0.0, 0
     for s in range(0, len(encoded), micro_batch_queries):
         batch = encoded[s : s + micro_batch_queries]
-        flat, where, k = _batch_layout(batch)
-        logp, lengths = candidate_logprobs(model, flat, tokenizer.pad_token_id, device)
-        rewards = torch.zeros((len(batch), k))
+        logp, lengths = candidate_logprobs(model, batch, shared)
+        k = max(len(g.responses) for g in batch)
         valid = torch.zeros((len(batch), k), dtype=torch.bool)
-        for bi, i in where:
-            rewards[bi, i] = batch[bi].rewards[i]
-            valid[bi, i] = True
-        out = rrhf_loss(_to_bk(logp, where, len(batch), k), _to_bk(lengths, where, len(batch), k), rewards, valid)
+        rewards = torch.zeros((len(batch), k))
+        for bi, g in enumerate(batch):
+            valid[bi, : len(g.rewards)] = True
+            rewards[bi, : len(g.rewards)] = torch.tensor(g.rewards)
+        out = rrhf_loss(logp.new_zeros(valid.shape).masked_scatter(valid, logp),
+                        lengths.new_zeros(valid.shape).masked_scatter(valid, lengths), rewards, valid)
         p = int(out.num_pairs)
         pairs += p
         correct += round(float(out.rank_accuracy) * p) if p else 0
         nll += float(out.sft_loss) * int(out.query_mask.sum())
         n += int(out.query_mask.sum())
     return {"rank_accuracy": correct / pairs if pairs else float("nan"), "best_nll": nll / max(n, 1)}
-

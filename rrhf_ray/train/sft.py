@@ -20,53 +20,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from rrhf_ray.config import TrainConfig
-from rrhf_ray.data.pairs import PairFormat, SFTPair, read_sft_pairs
-from rrhf_ray.data.queries import hold_out
+from rrhf_ray.data.pairs import SFTPair, read_sft_pairs
 from rrhf_ray.train.core import (
     Measured,
     MicroBatch,
+    PairJob,
     Recipe,
     fit_job,
-    is_finished_model,
     load_causal_lm,
     load_tokenizer,
     run_worker,
+    train_once,
 )
 from rrhf_ray.train.tokens import IGNORE, Batch, collate, encode
 
 logger = logging.getLogger(__name__)
 
 
-class SFTJob(BaseModel):
-    """Everything one SFT fit needs; crosses the driver → worker boundary as a dict."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model_path: str = Field(description="HF directory or hub id of the causal LM to fine-tune.")
-    data_path: str = Field(
-        description="Pairs JSONL/Parquet {query, response}, or an HH-layout source (its chosen responses)."
-    )
-    output_dir: str = Field(description="Where the fine-tuned HF model (safetensors) is written.")
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    data_format: PairFormat = Field("auto", description="Layout of data_path; auto = from the fields.")
-    eval_path: str | None = Field(None, description="Held-out pairs: NLL reported each epoch.")
-    eval_fraction: float = Field(
-        0.0, ge=0.0, lt=1.0, description="Without eval_path: share of the pairs held out (seeded)."
-    )
-    tokenizer_path: str | None = None
-    trust_remote_code: bool = False
-    resume_from: str | None = Field(None, description="A checkpoint of an interrupted fit (no Ray).")
+class SFTJob(PairJob):
+    """An SFT fit on (query, response) pairs; `eval_path` / `eval_fraction`: held-out NLL."""
 
 
 def load_job_pairs(job: SFTJob) -> tuple[list[SFTPair], list[SFTPair]]:
     """(training, held-out) pairs of `job`, every row validated."""
-    pairs = read_sft_pairs(job.data_path, format=job.data_format)
-    if job.eval_path:
-        return pairs, read_sft_pairs(job.eval_path, format=job.data_format)
-    return hold_out(pairs, job.eval_fraction, job.train.seed)
+    return job.split_pairs(read_sft_pairs)
 
 
 # --------------------------------------------------------------------------- tokens and loss
@@ -109,7 +88,7 @@ def sft_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     job = SFTJob.model_validate(config["job"])
     cfg = job.train
 
-    def recipe(tokenizer: Any, device: torch.device) -> Recipe:
+    def recipe(tokenizer: Any, device: torch.device, model: torch.nn.Module) -> Recipe:
         train_pairs, eval_pairs = load_job_pairs(job)
         encoded = [encode_pair(tokenizer, p, cfg.max_length) for p in train_pairs]
         held = [encode_pair(tokenizer, p, cfg.max_length) for p in eval_pairs]
@@ -178,21 +157,12 @@ def run_sft_stage(run_config: Any, out_dir: str | Path) -> Path:
     stage = run_config.sft
     if stage is None:
         raise ValueError("run_sft_stage: the run config has no `sft` section")
-    out = Path(out_dir) / stage.output_subdir
-    if is_finished_model(out):
-        logger.info("SFT stage: using the finished model at %s", out)
-        return out
     job = SFTJob(
-        model_path=run_config.model.name_or_path, data_path=stage.data, output_dir=str(out),
+        model_path=run_config.model.name_or_path, data_path=stage.data,
+        output_dir=str(Path(out_dir) / stage.output_subdir),
         train=stage.train, data_format=stage.format, eval_path=stage.eval_data,
         eval_fraction=stage.eval_fraction, tokenizer_path=run_config.model.tokenizer,
         trust_remote_code=run_config.model.trust_remote_code,
     )
-    import ray
-
-    if ray.is_initialized():
-        fit_sft(job, name=f"{Path(out_dir).name}-sft", storage_path=run_config.output.storage_path)
-    else:
-        load_job_pairs(job)
-        sft_loop_per_worker({"job": job.model_dump(mode="json")})
-    return out
+    return train_once(job, sft_loop_per_worker, fit_sft, what="SFT", name=f"{Path(out_dir).name}-sft",
+                      storage_path=run_config.output.storage_path)

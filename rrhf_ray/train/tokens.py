@@ -19,6 +19,8 @@ right (then a policy response has no EOS).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +30,17 @@ import torch
 IGNORE = -100  # label of a token that carries no loss (the query, the padding)
 
 
-def _special_split(tokenizer: Any, query: str) -> tuple[list[int], list[int], list[int]]:
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A short hash of what decides token ids: the vocabulary (added tokens included) and the
+    special token ids. Two tokenizers with one fingerprint map text to the same ids, so token
+    ids a sampler recorded can be trained on as they are."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    special = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
+    blob = json.dumps([vocab, special], ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def special_split(tokenizer: Any, query: str) -> tuple[list[int], list[int], list[int]]:
     """(special prefix, query tokens, special suffix) of the tokenizer's encoding of `query`."""
     body = tokenizer(query, add_special_tokens=False)["input_ids"]
     full = tokenizer(query)["input_ids"]
@@ -42,7 +54,7 @@ def encode(tokenizer: Any, query: str, response: str, max_length: int, *, policy
     `policy=True`: a policy sequence closed with the tokenizer's EOS; `policy=False`: a reward
     sequence (module docstring).
     """
-    prefix, body, suffix = _special_split(tokenizer, query)
+    prefix, body, suffix = special_split(tokenizer, query)
     reply = tokenizer(response, add_special_tokens=False)["input_ids"]
     if policy:
         reply = reply + [tokenizer.eos_token_id]

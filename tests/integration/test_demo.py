@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 
 from rrhf_ray.cli import main
-from rrhf_ray.demo import DEMO_CONFIG
 
 pytestmark = pytest.mark.ray
 
@@ -48,10 +46,3 @@ def test_shortened_demo_raises_the_held_out_reward(ray_cluster, tmp_path, capsys
     assert (out / "report.png").stat().st_size > 1000
     assert "| 2 |" in (out / "summary.md").read_text()
 
-
-def test_packaged_default_equals_workflows_demo():
-    """`rrhf-ray run` with no config runs the packaged file; workflows/demo.yaml is its copy."""
-    from pathlib import Path
-
-    repo_copy = Path(__file__).resolve().parents[2] / "workflows" / "demo.yaml"
-    assert yaml.safe_load(DEMO_CONFIG.read_text()) == yaml.safe_load(repo_copy.read_text())

@@ -15,7 +15,8 @@ import pytest
 from rrhf_ray.cli import main
 from rrhf_ray.config import ConfigError, load_config
 from rrhf_ray.demo import DEMO_CONFIG
-from rrhf_ray.workflow import RunState, run
+from rrhf_ray.state import RunState
+from rrhf_ray.workflow import run
 
 pytestmark = pytest.mark.ray
 
@@ -82,12 +83,33 @@ def test_a_different_config_in_an_existing_output_dir_is_refused(tmp_path):
     RunState(out, load_config(DEMO_CONFIG, QUICK + [f"output.dir={out}", "rounds=4"]))  # more rounds: fine
 
 
-def test_config_error_stops_before_any_ray_work(tmp_path, capsys):
+def test_config_error_stops_before_any_ray_work(tmp_path, capsys, monkeypatch):
+    """A config error ends `rrhf-ray run` before the workflow starts: Ray is neither started nor
+    joined (whether or not this process is connected already), and nothing is written."""
     import ray
 
-    was_running = ray.is_initialized()
+    import rrhf_ray.cli
+    import rrhf_ray.workflow
+
+    calls: list[str] = []
+
+    def spy(name, result=None):
+        def record(*args, **kwargs):
+            calls.append(name)
+            return result
+        return record
+
+    monkeypatch.setattr(ray, "init", spy("ray.init"))
+    monkeypatch.setattr(rrhf_ray.workflow, "connect_ray", spy("connect_ray"))
+    monkeypatch.setattr(rrhf_ray.cli, "connect_ray", spy("connect_ray"))
+    monkeypatch.setattr(rrhf_ray.workflow, "run", spy("run", []))
+
     rc = main(["run", "train.epochz=2", f"output.dir={tmp_path / 'x'}"])
     assert rc == 2
     assert "train.epochz: unknown key" in capsys.readouterr().err
-    assert ray.is_initialized() == was_running
+    assert calls == [], f"a config error still reached {calls}"
     assert not (tmp_path / "x").exists()
+
+    # The same command with a valid config reaches the workflow: the spies are on its path.
+    assert main(["run", *QUICK, f"output.dir={tmp_path / 'y'}"]) == 0
+    assert calls == ["run"]

@@ -7,7 +7,6 @@ import pytest
 from rrhf_ray.cli import main
 from rrhf_ray.config import ConfigError, RunConfig, TrainConfig, load_config
 
-
 # The three sections every run config must set; the tests below add what they exercise.
 REQUIRED = """model:
   name_or_path: builtin:demo-tiny-llama

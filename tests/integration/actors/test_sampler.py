@@ -2,6 +2,10 @@
 
 The tests run in file order on purpose: the weight tests move the pool's version forward, and
 the last test kills a replica.
+
+The pool's replicas are `TracingSampler`s: real `Sampler`s that also tell a `Board` actor when
+they start and finish a chunk. A replica's one thread is busy while it generates, so it cannot
+answer a call then; the board can, which lets a test kill a replica while a chunk is running.
 """
 
 from __future__ import annotations
@@ -11,9 +15,17 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 
+import rrhf_ray.actors.sampler as sampler_module
+from rrhf_ray.actors.sampler import (
+    MixedVersionsError,
+    Sampler,
+    SamplerPool,
+    get_samples,
+    query_seed,
+)
 from rrhf_ray.config import SamplingConfig
-from rrhf_ray.actors.sampler import MixedVersionsError, SamplerPool, get_samples, query_seed
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 
@@ -24,9 +36,46 @@ CONFIG = SamplingConfig(num_replicas=2, n=3, max_new_tokens=12, dtype="float32",
 GREEDY = CONFIG.model_copy(update={"n": 1, "temperature": 0.0, "stop": [], "max_new_tokens": 16})
 
 
+BOARD = "rrhf-test-sampler-board"
+
+
+@ray.remote(num_cpus=0)
+class Board:
+    """(replica, "start" | "done", seeds of the chunk) in the order the replicas report them."""
+
+    def __init__(self) -> None:
+        self._events: list[tuple[int, str, tuple[int, ...]]] = []
+
+    def record(self, replica: int, what: str, seeds: list[int]) -> None:
+        self._events.append((replica, what, tuple(seeds)))
+
+    def events(self) -> list[tuple[int, str, tuple[int, ...]]]:
+        return list(self._events)
+
+
+class TracingSampler(Sampler):
+    """A `Sampler` that reports each chunk it starts and finishes to the board."""
+
+    def generate(self, prompts, seeds, expected_version, config=None):
+        board = ray.get_actor(BOARD)
+        board.record.remote(self.replica, "start", seeds)
+        groups = super().generate(prompts, seeds, expected_version, config)
+        board.record.remote(self.replica, "done", seeds)
+        return groups
+
+
 @pytest.fixture(scope="module")
-def pool(ray_cluster, tiny_model_dir: Path):
-    pool = SamplerPool(str(tiny_model_dir), CONFIG)
+def board(ray_cluster):
+    board = Board.options(name=BOARD).remote()
+    yield board
+    ray_cluster.kill(board)
+
+
+@pytest.fixture(scope="module")
+def pool(ray_cluster, board, tiny_model_dir: Path):
+    with pytest.MonkeyPatch.context() as mp:  # the pool starts the actor class `Sampler` names
+        mp.setattr(sampler_module, "Sampler", TracingSampler)
+        pool = SamplerPool(str(tiny_model_dir), CONFIG)
     assert ray_cluster.get(pool.versions()) == [0, 0]
     yield pool
     pool.shutdown()
@@ -128,11 +177,46 @@ def test_a_restarted_replica_is_reloaded_with_the_current_weights(ray_cluster, p
     assert ray_cluster.get(pool.versions()) == [3, 3]
 
 
-def test_a_replica_dying_mid_batch_loses_no_query(ray_cluster, pool) -> None:
-    config = CONFIG.model_copy(update={"chunk_prompts": 1, "max_new_tokens": 24})
-    expected = ray_cluster.get(pool.sample(PROMPTS, config))
+def test_a_replica_killed_mid_chunk_has_its_chunk_rerun_by_the_survivor(ray_cluster, pool, board) -> None:
+    """Replica 1 is killed while it generates a chunk of a call; that chunk (and any other
+    queued on it) is re-run on replica 0, and the call returns every query, in order, with
+    exactly what one replica computes alone for the same seeds."""
+    # Chunks of one query and long replies: a chunk runs long enough to be caught mid-way.
+    config = CONFIG.model_copy(update={"chunk_prompts": 1, "max_new_tokens": 160, "stop": []})
+    seeds = [query_seed(config.seed, i) for i in range(len(PROMPTS))]
+    survivor, victim = pool.replicas
+    # The reference: what a 1-replica pool computes, one chunk (one query) after another on one
+    # replica with the same per-query seeds. (Single requests, as in the 2-replica call, so a
+    # 160-token reply cannot drift through a different batch shape.)
+    reference = [group for i in range(len(PROMPTS)) for group in ray_cluster.get(
+        survivor.generate.remote(PROMPTS[i:i + 1], seeds[i:i + 1], pool.version, config))]
+    seen = len(ray_cluster.get(board.events.remote()))
+    served_before = len(ray_cluster.get(survivor.served_chunks.remote()))
+
     ref = pool.sample(PROMPTS, config)
-    time.sleep(1.0)  # let the first chunks reach both replicas
-    ray_cluster.kill(pool.replicas[1], no_restart=True)
-    assert ray_cluster.get(ref) == expected
-    assert ray_cluster.get(pool.sample(PROMPTS, config)) == expected  # the survivor does it all
+    deadline = time.monotonic() + 120
+    while True:  # until replica 1 has started a chunk of this call and not finished it
+        events = ray_cluster.get(board.events.remote())[seen:]
+        running = [c for r, what, c in events if r == 1 and what == "start" and (1, "done", c) not in events]
+        if running:
+            break
+        assert time.monotonic() < deadline, f"replica 1 started no chunk of the call; events {events}"
+        time.sleep(0.05)
+    in_flight = running[0]
+    ray_cluster.kill(victim, no_restart=True)
+    result = ray_cluster.get(ref)
+
+    events = ray_cluster.get(board.events.remote())[seen:]
+    victim_done = {c for r, what, c in events if r == 1 and what == "done"}
+    survivor_done = ray_cluster.get(survivor.served_chunks.remote())[served_before:]
+    assert in_flight not in victim_done, "replica 1 finished its chunk before the kill took effect"
+    assert in_flight in survivor_done, f"chunk {in_flight} was not re-run on replica 0"
+    assert (0, "start", in_flight) in events[events.index((1, "start", in_flight)):]
+    # Every chunk was finished by one replica or the other: replica 1's finished chunks were kept.
+    assert set(survivor_done) | victim_done == {(s,) for s in seeds}
+    assert len(result) == len(PROMPTS) and all(len(g) == config.n for g in result)
+    assert result == reference  # complete, in query order, the candidates of one replica
+    assert all(c.source == f"policy@{pool.version}" for g in result for c in g)
+    # The dead replica is left out of the next call: the survivor does it all.
+    assert ray_cluster.get(pool.sample(PROMPTS, config)) == reference
+    assert ray_cluster.get(survivor.served_chunks.remote())[-len(PROMPTS):] == [(s,) for s in seeds]

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from rrhf_ray.config import RewardConfig
 from rrhf_ray.actors.scorer import RewardError, RewardPool, RewardScorer
-from rrhf_ray.types import Candidate
-from rrhf_ray.types import CandidateGroup
+from rrhf_ray.config import RewardConfig
+from rrhf_ray.types import Candidate, CandidateGroup, DataError
 
 pytestmark = pytest.mark.ray
 
@@ -124,13 +123,25 @@ def test_a_nan_reward_names_the_query_and_keeps_the_scored_prefix(ray_cluster) -
 
 
 def test_a_wrong_rule_fails_before_any_work() -> None:
-    with pytest.raises(Exception, match="cannot import 'no_such_module'"):
+    """The pool loads the rule in the driver: a wrong one is a DataError naming the part that is
+    wrong, raised before any task or actor starts (this test needs no Ray cluster)."""
+    with pytest.raises(DataError) as info:
         RewardPool(RewardConfig(kind="rule", rule="no_such_module:fn"))
-    with pytest.raises(Exception, match="has no function 'missing'"):
+    assert type(info.value) is DataError
+    assert str(info.value) == ("reward.rule 'no_such_module:fn': cannot import 'no_such_module' "
+                               "(No module named 'no_such_module')")
+    with pytest.raises(DataError) as info:
         RewardPool(RewardConfig(kind="rule", rule=f"{__name__}:missing"))
+    assert type(info.value) is DataError
+    assert str(info.value) == f"reward.rule '{__name__}:missing': {__name__} has no function 'missing'"
+    with pytest.raises(DataError) as info:
+        RewardPool(RewardConfig(kind="rule", rule=f"{__name__}.length_reward"))
+    assert str(info.value) == (f"reward.rule '{__name__}.length_reward' is not of the form "
+                               "package.module:function")
 
 
-def test_sample_and_score_commands_write_the_reference_format(ray_cluster, tmp_path: Path) -> None:
+def test_sample_and_score_commands_write_the_reference_format(ray_cluster, tiny_model_dir: Path,
+                                                                tmp_path: Path) -> None:
     """`sample` with preset P (the data set's responses + an external file, no engine), then
     `score` with a rule; a NaN rule exits 2 and leaves the scored prefix beside the output."""
     import json
@@ -145,12 +156,13 @@ def test_sample_and_score_commands_write_the_reference_format(ray_cluster, tmp_p
     ext.write_text(json.dumps({"query": GROUPS[0].query, "responses": [" Ask the admin.", " No."],
                                "source": "gpt4"}) + "\n")
     config = tmp_path / "run.yaml"
-    config.write_text(f"data: {{source: {data}, eval_split: null, eval_fraction: 0.0}}\n"
+    config.write_text(f"model: {{name_or_path: {tiny_model_dir}}}\n"  # P: only its tokenizer loads
+                      f"data: {{source: {data}, eval_split: null, eval_fraction: 0.0}}\n"
                       f"sampling: {{preset: P, external: [{ext}]}}\n"
                       f"reward: {{kind: rule, rule: '{__name__}:length_reward'}}\n")
     pool, scored = tmp_path / "pool.jsonl", tmp_path / "scored.jsonl"
     assert main(["sample", str(config), "--out", str(pool)]) == 0
-    groups = {g.query: g for g in read_groups(pool)}
+    groups = {g.query: g for g in read_groups(pool, scored=False)}
     first = groups[GROUPS[0].query]
     assert first.responses == [" No.", " Whatever.", " Ask the admin."]
     assert first.sources == ["dataset+gpt4", "dataset", "gpt4"]
@@ -164,7 +176,7 @@ def test_sample_and_score_commands_write_the_reference_format(ray_cluster, tmp_p
     assert main(["score", str(config), "--pool", str(pool), "--out", str(tmp_path / "bad.jsonl"),
                  f"reward.rule={__name__}:nan_on_bad"]) == 2
     assert not (tmp_path / "bad.jsonl").exists()
-    order = [g.query for g in read_groups(pool)]
+    order = [g.query for g in read_groups(pool, scored=False)]
     bad_at = order.index(GROUPS[1].query)
     assert bad_at > 0  # data.seed 0 shuffles it off the front, so there is a prefix to keep
     assert [g.query for g in read_groups(tmp_path / "bad.partial.jsonl")] == order[:bad_at]

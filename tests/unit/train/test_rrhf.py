@@ -8,14 +8,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rrhf_ray.config import LoraConfig, TrainConfig
-from rrhf_ray.train.core import load_causal_lm, plan_steps, save_hf_checkpoint
+from rrhf_ray.train.core import load_causal_lm, micro_batches, plan_steps, save_hf_checkpoint
 from rrhf_ray.train.rrhf import (
+    Encoder,
     TrainJob,
     candidate_logprobs,
     encode_group,
     micro_batch_loss,
     train_loop_per_worker,
 )
+from rrhf_ray.train.tokens import tokenizer_fingerprint
 from rrhf_ray.types import QueryGroup, read_groups
 from tests.helpers import ranked_rows, write_ranked
 
@@ -40,15 +42,43 @@ def test_encode_masks_the_prompt_and_closes_with_eos(tokenizer):
     assert enc.ids[1] == q + [tokenizer.eos_token_id]  # an empty response still scores its EOS
 
 
-def test_encode_truncates_the_query_from_the_left(tokenizer):
+def test_encode_truncates_the_query_from_the_left_once_per_group_keeping_bos(tokenizer):
     g = QueryGroup(query="\n\nHuman: " + "very long question " * 40 + "\n\nAssistant:",
-                   responses=[" short answer"], scores=[0])
-    enc = encode_group(tokenizer, g, max_length=24)
+                   responses=[" short answer", " a somewhat longer answer than that"], scores=[0, 1])
+    enc = encode_group(tokenizer, g, max_length=40)
     resp = tokenizer(" short answer", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    assert len(enc.ids[0]) == 24
+    longer = tokenizer(" a somewhat longer answer than that", add_special_tokens=False)["input_ids"]
+    assert len(enc.ids[1]) == 40 and len(enc.ids[0]) == 40 - len(longer) - 1 + len(resp)
     assert enc.ids[0][-len(resp):] == resp
-    assert enc.starts[0] == 24 - len(resp)
-    assert tokenizer.decode(enc.ids[0][: enc.starts[0]]).endswith("\n\nAssistant:")
+    assert enc.starts[0] == enc.starts[1] == 40 - len(longer) - 1  # one context for all k
+    assert enc.prompt[0] == tokenizer.bos_token_id  # the cut keeps the special prefix
+    assert tokenizer.decode(enc.prompt).endswith("\n\nAssistant:")
+
+
+def test_encode_uses_the_samplers_token_ids_and_closes_only_stopped_replies(tokenizer):
+    """Token ids recorded with this tokenizer are trained on as they are (here a tokenization
+    `tokenizer(text)` would never produce: one byte-level token per character); a reply cut
+    off at the length limit gets no EOS; a different tokenizer's ids are not used."""
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    q = "\n\nHuman: hi\n\nAssistant:"
+    odd = [tokenizer.convert_tokens_to_ids(c) for c in ["Ġ", "H", "i"]]
+    assert odd != tokenizer(" Hi", add_special_tokens=False)["input_ids"]
+    prompt = tokenizer(q)["input_ids"]
+    g = QueryGroup(query=q, responses=[" Hi", " Hi there", " Hey"], scores=[1, 0, 0.5],
+                   token_ids=[odd + [tokenizer.eos_token_id], odd, None],
+                   finish_reasons=["stop", "length", None], prompt_ids=prompt, tokenizer=fingerprint)
+    enc = encode_group(tokenizer, g, 64)
+    assert enc.prompt == prompt
+    assert enc.responses[0] == odd + [tokenizer.eos_token_id]  # EOS already there: not doubled
+    assert enc.responses[1] == odd  # truncated: no EOS
+    hey = tokenizer(" Hey", add_special_tokens=False)["input_ids"]
+    assert enc.responses[2] == hey + [tokenizer.eos_token_id]  # text source: tokenized, closed
+
+    dropped = Encoder(tokenizer, 64, truncated="drop")(g)
+    assert dropped.responses == [enc.responses[0], enc.responses[2]] and dropped.rewards == [1, 0.5]
+
+    other = encode_group(tokenizer, g.model_copy(update={"tokenizer": "another"}), 64)
+    assert other.responses[0] == tokenizer(" Hi", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
 def test_padding_does_not_change_a_candidates_log_probability(tiny_model_dir, tokenizer):
@@ -57,27 +87,33 @@ def test_padding_does_not_change_a_candidates_log_probability(tiny_model_dir, to
     g = QueryGroup(query="\n\nHuman: hi\n\nAssistant:",
                    responses=[" Hi!", " A much longer answer with many more tokens in it."], scores=[1, 0])
     enc = encode_group(tokenizer, g, 64)
-    pairs = list(zip(enc.ids, enc.starts))
     with torch.no_grad():
-        together, lengths = candidate_logprobs(model, pairs, tokenizer.pad_token_id, torch.device("cpu"))
-        alone, _ = candidate_logprobs(model, pairs[:1], tokenizer.pad_token_id, torch.device("cpu"))
-    assert together[0].item() == pytest.approx(alone[0].item(), abs=1e-4)
-    assert lengths.tolist() == [len(ids) - s for ids, s in pairs]
+        for shared in (False, True):
+            together, lengths = candidate_logprobs(model, [enc], shared)
+            alone, _ = candidate_logprobs(model, [enc], shared, spans=[(0, 0, 1)])
+            assert together[0].item() == pytest.approx(alone[0].item(), abs=1e-4)
+            assert lengths.tolist() == [len(r) for r in enc.responses]
 
 
-def gradients(model_dir, tokenizer, groups, split: list[int], chunk: int | None, checkpointing: bool = False):
-
+def gradients(model_dir, tokenizer, groups, split: list[int] | None, chunk: int | None,
+              checkpointing: bool = False, shared: bool = False, budget: int | None = None):
+    """Parameter gradients of one optimizer step over `groups`, cut into micro-batches of the
+    sizes in `split` (or packed to `budget` tokens by the trainer's own packing)."""
     torch.manual_seed(0)
     cfg = TrainConfig(queries_per_step=len(groups), candidate_chunk_size=chunk,
-                      gradient_checkpointing=checkpointing)
+                      gradient_checkpointing=checkpointing, micro_batch_tokens=budget)
     model = load_causal_lm(str(model_dir), cfg, False)
     model.train()
     enc = [encode_group(tokenizer, g, 96) for g in groups]
-    start = 0
-    for size in split:
-        micro_batch_loss(model, enc[start : start + size], cfg, tokenizer.pad_token_id,
-                         torch.device("cpu"), scale=1.0 / len(groups))
-        start += size
+    if split is None:
+        batches = micro_batches(list(range(len(enc))), cfg, lambda i: enc[i].tokens(shared))
+        assert len(batches) > 1  # the budget really cut the step
+    else:
+        starts = [sum(split[:i]) for i in range(len(split))]
+        batches = [list(range(s, s + n)) for s, n in zip(starts, split)]
+    for idx in batches:
+        micro_batch_loss(model, [enc[i] for i in idx], cfg, torch.device("cpu"),
+                         scale=1.0 / len(groups), shared=shared)
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
@@ -94,6 +130,31 @@ def test_accumulation_and_chunking_give_the_same_gradient(tiny_model_dir, tokeni
         torch.testing.assert_close(eight[name], g, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(chunked[name], g, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(recomputed[name], g, rtol=1e-4, atol=1e-6)
+
+
+def test_prefix_sharing_and_token_budgets_give_the_padded_gradient(tiny_model_dir, tokenizer):
+    """The prompt computed once per query, with whole micro-batches, packed to a token budget,
+    and with one query's candidates chunked (a budget smaller than the query): every parameter's
+    gradient equals the padded way's. Queries of different prompt lengths and different k."""
+    rows = ranked_rows(8)
+    for i, r in enumerate(rows):  # prompts of different lengths, k from 1 to 4
+        r["query"] = "\n\nHuman: " + "tell me more " * (i % 4) + r["query"].removeprefix("\n\nHuman: ")
+        keep = 1 + i % 4
+        r["responses"], r["scores"] = r["responses"][:keep], r["scores"][:keep]
+    groups = [QueryGroup(**r) for r in rows]
+    padded = gradients(tiny_model_dir, tokenizer, groups, [8], None)
+    variants = {
+        "shared": gradients(tiny_model_dir, tokenizer, groups, [8], None, shared=True),
+        "shared, 8 × 1": gradients(tiny_model_dir, tokenizer, groups, [1] * 8, None, shared=True),
+        "shared, budget": gradients(tiny_model_dir, tokenizer, groups, None, None, shared=True, budget=120),
+        "padded, budget": gradients(tiny_model_dir, tokenizer, groups, None, None, budget=200),
+        "shared, chunked by budget": gradients(tiny_model_dir, tokenizer, groups, [8], None,
+                                               shared=True, budget=40),
+    }
+    for name, g in padded.items():
+        assert g.abs().max() > 0, name
+        for variant, grads in variants.items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=lambda m, v=variant: f"{v}: {m}")
 
 
 def test_plan_steps_covers_every_group_once():

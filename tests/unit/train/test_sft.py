@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rrhf_ray.config import TrainConfig
 from rrhf_ray.data.pairs import SFTPair, read_sft_pairs
-from rrhf_ray.types import DataError
+from rrhf_ray.train.prefix import PackedQueries, candidate_logprobs_padded
 from rrhf_ray.train.sft import SFTJob, encode_pair, heldout_nll, nll_sum, sft_loop_per_worker
 from rrhf_ray.train.tokens import IGNORE, Batch, collate
-from rrhf_ray.train.rrhf import candidate_logprobs
+from rrhf_ray.types import DataError
 from tests.stage_data import preference_rows, sft_rows, write_jsonl
 
 
@@ -47,7 +47,8 @@ def test_the_loss_is_the_response_nll_only(tiny_model_dir, tokenizer):
     cpu = torch.device("cpu")
     with torch.no_grad():
         loss, tokens = nll_sum(model, collate(enc, tokenizer.pad_token_id), cpu)
-        logp, lengths = candidate_logprobs(model, enc, tokenizer.pad_token_id, cpu)
+        logp, lengths = candidate_logprobs_padded(
+            model, PackedQueries([ids[:s] for ids, s in enc], [[ids[s:]] for ids, s in enc]))
     assert tokens == int(lengths.sum()) == sum(len(ids) - s for ids, s in enc)
     assert loss.item() == pytest.approx(-logp.sum().item(), rel=1e-5)
     # Labelling the prompt too adds its tokens to the sum: the masking above is what removed them.

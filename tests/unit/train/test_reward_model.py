@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rrhf_ray.config import LoraConfig, TrainConfig
 from rrhf_ray.data.pairs import read_preference_pairs
-from rrhf_ray.types import DataError
+from rrhf_ray.train.core import is_finished_model
 from rrhf_ray.train.reward_model import (
     RewardModelJob,
     bradley_terry_loss,
@@ -21,7 +21,7 @@ from rrhf_ray.train.reward_model import (
     pairwise_accuracy,
     rm_loop_per_worker,
 )
-from rrhf_ray.train.core import is_finished_model
+from rrhf_ray.types import DataError
 from tests.stage_data import preference_rows, write_jsonl
 
 CFG = TrainConfig(epochs=2, lr=1e-3, queries_per_step=8, micro_batch_queries=4, warmup_ratio=0.0)

@@ -76,10 +76,13 @@ def test_combine_policy_dataset_and_external_in_query_order(tmp_path: Path) -> N
 
     # The unscored pool round-trips through the reference file format with its sources.
     path = write_groups([g.to_group() for g in groups], tmp_path / "pool.jsonl")
-    back = [CandidateGroup.from_group(g) for g in read_groups(path)]
+    back = [CandidateGroup.from_group(g) for g in read_groups(path, scored=False)]
     assert [(g.query, g.responses, g.sources) for g in back] == \
         [(g.query, g.responses, g.sources) for g in groups]
-    assert read_groups(path)[1].scores == [0.0, 0.0, 0.0]
+    assert '"scores": null' in path.read_text().splitlines()[1]
+    # Unscored groups never reach training: the reader that trains names the line.
+    with pytest.raises(DataError, match=r"pool\.jsonl line 1: scores: null, the group is not scored yet"):
+        read_groups(path)
 
 
 def test_combine_rejects_misaligned_or_empty_sources() -> None:

@@ -21,7 +21,7 @@ from rrhf_ray.data.queries import (
     load_data,
     truncate_query,
 )
-from rrhf_ray.registry import register
+from rrhf_ray.registry import register, unregister
 from rrhf_ray.types import DataError
 
 H, A = "\n\nHuman:", "\n\nAssistant:"
@@ -236,7 +236,15 @@ def test_save_to_disk_directories(tmp_path: Path) -> None:
     assert (len(data.train), len(data.eval), data.stats[1].split) == (7, 3, "held-out")
 
 
-def test_builtin_loaders(tmp_path: Path) -> None:
+@pytest.fixture
+def test_builtins():
+    """Built-ins registered by a test, forgotten after it (the registry is process-wide)."""
+    yield
+    for name in ("test-list", "test-splits", "test-rows"):
+        unregister("data", name)
+
+
+def test_builtin_loaders(tmp_path: Path, test_builtins) -> None:
     register("data", "test-list", lambda: [QueryRecord(f"q{i}") for i in range(5)])
     register("data", "test-splits",
         lambda: {

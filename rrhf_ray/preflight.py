@@ -1,0 +1,372 @@
+"""Preflight: every mistake in a run config that can be found without Ray, an engine or the
+network, found before Ray starts and before any stage trains.
+
+`check_run` (called by `workflow.run` and `rrhf-ray validate`) checks, after the config's own
+keys, types and cross-field rules (`rrhf_ray.config`):
+
+- the sampling preset, and the lengths: the longest prompt plus the longest reply (sampled or
+  evaluated) must fit `sampling.max_model_len`, which must fit the model's
+  `max_position_embeddings` when its directory is local;
+- every model a stage loads (`model.name_or_path`, `model.tokenizer`, `reward.model`,
+  `reward_model.base_model`): a ``builtin:`` name must be registered; a local directory must
+  exist and hold `config.json`, safetensors weights (the only format the project loads) and a
+  tokenizer; a hub id is left to load time (there is no network here);
+- the reward: a rule must import and be callable, a built-in rule registered;
+- every data file of every stage, read and converted row by row (`data.source`, `sft.data`,
+  `sft.eval_data`, `reward_model.data`, `reward_model.eval_data`, `sampling.external`): the
+  first bad row is named by file and line. Hub data sets are left to load time.
+
+A stage already finished in `output.dir` (a resumed run with the same config) is not checked
+again: its inputs are no longer read. Each failure is a `ConfigError` (the config names
+something unusable) or a `DataError` (a file's contents), one line naming the field, the file
+and the row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rrhf_ray import registry
+from rrhf_ray.config import ConfigError, DataConfig, RewardConfig, RunConfig, with_absolute_paths
+from rrhf_ray.data.candidates import Preset, get_preset, read_external
+from rrhf_ray.state import STATE_FILE, config_fingerprint
+from rrhf_ray.types import DataError
+
+logger = logging.getLogger(__name__)
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")  # read as a file by rrhf_ray.data.queries
+WEIGHTS_INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+@dataclass
+class Preflight:
+    """What a passed check found: the config with local paths absolute, the sampling preset,
+    the `sampling.external` files read (`read_external`), and one line per check."""
+
+    config: RunConfig
+    preset: Preset | None = None
+    external: list[dict] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+
+    def ok(self, line: str) -> None:
+        self.lines.append(f"ok: {line}")
+
+    def skipped(self, line: str) -> None:
+        logger.info("preflight skipped %s", line)
+        self.lines.append(f"skipped: {line}")
+
+
+# --------------------------------------------------------------------------- what a name is
+
+
+def is_local(value: str) -> bool:
+    """A local path: written as one ('/', '.', '~') or existing; not a builtin, hub id or URI."""
+    if not value or registry.is_builtin(value) or "://" in value:
+        return False
+    return value.startswith(("/", ".", "~")) or Path(value).expanduser().exists()
+
+
+def _is_local_data(value: str) -> bool:
+    return is_local(value) or ("://" not in value and not registry.is_builtin(value)
+                               and Path(value).suffix in DATA_SUFFIXES)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def check_tokenizer_dir(name: str, value: str) -> None:
+    path = _existing_dir(name, value, "tokenizer directory")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(f"{name}: {value} holds no tokenizer ({' or '.join(TOKENIZER_FILES)})")
+
+
+def _existing_dir(name: str, value: str, what: str) -> Path:
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{name}: {what} not found: {value}")
+    if not path.is_dir():
+        raise ConfigError(f"{name}: {value} is a file, not a {what}")
+    return path
+
+
+def check_model_dir(name: str, value: str, *, tokenizer: bool = True) -> dict[str, Any]:
+    """A local Hugging Face model directory's `config.json`, after checking that the directory
+    holds it, safetensors weights and (with `tokenizer`) a tokenizer."""
+    path = _existing_dir(name, value, "model directory")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"{name}: {value} holds no config.json (not a Hugging Face model directory)")
+    try:
+        model_config = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{name}: {config_file} cannot be read as JSON ({err})") from None
+    if not isinstance(model_config, dict):
+        raise ConfigError(f"{name}: {config_file} does not hold a JSON object")
+    if not ((path / WEIGHTS_INDEX).is_file() or any(path.glob("*.safetensors"))):
+        other = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".h5"))
+        hint = (f"; found {', '.join(other)}: rrhf-ray loads safetensors only, re-save with "
+                "save_pretrained(..., safe_serialization=True)") if other else ""
+        raise ConfigError(f"{name}: {value} holds no safetensors weights (*.safetensors or "
+                          f"{WEIGHTS_INDEX}){hint}")
+    if tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(f"{name}: {value} holds no tokenizer ({' or '.join(TOKENIZER_FILES)})")
+    return model_config
+
+
+def _not_builtin(name: str, value: str | None) -> None:
+    """Only `model.name_or_path` may be a built-in model: the run builds it into output.dir/base."""
+    if registry.is_builtin(value):
+        raise ConfigError(f"{name}: {value}: only model.name_or_path may name a built-in model "
+                          "(the run builds it); name a model directory or a hub id")
+
+
+def _check_policy(config: RunConfig, check: Preflight) -> int | None:
+    """model.name_or_path and model.tokenizer; returns the model's max_position_embeddings when
+    its local config.json has one."""
+    model = config.model
+    value = model.name_or_path
+    max_pos = None
+    if registry.is_builtin(value):
+        try:
+            registry.lookup("model", value)
+        except registry.UnknownBuiltinError as err:
+            raise ConfigError(f"model.name_or_path: {err}") from None
+        check.ok(f"model.name_or_path {value}: a registered built-in model, built into "
+                 f"{config.output.dir}/base")
+    elif is_local(value):
+        model_config = check_model_dir("model.name_or_path", value, tokenizer=model.tokenizer is None)
+        max_pos = model_config.get("max_position_embeddings")
+        max_pos = max_pos if isinstance(max_pos, int) and max_pos > 0 else None
+        check.ok(f"model.name_or_path {value}: config.json, safetensors weights, "
+                 + ("tokenizer" if model.tokenizer is None else "tokenizer in model.tokenizer")
+                 + (f", max_position_embeddings {max_pos}" if max_pos else ""))
+    else:
+        check.skipped(f"model.name_or_path {value}: a hub id, checked when it loads")
+    if model.tokenizer:
+        _not_builtin("model.tokenizer", model.tokenizer)
+        if is_local(model.tokenizer):
+            check_tokenizer_dir("model.tokenizer", model.tokenizer)
+            check.ok(f"model.tokenizer {model.tokenizer}")
+        else:
+            check.skipped(f"model.tokenizer {model.tokenizer}: a hub id, checked when it loads")
+    return max_pos
+
+
+def _check_backbone(name: str, value: str, check: Preflight) -> None:
+    """A model another stage loads from a directory (reward model, its backbone)."""
+    _not_builtin(name, value)
+    if is_local(value):
+        check_model_dir(name, value)
+        check.ok(f"{name} {value}: config.json, safetensors weights, tokenizer")
+    else:
+        check.skipped(f"{name} {value}: a hub id, checked when it loads")
+
+
+# --------------------------------------------------------------------------- lengths
+
+
+def check_lengths(config: RunConfig, max_pos: int | None, check: Preflight, *, evaluation: bool = True) -> None:
+    """The longest prompt plus the longest reply fit the engine's context, which fits the model's."""
+    prompt, ctx = config.data.max_prompt_tokens, config.sampling.max_model_len
+    replies = [("sampling.max_new_tokens", config.sampling.max_new_tokens)]
+    if evaluation:
+        replies.append(("eval.max_new_tokens", config.eval.max_new_tokens))
+    for key, reply in replies:
+        if prompt + reply > ctx:
+            raise ConfigError(
+                f"data.max_prompt_tokens + {key} = {prompt} + {reply} = {prompt + reply} exceeds "
+                f"sampling.max_model_len {ctx}: the longest prompt has no room for its reply")
+    if max_pos is not None and ctx > max_pos:
+        raise ConfigError(f"sampling.max_model_len {ctx} exceeds the model's max_position_embeddings "
+                          f"{max_pos} ({config.model.name_or_path}/config.json)")
+    check.ok(f"lengths: prompt {prompt} + reply {max(r for _, r in replies)} <= sampling.max_model_len {ctx}"
+             + (f" <= max_position_embeddings {max_pos}" if max_pos is not None else ""))
+
+
+# --------------------------------------------------------------------------- reward
+
+
+def check_reward(reward: RewardConfig, check: Preflight) -> None:
+    """A rule imports and is callable; a reward model's directory is whole."""
+    if reward.kind == "model":
+        _check_backbone("reward.model", reward.model or "", check)
+        return
+    from rrhf_ray.actors.scorer import load_rule
+
+    spec = reward.rule or ""
+    try:
+        load_rule(spec)
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a user's module may raise anything on import
+        raise DataError(f"reward.rule {spec!r}: importing it raised {type(err).__name__}: {err}") from None
+    check.ok(f"reward.rule {spec}: callable")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _named(name: str, err: Exception) -> str:
+    text = str(err)
+    return text if text.startswith(name) else f"{name}: {text}"
+
+
+def _data_source(name: str, value: str, check: Preflight) -> bool:
+    """Whether `value` is read here: a registered builtin or an existing local path. Unknown
+    builtins and missing local paths raise; hub ids are skipped (no network)."""
+    if not value.strip():
+        raise ConfigError(f"{name} is empty: name a file, a directory, a hub id or builtin:<name>")
+    if registry.is_builtin(value):
+        try:
+            registry.lookup("data", value)
+        except registry.UnknownBuiltinError as err:
+            raise DataError(f"{name}: {err}") from None
+        return True
+    if _is_local_data(value):
+        if not Path(value).expanduser().exists():
+            raise DataError(f"{name}: data file not found: {value}")
+        return True
+    check.skipped(f"{name} {value}: a hub data set, read when the run starts")
+    return False
+
+
+def check_queries(data: DataConfig, check: Preflight) -> None:
+    """Every row of data.source converted (no tokenizer: the max_prompt_tokens fit comes later)."""
+    if not _data_source("data.source", data.source, check):
+        return
+    from rrhf_ray.data.queries import load_data
+
+    try:
+        loaded = load_data(data)
+    except DataError as err:
+        raise DataError(_named("data.source", err)) from None
+    check.ok(f"data.source {data.source}: {len(loaded.train)} training queries, {len(loaded.eval)} held-out "
+             "(before the max_prompt_tokens fit)")
+
+
+def check_pairs(name: str, value: str | None, fmt: str, read: Callable[..., list], what: str,
+                check: Preflight) -> None:
+    if value is None or not _data_source(name, value, check):
+        return
+    try:
+        pairs = read(value, format=fmt)
+    except DataError as err:
+        raise DataError(_named(name, err)) from None
+    check.ok(f"{name} {value}: {len(pairs)} {what}")
+
+
+def check_external(paths: list[str], check: Preflight) -> None:
+    for path in paths:
+        try:
+            found = read_external(path)
+        except DataError as err:
+            raise DataError(_named("sampling.external", err)) from None
+        check.external.append(found)
+        check.ok(f"sampling.external {path}: {len(found)} queries, "
+                 f"{sum(len(c) for c in found.values())} responses")
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def finished_stages(config: RunConfig) -> set[str]:
+    """Stages of a run in output.dir with this same config whose output directory still exists
+    (a resumed run reads their inputs no more)."""
+    state_file = Path(config.output.dir) / STATE_FILE
+    try:
+        state = json.loads(state_file.read_text())
+        if state.get("fingerprint") != config_fingerprint(config):
+            return set()  # RunState refuses it, after these checks
+        return {name for name, info in state.get("stages", {}).items()
+                if isinstance(info, dict) and info.get("path") and Path(info["path"]).exists()}
+    except (OSError, ValueError, AttributeError):
+        return set()
+
+
+def _preset(config: RunConfig) -> Preflight:
+    try:
+        preset = get_preset(config.sampling.preset)
+    except ValueError as err:
+        raise ConfigError(f"sampling.preset: {err}") from None
+    check = Preflight(config=with_absolute_paths(config), preset=preset)
+    check.ok(f"sampling.preset {config.sampling.preset}")
+    return check
+
+
+def check_run(config: RunConfig) -> Preflight:
+    """Everything `workflow.run` will load, checked statically; raises ConfigError / DataError."""
+    done = finished_stages(config)  # before the paths change: the fingerprint is of the config as given
+    check = _preset(config)
+    config = check.config
+    sft_done, rm_done = "sft" in done, "reward_model" in done
+    rm = None if rm_done else config.reward_model
+    if rm is not None and not rm.base_model and registry.is_builtin(config.model.name_or_path):
+        raise ConfigError(
+            f"reward_model.base_model is empty, so the reward model would start from "
+            f"model.name_or_path {config.model.name_or_path}, which is built only for the policy; "
+            "set reward_model.base_model to a model directory or a hub id")
+
+    max_pos = None
+    if not sft_done or (rm is not None and not rm.base_model):
+        max_pos = _check_policy(config, check)
+    check_lengths(config, max_pos, check)
+    if rm is not None and rm.base_model:
+        _check_backbone("reward_model.base_model", rm.base_model, check)
+    if config.reward_model is None:
+        check_reward(config.reward, check)
+    else:
+        check.ok("reward: the reward model the reward_model stage trains")
+
+    check_queries(config.data, check)
+    from rrhf_ray.data.pairs import read_preference_pairs, read_sft_pairs
+
+    if config.sft is not None and not sft_done:
+        for key in ("data", "eval_data"):
+            check_pairs(f"sft.{key}", getattr(config.sft, key), config.sft.format, read_sft_pairs,
+                        "(query, response) pairs", check)
+    if rm is not None:
+        for key in ("data", "eval_data"):
+            check_pairs(f"reward_model.{key}", getattr(rm, key), rm.format, read_preference_pairs,
+                        "preference pairs", check)
+    check_external(config.sampling.external, check)
+    for stage in sorted(done & {"base", "sft", "reward_model"}):
+        check.skipped(f"stage {stage}: finished in {config.output.dir}, its inputs are not read again")
+    return check
+
+
+def check_sample(config: RunConfig) -> Preflight:
+    """What `rrhf-ray sample` loads: the preset, the policy when the preset samples from one (else
+    its tokenizer only, for the max_prompt_tokens fit), the lengths, the external files.
+    The data rows are read (and checked) by the command itself."""
+    check = _preset(config)
+    config = check.config
+    model = config.model
+    policy = check.preset.policy is not None
+    if registry.is_builtin(model.name_or_path) and (policy or not model.tokenizer):
+        raise ConfigError(
+            f"model.name_or_path {model.name_or_path}: `rrhf-ray sample` needs a model directory or a "
+            f"hub id (a built-in model is built by `rrhf-ray run`, into {config.output.dir}/base)")
+    if policy:
+        check_lengths(config, _check_policy(config, check), check, evaluation=False)
+    else:  # no engine: only the tokenizer is loaded
+        name, value = ("model.tokenizer", model.tokenizer) if model.tokenizer else ("model.name_or_path", model.name_or_path)
+        if is_local(value):
+            check_tokenizer_dir(name, value)
+            check.ok(f"{name} {value}: tokenizer")
+        else:
+            check.skipped(f"{name} {value}: a hub id, checked when it loads")
+    check_external(config.sampling.external, check)
+    return check
+
+
+def check_score(config: RunConfig) -> Preflight:
+    """What `rrhf-ray score` loads: the reward rule or reward model."""
+    check = Preflight(config=with_absolute_paths(config))
+    check_reward(check.config.reward, check)
+    return check

@@ -1,0 +1,147 @@
+"""`dispatch_chunks` on a real local Ray cluster, with tiny worker actors defined here (no vLLM):
+results in chunk order, a chunk whose worker died re-run on another worker, any other error
+raised at once, and a clear error when every worker is dead.
+
+`dispatch_chunks` calls `ray.get`, so it runs inside a Ray task, as in the sampler and reward pools.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import ray
+
+from rrhf_ray.actors.dispatch import dispatch_chunks
+
+pytestmark = pytest.mark.ray
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class Worker:
+    """Squares a chunk of numbers. A chunk is (numbers, seconds to take, action): action
+    "die@<w>" kills the process of worker w half-way through the chunk, "die" kills any worker,
+    "raise" raises a ValueError."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.ran: list[int] = []  # first number of each chunk started here
+
+    def run(self, chunk: tuple[list[int], float, str]) -> dict:
+        numbers, seconds, action = chunk
+        self.ran.append(numbers[0])
+        time.sleep(seconds / 2)
+        if action in ("die", f"die@{self.index}"):
+            os._exit(1)  # mid-chunk: half the work done, no result
+        if action == "raise":
+            raise ValueError(f"bad chunk starting at {numbers[0]}")
+        time.sleep(seconds / 2)
+        return {"squares": [n * n for n in numbers], "worker": self.index, "finished": time.time()}
+
+    def started(self) -> list[int]:
+        return list(self.ran)
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def dispatch(workers: list, chunks: list, desc: str | None = None) -> list:
+    return dispatch_chunks(len(workers), lambda w, c: workers[w].run.remote(c), chunks,
+                           [len(c[0]) for c in chunks], desc,
+                           (lambda r: len(r["squares"])) if desc else None)
+
+
+@pytest.fixture
+def workers(ray_cluster):
+    made: list = []
+
+    def make(n: int) -> list:
+        group = [Worker.remote(i) for i in range(n)]
+        ray_cluster.get([w.started.remote() for w in group])  # all started before timing anything
+        made.extend(group)
+        return group
+
+    yield make
+    for w in made:
+        ray_cluster.kill(w)
+
+
+def chunk(i: int, seconds: float = 0.05, action: str = "") -> tuple[list[int], float, str]:
+    return ([3 * i, 3 * i + 1, 3 * i + 2], seconds, action)
+
+
+def squares(i: int) -> list[int]:
+    return [n * n for n in (3 * i, 3 * i + 1, 3 * i + 2)]
+
+
+def is_dead(ray_cluster, worker) -> bool:
+    try:
+        ray_cluster.get(worker.started.remote(), timeout=30)
+    except ray_cluster.exceptions.RayActorError:
+        return True
+    return False
+
+
+def test_results_come_back_in_chunk_order_from_several_workers(ray_cluster, workers) -> None:
+    group = workers(3)
+    # Uneven durations: early chunks are slow, so chunks finish out of order.
+    chunks = [chunk(i, seconds=0.6 if i % 4 == 0 else 0.05) for i in range(10)]
+    out = ray_cluster.get(dispatch.remote(group, chunks, desc="squaring"))
+    assert [r["squares"] for r in out] == [squares(i) for i in range(10)]
+    assert {r["worker"] for r in out} == {0, 1, 2}  # every worker took a share
+    finished = [r["finished"] for r in out]
+    assert finished != sorted(finished), "chunks finished in order: the test proves nothing"
+    # Each chunk ran exactly once.
+    started = sorted(n for w in group for n in ray_cluster.get(w.started.remote()))
+    assert started == [3 * i for i in range(10)]
+
+
+def test_no_chunks_and_one_worker(ray_cluster, workers) -> None:
+    [only] = workers(1)
+    assert ray_cluster.get(dispatch.remote([only], [])) == []
+    out = ray_cluster.get(dispatch.remote([only], [chunk(i) for i in range(4)]))
+    assert [r["squares"] for r in out] == [squares(i) for i in range(4)]
+    assert ray_cluster.get(only.started.remote()) == [0, 3, 6, 9]  # submitted in chunk order
+
+
+def test_a_worker_dying_mid_chunk_has_its_chunk_rerun_on_another(ray_cluster, workers) -> None:
+    group = workers(2)
+    # Chunk 3 kills worker 1 half-way if it lands there (chunks go 0→w0, 1→w1, 2→w0, 3→w1).
+    chunks = [chunk(i, seconds=0.4, action="die@1" if i == 3 else "") for i in range(6)]
+    out = ray_cluster.get(dispatch.remote(group, chunks))
+
+    assert [r["squares"] for r in out] == [squares(i) for i in range(6)]
+    assert is_dead(ray_cluster, group[1]), "worker 1 never ran chunk 3"
+    assert out[3]["worker"] == 0  # chunk 3 was re-run on the survivor
+    assert 9 in ray_cluster.get(group[0].started.remote())
+    assert out[1]["worker"] == 1  # worker 1's result from before it died was kept, not redone
+    assert [r["worker"] for r in out[4:]] == [0, 0]  # after the death only the survivor works
+
+
+def test_any_other_error_is_raised_at_once(ray_cluster, workers) -> None:
+    group = workers(2)
+    # Chunk 0 fails fast on worker 0 while worker 1 is busy for 30 s with chunk 1.
+    chunks = [chunk(0, seconds=0.1, action="raise"), chunk(1, seconds=30.0), chunk(2), chunk(3)]
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="bad chunk starting at 0") as info:
+        ray_cluster.get(dispatch.remote(group, chunks))
+    assert time.monotonic() - start < 20, "the error waited for the other chunks"
+    assert isinstance(info.value, ray_cluster.exceptions.RayTaskError)
+    assert not isinstance(info.value, ray_cluster.exceptions.RayActorError)
+    # Not retried: the bad chunk ran once, on worker 0 (alive: a task error kills no actor);
+    # worker 1 is still inside chunk 1, so the call did not wait for it.
+    assert ray_cluster.get(group[0].started.remote()) == [0, 6]
+    assert not is_dead(ray_cluster, group[0])
+
+
+def test_every_worker_dead_is_a_runtime_error(ray_cluster, workers) -> None:
+    group = workers(2)
+    # Chunks 0 and 1 succeed; 2, 3 and 4 kill whichever worker runs them.
+    chunks = [chunk(i, seconds=0.2, action="die" if i >= 2 else "") for i in range(5)]
+    with pytest.raises(RuntimeError, match=r"every worker died; 3 of 5 chunks not done"):
+        ray_cluster.get(dispatch.remote(group, chunks))
+    assert is_dead(ray_cluster, group[0]) and is_dead(ray_cluster, group[1])
+
+
+def test_no_workers_is_a_runtime_error(ray_cluster) -> None:
+    with pytest.raises(RuntimeError, match=r"every worker died; 2 of 2 chunks not done"):
+        ray_cluster.get(dispatch.remote([], [chunk(0), chunk(1)]))
