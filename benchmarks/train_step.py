@@ -1,13 +1,24 @@
-"""RRHF training throughput: our batched trainer against the reference code's way.
+"""RRHF training throughput and memory: our trainer against the reference code's way.
 
 Baseline ("reference"): a plain loop written here, the reference code's way (GanjinZero/RRHF
-train.py with its 1-query-per-device limit): one query per optimizer step, its k candidates
-padded to the longest and run as one batch, AdamW step after each query.
-Ours: the project's trainer (`train_loop_per_worker`), `micro_batch_queries` queries (all their
-candidates) per forward, `queries_per_step` queries per optimizer step. Same model, same data,
-one epoch, one process, in one run. Prints response tokens/s of each and the ratio.
+train.py with its 1-query-per-device limit): one query per optimizer step, its k candidates as
+k right-padded rows `prompt + response_i`, AdamW step after each query.
+Ours: the project's trainer (`train_loop_per_worker`), padded (`prefix_sharing=off`, one
+query per forward) and prefix-shared (`prefix_sharing=on`: one packed row per query, the prompt
+computed once, micro-batches packed to `micro_batch_tokens`). Same model, same token ids (the
+pool carries them, as a sampler's pool does), one epoch.
 
-    .venv/bin/python benchmarks/train_step.py [--queries 64] [--hidden 512] [--layers 4]
+Two workloads:
+- short: 64 queries × k = 4, one-line prompts (~20 tokens), responses of 8–60 words;
+- hh: Anthropic-HH-shaped, 32 queries × k = 6, 1–4 turn prompts of 100–400 tokens (mean ≈ 200),
+  responses of 10–120 tokens (mean ≈ 60), lengths drawn reproducibly.
+
+Each trainer runs in a fresh process: response tokens/s, and peak memory as the RSS high-water
+mark of that process minus that of a fresh process that only loads the model and takes one
+AdamW step (`peak MB`: the working memory of training, activations and logits; the model,
+optimizer state and runtime are the same for every trainer and are printed once as `base MB`).
+
+    .venv/bin/python benchmarks/train_step.py [--workload hh|short|both] [--hidden 512] [--layers 4]
 """
 
 from __future__ import annotations
@@ -15,21 +26,25 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-from rrhf_ray.config import TrainConfig
-from rrhf_ray.demo.tiny import DEFAULT_CORPUS, build_tiny_llama
-from rrhf_ray.train.rrhf import TrainJob, train_loop_per_worker
-
 WORDS = ["please", "thank", "you", "sure", "step", "first", "then", "next", "carefully", "water", "heat", "mix", "wait", "check", "done"]
 
 
-def make_pool(path: Path, n: int, k: int, seed: int) -> Path:
-    """n queries × k candidates of varied length (8–60 words), random rewards."""
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+def make_short(path: Path, tokenizer, n: int = 64, k: int = 4, seed: int = 0) -> Path:
+    """n queries × k text candidates of 8–60 words, random rewards (tokenized by the trainer)."""
     rng = random.Random(seed)
     with path.open("w") as f:
         for i in range(n):
@@ -42,22 +57,60 @@ def make_pool(path: Path, n: int, k: int, seed: int) -> Path:
     return path
 
 
-def reference_loop(model_dir: Path, data: Path, max_length: int = 192) -> tuple[float, float, float]:
-    """One query per step, k candidates padded into one batch: (tokens/s, tokens, wall s)."""
+def make_hh(path: Path, tokenizer, n: int = 32, k: int = 6, seed: int = 0) -> Path:
+    """n HH-shaped queries × k candidates as token ids (a sampler's pool): prompts of 1–4 turns,
+    100–400 tokens (mean ≈ 200); responses 10–120 tokens (mean ≈ 60), EOS-terminated."""
+    from rrhf_ray.train.tokens import tokenizer_fingerprint
+
+    rng = random.Random(seed)
+    vocab = [i for i in range(3, len(tokenizer)) if i != tokenizer.eos_token_id]
+    human = tokenizer("\n\nHuman:", add_special_tokens=False)["input_ids"]
+    assistant = tokenizer("\n\nAssistant:", add_special_tokens=False)["input_ids"]
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    with path.open("w") as f:
+        for _ in range(n):
+            total = min(400, max(100, round(rng.gauss(200, 70))))
+            turns = rng.randint(1, 4)
+            body: list[int] = []
+            for t in range(turns):
+                share = (total - 1) // turns - len(human) - len(assistant)
+                body += human + rng.choices(vocab, k=max(4, share // 2)) + assistant
+                if t < turns - 1:
+                    body += rng.choices(vocab, k=max(4, share - share // 2))
+            prompt = [tokenizer.bos_token_id] + body
+            responses = [rng.choices(vocab, k=round(rng.triangular(10, 120, 50)) - 1) + [tokenizer.eos_token_id]
+                         for _ in range(k)]
+            f.write(json.dumps({
+                "query": tokenizer.decode(body),
+                "responses": [tokenizer.decode(r[:-1]) for r in responses],
+                "scores": [rng.uniform(-1, 1) for _ in range(k)],
+                "token_ids": responses, "finish_reasons": ["stop"] * k,
+                "prompt_ids": prompt, "tokenizer": fingerprint,
+            }) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------- trainers (child)
+
+
+def reference_loop(model_dir: str, data: str, max_length: int) -> dict:
+    """One query per step, its k candidates as padded rows: (tokens/s, tokens, wall s)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rrhf_ray.loss import rrhf_loss
-    from rrhf_ray.train.rrhf import candidate_logprobs, encode_group
+    from rrhf_ray.train.prefix import PackedQueries, candidate_logprobs_padded
+    from rrhf_ray.train.rrhf import Encoder
     from rrhf_ray.types import read_groups
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
-    groups = [encode_group(tok, g, max_length) for g in read_groups(data)]
+    encoder = Encoder(tok, max_length)
+    groups = [encoder(g) for g in read_groups(data)]
     start, tokens = time.perf_counter(), 0
     for g in groups:
-        logp, lengths = candidate_logprobs(model, list(zip(g.ids, g.starts)), tok.pad_token_id,
-                                           torch.device("cpu"))
+        logp, lengths = candidate_logprobs_padded(model, PackedQueries([g.prompt], [g.responses]))
         out = rrhf_loss(logp[None], lengths[None], torch.tensor([g.rewards]))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -65,58 +118,140 @@ def reference_loop(model_dir: Path, data: Path, max_length: int = 192) -> tuple[
         optimizer.zero_grad(set_to_none=True)
         tokens += int(lengths.sum())
     wall = time.perf_counter() - start
-    return tokens / wall, float(tokens), wall
+    return {"tokens_per_s": tokens / wall, "tokens": tokens, "wall": wall, "rss_mb": _rss_mb()}
 
 
-def run(model: Path, data: Path, out: Path, **train) -> tuple[float, float, float]:
-    cfg = TrainConfig(epochs=1, lr=1e-5, warmup_ratio=0.0, log_every=10_000, max_length=192, **train)
-    job = TrainJob(model_path=str(model), data_paths=[str(data)], output_dir=str(out), train=cfg)
-    start = time.perf_counter()
-    metrics = train_loop_per_worker({"job": job.model_dump()})
-    wall = time.perf_counter() - start
-    return metrics["tokens_per_s"], metrics["response_tokens"], wall
+def base_process(model_dir: str) -> dict:
+    """What every trainer holds anyway: the model, its gradients and AdamW state, the runtime."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
+    _warm_up(model, torch.optim.AdamW(model.parameters(), lr=1e-5))
+    return {"rss_mb": _rss_mb()}
+
+
+def _warm_up(model, optimizer) -> None:
+    """One optimizer step on a 2-token input: gradients and optimizer state exist."""
+    import torch
+
+    loss = model(input_ids=torch.tensor([[1, 5]])).logits.sum()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def ours(model_dir: str, data: str, max_length: int, train: dict) -> dict:
+    """The project's trainer, one epoch in this process."""
+    from rrhf_ray.config import TrainConfig
+    from rrhf_ray.train.rrhf import TrainJob, train_loop_per_worker
+
+    cfg = TrainConfig(epochs=1, lr=1e-5, warmup_ratio=0.0, log_every=10_000, max_length=max_length,
+                      checkpoint_every_epoch=False, **train)
+    with tempfile.TemporaryDirectory() as out:
+        job = TrainJob(model_path=model_dir, data_paths=[data], output_dir=out + "/m", train=cfg)
+        start = time.perf_counter()
+        metrics = train_loop_per_worker({"job": job.model_dump()})
+        wall = time.perf_counter() - start
+    # Our wall includes loading the model and saving it once at the end; tokens/s is the
+    # trainer's own measure over its steps.
+    return {"tokens_per_s": metrics["tokens_per_s"], "tokens": metrics["response_tokens"], "wall": wall,
+            "rss_mb": _rss_mb()}
+
+
+# --------------------------------------------------------------------------- driver (parent)
+
+
+def trainers(workload: str) -> list[tuple[str, dict | None]]:
+    if workload == "short":
+        return [
+            ("reference: 1 query/step, k padded rows", None),
+            ("rrhf-ray padded: 1 query/forward, 8/step", {"prefix_sharing": "off", "queries_per_step": 8,
+                                                          "micro_batch_queries": 1}),
+            ("rrhf-ray padded: 8 queries/forward", {"prefix_sharing": "off", "queries_per_step": 8,
+                                                    "micro_batch_queries": 8}),
+            ("rrhf-ray prefix-shared: 8 queries/forward", {"prefix_sharing": "on", "queries_per_step": 8,
+                                                           "micro_batch_queries": 8}),
+            ("rrhf-ray prefix-shared: ≤ 1024 tokens/forward", {"prefix_sharing": "on", "queries_per_step": 8,
+                                                               "micro_batch_tokens": 1024}),
+        ]
+    return [
+        ("reference: 1 query/step, k padded rows", None),
+        ("rrhf-ray padded: 1 query/forward, 8/step", {"prefix_sharing": "off", "queries_per_step": 8,
+                                                      "micro_batch_queries": 1}),
+        ("rrhf-ray prefix-shared: ≤ 1024 tokens/forward", {"prefix_sharing": "on", "queries_per_step": 8,
+                                                           "micro_batch_tokens": 1024}),
+    ]
+
+
+def run_child(args: argparse.Namespace, model: Path, data: Path | None, train: dict | str | None) -> dict:
+    cmd = [sys.executable, __file__, "--child", json.dumps({"model": str(model), "data": str(data),
+                                                            "max_length": args.max_length, "train": train})]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def child(spec: str) -> None:
+    import torch
+
+    s = json.loads(spec)
+    torch.manual_seed(0)
+    if s["train"] == "base":
+        result = base_process(s["model"])
+    elif s["train"] is None:
+        result = reference_loop(s["model"], s["data"], s["max_length"])
+    else:
+        result = ours(s["model"], s["data"], s["max_length"], s["train"])
+    print(json.dumps(result))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--queries", type=int, default=64)
-    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--workload", choices=["hh", "short", "both"], default="both")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--micro-batch", type=int, default=8, help="our queries per forward")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--max-length", type=int, default=640, help="query + response tokens")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.child:
+        child(args.child)
+        return
 
+    import torch
+    from transformers import AutoTokenizer
+
+    from rrhf_ray.demo.tiny import DEFAULT_CORPUS, build_tiny_llama
+
+    workloads = ["short", "hh"] if args.workload == "both" else [args.workload]
+    summary = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         texts = DEFAULT_CORPUS + [" ".join(WORDS)] * 4
         model = build_tiny_llama(tmp / "model", texts, hidden_size=args.hidden, num_layers=args.layers,
-                                 num_heads=args.hidden // 64)
-        data = make_pool(tmp / "pool.jsonl", args.queries, args.k, seed=0)
-        rows = [
-            (f"rrhf-ray: 1 query/forward, {args.micro_batch}/step",
-             {"queries_per_step": args.micro_batch, "micro_batch_queries": 1}),
-            (f"rrhf-ray: 2 queries/forward, {args.micro_batch}/step (length-sorted)",
-             {"queries_per_step": args.micro_batch, "micro_batch_queries": 2}),
-            (f"rrhf-ray: {args.micro_batch} queries/forward",
-             {"queries_per_step": args.micro_batch, "micro_batch_queries": args.micro_batch}),
-            (f"rrhf-ray: {args.micro_batch} q/forward, chunks of {args.k}",
-             {"queries_per_step": args.micro_batch, "micro_batch_queries": args.micro_batch,
-                  "candidate_chunk_size": args.k}),
-        ]
-        results = [("reference: 1 query/step, k padded", *reference_loop(model, data))]
-        for name, kw in rows:
-            tps, tokens, wall = run(model, data, tmp / "out", **kw)
-            results.append((name, tps, tokens, wall))
-
-    base = results[0][1]
-    print(f"\nRRHF train step, {args.queries} queries × k={args.k}, Llama hidden {args.hidden} × "
-          f"{args.layers} layers, fp32, {torch.get_num_threads()} threads, 1 epoch")
-    print(f"{'trainer':<52} {'resp tok/s':>10} {'tokens':>8} {'wall s':>7} {'× ref':>6}")
-    for name, tps, tokens, wall in results:
-        print(f"{name:<52} {tps:>10.0f} {tokens:>8.0f} {wall:>7.1f} {tps / base:>6.2f}")
+                                 num_heads=args.hidden // 64, max_position_embeddings=1024)
+        tok = AutoTokenizer.from_pretrained(model)
+        n_params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM
+                       .from_pretrained(model).parameters())
+        base = run_child(args, model, None, "base")["rss_mb"]
+        for workload in workloads:
+            make = make_hh if workload == "hh" else make_short
+            data = make(tmp / f"{workload}.jsonl", tok)
+            results = [(name, run_child(args, model, data, train)) for name, train in trainers(workload)]
+            for _, r in results:
+                r["peak_mb"] = r["rss_mb"] - base
+            ref = results[0][1]
+            print(f"\nworkload {workload}: Llama {n_params / 1e6:.1f}M params (hidden {args.hidden} × "
+                  f"{args.layers} layers), fp32, {torch.get_num_threads()} threads, 1 epoch; "
+                  f"base {base:.0f} MB (model + AdamW + runtime)")
+            print(f"{'trainer':<48} {'resp tok/s':>10} {'× ref':>6} {'peak MB':>8} {'× ref':>6} {'wall s':>7}")
+            for name, r in results:
+                print(f"{name:<48} {r['tokens_per_s']:>10.0f} {r['tokens_per_s'] / ref['tokens_per_s']:>6.2f} "
+                      f"{r['peak_mb']:>8.0f} {r['peak_mb'] / ref['peak_mb']:>6.2f} {r['wall']:>7.1f}")
+            summary[workload] = (results[-1][1]["tokens_per_s"] / ref["tokens_per_s"],
+                                 results[-1][1]["peak_mb"] / ref["peak_mb"])
+    if "hh" in summary:
+        speed, memory = summary["hh"]
+        print(f"\nhh-shaped speedup vs reference: {speed:.2f}× (peak memory {memory:.2f}× the reference's)")
 
 
 if __name__ == "__main__":
