@@ -71,7 +71,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     groups = read_groups(args.data)  # validates every line before anything starts
     logger.info("read %d query groups (%d candidates) from %s",
                 len(groups), sum(g.k for g in groups), args.data)
-    job = TrainJob(model_path=args.model, data_paths=[args.data], output_dir=args.output, train=train_cfg,
+    data = args.data
+    if train_cfg.loss.name == "dpo" and any(g.ref_logprobs is None for g in groups):
+        # DPO's reference is the model training starts from: its log-probabilities, computed once.
+        from rrhf_ray.train.reference import write_reference_pool
+
+        data = str(Path(args.output).with_name(Path(args.output).name + ".pool_ref.parquet"))
+        write_reference_pool(groups, args.model, train_cfg, Path(data), trust_remote_code=args.trust_remote_code)
+    job = TrainJob(model_path=args.model, data_paths=[data], output_dir=args.output, train=train_cfg,
                    trust_remote_code=args.trust_remote_code)
     _print_result("trained model", args.output, _train(args, job, train_loop_per_worker, fit))
     return 0
@@ -106,15 +113,17 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     config, preset, external = checked.config, checked.preset, checked.external
     queries, records = _sample_queries(config)  # every row validated before engines start
     pools = {}
+    # IP-n samples from ρ* = round n−1's model (model.name_or_path is that checkpoint), with the
+    # seeds `run` gives round n; the other presets sample as round 1.
+    name = config.sampling.preset
+    version = int(name.split("-")[1]) - 1 if name.startswith("IP-") else 0
     if preset.policy is not None:
         connect_ray(config)
-        # IP-n samples from ρ* = round n−1's model: model.name_or_path is that checkpoint.
-        name = config.sampling.preset
-        version = int(name.split("-")[1]) - 1 if name.startswith("IP-") else 0
         model = config.model.name_or_path
         pools = build_pools(config, preset, model, model, version)
     try:
-        info = sample_stage(pools, preset, records, queries, config.sampling, external, Path(args.out))
+        info = sample_stage(pools, preset, records, queries, config.sampling, external, Path(args.out),
+                            version + 1)
     finally:
         for pool in pools.values():
             pool.shutdown()
@@ -181,6 +190,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from rrhf_ray.compare import Plan, format_markdown, parse_seeds, parse_variant, run_compare
+
+    path = _config_path(args.config)
+    variants = [parse_variant(v) for v in args.variant]
+    plan = Plan(path, list(args.overrides), variants, parse_seeds(args.seeds),
+                Path(args.out) if args.out else Path(load_config(path, args.overrides).output.dir + "-compare"))
+    logger.info("compare %d variant(s) × %d seed(s) of %s in %s", len(variants), len(plan.seeds), path, plan.out)
+    rows = run_compare(plan, args.parallel)
+    print(f"\nCompare ({plan.out}/compare.md, compare.jsonl, compare.png):\n")
+    print(format_markdown(rows, seeds=plan.seeds, variants=plan.variants))
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     import json
 
@@ -196,8 +219,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"run in {args.output_dir}: {rounds} round(s) configured, {len(stages)} stage(s) finished")
     for name, info in stages.items():
         print(f"  done  {name:<16} {info.get('seconds', 0):8.1f} s")
+    dpo = state.get("config", {}).get("train", {}).get("loss", {}).get("name") == "dpo"
+    steps = ("sample", "score", "reference", "train", "eval") if dpo else ("sample", "score", "train", "eval")
     order = ["base", "sft", "reward_model", "round0/eval"] + [
-        f"round{r}/{s}" for r in range(1, rounds + 1) for s in ("sample", "score", "train", "eval")]
+        f"round{r}/{s}" for r in range(1, rounds + 1) for s in steps]
     pending = [s for s in order if s not in stages and (s.startswith("round") or s == "round0/eval")]
     print(f"next: {pending[0]}" if pending else "finished")
     rows = rows_upto(stages, rounds)
@@ -322,6 +347,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. rounds=2 output.dir=out/x")
     p.set_defaults(func=_cmd_run)
 
+    p = sub.add_parser("compare", help="run variants (losses, controls, overrides) × seeds of one config; "
+                       "one table of the held-out metrics")
+    p.add_argument("config", help="YAML run config, or builtin:demo (the embedded default)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value for every run, e.g. rounds=2")
+    p.add_argument("--variant", action="append", required=True, metavar="NAME[:key=value,...]",
+                   help="a run per seed: a built-in name (rrhf, raft, pro, simpo, slic, dpo, shuffled) "
+                   "or NAME:overrides, e.g. rank0:train.loss.rank_weight=0; repeat for more")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (train, sampling, sft.train), e.g. 0,1,2")
+    p.add_argument("--out", default=None, help="comparison directory (default: <output.dir>-compare)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="runs at once, each a driver process on this Ray cluster (default 1: one after another)")
+    p.set_defaults(func=_cmd_compare)
+
     p = sub.add_parser("status", help="where a run stands: finished stages and per-round metrics")
     p.add_argument("output_dir")
     p.set_defaults(func=_cmd_status)
@@ -338,7 +376,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse cannot take positionals after an option once the positional list was matched:
+    # `key=value` overrides written after the options (`compare CONFIG --variant a rounds=1`) join
+    # the command's overrides; anything else is the usual error.
+    if extra and isinstance(getattr(args, "overrides", None), list) and all(
+            "=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     # Ray Train workers do not run in this directory: hand them absolute paths.
     for name in ("model", "data", "eval_data", "pool"):
         if getattr(args, name, None):

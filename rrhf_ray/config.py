@@ -12,12 +12,18 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 BUILTIN_PREFIX = "builtin:"  # a name `rrhf_ray.registry` resolves, never a path
+
+# The turn markers a reply must not run into (the HH dialogue format, the paper's evaluation cut
+# "at the next Human: / Assistant: turn"). The blank-line forms are the format's own; the
+# single-newline forms also catch a turn the policy opens after one newline (and, being their
+# suffixes, the blank-line forms too: the cut then keeps one more "\n", which is whitespace).
+DEFAULT_STOP = ("\n\nHuman:", "\n\nAssistant:", "\nHuman:", "\nAssistant:")
 
 
 class ConfigError(ValueError):
@@ -70,9 +76,11 @@ class DataConfig(_Section):
     max_prompts: int | None = Field(None, ge=1, description="Keep at most this many training queries.")
     max_eval_prompts: int | None = Field(None, ge=1, description="Keep at most this many held-out queries.")
     max_prompt_tokens: int = Field(
-        128, ge=1,
-        description="Prompts longer than this (policy tokens) are cut from the left at a "
-        "'\\n\\nHuman:' turn; prompts that cannot be cut to fit are dropped.",
+        63, ge=1,
+        description="Prompts longer than this (policy tokens, special tokens included) are cut from "
+        "the left at a '\\n\\nHuman:' turn; prompts that cannot be cut to fit are dropped. "
+        "Default 63: with sampling.max_new_tokens 128 and the EOS, the paper's 192 tokens "
+        "(train.max_length) hold the longest prompt and reply whole.",
     )
     seed: int = Field(0, description="Shuffling and split seed.")
 
@@ -86,9 +94,15 @@ class SamplingConfig(_Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, description="-1 disables top-k.")
     max_new_tokens: int = Field(128, ge=1)
-    stop: list[str] = Field(default_factory=lambda: ["\n\nHuman:"])
+    stop: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_STOP),
+        description="A reply is cut before the first of these: the next dialogue turn, with a blank "
+        "line (the HH format) or a single newline before it; see DEFAULT_STOP.",
+    )
     seed: int = Field(0, description="Base seed; query i is seeded from (seed, i), so results do "
-                      "not depend on how queries are split across replicas.")
+                      "not depend on how queries are split across replicas. Training round r samples "
+                      "with round_seed(seed, r) (a new draw each round); evaluation with seed + 10000 "
+                      "in every round (the same draw: rounds are compared on paired samples).")
     use_beam_search: bool = Field(False, description="Beam search of width n instead of sampling (BP).")
     length_penalty: float = Field(1.0, description="Beam search length penalty.")
     return_logprobs: bool = Field(True, description="Keep each candidate's cumulative log-prob.")
@@ -165,6 +179,77 @@ class LoraConfig(_Section):
     )
 
 
+# --------------------------------------------------------------------------- the loss (train.loss)
+# One class per function of `rrhf_ray.loss.LOSSES`, its fields the function's keyword options with
+# the defaults documented there; `name` picks the class (`train: {loss: {name: simpo, beta: 2.0}}`,
+# or `train.loss.name=pro`). A new loss is one function in loss.py + one class here, added to
+# `LossConfig` (tests/unit/test_config.py checks that the two cover the same names).
+
+
+class RRHFLoss(_Section):
+    """RRHF, eq. 1-5 (docs/algorithm.md): w_rank · L_rank + L_ft."""
+
+    name: Literal["rrhf"] = "rrhf"
+    rank_weight: float = Field(1.0, ge=0.0, description="w_rank; 0 = fine-tune on the best only (= raft).")
+    length_penalty: float = Field(1.0, ge=0.0, description="α in p_i = logp / |y_i|^α.")
+    sft_reduction: Literal["mean", "sum"] = Field(
+        "mean", description="L_ft per token of the best response (mean) or summed (sum, eq. 4 literally).")
+
+
+class RAFTLoss(_Section):
+    """RAFT / best-of-k fine-tuning: L_ft of the best candidate only (RRHF with w_rank = 0)."""
+
+    name: Literal["raft"] = "raft"
+    length_penalty: float = Field(1.0, ge=0.0, description="α of the reported ranking accuracy only.")
+    sft_reduction: Literal["mean", "sum"] = "mean"
+
+
+class PROLoss(_Section):
+    """PRO: a listwise softmax over the ranking, reward-gap temperatures, + sft_weight · L_ft."""
+
+    name: Literal["pro"] = "pro"
+    sft_weight: float = Field(0.05, ge=0.0)
+    length_penalty: float = Field(1.0, ge=0.0)
+
+
+class SimPOLoss(_Section):
+    """SimPO over all strict pairs: −log σ(β(p_j − p_i) − γ), + sft_weight · L_ft."""
+
+    name: Literal["simpo"] = "simpo"
+    beta: float = Field(2.0, gt=0.0)
+    gamma: float = Field(1.0, ge=0.0)
+    sft_weight: float = Field(0.0, ge=0.0)
+    length_penalty: float = Field(1.0, ge=0.0)
+
+
+class SLiCLoss(_Section):
+    """SLiC-HF rank calibration: max(0, δ − logp_best + logp_i) over worse i, + sft_weight · L_ft."""
+
+    name: Literal["slic"] = "slic"
+    margin: float = Field(1.0, ge=0.0, description="δ, on sequence log-likelihoods.")
+    sft_weight: float = Field(0.5, ge=0.0)
+
+
+class DPOLoss(_Section):
+    """DPO over all strict pairs: −log σ(β(h_j − h_i)), h = logp − logp_ref, + sft_weight · L_ft.
+    The reference log-probabilities come from `train.reference` (a stage of the workflow)."""
+
+    name: Literal["dpo"] = "dpo"
+    beta: float = Field(0.1, gt=0.0)
+    sft_weight: float = Field(0.0, ge=0.0)
+
+
+LossConfig = Annotated[
+    RRHFLoss | RAFTLoss | PROLoss | SimPOLoss | SLiCLoss | DPOLoss, Field(discriminator="name")
+]
+LOSS_CONFIGS: dict[str, type[_Section]] = {
+    c.model_fields["name"].default: c for c in (RRHFLoss, RAFTLoss, PROLoss, SimPOLoss, SLiCLoss, DPOLoss)
+}
+"""The loss settings by name: `rrhf_ray.loss.LOSSES` has the same keys."""
+
+_MOVED_TO_LOSS = ("rank_weight", "length_penalty", "sft_reduction")
+
+
 class TrainConfig(_Section):
     """The RRHF update: loss settings (docs/algorithm.md, eq. 1-5) and the optimiser (paper §4.1)."""
 
@@ -207,9 +292,23 @@ class TrainConfig(_Section):
         "fine-tuned on, with no EOS appended) or drop (left out of the ranking and the SFT target).",
     )
     max_length: int = Field(192, ge=8, description="Query + response tokens; the query is cut from the left.")
-    rank_weight: float = Field(1.0, ge=0.0, description="w_rank; 0 = fine-tune on the best only.")
-    length_penalty: float = Field(1.0, ge=0.0, description="α in p_i = logp / |y_i|^α.")
-    sft_reduction: Literal["mean", "sum"] = "mean"
+    loss: LossConfig = Field(
+        default_factory=RRHFLoss,
+        description="The loss and its own settings, by name: rrhf (default), raft, pro, simpo, slic, "
+        "dpo (rrhf_ray/loss.py). A bare name (`train.loss=pro`) is that loss with its defaults.",
+    )
+    reference: Literal["initial", "previous_round"] = Field(
+        "initial",
+        description="DPO's reference policy: initial = ρ (the base or SFT model) in every round; "
+        "previous_round = ρ*, the model each round starts from. Its log-probabilities are computed "
+        "once per round (stage round<r>/reference, rounds/<r>/pool_ref.parquet).",
+    )
+    shuffle_rewards: bool = Field(
+        False,
+        description="A control, not a method: the trainer shuffles the rewards within each query "
+        "group (seeded by train.seed and the query) before training, so the ranking carries no "
+        "signal; the held-out reward must not rise. The pool files keep the true rewards.",
+    )
     bf16: bool | None = Field(None, description="bf16 autocast; null = on when training on GPU.")
     gradient_checkpointing: bool = False
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -222,6 +321,27 @@ class TrainConfig(_Section):
     checkpoint_every_epoch: bool = Field(
         True, description="Report a resumable checkpoint after each epoch (else only at the end)."
     )
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _loss_by_name(cls, value: Any) -> Any:
+        # `train.loss=pro` (a bare name) and `train: {loss: {rank_weight: 0}}` (no name: rrhf).
+        if isinstance(value, str):
+            return {"name": value}
+        if isinstance(value, dict) and "name" not in value:
+            return {"name": "rrhf", **value}
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _loss_keys_moved(cls, data: Any) -> Any:
+        moved = [k for k in _MOVED_TO_LOSS if isinstance(data, dict) and k in data]
+        if moved:
+            raise ValueError(
+                ", ".join(f"train.{k}" for k in moved) + " moved into train.loss (the loss's own "
+                "settings): write " + ", ".join(f"train.loss.{k}" for k in moved)
+                + " (train.loss.name rrhf, the default, or raft / pro / simpo)")
+        return data
 
     @model_validator(mode="after")
     def _batching(self) -> TrainConfig:
@@ -242,8 +362,19 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
+    """Held-out evaluation each round (`rrhf_ray.evaluation`, docs/metrics.md)."""
+
     max_new_tokens: int = Field(128, ge=1)
     num_samples: int = Field(4, ge=1, description="Sampled continuations per held-out query.")
+    judge_model: str | None = Field(
+        None,
+        description="A fixed causal LM (hub id or directory) whose perplexity of each round's greedy "
+        "replies is judge_perplexity (the paper used gpt2-medium); null = the run's ρ (the SFT model "
+        "when an sft stage runs), the same judge in every round.",
+    )
+    bootstrap_resamples: int = Field(
+        1000, ge=100, description="Resamples of the held-out queries for the 95 % intervals."
+    )
 
 
 class RayConfig(_Section):
@@ -287,7 +418,7 @@ class SFTStageConfig(_Section):
     train: TrainConfig = Field(
         default_factory=_sft_train_defaults,
         description="Optimiser and batching; queries_per_step counts (query, response) pairs. The "
-        "RRHF-only keys (rank_weight, length_penalty, sft_reduction, candidate_chunk_size) are unused.",
+        "RRHF-only keys (loss, reference, shuffle_rewards, candidate_chunk_size) are unused.",
     )
     output_subdir: str = Field("sft", description="Directory under output.dir for the fine-tuned model.")
 
@@ -347,6 +478,25 @@ class RunConfig(_Section):
         None, description="If set, train a reward model on these preference pairs first and score with it."
     )
 
+    @model_validator(mode="after")
+    def _rounds_and_lengths(self) -> RunConfig:
+        preset = self.sampling.preset
+        if self.rounds > 1 and not preset.startswith("IP"):
+            raise ValueError(
+                f"rounds: {self.rounds} with sampling.preset {preset}: {preset} never samples from "
+                "ρ* (the last round's model), so each extra round would retrain on a pool drawn "
+                "from the same frozen ρ: more epochs, not a setting of the paper; use "
+                "sampling.preset IP (IP-n), or rounds: 1")
+        prompt, reply = self.data.max_prompt_tokens, self.sampling.max_new_tokens
+        if self.train.max_length < prompt + reply + 1:
+            raise ValueError(
+                f"train.max_length {self.train.max_length} < data.max_prompt_tokens + "
+                f"sampling.max_new_tokens + 1 (EOS) = {prompt} + {reply} + 1 = {prompt + reply + 1}: "
+                "the trainer would cut the longest prompt (from the left) or reply (from the right) "
+                "it samples; raise train.max_length or lower data.max_prompt_tokens / "
+                "sampling.max_new_tokens")
+        return self
+
 
 # --------------------------------------------------------------------------- paths
 
@@ -367,6 +517,7 @@ def with_absolute_paths(config: RunConfig) -> RunConfig:
             "tokenizer": local_path(config.model.tokenizer)}),
         "data": config.data.model_copy(update={"source": local_path(config.data.source)}),
         "reward": config.reward.model_copy(update={"model": local_path(config.reward.model)}),
+        "eval": config.eval.model_copy(update={"judge_model": local_path(config.eval.judge_model)}),
         "sampling": config.sampling.model_copy(update={
             "external": [local_path(p) for p in config.sampling.external]}),
         "output": config.output.model_copy(update={"dir": str(Path(config.output.dir).resolve())}),
@@ -415,7 +566,9 @@ def _format_errors(err: ValidationError, origin: str) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
+        if not e["loc"] and e["type"] == "value_error":  # a cross-section rule: its message names the keys
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+        elif e["type"] == "extra_forbidden":
             lines.append(f"  {loc}: unknown key")
         elif e["type"] == "missing":
             lines.append(f"  {loc}: required, not set")

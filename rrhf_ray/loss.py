@@ -34,7 +34,12 @@ and the batch loss is the mean of L over the queries with at least one valid can
            h = logp_sum − ref_logp_sum.
 
 Every loss returns a `LossOutput`, so that a trainer and a metric meter read any of them the same
-way; `LOSSES` maps the names above to the functions.
+way; `LOSSES` maps the names above to the functions. The run config picks one by name
+(`train.loss.name`, `rrhf_ray.config.LossConfig`: one settings class per loss, its fields this
+function's keyword options with the same defaults), and the trainer calls it with those settings
+(`rrhf_ray.train.rrhf.loss_function`). Adding a loss is one function here (registered in
+`LOSSES`) and one class in config.py (added to `LossConfig`); tests/unit/test_config.py checks that
+the two cover the same names and options, and `rrhf-ray compare` gets it as a built-in variant.
 
 Shapes: B queries, K candidate slots. A query with fewer than K candidates marks the missing
 slots False in `valid`; their values (logp, length, reward, reference logp) are ignored, replaced
@@ -402,7 +407,8 @@ LOSSES: dict[str, Callable[..., LossOutput]] = {
     "slic": slic_loss,
     "dpo": dpo_loss,
 }
-"""The losses by name; each takes (logp_sum, lengths, rewards, valid=None, *, options)."""
+"""The losses by name; each takes (logp_sum, lengths, rewards, valid=None, *, options). The keys
+are the names `train.loss.name` accepts (rrhf_ray.config.LOSS_CONFIGS has the same)."""
 
 
 def sequence_logprobs(

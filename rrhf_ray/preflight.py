@@ -316,6 +316,8 @@ def check_run(config: RunConfig) -> Preflight:
     if not sft_done or (rm is not None and not rm.base_model):
         max_pos = _check_policy(config, check)
     check_lengths(config, max_pos, check)
+    if config.eval.judge_model:  # judge_perplexity's fixed judge (null: ρ, checked above)
+        _check_backbone("eval.judge_model", config.eval.judge_model, check)
     if rm is not None and rm.base_model:
         _check_backbone("reward_model.base_model", rm.base_model, check)
     if config.reward_model is None:

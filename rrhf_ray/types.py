@@ -56,6 +56,7 @@ class Candidate:
     "length"), None for text sources. `source` is e.g. "policy@2" (round 2's checkpoint ρ*),
     "initial@0" (the frozen ρ), "chosen" (the data set's), or several joined by "+" after
     duplicates were merged. `version` is the policy version (round) that produced it.
+    `multiplicity` is how many drawn candidates `merge_duplicates` merged into this one (1 if none).
     """
 
     text: str
@@ -66,6 +67,7 @@ class Candidate:
     version: int | None = None
     prompt_token_ids: tuple[int, ...] = ()  # the query as the engine tokenized it
     tokenizer: str | None = None  # fingerprint of the tokenizer that made the token ids
+    multiplicity: int = 1
 
     @property
     def truncated(self) -> bool:
@@ -107,6 +109,7 @@ class CandidateGroup:
             finish_reasons=_or_none([c.finish_reason for c in cs]),
             logprobs=_or_none([c.cumulative_logprob for c in cs]),
             versions=_or_none([c.version for c in cs]),
+            counts=None if all(c.multiplicity == 1 for c in cs) else [c.multiplicity for c in cs],
             **tokens,
         )
 
@@ -118,12 +121,14 @@ class CandidateGroup:
         finish = group.finish_reasons or [None] * k
         logprobs = group.logprobs or [None] * k
         versions = group.versions or [None] * k
+        counts = group.counts or [1] * k
         return cls(group.query, tuple(
             Candidate(text=group.responses[i], source=sources[i],
                       token_ids=tuple(token_ids[i] or ()), finish_reason=finish[i],
                       cumulative_logprob=logprobs[i], version=versions[i],
                       prompt_token_ids=tuple(group.prompt_ids or ()) if token_ids[i] else (),
-                      tokenizer=group.tokenizer if token_ids[i] else None)
+                      tokenizer=group.tokenizer if token_ids[i] else None,
+                      multiplicity=counts[i])
             for i in range(k)))
 
 
@@ -133,7 +138,8 @@ def _or_none(values: list[Any]) -> list[Any] | None:
 
 
 def merge_duplicates(query: str, candidates: Iterable[Candidate]) -> CandidateGroup:
-    """One candidate per distinct response (first occurrence kept, sources joined with "+").
+    """One candidate per distinct response (first occurrence kept, sources joined with "+",
+    `multiplicity` the number of candidates merged: what was drawn, for the pool's statistics).
 
     A duplicate would otherwise enter the ranking loss as a pair with itself, and the
     fine-tuning term would count it twice.
@@ -144,9 +150,12 @@ def merge_duplicates(query: str, candidates: Iterable[Candidate]) -> CandidateGr
         first = merged.get(key)
         if first is None:
             merged[key] = c
-        elif c.source not in first.source.split("+"):
-            merged[key] = replace(first, source=f"{first.source}+{c.source}",
-                                  version=first.version if first.version is not None else c.version)
+            continue
+        source = first.source
+        if c.source not in source.split("+"):
+            source = f"{source}+{c.source}"
+        merged[key] = replace(first, source=source, multiplicity=first.multiplicity + c.multiplicity,
+                              version=first.version if first.version is not None else c.version)
     return CandidateGroup(query, tuple(merged.values()))
 
 
@@ -166,7 +175,12 @@ class QueryGroup(BaseModel):
       fingerprint), whose ids of the query are `prompt_ids`;
     - `finish_reasons[i]`: "stop" (ended by EOS or a stop string) or "length" (cut off);
     - `logprobs[i]`: Σ log π of its tokens under the sampling policy; `versions[i]`: that
-      policy's round.
+      policy's round;
+    - `counts[i]`: how many drawn candidates were merged into response i (`merge_duplicates`;
+      None: one each);
+    - `ref_logprobs[i]`: Σ log π_ref of its response tokens under DPO's frozen reference policy,
+      over exactly the tokens the trainer scores (`rrhf_ray.train.reference`); None for a
+      candidate the trainer leaves out (`train.truncated: drop`).
     """
 
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -179,6 +193,8 @@ class QueryGroup(BaseModel):
     finish_reasons: list[str | None] | None = None
     logprobs: list[float | None] | None = None
     versions: list[int | None] | None = None
+    ref_logprobs: list[float | None] | None = None
+    counts: list[int] | None = None
     prompt_ids: list[int] | None = None
     tokenizer: str | None = None
 
@@ -187,13 +203,19 @@ class QueryGroup(BaseModel):
         if not self.query.strip():
             raise ValueError("query is empty")
         k = len(self.responses)
-        for name in ("scores", "sources", "token_ids", "finish_reasons", "logprobs", "versions"):
+        for name in ("scores", "sources", "token_ids", "finish_reasons", "logprobs", "versions",
+                     "ref_logprobs"):
             values = getattr(self, name)
             if values is not None and len(values) != k:
                 raise ValueError(f"{name} has {len(values)} entries but responses has {k}")
         for i, s in enumerate(self.scores or ()):
             if not math.isfinite(s):
                 raise ValueError(f"scores[{i}] is {s}, not a finite number")
+        for i, s in enumerate(self.ref_logprobs or ()):
+            if s is not None and not math.isfinite(s):
+                raise ValueError(f"ref_logprobs[{i}] is {s}, not a finite number")
+        if self.counts is not None and (len(self.counts) != k or min(self.counts) < 1):
+            raise ValueError(f"counts must hold {k} integers >= 1, got {self.counts}")
         for i, reason in enumerate(self.finish_reasons or ()):
             if reason not in (None, "stop", "length"):
                 raise ValueError(f"finish_reasons[{i}] is {reason!r}, not 'stop', 'length' or null")

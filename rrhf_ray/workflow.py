@@ -15,6 +15,8 @@ Layout of the output directory:
     state.json  metrics.jsonl  summary.md  report.png
     base/                    the built base model (builtin models only), sft/ reward_model/ stages
     rounds/<r>/candidates.jsonl  pool.parquet  pool.jsonl  checkpoint/  metrics.json  eval.jsonl
+               pool_ref.parquet  (DPO only: the pool with each candidate's reference log-prob,
+                                  stage round<r>/reference between score and train)
 """
 
 from __future__ import annotations
@@ -103,18 +105,28 @@ def build_pools(config: RunConfig, preset, rho: str, current: str, version: int)
     return pools
 
 
+def round_sampling(sampling: SamplingConfig, preset, round_index: int) -> SamplingConfig:
+    """The sampling settings of training round `round_index`: beam search where the preset says
+    so, and the seed mixed with the round (`round_seed`), so that round r's pool is a new draw and
+    not round r−1's seeds replayed on ρ*. Query i still gets `query_seed(that seed, i)`."""
+    from rrhf_ray.actors.sampler import round_seed
+
+    return sampling.model_copy(update={"use_beam_search": preset.beam or sampling.use_beam_search,
+                                       "seed": round_seed(sampling.seed, round_index)})
+
+
 def sample_stage(pools: dict, preset, records, queries: list[str], sampling: SamplingConfig,
-                 external: list[dict], path: Path) -> dict:
+                 external: list[dict], path: Path, round_index: int = 1) -> dict:
     """k candidates per query from the preset's sources (the policy pool the preset names, the
     data set's responses, `external` maps read by `read_external`), duplicates merged, written
-    unscored to `path`."""
+    unscored to `path`. The policy samples with the seeds of round `round_index` (`round_sampling`)."""
     from rrhf_ray.actors.sampler import get_samples
     from rrhf_ray.data.candidates import combine, dataset_candidates
     from rrhf_ray.types import write_groups
 
     sources: list = []
     if preset.policy is not None:
-        cfg = sampling.model_copy(update={"use_beam_search": preset.beam or sampling.use_beam_search})
+        cfg = round_sampling(sampling, preset, round_index)
         sources.append(get_samples(pools[preset.policy], queries, cfg))
     if preset.dataset and records:
         sources.append([dataset_candidates(r) for r in records])
@@ -124,18 +136,35 @@ def sample_stage(pools: dict, preset, records, queries: list[str], sampling: Sam
 
 
 def score_stage(rewards, candidates_path: Path, pool_dir: Path) -> dict:
+    """Score the round's candidates into pool.jsonl + pool.parquet; returns the reward statistics
+    per source (`reward_stats`) and the pool's shape (`pool_summary`: k histogram, groups without a
+    strict pair, reward mean before / after merging duplicates)."""
     import ray
 
+    from rrhf_ray.data.candidates import pool_summary
     from rrhf_ray.types import CandidateGroup, read_groups, reward_stats, write_groups
 
     groups = [CandidateGroup.from_group(g) for g in read_groups(candidates_path, scored=False)]
     scored = ray.get(rewards.score(groups))
     write_groups(scored, pool_dir / "pool.jsonl")
     write_groups(scored, pool_dir / "pool.parquet")
-    return {"pool_stats": reward_stats(scored)}
+    return {"pool_stats": reward_stats(scored), "pool": pool_summary(scored)}
+
+
+def reference_stage(config: RunConfig, ref_model: str, start_model: str, pool: Path, out_path: Path) -> dict:
+    """DPO's reference log-probabilities of every candidate of `pool` under `ref_model`
+    (`train.reference`: ρ or the round's starting ρ*), over the tokens the trainer of a round
+    starting from `start_model` scores; the pool with `ref_logprobs` goes to `out_path`
+    (`rrhf_ray.train.reference`)."""
+    from rrhf_ray.train.reference import write_reference_pool
+    from rrhf_ray.types import read_groups
+
+    return write_reference_pool(read_groups(pool), ref_model, config.train, out_path,
+                                tokenizer_path=start_model, trust_remote_code=config.model.trust_remote_code)
 
 
 def train_stage(config: RunConfig, start_model: str, pool: Path, checkpoint: Path, r: int, out: Path) -> dict:
+    """Train round r from `start_model` on `pool` (`pool.parquet`, or for DPO `pool_ref.parquet`)."""
     from rrhf_ray.train.rrhf import TrainJob, fit
 
     job = TrainJob(model_path=start_model, data_paths=[str(pool)], output_dir=str(checkpoint),
@@ -145,16 +174,32 @@ def train_stage(config: RunConfig, start_model: str, pool: Path, checkpoint: Pat
     return {"train": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
 
 
+def read_eval(path: Path) -> tuple[list[float], list[list[float]]]:
+    """(greedy reward, sampled rewards) per held-out query from a round's eval.jsonl."""
+    rows = [json.loads(line) for line in path.open() if line.strip()]
+    return [r["greedy_reward"] for r in rows], [r.get("sampled_rewards", []) for r in rows]
+
+
 def eval_stage(pools: dict, rewards, eval_queries, references, model_path: str, config: RunConfig,
-               round0: list[float] | None, round_dir: Path) -> dict:
+               round0: tuple[list[float], list[list[float]]] | None, round_dir: Path,
+               judge: str | None = None) -> dict:
+    """Evaluate the policy at `model_path` (served by the "current" pool) on the held-out queries:
+    eval.jsonl (every greedy and sampled reply with its reward) and the metrics, compared per query
+    with round 0's (`round0`: `read_eval` of round 0; None for round 0 itself). The sampled replies
+    use the same seeds in every round (`rrhf_ray.evaluation.eval_sampling`). `judge`: the model
+    whose perplexity of the greedy replies is `judge_perplexity` (`eval.judge_model`, else ρ)."""
     from rrhf_ray.evaluation import evaluate
 
     result = evaluate(pools["current"], rewards, eval_queries, references, model_path,
-                      config.sampling, config.eval, config.train.max_length)
-    write_jsonl(({"query": q, "greedy_reply": reply, "greedy_reward": g, "sampled_rewards": s}
-                 for q, reply, g, s in zip(eval_queries, result.greedy_replies, result.greedy, result.sampled)),
+                      config.sampling, config.eval, config.train.max_length, judge=judge)
+    write_jsonl(({"query": q, "greedy_reply": reply, "greedy_reward": g, "sampled_replies": texts,
+                  "sampled_rewards": s}
+                 for q, reply, g, texts, s in zip(eval_queries, result.greedy_replies, result.greedy,
+                                                  result.sampled_replies, result.sampled)),
                 round_dir / "eval.jsonl")
-    return {"eval": result.metrics(round0)}
+    greedy0, sampled0 = round0 if round0 is not None else (None, None)
+    return {"eval": result.metrics(greedy0, sampled0, resamples=config.eval.bootstrap_resamples,
+                                   seed=config.sampling.seed)}
 
 
 # --------------------------------------------------------------------------- the loop
@@ -200,14 +245,16 @@ def run(config: RunConfig) -> list[dict]:
     if "current" not in pools:
         pools.update(build_pools(config, get_preset("IP"), rho, current_path, last))
     rewards = RewardPool(reward_cfg)
+    judge = config.eval.judge_model or rho  # one fixed judge for every round (docs/metrics.md)
 
     try:
         round0_dir = out / "rounds" / "0"
         round0_dir.mkdir(parents=True, exist_ok=True)
         if last == 0:
             timed_stage(state, "round0/eval", [round0_dir / "eval.jsonl"],
-                        partial(eval_stage, pools, rewards, eval_queries, references, rho, config, None, round0_dir))
-        round0 = [json.loads(line)["greedy_reward"] for line in (round0_dir / "eval.jsonl").open()]
+                        partial(eval_stage, pools, rewards, eval_queries, references, rho, config, None,
+                                round0_dir, judge))
+        round0 = read_eval(round0_dir / "eval.jsonl")
 
         for r in range(1, config.rounds + 1):
             rd = out / "rounds" / str(r)
@@ -216,18 +263,25 @@ def run(config: RunConfig) -> list[dict]:
             start_model = str(checkpoint(r - 1)) if r > 1 else rho
             timed_stage(state, f"round{r}/sample", [rd / "candidates.jsonl"],
                         partial(sample_stage, pools, preset, data.train, queries, config.sampling,
-                                external, rd / "candidates.jsonl"))
+                                external, rd / "candidates.jsonl", r))
             timed_stage(state, f"round{r}/score", [rd / "pool.parquet", rd / "pool.jsonl"],
                         partial(score_stage, rewards, rd / "candidates.jsonl", rd))
+            train_pool = rd / "pool.parquet"
+            if config.train.loss.name == "dpo":  # π_ref of each candidate, once: pool_ref.parquet
+                train_pool = rd / "pool_ref.parquet"
+                ref_model = rho if config.train.reference == "initial" else start_model
+                timed_stage(state, f"round{r}/reference", [train_pool],
+                            partial(reference_stage, config, ref_model, start_model, rd / "pool.parquet",
+                                    train_pool))
             timed_stage(state, f"round{r}/train", [checkpoint(r)],
-                        partial(train_stage, config, start_model, rd / "pool.parquet", checkpoint(r), r, out))
+                        partial(train_stage, config, start_model, train_pool, checkpoint(r), r, out))
             if pools["current"].version < r:  # refresh ρ* in place: no engine restart
                 t = time.perf_counter()
                 ray.get(pools["current"].load_weights(str(checkpoint(r)), r))
                 logger.info("samplers now serve round %d's policy (%.2f s)", r, time.perf_counter() - t)
             timed_stage(state, f"round{r}/eval", [rd / "eval.jsonl"],
                         partial(eval_stage, pools, rewards, eval_queries, references, str(checkpoint(r)),
-                                config, round0, rd))
+                                config, round0, rd, judge))
             write_metrics(out, state.data["stages"], r)
     finally:
         for pool in pools.values():

@@ -7,7 +7,8 @@ whose replica died on another replica, reports progress, and returns candidates 
 
 Determinism across replica counts: query i is seeded with `query_seed(seed, i)` from its *global*
 index, and vLLM seeds each request on its own, so 2 replicas return exactly the candidates 1
-replica returns. Versions: version 0 is ρ (the model the pool was built from); `load_weights`
+replica returns. The driver passes a different `seed` per training round (`round_seed`) and one
+fixed seed for evaluation (`rrhf_ray.evaluation.eval_sampling`). Versions: version 0 is ρ (the model the pool was built from); `load_weights`
 with version r puts round r's checkpoint (ρ* for round r+1) on every replica. A sample call
 refuses to run while the replicas serve different versions: mixing ρ*'s of two rounds in one
 pool would silently train on the wrong policy's candidates.
@@ -40,6 +41,15 @@ def query_seed(base_seed: int, index: int) -> int:
     """The seed of the query with global index `index`: a hash, so neighbouring queries'
     seeds (vLLM gives candidate j the seed + j) never overlap in practice."""
     digest = hashlib.blake2b(f"{base_seed}:{index}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x3FFFFFFF
+
+
+def round_seed(base_seed: int, round_index: int) -> int:
+    """The base seed of training round `round_index`'s sampling: `sampling.seed` mixed with the
+    round, so each round draws a new pool (query i of round r is seeded with
+    `query_seed(round_seed(seed, r), i)`: still per query, so replica counts do not matter).
+    Evaluation does not use it: it samples with one fixed seed in every round (paired rounds)."""
+    digest = hashlib.blake2b(f"{base_seed}:round:{round_index}".encode(), digest_size=4).digest()
     return int.from_bytes(digest, "little") & 0x3FFFFFFF
 
 

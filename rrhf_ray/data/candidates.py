@@ -32,7 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from rrhf_ray.types import Candidate, CandidateGroup, DataError, iter_jsonl, merge_duplicates
+from rrhf_ray.types import (
+    Candidate,
+    CandidateGroup,
+    DataError,
+    QueryGroup,
+    iter_jsonl,
+    merge_duplicates,
+)
 
 CandidateSource = Sequence[Sequence[Candidate]] | Mapping[str, Sequence[Candidate]]
 """Either one list of candidates per query (aligned with the queries) or a map query → list."""
@@ -110,3 +117,39 @@ def combine(queries: Sequence[str], sources: Sequence[CandidateSource]) -> list[
             raise DataError(f"query {qi} has no candidate from any source: {query[:80]!r}")
         groups.append(merge_duplicates(query, found))
     return groups
+
+
+def pool_summary(groups: Sequence[QueryGroup]) -> dict[str, Any]:
+    """The shape of a scored pool (docs/metrics.md, "Pool"): what the ranking term had to work with.
+
+    - `k_histogram`: {k: number of groups with k candidates} after duplicates were merged;
+    - `groups_without_pair`: groups with no strict pair (k = 1, or every reward tied): the ranking
+      term has nothing to rank there, only the fine-tuning term trains;
+    - `candidates` / `candidates_premerge`: candidates after merging / as drawn (Σ `counts`);
+    - `reward_mean` / `reward_mean_premerge`: the mean reward over the merged candidates / over the
+      drawn ones, each merged candidate weighted by its multiplicity (a duplicate has the reward of
+      the text it repeats). A policy that repeats its best reply raises the second, not the first.
+    """
+    hist: dict[int, int] = {}
+    without_pair = 0
+    n = n_drawn = 0
+    total = total_drawn = 0.0
+    for g in groups:
+        scores = g.scores or []
+        counts = g.counts or [1] * g.k
+        hist[g.k] = hist.get(g.k, 0) + 1
+        if len(set(scores)) < 2:
+            without_pair += 1
+        n += len(scores)
+        total += sum(scores)
+        n_drawn += sum(counts[: len(scores)])
+        total_drawn += sum(c * s for c, s in zip(counts, scores))
+    return {
+        "groups": len(groups),
+        "k_histogram": {str(k): hist[k] for k in sorted(hist)},
+        "groups_without_pair": without_pair,
+        "candidates": n,
+        "candidates_premerge": n_drawn,
+        "reward_mean": total / n if n else None,
+        "reward_mean_premerge": total_drawn / n_drawn if n_drawn else None,
+    }

@@ -2,10 +2,23 @@
 
 A user asks how to do one of 24 everyday tasks. A reply is an opener (polite / rude / none), a body
 (the helpful steps for the asked topic, a refusal, or the steps for another topic) and a closer
-(polite / rude / none). People prefer the polite, helpful, on-topic reply; `reward` encodes that:
+(polite / rude / none). People prefer the polite, helpful, on-topic reply; `reward` encodes that,
+each phrase counted once, so that saying it again earns nothing:
 
-    r = +0.5 if the reply holds the asked topic's steps else −0.5
-        +0.25 per polite phrase, −0.25 per rude phrase, clipped to [−1, 1]
+    r = +0.5 if the reply holds the asked topic's steps, else −0.5    (only answers score > 0)
+        −0.25 per other topic's steps present                           (off-topic)
+        +0.25 if it opens with a polite phrase, +0.25 if it closes with one
+        −0.25 per distinct rude phrase present
+        −0.25 if any sentence is repeated                               (repetition)
+        −1.25 if it was cut off: no final '.', '!' or '?', or a "Human:" / "Assistant:" turn
+              inside it                                                 (then r ≤ −0.5)
+    clipped to [−1, 1].
+
+The ideal reply (polite opener, the steps, polite closer) scores 1.0 and is the only kind that
+does; every known way to game the rule scores below it (tests/unit/demo/test_task.py): a polite
+phrase repeated with no steps (−0.25), a refusal followed by a polite phrase six times (−0.5), a
+rude opener with the steps and polite closers (+0.25), the steps repeated (+0.75), a reply cut
+mid-sentence (≤ −0.5). The SFT data holds the ideal reply among its styles, so ρ samples it.
 
 The supervised data mixes every style uniformly, so the fine-tuned base ρ samples all of them and
 RRHF has something to rank. Training prompts and held-out prompts use different phrasings.
@@ -17,6 +30,7 @@ RRHF has something to rank. Training prompts and held-out prompts use different 
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 from rrhf_ray.data.queries import QueryRecord
@@ -92,16 +106,30 @@ def _topic_of(query: str) -> int | None:
     return max(hits, key=lambda i: len(TOPICS[i][0])) if hits else None
 
 
+_TURN = re.compile(r"(human|assistant):")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def cut_off(response: str) -> bool:
+    """A reply that was cut: it does not end a sentence, or it runs into a next dialogue turn."""
+    text = response.strip()
+    return not text.endswith((".", "!", "?")) or _TURN.search(text.lower()) is not None
+
+
 def reward(queries: list[str], responses: list[str]) -> list[float]:
     """The help desk's preference as a number in [−1, 1] (module docstring)."""
     scores = []
     for query, response in zip(queries, responses):
         topic = _topic_of(query)
-        text = response.lower()
+        text = " ".join(response.lower().split())
         helpful = topic is not None and TOPICS[topic][1] in text
         r = 0.5 if helpful else -0.5
-        r += 0.25 * sum(text.count(p) for p in POLITE)
-        r -= 0.25 * sum(text.count(p) for p in RUDE)
+        r -= 0.25 * sum(1 for i, (_, steps) in enumerate(TOPICS) if i != topic and steps in text)
+        r += 0.25 * text.startswith(tuple(POLITE)) + 0.25 * text.endswith(tuple(POLITE))
+        r -= 0.25 * sum(1 for p in RUDE if p in text)
+        sentences = [x for x in _SENTENCE_END.split(text) if x]
+        r -= 0.25 * (len(set(sentences)) < len(sentences))
+        r -= 1.25 * cut_off(response)
         scores.append(max(-1.0, min(1.0, r)))
     return scores
 
@@ -125,7 +153,7 @@ def sft_pairs(n: int = 4000, seed: int = 0) -> list[dict[str, str]]:
 
 def prompts() -> dict[str, list[QueryRecord]]:
     """Training prompts (every topic × training phrasing) and held-out prompts (other phrasings).
-    Each held-out prompt carries the ideal reply as its reference response (for perplexity)."""
+    Each held-out prompt carries the ideal reply as its reference response (reference_perplexity)."""
     rng = random.Random(2)
     train = [QueryRecord(prompt(t, p)) for t, _ in TOPICS for p in TRAIN_PHRASINGS]
     test = [QueryRecord(prompt(t, p), (reply(i, "polite", "helpful", "polite", rng),), (1.0,), ("reference",))

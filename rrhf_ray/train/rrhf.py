@@ -4,7 +4,15 @@
 a single process (tests, debugging) and, unchanged, inside `ray.train.torch.TorchTrainer`
 (`fit` below), which starts W workers with a process group (gloo on CPU, NCCL on GPU). The loop
 (optimizer, accumulation, checkpoints, resume) is `rrhf_ray.train.core.run_worker`, shared with
-the SFT and reward-model trainers; this module adds the RRHF forward and loss.
+the SFT and reward-model trainers; this module adds the candidates' forward and the loss.
+
+The loss is `train.loss` (`rrhf_ray.config.LossConfig`): `LOSSES[cfg.loss.name]` with the loss's
+own settings; everything after it (the chunked backward, `measure`, the logs, the metrics) reads
+only the loss-independent `LossOutput`. DPO's reference log-probabilities come with the pool
+(`QueryGroup.ref_logprobs`, written by `rrhf_ray.train.reference`: the workflow's stage
+round<r>/reference, or `rrhf-ray train` from `--model` before it trains); a pool without them is
+refused.
+`train.shuffle_rewards` (a control) shuffles each group's rewards before anything is encoded.
 
 Batching, exactly: an optimizer step covers `queries_per_step` query groups over all workers;
 worker w takes the step's groups w, w+W, …, in micro-batches of `micro_batch_queries` queries
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +34,7 @@ import torch
 from pydantic import Field
 
 from rrhf_ray.config import TrainConfig
-from rrhf_ray.loss import RRHFLossOutput, rrhf_loss
+from rrhf_ray.loss import LOSSES, LossOutput, rrhf_loss
 from rrhf_ray.train.core import (
     Job,
     Measured,
@@ -44,7 +53,7 @@ from rrhf_ray.train.prefix import (
     tokens_computed,
 )
 from rrhf_ray.train.tokens import special_split, tokenizer_fingerprint
-from rrhf_ray.types import QueryGroup, read_groups
+from rrhf_ray.types import DataError, QueryGroup, read_groups
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +75,8 @@ class EncodedGroup:
     prompt: list[int]
     responses: list[list[int]]
     rewards: list[float]
+    kept: list[int] | None = None  # the group's candidate index of each response (None: all, in order)
+    refs: list[float] | None = None  # DPO: Σ log π_ref of each response (QueryGroup.ref_logprobs)
 
     @property
     def ids(self) -> list[list[int]]:
@@ -115,7 +126,7 @@ class Encoder:
             prompt = self.tokenizer(group.query)["input_ids"]
         token_ids = group.token_ids if own and group.token_ids else [None] * group.k
         finish = group.finish_reasons or [None] * group.k
-        responses, rewards = [], []
+        responses, rewards, kept = [], [], []
         for i, text in enumerate(group.responses):
             truncated = finish[i] == "length"
             if truncated and self.truncated == "drop":
@@ -126,9 +137,16 @@ class Encoder:
                 ids.append(self.eos)
             responses.append(ids)
             rewards.append(group.scores[i])
+            kept.append(i)
         if not responses:
             return None
-        return EncodedGroup(self._fit(prompt, responses), responses, rewards)
+        refs = None
+        if group.ref_logprobs is not None:
+            refs = [group.ref_logprobs[i] for i in kept]
+            if any(r is None for r in refs):
+                raise ValueError(f"query {group.query[:60]!r}: ref_logprobs is null for a candidate the "
+                                 "trainer scores (computed with another train.truncated?)")
+        return EncodedGroup(self._fit(prompt, responses), responses, rewards, kept, refs)
 
     def _fit(self, prompt: list[int], responses: list[list[int]]) -> list[int]:
         """Cut responses (in place) and the prompt so every candidate fits `max_length`."""
@@ -210,8 +228,9 @@ def micro_batch_loss(
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
     sync_last: bool = True,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-) -> tuple[RRHFLossOutput, int]:
-    """Forward + backward of one micro-batch; adds `scale · Σ_q L_q` to the gradients.
+) -> tuple[LossOutput, int]:
+    """Forward + backward of one micro-batch; adds `scale · Σ_q L_q` to the gradients, L the
+    loss `cfg.loss` names (`loss_function`).
 
     With `candidate_chunk_size` (or a query over `micro_batch_tokens`), the candidates go through
     the model in chunks: a no-grad pass gives every p_i, the loss gives dL/d(logp_sum_i), and each
@@ -229,9 +248,7 @@ def micro_batch_loss(
     for bi, g in enumerate(groups):
         rewards[bi, : len(g.rewards)] = torch.tensor(g.rewards, dtype=torch.float32)
         valid[bi, : len(g.rewards)] = True
-    loss_kwargs = {
-        "rank_weight": cfg.rank_weight, "length_penalty": cfg.length_penalty, "sft_reduction": cfg.sft_reduction
-    }
+    loss_fn = loss_function(cfg, groups, device)
 
     def sync_ctx(last: bool) -> contextlib.AbstractContextManager:
         if no_sync is None or (last and sync_last):
@@ -247,7 +264,7 @@ def micro_batch_loss(
         with sync_ctx(last=True):
             with autocast():
                 logp, lengths = candidate_logprobs(model, groups, shared)
-            out = rrhf_loss(to_bk(logp), to_bk(lengths), rewards, valid, **loss_kwargs)
+            out = loss_fn(to_bk(logp), to_bk(lengths), rewards, valid)
             (out.per_query_loss.sum() * scale).backward()
         return out, int(lengths.sum())
 
@@ -256,7 +273,7 @@ def micro_batch_loss(
         parts = [candidate_logprobs(model, groups, shared, c) for c in chunks]
     logp = torch.cat([p[0] for p in parts]).requires_grad_(True)
     lengths = torch.cat([p[1] for p in parts])
-    out = rrhf_loss(to_bk(logp), to_bk(lengths), rewards, valid, **loss_kwargs)
+    out = loss_fn(to_bk(logp), to_bk(lengths), rewards, valid)
     (coeff,) = torch.autograd.grad(out.per_query_loss.sum() * scale, logp)
     start = 0
     for i, c in enumerate(chunks):
@@ -267,6 +284,71 @@ def micro_batch_loss(
             (lp * coeff[start : start + size]).sum().backward()
         start += size
     return out, int(lengths.sum())
+
+
+def loss_function(cfg: TrainConfig, groups: Sequence[EncodedGroup],
+                  device: torch.device) -> Callable[..., LossOutput]:
+    """`train.loss` as a function of (logp_sum, lengths, rewards, valid), all [B, K] over `groups`:
+    `LOSSES[cfg.loss.name]` with the loss's own settings and, for DPO, the groups' reference
+    log-probabilities (`EncodedGroup.refs`) as `ref_logp_sum`."""
+    options = cfg.loss.model_dump(exclude={"name"})
+    if cfg.loss.name == "dpo":
+        options["ref_logp_sum"] = reference_tensor(groups, device)
+    fn = LOSSES[cfg.loss.name]
+
+    def call(logp_sum: torch.Tensor, lengths: torch.Tensor, rewards: torch.Tensor,
+             valid: torch.Tensor) -> LossOutput:
+        return fn(logp_sum, lengths, rewards, valid, **options)
+
+    return call
+
+
+def reference_tensor(groups: Sequence[EncodedGroup], device: torch.device) -> torch.Tensor:
+    """[B, K] Σ log π_ref of each candidate of `groups` (0 in empty slots), for `dpo_loss`."""
+    missing = sum(g.refs is None for g in groups)
+    if missing:
+        raise ValueError(
+            f"train.loss dpo: {missing} query group(s) carry no reference log-probabilities "
+            "(QueryGroup.ref_logprobs): `rrhf-ray run` computes them in the stage round<r>/reference "
+            "(rounds/<r>/pool_ref.parquet), `rrhf-ray train` before it trains")
+    ref = torch.zeros((len(groups), max(len(g.responses) for g in groups)), dtype=torch.float32,
+                      device=device)
+    for bi, g in enumerate(groups):
+        ref[bi, : len(g.refs)] = torch.tensor(g.refs, dtype=torch.float32)
+    return ref
+
+
+@torch.no_grad()
+def encoded_logprobs(model: torch.nn.Module, groups: Sequence[EncodedGroup], cfg: TrainConfig,
+                     shared: bool,
+                     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                     ) -> list[list[float]]:
+    """Σ log π of every response of `groups` as the trainer's forward computes it (the same
+    tokens, prompt-shared when `shared`, candidates in the chunks `micro_batch_loss` would use),
+    `cfg.micro_batch_queries` groups a forward, no gradient. One list per group."""
+    out: list[list[float]] = []
+    for s in range(0, len(groups), cfg.micro_batch_queries):
+        batch = groups[s : s + cfg.micro_batch_queries]
+        with autocast():
+            parts = [candidate_logprobs(model, batch, shared, c)
+                     for c in _chunks(batch, _chunk_size(batch, cfg, shared))]
+        flat = torch.cat([p[0] for p in parts]).float().cpu().tolist()
+        start = 0
+        for g in batch:
+            out.append(flat[start : start + len(g.responses)])
+            start += len(g.responses)
+    return out
+
+
+def shuffled_rewards(groups: Sequence[QueryGroup], seed: int) -> list[QueryGroup]:
+    """`train.shuffle_rewards`, a control: each group's rewards permuted among its candidates,
+    seeded by (seed, query), so the ranking the trainer sees carries no signal."""
+    out = []
+    for g in groups:
+        scores = list(g.scores)
+        random.Random(f"{seed}:{g.query}").shuffle(scores)
+        out.append(g.model_copy(update={"scores": scores}))
+    return out
 
 
 def _chunk_size(groups: Sequence[EncodedGroup], cfg: TrainConfig, shared: bool) -> int:
@@ -280,7 +362,7 @@ def _chunk_size(groups: Sequence[EncodedGroup], cfg: TrainConfig, shared: bool) 
     return size
 
 
-def measure(out: RRHFLossOutput, tokens: int) -> Measured:
+def measure(out: LossOutput, tokens: int) -> Measured:
     """The loss terms weighted by queries, ranking accuracy by pairs (for the epoch's `Meter`)."""
     q = float(out.query_mask.sum())
     pairs = float(out.num_pairs)
@@ -310,6 +392,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
 
     def recipe(tokenizer: Any, device: torch.device, model: torch.nn.Module) -> Recipe:
         groups = [g for path in job.data_paths for g in read_groups(path)]
+        if cfg.shuffle_rewards:
+            logger.info("train.shuffle_rewards: the rewards are shuffled within each group (a control)")
+            groups = shuffled_rewards(groups, cfg.seed)
         encoder = Encoder(tokenizer, cfg.max_length, cfg.truncated)
         encoded = [e for e in map(encoder, groups) if e is not None]
         if encoder.dropped:
@@ -326,7 +411,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
                 no_sync=mb.no_sync, sync_last=mb.sync_last, autocast=mb.autocast,
             ))
 
-        return Recipe("RRHF", len(encoded), micro_batch, _log_line,
+        return Recipe(cfg.loss.name.upper(), len(encoded), micro_batch, _log_line,
                       example_length=lambda i: encoded[i].tokens(shared),
                       example_tokens=lambda i: encoded[i].tokens(shared))
 
@@ -344,7 +429,10 @@ def fit(job: TrainJob, *, name: str = "rrhf", storage_path: str | None = None, m
     (an HF directory) at `job.output_dir` and return the final metrics."""
     # Validate the data before any worker starts: a malformed row costs nothing to report here.
     for path in job.data_paths:
-        read_groups(path)
+        groups = read_groups(path)
+        if job.train.loss.name == "dpo" and any(g.ref_logprobs is None for g in groups):
+            raise DataError(f"{path}: train.loss dpo needs ref_logprobs in every query group "
+                            "(rrhf_ray.train.reference computes them)")
     return fit_job(train_loop_per_worker, job, name=name, storage_path=storage_path,
                    max_failures=max_failures)
 

@@ -25,7 +25,7 @@ def test_shortened_demo_raises_the_held_out_reward(ray_cluster, tmp_path, capsys
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     for row in rows:
-        for key in ("eval_reward_mean", "eval_reward_std", "perplexity", "win_rate_vs_round0",
+        for key in ("eval_reward_mean", "eval_reward_std", "reference_perplexity", "win_rate_vs_round0",
                     "train_loss", "seconds_sample", "seconds_score", "seconds_train", "seconds_eval"):
             assert key in row, key
     r0, r2 = rows[0], rows[2]
@@ -34,7 +34,7 @@ def test_shortened_demo_raises_the_held_out_reward(ray_cluster, tmp_path, capsys
     assert r2["eval_reward_mean"] > r0["eval_reward_mean"] + 0.2
     assert r2["sampled_reward_mean"] > r0["sampled_reward_mean"] + 0.2
     assert r2["win_rate_vs_round0"] > 0.7
-    assert r2["perplexity"] < r0["perplexity"]  # the ideal replies became more likely
+    assert r2["reference_perplexity"] < r0["reference_perplexity"]  # the ideal replies became more likely
     assert rows[1]["train_loss"] > 0 and rows[1]["pool_reward_mean"] is not None
 
     for r in (1, 2):

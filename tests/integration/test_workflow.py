@@ -61,7 +61,7 @@ def test_killed_driver_resumes_without_redoing_finished_stages(ray_cluster, tmp_
     assert (out / "rounds/1/checkpoint/model.safetensors").exists()
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == [0, 1]
-    for key in ("eval_reward_mean", "eval_reward_std", "perplexity", "win_rate_vs_round0",
+    for key in ("eval_reward_mean", "eval_reward_std", "reference_perplexity", "win_rate_vs_round0",
                 "train_loss", "seconds_train", "seconds_sample"):
         assert key in metrics[1]
     assert metrics[1]["train_loss"] > 0 and metrics[1]["seconds_train"] > 0

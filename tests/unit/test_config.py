@@ -90,3 +90,96 @@ def test_validate_command_reports_errors(tmp_path, capsys):
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert "sampling.temprature: unknown key" in err and str(path) in err
+
+
+@pytest.mark.parametrize("preset", ["BP", "DP", "D", "P"])
+def test_more_than_one_round_without_sampling_from_the_last_rounds_model_is_refused(tmp_path, preset):
+    with pytest.raises(ConfigError, match=rf"rounds: 2 with sampling.preset {preset}: {preset} never samples "
+                                          r"from ρ\*.*more epochs, not a setting of the paper; use "
+                                          r"sampling.preset IP \(IP-n\), or rounds: 1"):
+        load_config(write(tmp_path, ""), ["rounds=2", f"sampling.preset={preset}"])
+    assert load_config(write(tmp_path, ""), ["rounds=1", f"sampling.preset={preset}"]).rounds == 1
+
+
+@pytest.mark.parametrize("preset", ["IP", "IP-1", "IP-3"])
+def test_iterated_presets_take_any_number_of_rounds(tmp_path, preset):
+    assert load_config(write(tmp_path, ""), ["rounds=4", f"sampling.preset={preset}"]).rounds == 4
+
+
+def test_train_max_length_must_hold_the_longest_prompt_reply_and_eos(tmp_path):
+    cfg = load_config(write(tmp_path, ""))  # the defaults: the paper's 63 + 128 + 1 = 192
+    assert (cfg.data.max_prompt_tokens, cfg.sampling.max_new_tokens, cfg.train.max_length) == (63, 128, 192)
+    with pytest.raises(ConfigError, match=r"train.max_length 192 < data.max_prompt_tokens \+ "
+                                          r"sampling.max_new_tokens \+ 1 \(EOS\) = 64 \+ 128 \+ 1 = 193"):
+        load_config(write(tmp_path, ""), ["data.max_prompt_tokens=64"])
+    assert load_config(write(tmp_path, ""), ["data.max_prompt_tokens=64", "train.max_length=193"])
+
+
+def test_default_stop_strings_cover_the_next_turn():
+    cfg = load_config(None, ["model.name_or_path=m", "data.source=d", "reward.rule=a:b"])
+    assert cfg.sampling.stop == ["\n\nHuman:", "\n\nAssistant:", "\nHuman:", "\nAssistant:"]
+    assert cfg.eval.judge_model is None and cfg.eval.bootstrap_resamples == 1000
+
+
+# --------------------------------------------------------------------------- train.loss
+
+
+def test_the_loss_union_and_the_loss_functions_cover_the_same_names():
+    """A sixth loss is one function in rrhf_ray/loss.py (LOSSES) and one class in config.py
+    (LossConfig / LOSS_CONFIGS); each class's fields are its function's keyword options."""
+    import inspect
+
+    from rrhf_ray.config import LOSS_CONFIGS
+    from rrhf_ray.loss import LOSSES
+
+    assert set(LOSS_CONFIGS) == set(LOSSES)
+    for name, cls in LOSS_CONFIGS.items():
+        options = {p.name: p.default for p in inspect.signature(LOSSES[name]).parameters.values()
+                   if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "ref_logp_sum"}
+        fields = {k: v.default for k, v in cls.model_fields.items() if k != "name"}
+        assert fields == options, name  # the same options, the same documented defaults
+
+
+@pytest.mark.parametrize(("yaml_loss", "expected"), [
+    ("{name: rrhf, rank_weight: 0.5, sft_reduction: sum}", {"rank_weight": 0.5, "sft_reduction": "sum"}),
+    ("{name: raft}", {"length_penalty": 1.0, "sft_reduction": "mean"}),
+    ("{name: pro, sft_weight: 0.1}", {"sft_weight": 0.1, "length_penalty": 1.0}),
+    ("{name: simpo, beta: 2.5}", {"beta": 2.5, "gamma": 1.0, "sft_weight": 0.0}),
+    ("{name: slic, margin: 2.0}", {"margin": 2.0, "sft_weight": 0.5}),
+    ("{name: dpo, beta: 0.2}", {"beta": 0.2, "sft_weight": 0.0}),
+    ("{rank_weight: 0}", {"name": "rrhf", "rank_weight": 0.0}),  # no name: RRHF
+    ("simpo", {"name": "simpo", "beta": 2.0}),  # a bare name: that loss with its defaults
+])
+def test_each_loss_parses_from_yaml(tmp_path, yaml_loss, expected):
+    cfg = load_config(write(tmp_path, f"train:\n  loss: {yaml_loss}\n"))
+    loss = cfg.train.loss.model_dump()
+    assert {k: loss[k] for k in expected} == expected
+    if "name" not in expected:
+        assert loss["name"] == yaml_loss.split(",")[0].removeprefix("{name: ").rstrip("}")
+
+
+def test_the_default_loss_is_rrhf_and_overrides_pick_another(tmp_path):
+    assert TrainConfig().loss.name == "rrhf" and TrainConfig().loss.rank_weight == 1.0
+    path = write(tmp_path, "")
+    assert load_config(path, ["train.loss.name=pro"]).train.loss.sft_weight == 0.05
+    cfg = load_config(path, ["train.loss.name=simpo", "train.loss.beta=2.5", "train.reference=previous_round"])
+    assert (cfg.train.loss.name, cfg.train.loss.beta, cfg.train.reference) == ("simpo", 2.5, "previous_round")
+    assert load_config(path, ["train.loss.rank_weight=0"]).train.loss.rank_weight == 0.0
+    assert load_config(path, ["train.loss={name: dpo}", "train.loss.beta=0.3"]).train.loss.beta == 0.3
+    assert load_config(path, ["train.shuffle_rewards=true"]).train.shuffle_rewards
+
+
+def test_loss_mistakes_are_named(tmp_path):
+    path = write(tmp_path, "")
+    with pytest.raises(ConfigError, match=r"train\.loss: Input tag 'ppo' .* expected tags: 'rrhf', 'raft', "
+                                          r"'pro', 'simpo', 'slic', 'dpo'"):
+        load_config(path, ["train.loss.name=ppo"])
+    with pytest.raises(ConfigError, match=r"train\.loss\.pro\.rank_weight: unknown key"):
+        load_config(path, ["train.loss.name=pro", "train.loss.rank_weight=1"])
+    with pytest.raises(ConfigError, match=r"train\.loss\.dpo\.beta: Input should be greater than 0"):
+        load_config(path, ["train.loss.name=dpo", "train.loss.beta=0"])
+    with pytest.raises(ConfigError, match=r"train\.reference: Input should be 'initial' or 'previous_round'"):
+        load_config(path, ["train.reference=ref"])
+    # The three RRHF keys moved into train.loss: the old spelling says where they went.
+    with pytest.raises(ConfigError, match=r"train\.rank_weight moved into train\.loss .*train\.loss\.rank_weight"):
+        load_config(path, ["train.rank_weight=0"])

@@ -309,6 +309,7 @@ def _(tmp, model):
 def _(tmp, model):
     c = base(tmp, model)
     c["data"]["max_prompt_tokens"] = 240
+    c["train"] = {"max_length": 273}  # room to train on it: the engine's context is what is short
     return c, ("data.max_prompt_tokens + sampling.max_new_tokens = 240 + 32 = 272 exceeds "
                "sampling.max_model_len 256: the longest prompt has no room for its reply")
 
@@ -334,6 +335,32 @@ def _(tmp, model):
     c["sampling"]["preset"] = "IP-0"
     return c, ("invalid config in P/run.yaml: sampling: Value error, sampling.preset 'IP-0' is not one of BP, "
                "DP, D, P, IP, IP-n (got {'max_model_len': 256, 'max_new_tokens': 32, 'preset': 'IP-0'})")
+
+
+@case("rounds > 1 with a preset that never samples from ρ*")
+def _(tmp, model):
+    c = base(tmp, model)
+    c["rounds"], c["sampling"]["preset"] = 3, "DP"
+    return c, ("invalid config in P/run.yaml: rounds: 3 with sampling.preset DP: DP never samples from ρ* "
+               "(the last round's model), so each extra round would retrain on a pool drawn from the same "
+               "frozen ρ: more epochs, not a setting of the paper; use sampling.preset IP (IP-n), or rounds: 1")
+
+
+@case("train.max_length shorter than prompt + reply + EOS")
+def _(tmp, model):
+    c = base(tmp, model)
+    c["train"] = {"max_length": 64}
+    return c, ("invalid config in P/run.yaml: train.max_length 64 < data.max_prompt_tokens + "
+               "sampling.max_new_tokens + 1 (EOS) = 64 + 32 + 1 = 97: the trainer would cut the longest "
+               "prompt (from the left) or reply (from the right) it samples; raise train.max_length or "
+               "lower data.max_prompt_tokens / sampling.max_new_tokens")
+
+
+@case("eval.judge_model directory missing")
+def _(tmp, model):
+    c = base(tmp, model)
+    c["eval"]["judge_model"] = str(tmp / "judge")
+    return c, "eval.judge_model: model directory not found: P/judge"
 
 
 @case("train batching")

@@ -156,7 +156,8 @@ def test_sample_and_score_commands_write_the_reference_format(ray_cluster, tiny_
     ext.write_text(json.dumps({"query": GROUPS[0].query, "responses": [" Ask the admin.", " No."],
                                "source": "gpt4"}) + "\n")
     config = tmp_path / "run.yaml"
-    config.write_text(f"model: {{name_or_path: {tiny_model_dir}}}\n"  # P: only its tokenizer loads
+    config.write_text("rounds: 1\n"  # P never samples from ρ*: one round is all it takes
+                      f"model: {{name_or_path: {tiny_model_dir}}}\n"  # P: only its tokenizer loads
                       f"data: {{source: {data}, eval_split: null, eval_fraction: 0.0}}\n"
                       f"sampling: {{preset: P, external: [{ext}]}}\n"
                       f"reward: {{kind: rule, rule: '{__name__}:length_reward'}}\n")

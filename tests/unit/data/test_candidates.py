@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from rrhf_ray.actors.sampler import query_seed
-from rrhf_ray.data.candidates import combine, dataset_candidates, get_preset, read_external
+from rrhf_ray.data.candidates import (
+    combine,
+    dataset_candidates,
+    get_preset,
+    pool_summary,
+    read_external,
+)
 from rrhf_ray.types import (
     Candidate,
     CandidateGroup,
@@ -54,6 +60,7 @@ def test_identical_responses_merge_and_keep_every_source() -> None:
     assert group.sources == ["policy@1+chosen+gpt4", "policy@1"]
     first = group.candidates[0]
     assert (first.token_ids, first.cumulative_logprob, first.version) == ((5, 6), -1.5, 1)
+    assert [c.multiplicity for c in group.candidates] == [4, 1]  # every drawn copy counted
 
 
 def test_combine_policy_dataset_and_external_in_query_order(tmp_path: Path) -> None:
@@ -110,3 +117,45 @@ def test_query_seeds_depend_only_on_base_seed_and_global_index() -> None:
     assert seeds == [query_seed(7, i) for i in range(1000)]
     assert len(set(seeds)) == 1000 and all(0 <= s < 2**30 for s in seeds)
     assert query_seed(8, 0) != query_seed(7, 0)
+
+
+def test_multiplicities_travel_through_the_pool_files_and_scoring(tmp_path: Path) -> None:
+    policy = [[Candidate(" Yes.", source="policy@1"), Candidate(" Yes.", source="policy@1"),
+               Candidate(" yes.", source="policy@1"), Candidate(" No.", source="policy@1")],
+              [Candidate(" Maybe.", source="policy@1")]]
+    groups = combine([Q1, Q2], [policy])
+    unscored = [g.to_group() for g in groups]
+    assert unscored[0].counts == [2, 1, 1] and unscored[1].counts is None  # none merged: left out
+    for name in ("pool.jsonl", "pool.parquet"):
+        back = [CandidateGroup.from_group(g) for g in read_groups(write_groups(unscored, tmp_path / name),
+                                                                  scored=False)]
+        assert [[c.multiplicity for c in g.candidates] for g in back] == [[2, 1, 1], [1]]
+        scored = [g.to_group([1.0] * len(g.candidates)) for g in back]
+        assert scored[0].counts == [2, 1, 1]
+    assert '"counts"' not in (tmp_path / "pool.jsonl").read_text().splitlines()[1]
+
+
+def test_a_bad_counts_field_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "pool.jsonl"
+    path.write_text(json.dumps({"query": Q1, "responses": [" a", " b"], "scores": [1.0, 0.0],
+                                "counts": [1, 0]}) + "\n")
+    with pytest.raises(DataError, match=r"line 1: counts must hold 2 integers >= 1"):
+        read_groups(path)
+
+
+def test_pool_summary_counts_k_ties_and_the_reward_as_drawn() -> None:
+    from rrhf_ray.types import QueryGroup
+
+    groups = [
+        QueryGroup(query=Q1, responses=[" a", " b", " c"], scores=[1.0, 0.0, 0.0], counts=[3, 1, 1]),
+        QueryGroup(query=Q2, responses=[" a", " b"], scores=[0.5, 0.5]),   # tied: no strict pair
+        QueryGroup(query="q3", responses=[" a"], scores=[-1.0], counts=[4]),  # k = 1: no pair
+    ]
+    s = pool_summary(groups)
+    assert s["groups"] == 3
+    assert s["k_histogram"] == {"1": 1, "2": 1, "3": 1}
+    assert s["groups_without_pair"] == 2
+    assert (s["candidates"], s["candidates_premerge"]) == (6, 11)
+    assert s["reward_mean"] == pytest.approx((1.0 + 0.0 + 0.0 + 0.5 + 0.5 - 1.0) / 6)
+    assert s["reward_mean_premerge"] == pytest.approx((3 * 1.0 + 0 + 0 + 0.5 + 0.5 - 4 * 1.0) / 11)
+    assert pool_summary([])["reward_mean"] is None

@@ -198,3 +198,99 @@ def test_single_process_training_writes_a_model_and_resumes(tiny_model_dir, tmp_
                                   "train": cfg.model_copy(update={"epochs": 2})})
     metrics2 = train_loop_per_worker({"job": more.model_dump()})
     assert metrics2["epoch"] == 2 and metrics2["step"] == 4
+
+
+# --------------------------------------------------------------------------- train.loss
+
+
+LOSS_OPTIONS = {  # non-default settings, so that a setting the trainer dropped would show
+    "rrhf": {"rank_weight": 0.7, "length_penalty": 0.8, "sft_reduction": "sum"},
+    "raft": {"length_penalty": 0.8},
+    "pro": {"sft_weight": 0.3, "length_penalty": 0.8},
+    "simpo": {"beta": 2.5, "gamma": 0.7, "sft_weight": 0.2, "length_penalty": 0.8},
+    "slic": {"margin": 3.0, "sft_weight": 0.4},
+    "dpo": {"beta": 0.3, "sft_weight": 0.25},
+}
+
+
+def _loss_groups(tokenizer):
+    rows = ranked_rows(4)
+    rows[3]["scores"] = [0.5, 0.5, 0.5]  # a query without a strict pair
+    enc = [encode_group(tokenizer, QueryGroup(**r), 96) for r in rows]
+    g = torch.Generator().manual_seed(3)
+    for e in enc:  # a reference that differs from the policy, so that h ≠ 0
+        e.refs = (-torch.rand(len(e.responses), generator=g) * 40).tolist()
+    return enc
+
+
+def _step(model_dir, enc, cfg):
+    model = load(model_dir)
+    model.train()
+    out, _ = micro_batch_loss(model, enc, cfg, torch.device("cpu"), scale=1.0)
+    return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", sorted(LOSS_OPTIONS))
+def test_micro_batch_loss_optimises_the_configured_loss(name, tiny_model_dir, tokenizer):
+    """`train.loss` is what the trainer optimises: its loss and every parameter's gradient equal
+    those of the loss function of that name, called directly with those settings on the same
+    log-probabilities (and, for DPO, the groups' reference log-probabilities); the chunked path
+    gives the same gradient."""
+    from rrhf_ray.config import LOSS_CONFIGS
+    from rrhf_ray.loss import LOSSES
+
+    enc = _loss_groups(tokenizer)
+    cfg = TrainConfig(queries_per_step=4, loss={"name": name, **LOSS_OPTIONS[name]})
+    assert cfg.loss.name == name and isinstance(cfg.loss, LOSS_CONFIGS[name])
+    out, grads = _step(tiny_model_dir, enc, cfg)
+
+    model = load(tiny_model_dir)
+    model.train()
+    logp, lengths = candidate_logprobs(model, enc, False)
+    k = max(len(e.responses) for e in enc)
+    valid = torch.zeros((len(enc), k), dtype=torch.bool)
+    rewards, ref = torch.zeros((len(enc), k)), torch.zeros((len(enc), k))
+    for b, e in enumerate(enc):
+        valid[b, : len(e.responses)] = True
+        rewards[b, : len(e.rewards)] = torch.tensor(e.rewards)
+        ref[b, : len(e.refs)] = torch.tensor(e.refs)
+    extra = {"ref_logp_sum": ref} if name == "dpo" else {}
+    direct = LOSSES[name](logp.new_zeros(valid.shape).masked_scatter(valid, logp),
+                          lengths.new_zeros(valid.shape).masked_scatter(valid, lengths), rewards, valid,
+                          **LOSS_OPTIONS[name], **extra)
+    direct.per_query_loss.sum().backward()
+    for field in ("loss", "rank_loss", "sft_loss", "num_pairs"):
+        torch.testing.assert_close(getattr(out, field), getattr(direct, field), rtol=1e-5, atol=1e-6)
+    assert out.loss.item() > 0
+    chunked = _step(tiny_model_dir, enc, cfg.model_copy(update={"candidate_chunk_size": 2}))[1]
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(chunked[n], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_different_losses_give_different_gradients(tiny_model_dir, tokenizer):
+    enc = _loss_groups(tokenizer)
+    grads = {name: _step(tiny_model_dir, enc, TrainConfig(queries_per_step=4, loss={"name": name}))[1]
+             for name in ("rrhf", "raft", "simpo")}
+    param = "model.embed_tokens.weight"
+    assert not torch.allclose(grads["rrhf"][param], grads["raft"][param])
+    assert not torch.allclose(grads["rrhf"][param], grads["simpo"][param])
+
+
+def test_dpo_without_reference_log_probabilities_is_refused(tiny_model_dir, tokenizer):
+    enc = _loss_groups(tokenizer)
+    enc[1].refs = None
+    with pytest.raises(ValueError, match="reference log-probabilities"):
+        _step(tiny_model_dir, enc, TrainConfig(queries_per_step=4, loss={"name": "dpo"}))
+
+
+def test_shuffled_rewards_permute_within_each_group_seeded():
+    from rrhf_ray.train.rrhf import shuffled_rewards
+
+    groups = [QueryGroup(**r) for r in ranked_rows(12)]
+    a, b = shuffled_rewards(groups, 0), shuffled_rewards(groups, 0)
+    assert [g.scores for g in a] == [g.scores for g in b]  # seeded
+    assert [g.scores for g in shuffled_rewards(groups, 1)] != [g.scores for g in a]
+    for g, s in zip(groups, a):
+        assert sorted(s.scores) == sorted(g.scores) and s.responses == g.responses
+    assert sum(g.scores != s.scores for g, s in zip(groups, a)) >= 6  # most orders change

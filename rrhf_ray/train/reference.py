@@ -1,0 +1,103 @@
+"""DPO's reference log-probabilities: Σ log π_ref of every candidate of a round's pool, computed
+once by the frozen reference policy and stored with the pool (`QueryGroup.ref_logprobs`).
+
+The reference is `train.reference`: `initial` = ρ (the base model, or the SFT model when an SFT
+stage runs) in every round; `previous_round` = ρ*, the model the round starts from. The workflow
+runs this as the stage `round<r>/reference` between score and train, only when
+`train.loss.name` is `dpo`; it writes `rounds/<r>/pool_ref.parquet` (the scored pool, unchanged,
+with `ref_logprobs` added; `pool.parquet` stays as the scorer wrote it) and the trainer reads that
+file. A resumed run finds the stage finished and does not recompute it.
+
+The same tokens as the trainer, so h = logp − logp_ref is exact: the trainer's `Encoder`
+(`train.max_length`, `train.truncated`) with the tokenizer the trainer loads (the starting
+model's), the trainer's forward (`encoded_logprobs`: prompt-shared where `train.prefix_sharing`
+allows it, the same candidate chunks) and its autocast rule (bf16 on a GPU unless `train.bf16` says
+otherwise). At the first step of a round that starts from the reference model, h = 0 and each
+strict pair's DPO loss is log 2. A candidate the trainer leaves out (`train.truncated: drop`) gets
+None.
+
+As a Ray task (1 CPU, and a GPU when the cluster has one) when Ray is connected, else in this
+process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from rrhf_ray.config import TrainConfig
+from rrhf_ray.train.core import load_tokenizer
+from rrhf_ray.train.rrhf import Encoder, encoded_logprobs, use_prefix_sharing
+from rrhf_ray.types import QueryGroup, write_groups
+
+logger = logging.getLogger(__name__)
+
+
+def reference_logprobs(ref_model: str, groups: Sequence[QueryGroup], cfg: TrainConfig, *,
+                       tokenizer_path: str | None = None,
+                       trust_remote_code: bool = False) -> list[list[float | None]]:
+    """Σ log π_ref(y_i | x) of every candidate of `groups` under the model at `ref_model`, over the
+    tokens the trainer (`cfg`, tokenizer at `tokenizer_path`, default the model's) scores; one
+    list per group, None for a candidate the trainer leaves out."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(tokenizer_path or ref_model, trust_remote_code)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(
+        ref_model, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
+    ).to(device).eval()
+    bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
+
+    def autocast() -> contextlib.AbstractContextManager:
+        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    encoder = Encoder(tokenizer, cfg.max_length, cfg.truncated)
+    encoded = [encoder(g) for g in groups]
+    present = [e for e in encoded if e is not None]
+    values = iter(encoded_logprobs(model, present, cfg, use_prefix_sharing(model, cfg.prefix_sharing),
+                                   autocast))
+    out: list[list[float | None]] = []
+    for g, e in zip(groups, encoded):
+        refs: list[float | None] = [None] * g.k
+        if e is not None:
+            for i, v in zip(e.kept or range(g.k), next(values)):
+                refs[i] = v
+        out.append(refs)
+    return out
+
+
+def compute_reference(ref_model: str, groups: Sequence[QueryGroup], cfg: TrainConfig, *,
+                      tokenizer_path: str | None = None,
+                      trust_remote_code: bool = False) -> list[list[float | None]]:
+    """`reference_logprobs` as a Ray task (num_cpus=1; num_gpus=1 when the cluster has a GPU)
+    when Ray is connected, else in this process."""
+    import ray
+
+    kwargs = {"tokenizer_path": tokenizer_path, "trust_remote_code": trust_remote_code}
+    if not ray.is_initialized():
+        return reference_logprobs(ref_model, groups, cfg, **kwargs)
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    task = ray.remote(num_cpus=1, num_gpus=gpus)(reference_logprobs)
+    return ray.get(task.remote(ref_model, list(groups), cfg, **kwargs))
+
+
+def with_reference(groups: Sequence[QueryGroup], refs: Sequence[Sequence[float | None]]) -> list[QueryGroup]:
+    """The groups with `ref_logprobs` set (validated: one value per candidate, finite)."""
+    return [QueryGroup.model_validate({**g.model_dump(), "ref_logprobs": list(r)})
+            for g, r in zip(groups, refs, strict=True)]
+
+
+def write_reference_pool(groups: Sequence[QueryGroup], ref_model: str, cfg: TrainConfig, out: Path, *,
+                         tokenizer_path: str | None = None, trust_remote_code: bool = False) -> dict:
+    """Compute the reference log-probabilities of `groups` and write the groups with them to
+    `out` (Parquet or JSONL, atomically); returns what the run state records."""
+    refs = compute_reference(ref_model, groups, cfg, tokenizer_path=tokenizer_path,
+                             trust_remote_code=trust_remote_code)
+    write_groups(with_reference(groups, refs), out)
+    n = sum(r is not None for rs in refs for r in rs)
+    logger.info("reference log-probabilities of %d candidates under %s written to %s", n, ref_model, out)
+    return {"reference": {"model": ref_model, "candidates": n}}
