@@ -343,6 +343,12 @@ class TrainConfig(_Section):
                 + " (train.loss.name rrhf, the default, or raft / pro / simpo)")
         return data
 
+    @field_validator("prefix_sharing", mode="before")
+    @classmethod
+    def _on_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare on / off as a boolean.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
     @model_validator(mode="after")
     def _batching(self) -> TrainConfig:
         if self.strategy == "fsdp" and not self.use_gpu:

@@ -50,7 +50,7 @@ __all__ = [
 # needs; each one is checked in the unit tests.
 TESTED_MODEL_TYPES = frozenset({"llama", "qwen2", "mistral", "gpt_neox"})
 # flash_attention_2 & co. unpad with their own rules: untested, so they take the padded path.
-TESTED_ATTN_IMPLEMENTATIONS = frozenset({"eager", "sdpa"})
+TESTED_ATTN_IMPLEMENTATIONS = frozenset({"eager", "sdpa", "rrhf_prefix_sdpa"})
 
 
 @dataclass
@@ -149,6 +149,66 @@ def _right_pad(rows: list[list[int]], device: torch.device) -> tuple[Tensor, Ten
     return ids.to(device), mask.to(device)
 
 
+# --------------------------------------------------------------------------- attention
+
+PREFIX_ATTENTION = "rrhf_prefix_sdpa"
+"""The attention implementation the shared path switches a model to: SDPA, plus the packed
+layout when a forward passes `prefix_layout` (without it, exactly SDPA)."""
+
+
+def _prefix_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                 attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                 prefix_layout: tuple | None = None, **kwargs) -> tuple[Tensor, None]:
+    """SDPA over packed rows without computing the masked blocks.
+
+    `prefix_layout[b] = (P, ((s_1, e_1), …))`: row b holds a prompt of P tokens, then the
+    responses at [s_i, e_i). The prompt attends causally to itself; response i attends to the
+    prompt and causally to itself: one SDPA call per response over P + R_i keys, instead of one
+    dense T × T pass of which most blocks are masked. Rows' right padding gets zeros (its
+    outputs are never read). query [B, H, T, D], key / value [B, H_kv, T, D] (after rotary);
+    returns [B, T, H, D] like the other attention functions.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if prefix_layout is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    width = query.shape[2]
+    outputs = []
+    for b, (p, spans) in enumerate(prefix_layout):
+        q, k, v = query[b : b + 1], key[b : b + 1], value[b : b + 1]
+        pieces = [sdpa_attention_forward(module, q[:, :, :p], k[:, :, :p], v[:, :, :p], None,
+                                         dropout=dropout, scaling=scaling, is_causal=True)[0]]
+        end = p
+        for s, e in spans:
+            r = e - s
+            keys = torch.cat([k[:, :, :p], k[:, :, s:e]], dim=2)
+            values = torch.cat([v[:, :, :p], v[:, :, s:e]], dim=2)
+            # allowed[j, t]: response token j sees every prompt key and its own keys up to j.
+            allowed = torch.ones(r, p + r, dtype=torch.bool, device=q.device)
+            allowed[:, p:] = torch.ones(r, r, dtype=torch.bool, device=q.device).tril()
+            pieces.append(sdpa_attention_forward(module, q[:, :, s:e], keys, values, allowed[None, None],
+                                                 dropout=dropout, scaling=scaling)[0])
+            end = e
+        if end < width:
+            pieces.append(pieces[0].new_zeros(1, width - end, *pieces[0].shape[2:]))
+        outputs.append(torch.cat(pieces, dim=1))
+    return torch.cat(outputs, dim=0), None
+
+
+def use_prefix_attention(model: nn.Module) -> None:
+    """Switch `model` (a causal LM, unwrapped) to `PREFIX_ATTENTION`, registered once with
+    transformers. Plain forwards are unchanged (SDPA); the switch is not saved with the config."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    if PREFIX_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(PREFIX_ATTENTION, _prefix_sdpa)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(PREFIX_ATTENTION, sdpa_mask)
+    if model.config._attn_implementation != PREFIX_ATTENTION:
+        model.config._attn_implementation = PREFIX_ATTENTION
+
+
 def candidate_logprobs_padded(model: nn.Module, batch: PackedQueries) -> tuple[Tensor, Tensor]:
     """Reference path: one right-padded row `prompt + response_i` per candidate.
 
@@ -181,49 +241,39 @@ def candidate_logprobs_shared(model: nn.Module, batch: PackedQueries) -> tuple[T
     computed (`logits_to_keep`). Same result as `candidate_logprobs_padded` up to rounding.
     """
     device = _device(model)
-    config = _unwrap(model).config
-    rows, positions, segments = [], [], []
+    inner = _unwrap(model)
+    if not _fits_sliding_window(inner.config, batch):
+        # The packed row's key positions run past P + R: a binding window would cut elsewhere.
+        raise ValueError("a sliding window shorter than prompt + response: use the padded path")
+    use_prefix_attention(inner)
+    rows, positions, layout = [], [], []
     targets, predictors, owners = [], [], []  # per response token: id, predicting column, row
     lengths = []
     for q, (prompt, cands) in enumerate(zip(batch.prompt_ids, batch.response_ids)):
         p = len(prompt)
-        row, pos, seg = list(prompt), list(range(p)), [0] * p
-        for c, resp in enumerate(cands, start=1):
+        row, pos, spans = list(prompt), list(range(p)), []
+        for resp in cands:
             start = len(row)
             row += resp
             pos += range(p, p + len(resp))
-            seg += [c] * len(resp)
+            spans.append((start, len(row)))
             targets += resp
             predictors += [p - 1] + list(range(start, start + len(resp) - 1))
             owners += [q] * len(resp)
             lengths.append(len(resp))
         rows.append(row)
         positions.append(pos)
-        segments.append(seg)
+        layout.append((p, tuple(spans)))
     ids, pad_mask = _right_pad(rows, device)
-    width = ids.shape[1]
     pos_t = torch.zeros_like(ids)
-    seg_t = torch.full_like(ids, -1)
-    for i, (pos, seg) in enumerate(zip(positions, segments)):
+    for i, pos in enumerate(positions):
         pos_t[i, : len(pos)] = torch.tensor(pos, device=device)
-        seg_t[i, : len(seg)] = torch.tensor(seg, device=device)
-    # allowed[b, i, j]: query token i may attend key j. Causal in packed order, within the row,
-    # and either j is in the prompt (segment 0) or i and j are in the same response.
-    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-    same = seg_t[:, :, None] == seg_t[:, None, :]
-    allowed = causal & (same | (seg_t[:, None, :] == 0)) & pad_mask.bool()[:, None, :]
-    allowed |= torch.eye(width, dtype=torch.bool, device=device)  # padding rows attend to themselves
-    dtype = next(model.parameters()).dtype
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-    if not _fits_sliding_window(config, batch):
-        # The packed row's key positions run past P + R: a binding window would cut elsewhere.
-        raise ValueError("a sliding window shorter than prompt + response: use the padded path")
 
     owner_t = torch.tensor(owners, device=device)
     pred_t = torch.tensor(predictors, device=device)
     keep, column = torch.unique(pred_t, sorted=True, return_inverse=True)  # columns any row needs
-    logits = model(input_ids=ids, attention_mask=mask[:, None], position_ids=pos_t,
-                   use_cache=False, logits_to_keep=keep).logits  # [B, |keep|, V]
+    logits = model(input_ids=ids, attention_mask=pad_mask, position_ids=pos_t, use_cache=False,
+                   logits_to_keep=keep, prefix_layout=tuple(layout)).logits  # [B, |keep|, V]
     picked = logits[owner_t, column].float()  # [M, V], one row per response token
     target = torch.tensor(targets, device=device)
     token_logp = picked.gather(-1, target[:, None]).squeeze(-1) - picked.logsumexp(-1)

@@ -183,3 +183,10 @@ def test_loss_mistakes_are_named(tmp_path):
     # The three RRHF keys moved into train.loss: the old spelling says where they went.
     with pytest.raises(ConfigError, match=r"train\.rank_weight moved into train\.loss .*train\.loss\.rank_weight"):
         load_config(path, ["train.rank_weight=0"])
+
+
+def test_prefix_sharing_reads_yaml_on_and_off(tmp_path):
+    """YAML 1.1 reads a bare on / off as booleans; the setting still means what was written."""
+    assert load_config(write(tmp_path, "train:\n  prefix_sharing: off\n")).train.prefix_sharing == "off"
+    assert load_config(write(tmp_path, ""), ["train.prefix_sharing=on"]).train.prefix_sharing == "on"
+    assert load_config(write(tmp_path, "")).train.prefix_sharing == "auto"
