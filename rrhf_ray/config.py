@@ -277,7 +277,7 @@ class TrainConfig(_Section):
         description="Pack each worker's queries into micro-batches by the tokens a forward "
         "computes (prefix-shared: P + ΣR per query; padded: Σ(P + R)) instead of "
         "micro_batch_queries; a query over the budget runs its candidates in chunks (exact "
-        "gradient). E.g. 4096 on a CPU, 65536 for a 7B model on an 80 GB GPU with checkpointing.",
+        "gradient). E.g. 640-1024 on a 2-core CPU (HH-shaped queries: P + ΣR ≈ 590).",
     )
     prefix_sharing: Literal["auto", "on", "off"] = Field(
         "auto",
