@@ -391,22 +391,34 @@ def test_there_are_at_least_15_kinds() -> None:
 # --------------------------------------------------------------------------- run, sample, score
 
 
-@pytest.mark.parametrize("name", ["sft.data malformed row", "model dir without tokenizer",
-                                  "reward.rule not importable", "max_model_len beyond max_position_embeddings"])
-def test_run_refuses_before_ray_starts(name: str, tmp_path: Path, model: Path, capsys) -> None:
+@pytest.fixture
+def ray_starts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every attempt to start or join Ray during the test (the suite's own Ray cluster may
+    already be up, so `ray.is_initialized()` cannot tell): `ray.init` and both references to
+    `connect_ray` record their call instead."""
     import ray
 
-    assert not ray.is_initialized()
+    import rrhf_ray.cli
+    import rrhf_ray.workflow
+
+    calls: list[str] = []
+    monkeypatch.setattr(ray, "init", lambda *a, **k: calls.append("ray.init"))
+    for module in (rrhf_ray.workflow, rrhf_ray.cli):
+        monkeypatch.setattr(module, "connect_ray", lambda *a, m=module.__name__, **k: calls.append(m))
+    return calls
+
+
+@pytest.mark.parametrize("name", ["sft.data malformed row", "model dir without tokenizer",
+                                  "reward.rule not importable", "max_model_len beyond max_position_embeddings"])
+def test_run_refuses_before_ray_starts(name: str, tmp_path: Path, model: Path, capsys, ray_starts) -> None:
     config, message = CASES[name](tmp_path, model)
     assert main(["run", str(write_config(tmp_path, config))]) == 2
     assert error_line(capsys) == expected(message, tmp_path)
-    assert not ray.is_initialized()
+    assert ray_starts == []
     assert not (tmp_path / "out").exists()  # no stage ran: not even state.json was written
 
 
-def test_sample_and_score_refuse_before_ray_starts(tmp_path: Path, model: Path, capsys) -> None:
-    import ray
-
+def test_sample_and_score_refuse_before_ray_starts(tmp_path: Path, model: Path, capsys, ray_starts) -> None:
     config, message = CASES["model dir without config.json"](tmp_path, model)
     path = write_config(tmp_path, config)
     assert main(["sample", str(path), "--out", str(tmp_path / "pool.jsonl")]) == 2
@@ -416,7 +428,7 @@ def test_sample_and_score_refuse_before_ray_starts(tmp_path: Path, model: Path, 
     assert main(["score", str(path), "--pool", str(pool), "--out", str(tmp_path / "scored.jsonl"),
                  "reward.rule=json:nope"]) == 2
     assert error_line(capsys) == "error: reward.rule 'json:nope': json has no function 'nope'"
-    assert not ray.is_initialized()
+    assert ray_starts == []
     assert not (tmp_path / "scored.jsonl").exists()
 
 
