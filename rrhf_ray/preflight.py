@@ -278,7 +278,7 @@ def check_external(paths: list[str], check: Preflight) -> None:
 def finished_stages(config: RunConfig) -> set[str]:
     """Stages of a run in output.dir with this same config whose output directory still exists
     (a resumed run reads their inputs no more)."""
-    state_file = Path(config.output.dir) / STATE_FILE
+    state_file = Path(config.output.dir) / STATE_FILE  # a URI: none here (run_mirrored pulls it first)
     try:
         state = json.loads(state_file.read_text())
         if state.get("fingerprint") != config_fingerprint(config):
@@ -287,6 +287,14 @@ def finished_stages(config: RunConfig) -> set[str]:
                 if isinstance(info, dict) and info.get("path") and Path(info["path"]).exists()}
     except (OSError, ValueError, AttributeError):
         return set()
+
+
+def _check_output(value: str, check: Preflight) -> None:
+    """A URI output.dir: a supported scheme with a bucket, and the client for it (no network)."""
+    from rrhf_ray.storage import check_uri, is_remote, mirror_dir
+
+    if is_remote(value):
+        check.ok(f"output.dir {check_uri(value)}: object storage, mirrored in {mirror_dir(value)}")
 
 
 def _preset(config: RunConfig) -> Preflight:
@@ -303,6 +311,7 @@ def check_run(config: RunConfig) -> Preflight:
     """Everything `workflow.run` will load, checked statically; raises ConfigError / DataError."""
     done = finished_stages(config)  # before the paths change: the fingerprint is of the config as given
     check = _preset(config)
+    _check_output(config.output.dir, check)
     config = check.config
     sft_done, rm_done = "sft" in done, "reward_model" in done
     rm = None if rm_done else config.reward_model

@@ -1,0 +1,97 @@
+"""`output.dir=s3://…` end to end on a real local Ray cluster against a real S3-compatible server
+(moto_server on localhost): a driver killed mid-round, resumed from the bucket alone on a fresh
+mirror, finishes without redoing a finished stage."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rrhf_ray.config import load_config
+from rrhf_ray.demo import DEMO_CONFIG
+from rrhf_ray.workflow import run
+from tests.object_store import bucket_files, create_bucket, moto_s3, read_object
+
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parents[2]
+
+# The killed-driver test's quick variant (tests/integration/test_workflow.py): no SFT, few queries.
+QUICK = ["sft=null", "rounds=1", "data.max_prompts=16", "data.max_eval_prompts=8", "train.epochs=1",
+         "sampling.max_new_tokens=16", "eval.max_new_tokens=16", "eval.num_samples=2",
+         "sampling.chunk_prompts=8"]
+
+
+def remote_stages(uri: str) -> dict:
+    if "state.json" not in bucket_files(uri):
+        return {}
+    return json.loads(read_object(f"{uri}/state.json"))["stages"]
+
+
+def test_killed_driver_resumes_from_the_bucket_on_a_fresh_mirror(ray_cluster, tmp_path, monkeypatch, caplog):
+    with moto_s3(tmp_path / "moto.log") as s3_env:
+        for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
+            monkeypatch.delenv(k, raising=False)
+        for k, v in s3_env.items():
+            monkeypatch.setenv(k, v)
+        uri = f"s3://{create_bucket(s3_env)}/run"
+        overrides = QUICK + [f"output.dir={uri}"]
+        env = {**os.environ, **s3_env, "RRHF_RAY_CACHE": str(tmp_path / "machine1"), "RRHF_RAY_SYNC_SECONDS": "1",
+               "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+        log = tmp_path / "driver.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "rrhf_ray", "run", *overrides], cwd=REPO, env=env,
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while "round1/score" not in remote_stages(uri):
+                assert proc.poll() is None, f"the driver ended before it could be killed:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, "the bucket did not name round1/score in time"
+                time.sleep(0.5)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        before = remote_stages(uri)
+        assert "round1/train" not in before
+        files = bucket_files(uri)
+        # What the bucket's state.json names is in the bucket; temporary names and Ray Train's
+        # scratch never are.
+        for rel in ("base/model.safetensors", "rounds/0/eval.jsonl", "rounds/1/candidates.jsonl",
+                    "rounds/1/pool.parquet", "rounds/1/pool.jsonl"):
+            assert files.get(rel, 0) > 0, rel
+        assert before["base"]["path"] == f"{uri}/base"
+        pool = read_object(f"{uri}/rounds/1/pool.parquet")
+        assert "uploaded" in log.read_text()
+
+        # Another machine: a fresh cache, so the resume reads the bucket and nothing else.
+        monkeypatch.setenv("RRHF_RAY_CACHE", str(tmp_path / "machine2"))
+        caplog.set_level(logging.INFO, logger="rrhf_ray")
+        started = time.monotonic()
+        rows = run(load_config(DEMO_CONFIG, overrides))
+        resumed_s = time.monotonic() - started
+
+        after = remote_stages(uri)
+        for name in ("base", "round0/eval", "round1/sample", "round1/score"):
+            assert after[name]["finished"] == before[name]["finished"], f"{name} was redone"
+        assert {"round1/train", "round1/eval"} <= set(after)
+        assert read_object(f"{uri}/rounds/1/pool.parquet") == pool
+        assert [r["round"] for r in rows] == [0, 1]
+        metrics = [json.loads(line) for line in read_object(f"{uri}/metrics.jsonl").decode().splitlines()]
+        assert [m["round"] for m in metrics] == [0, 1]
+        assert metrics[1]["train_loss"] > 0
+        files = bucket_files(uri)
+        assert files["rounds/1/checkpoint/model.safetensors"] > 0 and "summary.md" in files
+        assert not [f for f in files if f.startswith("ray_train/") or ".tmp-" in f or ".old-" in f]
+        text = caplog.text
+        assert "pulled s3://" in text and "uploaded" in text
+        assert "base: done already" in text or "done already (" in text
+        print(f"\nresumed run: {resumed_s:.1f} s; checkpoint {files['rounds/1/checkpoint/model.safetensors'] / 1e6:.1f} MB; "
+              + "; ".join(line for line in text.splitlines() if "pulled" in line or "over the run" in line))
