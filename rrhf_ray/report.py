@@ -1,18 +1,23 @@
 """Per-round metrics: `metrics.jsonl` (one object per round), `rounds/<r>/metrics.json`,
-`summary.md`, `report.png`, and the table the driver prints at the end. docs/metrics.md
-documents every key; a NaN (e.g. a ranking accuracy without a strict pair) is written as null."""
+`summary.md` (with sample replies: `sample_table`), `report.png`, the table the driver prints at
+the end, and `rrhf-ray status` (`format_status`). docs/metrics.md documents every key; a NaN
+(e.g. a ranking accuracy without a strict pair) is written as null."""
 
 from __future__ import annotations
 
+import hashlib
+import html
 import io
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
+from rrhf_ray.state import driver_alive
 from rrhf_ray.types import atomic_write
 
-STAGES = ("sample", "score", "train", "eval")
+STAGES = ("sample", "score", "reference", "train", "refresh", "eval")
 
 COLUMNS = [  # (key, header, format); a key with a "<key>_ci95" [lo, hi] shows it after the value
     ("round", "round", "{:d}"),
@@ -20,6 +25,8 @@ COLUMNS = [  # (key, header, format); a key with a "<key>_ci95" [lo, hi] shows i
     ("sampled_reward_mean", "sampled reward", "{:+.3f}"),
     ("sampled_reward_delta_vs_round0", "Δ sampled vs r0", "{:+.3f}"),
     ("win_rate_vs_round0", "win vs r0", "{:.2f}"),
+    ("eval_reply_length_mean", "greedy len", "{:.1f}"),
+    ("sampled_reply_length_mean", "sampled len", "{:.1f}"),
     ("reference_perplexity", "ref ppl", "{:.2f}"),
     ("judge_perplexity", "judge ppl", "{:.2f}"),
     ("heldout_rank_accuracy", "held-out rank acc", "{:.2f}"),
@@ -54,6 +61,13 @@ def round_row(stages: dict[str, Any], r: int) -> dict[str, Any] | None:
     row["pool_stats"] = pool
     for stage in STAGES:
         row[f"seconds_{stage}"] = stages.get(f"round{r}/{stage}", {}).get("seconds", 0.0)
+    # Overhead: the round's stage wall time minus the compute its workers reported (trainer
+    # steps, engine generation / probes / weight loads, evaluation forwards); docs/metrics.md.
+    infos = [stages.get(f"round{r}/{stage}", {}) for stage in STAGES]
+    row["refresh_logprob_gap"] = stages.get(f"round{r}/refresh", {}).get("logprob_gap")
+    row["seconds_round"] = sum(i.get("seconds", 0.0) for i in infos)
+    row["seconds_compute"] = sum(i.get("seconds_compute", 0.0) for i in infos)
+    row["seconds_overhead"] = row["seconds_round"] - row["seconds_compute"]
     return row
 
 
@@ -120,9 +134,104 @@ def _pool_line(row: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def write_report(out: Path, rows: list[dict[str, Any]]) -> None:
-    """summary.md (the table, the pools, where things are) and report.png (reward, win rate vs
-    round 0 and perplexity by round, 95 % intervals as error bars)."""
+# --------------------------------------------------------------------------- sample replies
+
+REPLY_CHARS = 200  # a longer reply is shown as its start … its end in summary.md
+QUERY_CHARS = 120  # a longer query is shown as … its end (the last turn)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _best_and_worst(row: dict[str, Any]) -> tuple[tuple[str | None, float | None], tuple[str | None, float | None]]:
+    """((reply, reward) of the best, of the worst) sampled reply of one eval.jsonl row: the first
+    of the highest reward, the last of the lowest (two different replies when all tie); replies
+    without a finite reward are left out; (None, None) twice when none is left."""
+    pairs = [(text, float(reward)) for text, reward in zip(row.get("sampled_replies") or [],
+                                                           row.get("sampled_rewards") or [])
+             if isinstance(reward, (int, float)) and not isinstance(reward, bool) and math.isfinite(reward)]
+    if not pairs:
+        return (None, None), (None, None)
+    best = max(pairs, key=lambda p: p[1])
+    worst = min(reversed(pairs), key=lambda p: p[1])
+    return best, worst
+
+
+def sample_table(out: Path, rounds: list[int], n: int = 3) -> list[dict[str, Any]]:
+    """For `n` held-out queries, the best and the worst sampled reply of each round (from
+    `rounds/<r>/eval.jsonl`; a round without that file is left out) with their rewards: rows
+    {round, query, best_reply, best_reward, worst_reply, worst_reward}, full texts, round by
+    round (in the order of `rounds`), then query by query. The queries are the same in every
+    round: of those every listed round evaluated, the `n` with the smallest SHA-256 of their text
+    (deterministic, whatever the file order), in the order of the first round's file."""
+    evals = {r: _read_jsonl(path) for r in rounds if (path := Path(out) / "rounds" / str(r) / "eval.jsonl").exists()}
+    if not evals or n <= 0:
+        return []
+    common = set.intersection(*({row["query"] for row in rows} for rows in evals.values()))
+    picked = set(sorted(common, key=lambda q: hashlib.sha256(q.encode("utf-8")).hexdigest())[:n])
+    first = next(iter(evals.values()))
+    queries = list(dict.fromkeys(row["query"] for row in first if row["query"] in picked))
+    table = []
+    for r, rows in evals.items():
+        by_query: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            by_query.setdefault(row["query"], row)  # a repeated query: its first row
+        for q in queries:
+            (best, best_reward), (worst, worst_reward) = _best_and_worst(by_query[q])
+            table.append({"round": r, "query": q, "best_reply": best, "best_reward": best_reward,
+                          "worst_reply": worst, "worst_reward": worst_reward})
+    return table
+
+
+def _shorten(text: str, limit: int, keep: str = "middle") -> str:
+    """`text` stripped, at most `limit` characters: its start and its end around " … " (`keep`
+    "middle"), or "…" and its end ("end")."""
+    text = text.strip()
+    if len(text) <= limit:
+        return text
+    if keep == "end":
+        return "…" + text[len(text) - limit + 1:].lstrip()
+    head = (2 * limit) // 3
+    return text[:head].rstrip() + " … " + text[len(text) - (limit - head - 3):].lstrip()
+
+
+def md_text(text: str | None, limit: int, keep: str = "middle") -> str:
+    """`text` as one line of Markdown that is safe in a table cell: shortened (`_shorten`), control
+    characters shown as their symbols (␃), HTML and backslashes escaped, `|` as `\\|`, line
+    breaks as `<br>`; "–" for None."""
+    if text is None:
+        return "–"
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\t", " ")
+    text = "".join(chr(0x2400 + ord(c)) if ord(c) < 0x20 and c != "\n" else "␡" if c == "\x7f" else c
+                   for c in text)
+    text = html.escape(_shorten(text, limit, keep).replace("\\", "\\\\"), quote=False)
+    return text.replace("|", "\\|").replace("\n", "<br>")
+
+
+def format_samples(samples: list[dict[str, Any]]) -> list[str]:
+    """The Markdown lines of `sample_table`'s rows: per query, one table row per round."""
+    lines: list[str] = []
+    queries = list(dict.fromkeys(s["query"] for s in samples))
+    for i, q in enumerate(queries, 1):
+        lines += [f"**Query {i}.** {md_text(q, QUERY_CHARS, keep='end')}", "",
+                  "| round | best sampled reply | reward | worst sampled reply | reward |",
+                  "| ---: | --- | ---: | --- | ---: |"]
+        lines += [f"| {s['round']} | {md_text(s['best_reply'], REPLY_CHARS)} | {_cell(s['best_reward'], '{:+.3f}')} "
+                  f"| {md_text(s['worst_reply'], REPLY_CHARS)} | {_cell(s['worst_reward'], '{:+.3f}')} |"
+                  for s in samples if s["query"] == q]
+        lines.append("")
+    return lines
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_report(out: Path, rows: list[dict[str, Any]], samples: int = 3) -> None:
+    """summary.md (the table, the pools, `samples` held-out queries with the best and worst
+    sampled reply of each round, where things are) and report.png (reward, win rate vs round 0,
+    perplexity and reply length by round, 95 % intervals as error bars)."""
+    picked = sample_table(out, [r["round"] for r in rows], samples)
     summary = [
         "# RRHF run summary", "",
         ("Greedy reward: held-out queries, greedy replies (the paper's protocol). Sampled reward: "
@@ -134,13 +243,21 @@ def write_report(out: Path, rows: list[dict[str, Any]]) -> None:
         "Held-out rank acc: the policy's length-normalised log-probabilities against the rewards "
         "of its sampled held-out replies; fit rank acc: the same on the pool it trained on. Pool "
         "reward: mean reward of the round's training candidates; pool no pair: its groups without "
-        "a strict pair. docs/metrics.md defines each number."), "",
+        "a strict pair. Greedy len, sampled len: mean reply length in tokens (a drift toward short "
+        "or long replies is RRHF's known failure mode). docs/metrics.md defines each number."), "",
         format_table(rows), "",
         *(["Training pool per round (k after merging identical replies):", "",
            *(f"- {_pool_line(r)}" for r in rows if r.get("pool_k_histogram")), ""]
           if any(r.get("pool_k_histogram") for r in rows) else []),
-        "Seconds per stage: " + "; ".join(
-            f"round {r['round']}: " + ", ".join(f"{s} {r[f'seconds_{s}']:.0f}" for s in STAGES)
+        *([(f"Sample replies: {len({s['query'] for s in picked})} held-out queries (the same in every "
+            "round, picked by a hash of their text) and, per round, the best and the worst of their "
+            "sampled replies with the rewards; long texts shortened with …, every reply in "
+            "`rounds/<r>/eval.jsonl`:"), "", *format_samples(picked)] if picked else []),
+        "Seconds per stage (overhead: the stages' wall time minus the compute their workers "
+        "reported): " + "; ".join(
+            f"round {r['round']}: " + ", ".join(f"{s} {r[f'seconds_{s}']:.0f}" for s in STAGES
+                                                if s in ("sample", "score", "train", "eval") or r[f"seconds_{s}"])
+            + f", overhead {r.get('seconds_overhead', 0.0):.0f} of {r.get('seconds_round', 0.0):.0f}"
             for r in rows), "",
         ("Files: `metrics.jsonl` (one object per round), `rounds/<r>/pool.parquet`, "
         "`rounds/<r>/checkpoint/` (Hugging Face safetensors), `rounds/<r>/eval.jsonl` (every "
@@ -154,7 +271,7 @@ def write_report(out: Path, rows: list[dict[str, Any]]) -> None:
     import matplotlib.pyplot as plt
 
     rounds = [r["round"] for r in rows]
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13.5, 3.5))
+    fig, (ax1, ax2, ax3, ax4) = plt.subplots(1, 4, figsize=(18, 3.5))
     _plot(ax1, rounds, rows, [("eval_reward_mean", "greedy"), ("sampled_reward_mean", "sampled"),
                               ("pool_reward_mean", "training pool")])
     ax1.set(xlabel="round", ylabel="reward", title="reward (held-out queries; 95 % CI)")
@@ -164,7 +281,9 @@ def write_report(out: Path, rows: list[dict[str, Any]]) -> None:
     _plot(ax3, rounds, rows, [("reference_perplexity", "policy on references"),
                               ("judge_perplexity", "judge on greedy replies")])
     ax3.set(xlabel="round", ylabel="perplexity", title="perplexity")
-    for ax in (ax1, ax2, ax3):
+    _plot(ax4, rounds, rows, [("eval_reply_length_mean", "greedy"), ("sampled_reply_length_mean", "sampled")])
+    ax4.set(xlabel="round", ylabel="tokens", title="mean reply length (held-out)")
+    for ax in (ax1, ax2, ax3, ax4):
         ax.set_xticks(rounds)
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -189,3 +308,53 @@ def _plot(ax: Any, rounds: list[int], rows: list[dict[str, Any]], series: list[t
         drawn = True
     if drawn:
         ax.legend()
+
+
+# --------------------------------------------------------------------------- rrhf-ray status
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+def format_status(state: dict[str, Any], output_dir: str, now: float | None = None) -> str:
+    """What `rrhf-ray status` prints for a state.json's contents: the finished stages, the stage
+    running (for how long; "stopped" when its driver on this host is gone) or the one that failed,
+    the next stage, and the table of the evaluated rounds. `now`: the wall clock (time.time())."""
+    now = time.time() if now is None else now
+    stages = state["stages"]
+    rounds = state.get("rounds", 0)
+    lines = [f"run in {output_dir}: {rounds} round(s) configured, {len(stages)} stage(s) finished"]
+    lines += [f"  done  {name:<16} {info.get('seconds', 0):8.1f} s" for name, info in stages.items()]
+    dpo = state.get("config", {}).get("train", {}).get("loss", {}).get("name") == "dpo"
+    steps = ("sample", "score", "reference", "train", "eval") if dpo else ("sample", "score", "train", "eval")
+    order = ["base", "sft", "reward_model", "round0/eval"] + [
+        f"round{r}/{s}" for r in range(1, rounds + 1) for s in steps]
+    pending = [s for s in order if s not in stages and (s.startswith("round") or s == "round0/eval")]
+    running, failed = state.get("running"), state.get("failed")
+    live = False
+    if isinstance(running, dict):
+        where = f"driver pid {running.get('pid')} on {running.get('host')}"
+        since = _duration(now - running.get("started", now))
+        alive = driver_alive(running)
+        if alive is False:
+            lines.append(f"{running['stage']}: stopped (driver pid {running.get('pid')} not alive), "
+                         f"started {since} ago; run the same command again to resume")
+        else:
+            live = True
+            lines.append(f"{running['stage']}: running for {since} ({where}"
+                         + ("; another host: not checked from here)" if alive is None else ")"))
+    elif isinstance(failed, dict):
+        lines.append(f"{failed['stage']}: failed after {_duration(failed.get('seconds', 0))}: "
+                     f"{failed.get('error')}; run the same command again to resume")
+    if not live:
+        lines.append(f"next: {pending[0]}" if pending else "finished")
+    rows = rows_upto(stages, rounds)
+    if rows:
+        lines.append(format_table(rows))
+    return "\n".join(lines)

@@ -4,6 +4,11 @@
 finished stage whose outputs exist, so a killed run resumes where it stopped. The config's
 fingerprint (everything but the round count and the Ray connection) must not change within one
 output directory.
+
+While a stage runs, `state.json` also names it under `running` (stage, wall-clock start, the
+driver's pid, host and process start time), so that `rrhf-ray status` can tell a live run from a
+killed one (`driver_alive`); a stage that raised leaves `failed` (stage, seconds, the error)
+instead, until the next stage starts.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +34,7 @@ STATE_FILE = "state.json"
 def config_fingerprint(config: RunConfig) -> str:
     """What must not change within one output directory: everything but the round count,
     the Ray connection and progress display."""
-    data = config.model_dump(mode="json", exclude={"rounds": True, "ray": True})
+    data = config.model_dump(mode="json", exclude={"rounds": True, "ray": True, "tracking": True})
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -57,8 +64,24 @@ class RunState:
     def done(self, stage: str, *outputs: Path) -> bool:
         return stage in self.data["stages"] and all(p.exists() for p in outputs)
 
+    def start(self, stage: str) -> None:
+        """Record `stage` as running in this process (written before its work starts)."""
+        self.data.pop("failed", None)
+        self.data["running"] = {"stage": stage, "started": time.time(), "pid": os.getpid(),
+                                "host": socket.gethostname(), "pid_started": process_start_ticks(os.getpid())}
+        write_json_atomic(self.path, self.data)
+
     def finish(self, stage: str, seconds: float, **info: Any) -> None:
+        self.data.pop("running", None)
         self.data["stages"][stage] = {"seconds": round(seconds, 2), "finished": time.time(), **info}
+        write_json_atomic(self.path, self.data)
+
+    def fail(self, stage: str, seconds: float, error: BaseException) -> None:
+        """Record that `stage` raised `error` (the run stops; started again, it redoes the stage)."""
+        running = self.data.pop("running", None) or {}
+        self.data["failed"] = {"stage": stage, "seconds": round(seconds, 2), "finished": time.time(),
+                               "error": f"{type(error).__name__}: {error}"[:500],
+                               **{k: running[k] for k in ("pid", "host") if k in running}}
         write_json_atomic(self.path, self.data)
 
     def seconds(self, stage: str) -> float:
@@ -71,8 +94,50 @@ def timed_stage(state: RunState, stage: str, outputs: list[Path], work: Callable
         logger.info("%s: done already, skipped", stage)
         return False
     logger.info("%s: starting", stage)
+    state.start(stage)
     start = time.perf_counter()
-    info = work() or {}
+    try:
+        info = work() or {}
+    except BaseException as err:  # KeyboardInterrupt too; a SIGKILL leaves `running` (driver_alive)
+        try:
+            state.fail(stage, time.perf_counter() - start, err)
+        except Exception:  # never hide the stage's own error
+            logger.warning("could not record the failure of %s in %s", stage, state.path, exc_info=True)
+        raise
     state.finish(stage, time.perf_counter() - start, **info)
     logger.info("%s: finished in %.1f s", stage, state.seconds(stage))
     return True
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (Linux `/proc/<pid>/stat`), or None
+    where unknown: with the pid it names one process, even after the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[19])  # field 22, after "pid (comm) "
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def driver_alive(running: dict[str, Any]) -> bool | None:
+    """Whether the driver process of a `running` record of state.json is alive: None when it ran
+    on another host (nothing to check from here); False when its pid is gone, a zombie, or now
+    another process (a different start time)."""
+    if running.get("host") != socket.gethostname() or not isinstance(running.get("pid"), int):
+        return None
+    pid = running["pid"]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    except OSError:
+        return False
+    try:
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False  # killed, not yet reaped by its parent
+    except (OSError, IndexError):
+        pass
+    recorded, now = running.get("pid_started"), process_start_ticks(pid)
+    return not (recorded is not None and now is not None and recorded != now)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import pathlib
@@ -11,20 +12,29 @@ from pathlib import Path
 
 import pytest
 
-from rrhf_ray.report import format_table, round_row, rows_upto, write_metrics, write_report
+from rrhf_ray.report import (
+    format_table,
+    round_row,
+    rows_upto,
+    sample_table,
+    write_metrics,
+    write_report,
+)
 
 EVAL0 = {"eval_reward_mean": -0.5, "eval_reward_std": 0.25, "eval_reward_mean_ci95": [-0.75, -0.25],
          "sampled_reward_mean": -0.75, "sampled_reward_std": 0.5, "sampled_reward_mean_ci95": [-1.0, -0.5],
          "reference_perplexity": 40.0, "judge_perplexity": 30.0, "heldout_rank_accuracy": 0.5,
          "win_rate_vs_round0": 0.5, "win_rate_vs_round0_ci95": None,
          "sampled_win_rate_vs_round0": 0.5, "sampled_win_rate_vs_round0_ci95": None,
-         "sampled_reward_delta_vs_round0": 0.0, "sampled_reward_delta_vs_round0_ci95": None}
+         "sampled_reward_delta_vs_round0": 0.0, "sampled_reward_delta_vs_round0_ci95": None,
+         "eval_reply_length_mean": 12.5, "sampled_reply_length_mean": 10.25}
 EVAL1 = {"eval_reward_mean": 0.5, "eval_reward_std": 0.125, "eval_reward_mean_ci95": [0.375, 0.625],
          "sampled_reward_mean": 0.25, "sampled_reward_std": 0.375, "sampled_reward_mean_ci95": [0.125, 0.375],
          "reference_perplexity": None, "judge_perplexity": 25.0, "heldout_rank_accuracy": float("nan"),
          "win_rate_vs_round0": 0.875, "win_rate_vs_round0_ci95": [0.75, 1.0],
          "sampled_win_rate_vs_round0": 0.75, "sampled_win_rate_vs_round0_ci95": [0.5, 1.0],
-         "sampled_reward_delta_vs_round0": 1.0, "sampled_reward_delta_vs_round0_ci95": [0.75, 1.25]}
+         "sampled_reward_delta_vs_round0": 1.0, "sampled_reward_delta_vs_round0_ci95": [0.75, 1.25],
+         "eval_reply_length_mean": 20.0, "sampled_reply_length_mean": None}  # None: lengths unknown
 POOL1 = {"all": {"mean": 0.25, "std": 1.0, "max": 2.0, "count": 8.0},
          "policy@0": {"mean": 0.25, "std": 1.0, "max": 2.0, "count": 8.0}}
 SHAPE1 = {"groups": 4, "k_histogram": {"1": 1, "2": 2, "3": 1}, "groups_without_pair": 2,
@@ -58,7 +68,9 @@ def test_round_row_of_round0_has_the_eval_metrics_and_empty_training_columns() -
         "pool_reward_mean": None, "pool_reward_mean_premerge": None, "pool_candidates": None,
         "pool_candidates_premerge": None, "pool_k_histogram": None, "pool_groups_without_pair": None,
         "pool_stats": {},
-        "seconds_sample": 0.0, "seconds_score": 0.0, "seconds_train": 0.0, "seconds_eval": 3.0,
+        "seconds_sample": 0.0, "seconds_score": 0.0, "seconds_reference": 0.0, "seconds_train": 0.0,
+        "seconds_refresh": 0.0, "seconds_eval": 3.0, "refresh_logprob_gap": None,
+        "seconds_round": 3.0, "seconds_compute": 0.0, "seconds_overhead": 3.0,
     }
 
 
@@ -98,19 +110,19 @@ def test_rows_upto_lists_the_evaluated_rounds_in_order() -> None:
 def test_format_table_formats_each_column_and_dashes_missing_or_nan() -> None:
     table = format_table(rows_upto(state_stages(), 1)).splitlines()
     assert table == [
-        ("| round | greedy reward | sampled reward | Δ sampled vs r0 | win vs r0 | ref ppl | judge ppl "
-         "| held-out rank acc | pool reward | pool no pair | train loss | fit rank acc |"),
-        "|" + "|".join([" ---: "] * 12) + "|",
-        ("| 0 | -0.500 [-0.750, -0.250] | -0.750 [-1.000, -0.500] | +0.000 | 0.50 | 40.00 | 30.00 | 0.50 "
-         "| – | – | – | – |"),
+        ("| round | greedy reward | sampled reward | Δ sampled vs r0 | win vs r0 | greedy len | sampled len "
+         "| ref ppl | judge ppl | held-out rank acc | pool reward | pool no pair | train loss | fit rank acc |"),
+        "|" + "|".join([" ---: "] * 14) + "|",
+        ("| 0 | -0.500 [-0.750, -0.250] | -0.750 [-1.000, -0.500] | +0.000 | 0.50 | 12.5 | 10.2 | 40.00 "
+         "| 30.00 | 0.50 | – | – | – | – |"),
         ("| 1 | +0.500 [+0.375, +0.625] | +0.250 [+0.125, +0.375] | +1.000 [+0.750, +1.250] "
-         "| 0.88 [0.75, 1.00] | – | 25.00 | – | +0.250 | 2 | 1.500 | – |"),
+         "| 0.88 [0.75, 1.00] | 20.0 | – | – | 25.00 | – | +0.250 | 2 | 1.500 | – |"),
     ]
 
 
 def test_format_table_of_no_rows_is_the_header() -> None:
     assert len(format_table([]).splitlines()) == 2
-    assert format_table([{"round": 3}]).splitlines()[2] == "| 3 |" + " – |" * 11
+    assert format_table([{"round": 3}]).splitlines()[2] == "| 3 |" + " – |" * 13
 
 
 # --------------------------------------------------------------------------- files
@@ -189,10 +201,12 @@ def test_write_report_writes_the_summary_and_the_plot(tmp_path: Path) -> None:
     assert "+0.500 [+0.375, +0.625]" in summary  # the intervals
     assert ("- round 1: groups by k 1: 1, 2: 2, 3: 1; 2 without a strict pair; 10 candidates drawn, "
             "8 after merging duplicates; reward mean +0.250 merged, +0.500 as drawn") in summary
-    assert ("Seconds per stage: round 0: sample 0, score 0, train 0, eval 3; "
-            "round 1: sample 10, score 2, train 31, eval 4") in summary
+    assert ("reported): round 0: sample 0, score 0, train 0, eval 3, overhead 3 of 3; "
+            "round 1: sample 10, score 2, train 31, eval 4, overhead 47 of 47") in summary
     assert "`metrics.jsonl`" in summary
-    assert _png_size((tmp_path / "report.png").read_bytes()) == (1350, 350)  # 13.5 × 3.5 in at 100 dpi
+    assert _png_size((tmp_path / "report.png").read_bytes()) == (1800, 350)  # 18 × 3.5 in at 100 dpi: 4 panels
+    assert "Greedy len, sampled len: mean reply length in tokens" in summary
+    assert "Sample replies" not in summary  # no eval.jsonl in this directory: no samples
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.png", "summary.md"]
 
 
@@ -202,9 +216,170 @@ def test_write_report_of_round0_alone_without_perplexity(tmp_path: Path) -> None
         rows[0][key] = None
     write_report(tmp_path, rows)
     summary = (tmp_path / "summary.md").read_text()
-    assert "| 0 | -0.500 | -0.750 | +0.000 | 0.50 | – | – | 0.50 | – | – | – | – |" in summary
+    assert "| 0 | -0.500 | -0.750 | +0.000 | 0.50 | 12.5 | 10.2 | – | – | 0.50 | – | – | – | – |" in summary
     assert "Training pool per round" not in summary  # no round trained yet
-    assert _png_size((tmp_path / "report.png").read_bytes()) == (1350, 350)
+    assert _png_size((tmp_path / "report.png").read_bytes()) == (1800, 350)
     before = (tmp_path / "summary.md").read_bytes()
     write_report(tmp_path, rows)
     assert (tmp_path / "summary.md").read_bytes() == before
+
+
+# --------------------------------------------------------------------------- sample replies
+
+
+def _write_eval(out: Path, r: int, rows: list[dict]) -> None:
+    path = out / "rounds" / str(r) / "eval.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _row(query: str, replies: list[str], rewards: list[float]) -> dict:
+    return {"query": query, "greedy_reply": replies[0] if replies else " greedy", "greedy_reward": 0.0,
+            "sampled_replies": replies, "sampled_rewards": rewards}
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+QUERIES = [f"\n\nHuman: How do I do task {i}?\n\nAssistant:" for i in range(5)]
+
+
+def test_sample_table_picks_the_same_queries_in_every_round_whatever_the_file_order(tmp_path: Path) -> None:
+    _write_eval(tmp_path, 0, [_row(q, [f" r0 q{i} a", f" r0 q{i} b"], [0.5, -0.5]) for i, q in enumerate(QUERIES)])
+    round1 = [_row(q, [f" r1 q{i} a", f" r1 q{i} b"], [-1.0, 1.0]) for i, q in enumerate(QUERIES)]
+    _write_eval(tmp_path, 1, round1[::-1] + [_row("only in round 1", [" x"], [1.0])])
+    # the documented rule: of the queries every round evaluated, the n with the smallest SHA-256
+    picked = sorted(QUERIES, key=_sha)[:2]
+    in_file_order = [q for q in QUERIES if q in picked]
+    table = sample_table(tmp_path, [0, 1, 2], n=2)  # round 2: no eval.jsonl, left out
+    assert [(s["round"], s["query"]) for s in table] == [(0, q) for q in in_file_order] + [(1, q) for q in in_file_order]
+    for s in table:
+        i = QUERIES.index(s["query"])
+        if s["round"] == 0:
+            assert (s["best_reply"], s["best_reward"], s["worst_reply"], s["worst_reward"]) == (
+                f" r0 q{i} a", 0.5, f" r0 q{i} b", -0.5)
+        else:
+            assert (s["best_reply"], s["best_reward"], s["worst_reply"], s["worst_reward"]) == (
+                f" r1 q{i} b", 1.0, f" r1 q{i} a", -1.0)
+    assert sample_table(tmp_path, [0, 1], n=2) == table  # deterministic
+    alone = sorted([*QUERIES, "only in round 1"], key=_sha)[:2]  # round 1 alone: its own queries
+    assert [s["query"] for s in sample_table(tmp_path, [1], n=2)] == [q for q in [*QUERIES[::-1], "only in round 1"]
+                                                                     if q in alone]
+    assert {s["query"] for s in sample_table(tmp_path, [0, 1], n=10)} == set(QUERIES)  # not "only in round 1"
+    assert sample_table(tmp_path, [0, 1], n=0) == [] and sample_table(tmp_path, [2, 3]) == []
+    assert set(sample_table(tmp_path, [0])[0]) == {"round", "query", "best_reply", "best_reward",
+                                                    "worst_reply", "worst_reward"}
+
+
+def test_sample_table_best_and_worst_on_ties_missing_rewards_and_no_samples(tmp_path: Path) -> None:
+    _write_eval(tmp_path, 0, [
+        _row("a", [" one", " two", " three", " four", " five"], [0.25, 1.0, -0.5, 1.0, -0.5]),
+        _row("b", [" same1", " same2", " same3"], [0.5, 0.5, 0.5]),
+        _row("c", [" nan", " fine", " none"], [float("nan"), -0.25, None]),
+        _row("d", [], []),
+    ])
+    got = {s["query"]: (s["best_reply"], s["best_reward"], s["worst_reply"], s["worst_reward"])
+           for s in sample_table(tmp_path, [0], n=4)}
+    assert got == {
+        "a": (" two", 1.0, " five", -0.5),  # the first of the best, the last of the worst
+        "b": (" same1", 0.5, " same3", 0.5),  # all tie: two different replies
+        "c": (" fine", -0.25, " fine", -0.25),  # NaN and null rewards left out
+        "d": (None, None, None, None),
+    }
+
+
+# Round 0 and round 1 of three queries; query "pipe" has a reply with `|`, a line break, HTML,
+# a backslash before a pipe and a control character; "long" has a 300-character reply.
+LONG = " Sure! " + "Step after step, " * 16 + "and you are done. Hope this helps!"
+SAMPLE_EVALS = {
+    0: [_row("\n\nHuman: How do I use a pipe?\n\nAssistant:",
+             [" Type a | b\nin the shell. <b>Done</b>", " Whatever\\| no\x03"], [0.75, -1.25]),
+        _row("\n\nHuman: Tell me everything.\n\nAssistant:", [LONG, " No."], [0.5, -1.0]),
+        _row("\n\nHuman: Hi?\n\nAssistant:", [" Hello!", " Hi."], [0.25, 0.0])],
+    1: [_row("\n\nHuman: How do I use a pipe?\n\nAssistant:", [" Use a pipe: a | b.", " Figure it out."],
+             [1.0, -0.5]),
+        _row("\n\nHuman: Tell me everything.\n\nAssistant:", [" Short.", " Shorter"], [0.0, -1.25]),
+        _row("\n\nHuman: Hi?\n\nAssistant:", [" Hello there!", " Hello!"], [0.5, 0.25])],
+}
+
+
+def _sample_dir(tmp_path: Path) -> list[dict]:
+    for r, rows in SAMPLE_EVALS.items():
+        _write_eval(tmp_path, r, rows)
+    rows = rows_upto(state_stages(), 1)
+    write_report(tmp_path, rows)
+    return rows
+
+
+def test_summary_shows_the_best_and_worst_sampled_reply_per_round_markdown_safe(tmp_path: Path) -> None:
+    _sample_dir(tmp_path)
+    summary = (tmp_path / "summary.md").read_text()
+    start = summary.index("Sample replies: 3 held-out queries (the same in every round")
+    section = summary[start:summary.index("Seconds per stage")].splitlines()
+    assert section[2:] == [
+        "**Query 1.** Human: How do I use a pipe?<br><br>Assistant:",
+        "",
+        "| round | best sampled reply | reward | worst sampled reply | reward |",
+        "| ---: | --- | ---: | --- | ---: |",
+        "| 0 | Type a \\| b<br>in the shell. &lt;b&gt;Done&lt;/b&gt; | +0.750 | Whatever\\\\\\| no␃ | -1.250 |",
+        "| 1 | Use a pipe: a \\| b. | +1.000 | Figure it out. | -0.500 |",
+        "",
+        "**Query 2.** Human: Tell me everything.<br><br>Assistant:",
+        "",
+        "| round | best sampled reply | reward | worst sampled reply | reward |",
+        "| ---: | --- | ---: | --- | ---: |",
+        ("| 0 | Sure! Step after step, Step after step, Step after step, Step after step, Step after step, "
+         "Step after step, Step after step, Step aft … after step, Step after step, and you are done. Hope "
+         "this helps! | +0.500 | No. | -1.000 |"),
+        "| 1 | Short. | +0.000 | Shorter | -1.250 |",
+        "",
+        "**Query 3.** Human: Hi?<br><br>Assistant:",
+        "",
+        "| round | best sampled reply | reward | worst sampled reply | reward |",
+        "| ---: | --- | ---: | --- | ---: |",
+        "| 0 | Hello! | +0.250 | Hi. | +0.000 |",
+        "| 1 | Hello there! | +0.500 | Hello! | +0.250 |",
+        "",
+    ]
+    long_cell = section[13].split(" | ")[1]
+    assert len(LONG) == 313 and len(long_cell) == 199 and long_cell.count("…") == 1  # ≤ 200: start … end
+    assert sample_table(tmp_path, [0, 1])[0]["best_reply"] == " Type a | b\nin the shell. <b>Done</b>"  # full text
+
+
+def test_the_sample_tables_parse_as_markdown_tables_with_the_texts_intact(tmp_path: Path) -> None:
+    """Rendered by a CommonMark + GFM-tables parser: every row has its 5 cells, and each reply
+    reads as it was written (line break as <br>, HTML shown as text)."""
+    markdown_it = pytest.importorskip("markdown_it")
+    _sample_dir(tmp_path)
+    tokens = markdown_it.MarkdownIt("commonmark").enable("table").parse((tmp_path / "summary.md").read_text())
+    tables, cells = [], None
+    for tok in tokens:
+        if tok.type == "table_open":
+            tables.append([])
+        elif tok.type == "tr_open":
+            cells = []
+            tables[-1].append(cells)
+        elif tok.type == "inline" and cells is not None and tables:
+            cells.append(tok.content)
+        elif tok.type == "tr_close":
+            cells = None
+    assert len(tables) == 4  # the round table and one per sampled query
+    for table in tables[1:]:
+        assert [len(row) for row in table] == [5, 5, 5]
+    pipe = tables[1]
+    renderer = markdown_it.MarkdownIt("commonmark")
+    assert renderer.renderInline(pipe[1][1]) == "Type a | b<br>in the shell. &lt;b&gt;Done&lt;/b&gt;"
+    assert renderer.renderInline(pipe[1][3]) == "Whatever\\| no␃"
+    assert renderer.renderInline(pipe[2][1]) == "Use a pipe: a | b."
+    assert [row[0] for row in pipe] == ["round", "0", "1"] and pipe[1][2] == "+0.750"
+
+
+def test_summary_samples_are_the_same_queries_after_another_round(tmp_path: Path) -> None:
+    _sample_dir(tmp_path)
+    first = sample_table(tmp_path, [0, 1])
+    _write_eval(tmp_path, 2, [_row(row["query"], [" r2"], [0.125]) for row in SAMPLE_EVALS[0]])
+    again = sample_table(tmp_path, [0, 1, 2])
+    assert again[:6] == first
+    assert [(s["round"], s["query"]) for s in again[6:]] == [(2, s["query"]) for s in first[:3]]
+    assert {s["best_reply"] for s in again[6:]} == {" r2"}
