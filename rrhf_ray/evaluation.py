@@ -19,6 +19,7 @@ Seeds: the sampled replies use one fixed seed in every round (`eval_sampling`), 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -47,6 +48,8 @@ class EvalResult:
     heldout_rank_accuracy: float | None = None
     greedy_lengths: list[int] = field(default_factory=list)  # response tokens of each greedy reply
     sampled_lengths: list[list[int]] = field(default_factory=list)  # … of each sampled reply
+    seconds_perplexity: float = 0.0  # the longest perplexity task (they run beside the sampling)
+    seconds_ranking: float = 0.0  # the ranking task (after the scoring)
 
     def metrics(self, round0_greedy: Sequence[float] | None,
                 round0_sampled: Sequence[Sequence[float]] | None = None, *,
@@ -182,22 +185,24 @@ def eval_sampling(sampling: SamplingConfig, cfg: EvalConfig) -> tuple[SamplingCo
 
 
 @ray.remote(num_cpus=1)
-def perplexity_task(model_path: str, pairs: list[tuple[str, str]], max_length: int) -> float:
-    """exp(mean NLL per response token, the closing EOS included) of the model at `model_path`
+def perplexity_task(model_path: str, pairs: list[tuple[str, str]], max_length: int) -> tuple[float, float]:
+    """(perplexity, seconds): exp(mean NLL per response token, the closing EOS included) of the model at `model_path`
     on (query, response) pairs: the policy on reference responses (`reference_perplexity`), or
     the judge on the policy's greedy replies (`judge_perplexity`)."""
     from rrhf_ray.train.sft import heldout_nll
 
-    return math.exp(heldout_nll(model_path, pairs, max_length))
+    start = time.perf_counter()
+    return math.exp(heldout_nll(model_path, pairs, max_length)), time.perf_counter() - start
 
 
 @ray.remote(num_cpus=1)
-def ranking_task(model_path: str, groups: list[QueryGroup], max_length: int) -> float:
-    """Pairwise ranking accuracy of the model's p_i (eq. 1) against the rewards of `groups`
+def ranking_task(model_path: str, groups: list[QueryGroup], max_length: int) -> tuple[float, float]:
+    """(accuracy, seconds): pairwise ranking accuracy of the model's p_i (eq. 1) against the rewards of `groups`
     (`rrhf_ray.train.rrhf.ranking_metrics`); NaN when no group has a strict pair."""
     from rrhf_ray.train.rrhf import ranking_metrics
 
-    return ranking_metrics(model_path, groups, max_length)["rank_accuracy"]
+    start = time.perf_counter()
+    return ranking_metrics(model_path, groups, max_length)["rank_accuracy"], time.perf_counter() - start
 
 
 def evaluate(
@@ -233,6 +238,8 @@ def evaluate(
     n = len(queries)
     # ranking_metrics loads its model on the CPU: no GPU for this task.
     rank_ref = ranking_task.remote(model_path, scored[n:], sampling.max_model_len) if queries else None
+    none = (None, 0.0)
+    ppl, judged, ranked = (ray.get(ref) if ref is not None else none for ref in (ppl_ref, judge_ref, rank_ref))
     return EvalResult(
         greedy=[g.scores[0] for g in scored[:n]],
         sampled=[list(g.scores) for g in scored[n:]],
@@ -240,9 +247,11 @@ def evaluate(
         sampled_replies=[[x.text for x in c] for c in sampled],
         greedy_lengths=[len(c[0].token_ids) for c in greedy],
         sampled_lengths=[[len(x.token_ids) for x in c] for c in sampled],
-        reference_perplexity=ray.get(ppl_ref) if ppl_ref is not None else None,
-        judge_perplexity=ray.get(judge_ref) if judge_ref is not None else None,
-        heldout_rank_accuracy=ray.get(rank_ref) if rank_ref is not None else None,
+        reference_perplexity=ppl[0],
+        judge_perplexity=judged[0],
+        heldout_rank_accuracy=ranked[0],
+        seconds_perplexity=max(ppl[1], judged[1]),
+        seconds_ranking=ranked[1],
     )
 
 

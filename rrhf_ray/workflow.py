@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -35,6 +34,8 @@ from rrhf_ray.state import RunState, timed_stage
 from rrhf_ray.types import write_jsonl
 
 logger = logging.getLogger(__name__)
+
+PROBE_QUERIES = 4  # query groups in the weight-refresh probe
 
 def connect_ray(config: RunConfig) -> None:
     """Join the configured cluster (`ray.address` or RAY_ADDRESS) or start a local one."""
@@ -125,14 +126,18 @@ def sample_stage(pools: dict, preset, records, queries: list[str], sampling: Sam
     from rrhf_ray.types import write_groups
 
     sources: list = []
+    busy = 0.0
     if preset.policy is not None:
         cfg = round_sampling(sampling, preset, round_index)
+        before = pools[preset.policy].busy_seconds()
         sources.append(get_samples(pools[preset.policy], queries, cfg))
+        busy = pools[preset.policy].busy_seconds() - before
     if preset.dataset and records:
         sources.append([dataset_candidates(r) for r in records])
     groups = combine(queries, sources + external)
     write_groups([g.to_group() for g in groups], path)
-    return {"groups": len(groups), "candidates": sum(len(g.candidates) for g in groups)}
+    return {"groups": len(groups), "candidates": sum(len(g.candidates) for g in groups),
+            "seconds_compute": busy}
 
 
 def score_stage(rewards, candidates_path: Path, pool_dir: Path) -> dict:
@@ -163,15 +168,72 @@ def reference_stage(config: RunConfig, ref_model: str, start_model: str, pool: P
                                 tokenizer_path=start_model, trust_remote_code=config.model.trust_remote_code)
 
 
-def train_stage(config: RunConfig, start_model: str, pool: Path, checkpoint: Path, r: int, out: Path) -> dict:
-    """Train round r from `start_model` on `pool` (`pool.parquet`, or for DPO `pool_ref.parquet`)."""
-    from rrhf_ray.train.rrhf import TrainJob, fit
+def train_stage(trainer, r: int, pool: Path, checkpoint: Path, probe: list) -> dict:
+    """Train round r on `pool` (`pool.parquet`, or for DPO `pool_ref.parquet`) with the warm
+    trainer (`rrhf_ray.train.warm`), which holds round r−1's policy; install its checkpoint at
+    `checkpoint` and the per-step history at `train_history.jsonl` beside it. The probe's
+    log-probabilities under the new weights come back for `verify_refresh`."""
+    from rrhf_ray.train.warm import install_checkpoint
 
-    job = TrainJob(model_path=start_model, data_paths=[str(pool)], output_dir=str(checkpoint),
-                   train=config.train, trust_remote_code=config.model.trust_remote_code)
-    storage = config.output.storage_path or str((out / "ray_train").resolve())
-    metrics = fit(job, name=f"round{r}", storage_path=storage, max_failures=1)
-    return {"train": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+    result = trainer.train(r, [str(pool)], probe)
+    metrics = {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))}
+    write_jsonl(result["history"], checkpoint.parent / "train_history.jsonl")
+    install_checkpoint(result["checkpoint"], checkpoint, metrics)
+    return {"train": metrics, "seconds_compute": metrics.get("seconds_compute", 0.0),
+            "probe_logprobs": result["probe"]}
+
+
+def probe_sequences(pool: Path, tokenizer, n: int = PROBE_QUERIES) -> list[tuple[list[int], list[int]]]:
+    """The refresh probe: the best reply of the first `n` query groups of a round's pool, as
+    (prompt ids, reply ids): the sampler's own ids when the pool kept them, else tokenized."""
+    from rrhf_ray.types import read_groups
+
+    probe = []
+    for g in read_groups(pool)[:n]:
+        best = max(range(len(g.responses)), key=lambda i: g.scores[i])
+        prompt = list(g.prompt_ids) if g.prompt_ids else tokenizer(g.query)["input_ids"]
+        reply = (list(g.token_ids[best]) if g.token_ids and g.token_ids[best]
+                 else tokenizer(g.responses[best], add_special_tokens=False)["input_ids"])
+        if reply:
+            probe.append((prompt, reply))
+    return probe
+
+
+def refresh_stage(pool, checkpoint: Path, r: int, probe: list, expected: list[float], tolerance: float) -> dict:
+    """Load round r's checkpoint into every replica in place (no engine restart), then check that
+    each serves it (`verify_refresh`)."""
+    import ray
+
+    before = pool.busy_seconds()
+    ray.get(pool.load_weights(str(checkpoint), r))
+    gap = verify_refresh(pool, probe, expected, tolerance, r)
+    logger.info("samplers now serve round %d's policy (log-prob gap to the trainer %.4f nats/token)", r, gap)
+    return {"logprob_gap": gap, "seconds_compute": pool.busy_seconds() - before}
+
+
+class StaleWeightsError(RuntimeError):
+    """A sampler replica does not serve the weights the trainer just saved."""
+
+
+def verify_refresh(pool, probe: list, expected: list[float], tolerance: float, r: int) -> float:
+    """Compare every replica's log-probabilities of the probe with the trainer's (`expected`):
+    the largest gap in mean log-prob per token over probes and replicas. Over `tolerance` the
+    round fails naming the replica: it serves old or half-loaded weights."""
+    import ray
+
+    if not probe:
+        return float("nan")
+    worst = 0.0
+    for i, ref in enumerate(pool.sequence_logprobs(probe)):
+        got = ray.get(ref)
+        gap = max(abs(a - b) / len(reply) for a, b, (_, reply) in zip(got, expected, probe))
+        if gap > tolerance:
+            raise StaleWeightsError(
+                f"sampler replica {i} does not serve round {r}'s weights: its log-probs of the "
+                f"refresh probe differ from the trainer's by {gap:.3f} nats/token "
+                f"(sampling.refresh_tolerance {tolerance})")
+        worst = max(worst, gap)
+    return worst
 
 
 def read_eval(path: Path) -> tuple[list[float], list[list[float]]]:
@@ -190,16 +252,21 @@ def eval_stage(pools: dict, rewards, eval_queries, references, model_path: str, 
     whose perplexity of the greedy replies is `judge_perplexity` (`eval.judge_model`, else ρ)."""
     from rrhf_ray.evaluation import evaluate
 
+    before = pools["current"].busy_seconds()
     result = evaluate(pools["current"], rewards, eval_queries, references, model_path,
                       config.sampling, config.eval, config.train.max_length, judge=judge)
+    busy = pools["current"].busy_seconds() - before
     write_jsonl(({"query": q, "greedy_reply": reply, "greedy_reward": g, "sampled_replies": texts,
                   "sampled_rewards": s}
                  for q, reply, g, texts, s in zip(eval_queries, result.greedy_replies, result.greedy,
                                                   result.sampled_replies, result.sampled)),
                 round_dir / "eval.jsonl")
     greedy0, sampled0 = round0 if round0 is not None else (None, None)
+    # The perplexity tasks run beside the sampling; only what outlasts it adds to the compute.
+    compute = busy + result.seconds_ranking + max(0.0, result.seconds_perplexity - busy)
     return {"eval": result.metrics(greedy0, sampled0, resamples=config.eval.bootstrap_resamples,
-                                   seed=config.sampling.seed)}
+                                   seed=config.sampling.seed),
+            "seconds_compute": compute}
 
 
 # --------------------------------------------------------------------------- the loop
@@ -207,7 +274,9 @@ def eval_stage(pools: dict, rewards, eval_queries, references, model_path: str, 
 
 def run(config: RunConfig) -> list[dict]:
     """Run (or resume) the whole workflow; returns one metrics row per round, round 0 first."""
-    import ray
+    from rrhf_ray.storage import is_remote, run_mirrored
+    if is_remote(config.output.dir):
+        return run_mirrored(config, run)
 
     from rrhf_ray.actors.scorer import RewardPool
     from rrhf_ray.data.candidates import get_preset
@@ -229,7 +298,8 @@ def run(config: RunConfig) -> list[dict]:
     reward_cfg = reward_config(config, out, state)
     from transformers import AutoTokenizer
 
-    data = load_data(config.data, AutoTokenizer.from_pretrained(config.model.tokenizer or rho))
+    tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or rho)
+    data = load_data(config.data, tokenizer)
     queries = [r.query for r in data.train]
     eval_queries = [r.query for r in data.eval]
     references = [(r.query, r.responses[0]) for r in data.eval if r.responses]
@@ -246,6 +316,18 @@ def run(config: RunConfig) -> list[dict]:
         pools.update(build_pools(config, get_preset("IP"), rho, current_path, last))
     rewards = RewardPool(reward_cfg)
     judge = config.eval.judge_model or rho  # one fixed judge for every round (docs/metrics.md)
+    # The warm trainer starts now, beside the engines and round 0's evaluation, holding the
+    # policy the next round trains from; it lives until the last round (rrhf_ray.train.warm).
+    trainer = None
+    if last < config.rounds:
+        from rrhf_ray.train.core import Job
+        from rrhf_ray.train.warm import WarmTrainer, start_state
+
+        trainer = WarmTrainer(
+            Job(model_path=current_path, output_dir=str(out / "rounds"), train=config.train,
+                trust_remote_code=config.model.trust_remote_code),
+            last, storage_path=config.output.storage_path or str((out / "ray_train").resolve()),
+            global_step=start_state(current_path))
 
     try:
         round0_dir = out / "rounds" / "0"
@@ -273,17 +355,21 @@ def run(config: RunConfig) -> list[dict]:
                 timed_stage(state, f"round{r}/reference", [train_pool],
                             partial(reference_stage, config, ref_model, start_model, rd / "pool.parquet",
                                     train_pool))
+            probe = probe_sequences(rd / "pool.parquet", tokenizer)
             timed_stage(state, f"round{r}/train", [checkpoint(r)],
-                        partial(train_stage, config, start_model, train_pool, checkpoint(r), r, out))
+                        partial(train_stage, trainer, r, train_pool, checkpoint(r), probe))
             if pools["current"].version < r:  # refresh ρ* in place: no engine restart
-                t = time.perf_counter()
-                ray.get(pools["current"].load_weights(str(checkpoint(r)), r))
-                logger.info("samplers now serve round %d's policy (%.2f s)", r, time.perf_counter() - t)
+                timed_stage(state, f"round{r}/refresh", [],
+                            partial(refresh_stage, pools["current"], checkpoint(r), r, probe,
+                                    state.data["stages"][f"round{r}/train"].get("probe_logprobs", []),
+                                    config.sampling.refresh_tolerance))
             timed_stage(state, f"round{r}/eval", [rd / "eval.jsonl"],
                         partial(eval_stage, pools, rewards, eval_queries, references, str(checkpoint(r)),
                                 config, round0, rd, judge))
             write_metrics(out, state.data["stages"], r)
     finally:
+        if trainer is not None:
+            trainer.close()
         for pool in pools.values():
             pool.shutdown()
         rewards.shutdown()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -72,9 +73,15 @@ class Sampler:
         self.version = version
         self.replica = replica
         self._served: deque[tuple[int, ...]] = deque(maxlen=self.SERVED_LOG)
+        self._busy = 0.0
 
     def served_version(self) -> int:
         return self.version
+
+    def busy_seconds(self) -> float:
+        """Seconds this replica spent in its engine (generation, probes, weight loads) since it
+        started: the compute a stage's `seconds_overhead` subtracts."""
+        return self._busy
 
     def served_chunks(self) -> list[tuple[int, ...]]:
         """The seeds of each chunk this replica generated, oldest first (the last SERVED_LOG;
@@ -83,9 +90,19 @@ class Sampler:
 
     def load_weights(self, checkpoint_dir: str, version: int) -> int:
         """Reload weights in place from an HF checkpoint directory; returns the new version."""
+        start = time.perf_counter()
         self.engine.reload_weights(checkpoint_dir)
+        self._busy += time.perf_counter() - start
         self.version = version
         return version
+
+    def sequence_logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[float]:
+        """Σ log-probs of each (prompt ids, response ids) under the served weights."""
+        start = time.perf_counter()
+        try:
+            return self.engine.sequence_logprobs(sequences)
+        finally:
+            self._busy += time.perf_counter() - start
 
     def generate(self, prompts: list[str], seeds: list[int], expected_version: int | None,
                  config: SamplingConfig | None = None) -> list[list[Candidate]]:
@@ -97,10 +114,13 @@ class Sampler:
         config = config or self.engine.config
         kind = f"{self.tag}-beam" if config.use_beam_search else self.tag
         source = f"{kind}@{self.version}"
+        start = time.perf_counter()
+        generated = self.engine.generate(prompts, seeds, config)
+        self._busy += time.perf_counter() - start
         groups = [
             [Candidate(**vars(c), source=source, version=self.version, tokenizer=self.engine.fingerprint)
              for c in group]
-            for group in self.engine.generate(prompts, seeds, config)
+            for group in generated
         ]
         if seeds:
             self._served.append(tuple(seeds))
@@ -167,11 +187,27 @@ class SamplerPool:
         """Per replica, a ref to the seeds of each chunk it generated (`Sampler.served_chunks`)."""
         return [r.served_chunks.remote() for r in self.replicas]
 
+    def busy_seconds(self) -> float:
+        """The most engine seconds any replica has spent so far (replicas work in parallel: the
+        busiest one bounds a stage's compute); dead replicas are left out."""
+        busy = []
+        for r in self.replicas:
+            try:
+                busy.append(ray.get(r.busy_seconds.remote()))
+            except ray.exceptions.RayActorError:
+                continue
+        return max(busy, default=0.0)
+
     def load_weights(self, checkpoint_dir: str, version: int) -> list[ray.ObjectRef]:
         """Refresh every replica in place to the checkpoint of round `version`."""
         self.version = version
         self.weights = str(checkpoint_dir)
         return [r.load_weights.remote(str(checkpoint_dir), version) for r in self.replicas]
+
+    def sequence_logprobs(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[ray.ObjectRef]:
+        """Per replica, a ref to Σ log-probs of each (prompt ids, response ids) under its weights."""
+        seqs = [(list(p), list(r)) for p, r in sequences]
+        return [r.sequence_logprobs.remote(seqs) for r in self.replicas]
 
     def sample(self, prompts: Sequence[str], config: SamplingConfig | None = None, *,
                start_index: int = 0, progress: bool = True) -> ray.ObjectRef:

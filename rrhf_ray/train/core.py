@@ -333,6 +333,152 @@ def rank_world() -> tuple[int, int]:
 # --------------------------------------------------------------------------- the loop
 
 
+@dataclass
+class Worker:
+    """One training worker's state that outlives a fit: its rank, device, tokenizer and model
+    (`model` the plain module, `ddp_model` its DDP / FSDP wrap). The warm round trainer
+    (`rrhf_ray.train.warm`) keeps one across rounds; `run_worker` builds one per fit."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    tokenizer: Any
+    model: torch.nn.Module
+    ddp_model: torch.nn.Module
+
+    @classmethod
+    def load(cls, path: str, cfg: TrainConfig, in_ray: bool, trust_remote_code: bool,
+             load_model: Callable[[str, TrainConfig, bool, Any], torch.nn.Module], *,
+             tokenizer_path: str | None = None, require_eos: bool = True) -> Worker:
+        rank, world = rank_world()
+        if world != cfg.num_workers:
+            logger.warning("train.num_workers is %d but %d processes run; using %d", cfg.num_workers, world, world)
+        device = device_for(cfg, in_ray)
+        torch.manual_seed(cfg.seed)
+        tokenizer = load_tokenizer(tokenizer_path or path, trust_remote_code, require_eos)
+        model = load_model(path, cfg, trust_remote_code, tokenizer).to(device)
+        model.train()
+        return cls(cfg, rank, world, device, tokenizer, model, wrap_distributed(model, cfg, device))
+
+    def fresh_adapters(self) -> None:
+        """LoRA: merge the trained adapters into the weights and start new ones, as a fit that
+        starts from the saved (merged) checkpoint would. A no-op without LoRA."""
+        if not self.cfg.lora.enabled:
+            return
+        merged = unwrap(self.ddp_model).merge_and_unload()
+        self.model = prepare_model(merged, self.cfg, "CAUSAL_LM").to(self.device)
+        self.model.train()
+        self.ddp_model = wrap_distributed(self.model, self.cfg, self.device)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        use_bf16 = self.cfg.bf16 if self.cfg.bf16 is not None else self.device.type == "cuda"
+        if use_bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+@dataclass
+class Optimizer:
+    """AdamW and its LR schedule over `total_steps` (a fit's, or one round's)."""
+
+    params: list[torch.nn.Parameter]
+    optimizer: Any
+    scheduler: Any
+
+    @classmethod
+    def build(cls, model: torch.nn.Module, cfg: TrainConfig, total_steps: int) -> Optimizer:
+        from transformers import get_scheduler
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
+        )
+        scheduler = get_scheduler(
+            "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler,
+            optimizer,
+            num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
+            num_training_steps=total_steps,
+        )
+        return cls(params, optimizer, scheduler)
+
+
+def steps_per_epoch(recipe: Recipe, cfg: TrainConfig, world: int) -> int:
+    return len(plan_steps(recipe.num_examples, cfg.queries_per_step, world, cfg.seed))
+
+
+def train_epochs(
+    w: Worker, recipe: Recipe, opt: Optimizer, *, start_epoch: int = 0, global_step: int = 0,
+    history: list[dict[str, float]] | None = None,
+    on_epoch_end: Callable[[int, bool, dict[str, float]], None] | None = None,
+) -> dict[str, float]:
+    """Epochs `start_epoch` … `cfg.epochs − 1` of `recipe` on worker `w`: steps of
+    `queries_per_step` examples over all workers, micro-batches with `no_sync`, clipping, AdamW,
+    the schedule; held-out metrics after each epoch when the recipe has them. `global_step`
+    numbers the steps (it keeps increasing across a warm trainer's rounds); `history`, when
+    given, receives one row per optimizer step on rank 0 (loss, rank / SFT loss, ranking
+    accuracy, lr, grad norm, tokens/s). `on_epoch_end(epoch, final, metrics)` reports or
+    checkpoints. Returns the last epoch's metrics."""
+    cfg = w.cfg
+    per_epoch = steps_per_epoch(recipe, cfg, w.world)
+    total_steps = per_epoch * cfg.epochs
+    first_step = global_step - start_epoch * per_epoch  # the fit's step 0 on the global axis
+    no_sync = getattr(w.ddp_model, "no_sync", None)
+    if w.rank == 0:
+        logger.info(
+            "%s training: %d examples, %d epochs × %d steps, %d examples/step, %d worker(s), device %s",
+            recipe.name, recipe.num_examples, cfg.epochs, per_epoch, cfg.queries_per_step, w.world, w.device,
+        )
+    metrics: dict[str, float] = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        meter = Meter()
+        for step in plan_steps(recipe.num_examples, cfg.queries_per_step, w.world, cfg.seed + epoch):
+            if recipe.example_length is not None:
+                step = sorted(step, key=recipe.example_length, reverse=True)
+            mine = step[w.rank :: w.world]
+            micro = micro_batches(mine, cfg, recipe.example_tokens)
+            scale = w.world / recipe.step_weight(step)
+            step_meter = Meter()
+            for m, idx in enumerate(micro):
+                mb = MicroBatch(idx, scale, w.device, no_sync, m == len(micro) - 1, w.autocast)
+                measured = recipe.micro_batch(w.ddp_model, mb)
+                meter.add(measured)
+                step_meter.add(measured)
+            grad_norm = float("nan")
+            if cfg.max_grad_norm is not None:
+                if hasattr(w.ddp_model, "clip_grad_norm_"):
+                    grad_norm = float(w.ddp_model.clip_grad_norm_(cfg.max_grad_norm))
+                else:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(opt.params, cfg.max_grad_norm))
+            lr = opt.scheduler.get_last_lr()[0]
+            opt.optimizer.step()
+            opt.scheduler.step()
+            opt.optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+            if history is not None and w.rank == 0:
+                history.append({"global_step": float(global_step), "lr": lr, "grad_norm": grad_norm,
+                                **step_meter.summary()})
+            done = global_step - first_step
+            if w.rank == 0 and (done % cfg.log_every == 0 or done == total_steps):
+                logger.info(
+                    "epoch %d step %d/%d %s lr %.2e", epoch + 1, done, total_steps,
+                    recipe.log_line(meter.summary()), lr,
+                )
+        metrics = {"epoch": float(epoch + 1), "step": float(global_step - first_step),
+                   "resumed_at_epoch": float(start_epoch), **meter.summary()}
+        if recipe.evaluate is not None:
+            w.ddp_model.eval()
+            with torch.no_grad(), w.autocast():
+                metrics.update(recipe.evaluate(w.ddp_model))
+            w.ddp_model.train()
+            if w.rank == 0:
+                logger.info("epoch %d held-out: %s", epoch + 1,
+                            ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("eval_")))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, epoch == cfg.epochs - 1, metrics)
+    return metrics
+
+
 def run_worker(
     job: Job,
     in_ray: bool,
@@ -349,103 +495,36 @@ def run_worker(
     `ray.train.report`, resuming from `ray.train.get_checkpoint()`. Returns the last epoch's metrics.
     """
     cfg = job.train
-    rank, world = rank_world()
-    if world != cfg.num_workers:
-        logger.warning("train.num_workers is %d but %d processes run; using %d", cfg.num_workers, world, world)
-    device = device_for(cfg, in_ray)
-    torch.manual_seed(cfg.seed)
-
     with _resume_checkpoint(job, in_ray) as resume_dir:
         state = json.loads((Path(resume_dir) / STATE_FILE).read_text()) if resume_dir else None
-        start_path = resume_dir or job.model_path
-        tokenizer = load_tokenizer(job.tokenizer_path or start_path, job.trust_remote_code, require_eos)
-        model = load_model(start_path, cfg, job.trust_remote_code, tokenizer).to(device)
-        recipe = build_recipe(tokenizer, device, model)
-        steps_per_epoch = len(plan_steps(recipe.num_examples, cfg.queries_per_step, world, cfg.seed))
-        total_steps = steps_per_epoch * cfg.epochs
-        model.train()
-        ddp_model = wrap_distributed(model, cfg, device)
-        params = [p for p in ddp_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
-        )
-        from transformers import get_scheduler
-
-        scheduler = get_scheduler(
-            "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler,
-            optimizer,
-            num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
-            num_training_steps=total_steps,
-        )
+        w = Worker.load(resume_dir or job.model_path, cfg, in_ray, job.trust_remote_code, load_model,
+                        tokenizer_path=job.tokenizer_path, require_eos=require_eos)
+        recipe = build_recipe(w.tokenizer, w.device, w.model)
+        per_epoch = steps_per_epoch(recipe, cfg, w.world)
+        opt = Optimizer.build(w.ddp_model, cfg, per_epoch * cfg.epochs)
         start_epoch = 0
         if state is not None:
             start_epoch = state["epoch"] + 1
             opt_file = Path(resume_dir) / OPTIMIZER_FILE
             if opt_file.exists():
                 saved = torch.load(opt_file, map_location="cpu", weights_only=True)
-                optimizer.load_state_dict(saved["optimizer"])
-                scheduler.load_state_dict(saved["scheduler"])
+                opt.optimizer.load_state_dict(saved["optimizer"])
+                opt.scheduler.load_state_dict(saved["scheduler"])
             logger.info("resuming at epoch %d of %d", start_epoch + 1, cfg.epochs)
 
-    use_bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
-
-    def autocast_ctx() -> contextlib.AbstractContextManager:
-        if use_bf16:
-            return torch.autocast(device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    no_sync = getattr(ddp_model, "no_sync", None)
-    if rank == 0:
-        logger.info(
-            "%s training: %d examples, %d epochs × %d steps, %d examples/step, %d worker(s), device %s",
-            recipe.name, recipe.num_examples, cfg.epochs, steps_per_epoch, cfg.queries_per_step, world, device,
-        )
-    metrics: dict[str, float] = {}
-    global_step = start_epoch * steps_per_epoch
-    for epoch in range(start_epoch, cfg.epochs):
-        meter = Meter()
-        for step in plan_steps(recipe.num_examples, cfg.queries_per_step, world, cfg.seed + epoch):
-            if recipe.example_length is not None:
-                step = sorted(step, key=recipe.example_length, reverse=True)
-            mine = step[rank::world]
-            micro = micro_batches(mine, cfg, recipe.example_tokens)
-            scale = world / recipe.step_weight(step)
-            for m, idx in enumerate(micro):
-                mb = MicroBatch(idx, scale, device, no_sync, m == len(micro) - 1, autocast_ctx)
-                meter.add(recipe.micro_batch(ddp_model, mb))
-            if cfg.max_grad_norm is not None:
-                if hasattr(ddp_model, "clip_grad_norm_"):
-                    ddp_model.clip_grad_norm_(cfg.max_grad_norm)
-                else:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            global_step += 1
-            if rank == 0 and (global_step % cfg.log_every == 0 or global_step == total_steps):
-                logger.info(
-                    "epoch %d step %d/%d %s lr %.2e", epoch + 1, global_step, total_steps,
-                    recipe.log_line(meter.summary()), scheduler.get_last_lr()[0],
-                )
-        metrics = {"epoch": float(epoch + 1), "step": float(global_step),
-                   "resumed_at_epoch": float(start_epoch), **meter.summary()}
-        if recipe.evaluate is not None:
-            ddp_model.eval()
-            with torch.no_grad(), autocast_ctx():
-                metrics.update(recipe.evaluate(ddp_model))
-            ddp_model.train()
-            if rank == 0:
-                logger.info("epoch %d held-out: %s", epoch + 1,
-                            ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("eval_")))
-        final = epoch == cfg.epochs - 1
+    def epoch_end(epoch: int, final: bool, metrics: dict[str, float]) -> None:
         if in_ray and (final or cfg.checkpoint_every_epoch):
-            _report_with_checkpoint(ddp_model, tokenizer, optimizer, scheduler, epoch, final, cfg, metrics)
+            _report_with_checkpoint(w.ddp_model, w.tokenizer, opt.optimizer, opt.scheduler, epoch, final,
+                                    cfg, metrics)
         elif in_ray:
             import ray.train
 
             ray.train.report(metrics)
+
+    metrics = train_epochs(w, recipe, opt, start_epoch=start_epoch, global_step=start_epoch * per_epoch,
+                           on_epoch_end=epoch_end)
     if not in_ray:
-        save_final_local(ddp_model, tokenizer, Path(job.output_dir), cfg, metrics)
+        save_final_local(w.ddp_model, w.tokenizer, Path(job.output_dir), cfg, metrics)
     return metrics
 
 

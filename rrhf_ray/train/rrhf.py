@@ -379,6 +379,39 @@ def _log_line(s: dict[str, float]) -> str:
             f"acc {s['rank_accuracy']:.3f} {s['tokens_per_s']:.0f} tok/s")
 
 
+def rrhf_recipe(cfg: TrainConfig, data_paths: Sequence[str], tokenizer: Any, device: torch.device,
+                model: torch.nn.Module) -> Recipe:
+    """The RRHF (or family) recipe for `run_worker` / the warm trainer: the pools at
+    `data_paths`, encoded with `tokenizer` (the sampler's token ids where they match it)."""
+    groups = [g for path in data_paths for g in read_groups(path)]
+    if cfg.shuffle_rewards:
+        logger.info("train.shuffle_rewards: the rewards are shuffled within each group (a control)")
+        groups = shuffled_rewards(groups, cfg.seed)
+    encoder = Encoder(tokenizer, cfg.max_length, cfg.truncated)
+    encoded = [e for e in map(encoder, groups) if e is not None]
+    if encoder.dropped:
+        logger.info("train.truncated=drop: left out %d truncated candidate(s), %d group(s) empty",
+                    encoder.dropped, len(groups) - len(encoded))
+    shared = use_prefix_sharing(model, cfg.prefix_sharing)
+    if not shared and cfg.prefix_sharing == "auto":
+        logger.info("prefix sharing: not supported by this model here (%s); the prompt is "
+                    "computed once per candidate", getattr(model.config, "model_type", "?"))
+
+    def micro_batch(model: torch.nn.Module, mb: MicroBatch) -> Measured:
+        return measure(*micro_batch_loss(
+            model, [encoded[i] for i in mb.indices], cfg, mb.device, mb.scale, shared=shared,
+            no_sync=mb.no_sync, sync_last=mb.sync_last, autocast=mb.autocast,
+        ))
+
+    return Recipe(cfg.loss.name.upper(), len(encoded), micro_batch, _log_line,
+                  example_length=lambda i: encoded[i].tokens(shared),
+                  example_tokens=lambda i: encoded[i].tokens(shared))
+
+
+def load_policy(path: str, cfg: TrainConfig, trust_remote_code: bool, tokenizer: Any) -> torch.nn.Module:
+    return load_causal_lm(path, cfg, trust_remote_code)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     """Train one worker's share of a `TrainJob` (`config["job"]`, a dict).
 
@@ -388,37 +421,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     Returns the last epoch's metrics. The loop itself is `rrhf_ray.train.core.run_worker`.
     """
     job = TrainJob.model_validate(config["job"])
-    cfg = job.train
 
     def recipe(tokenizer: Any, device: torch.device, model: torch.nn.Module) -> Recipe:
-        groups = [g for path in job.data_paths for g in read_groups(path)]
-        if cfg.shuffle_rewards:
-            logger.info("train.shuffle_rewards: the rewards are shuffled within each group (a control)")
-            groups = shuffled_rewards(groups, cfg.seed)
-        encoder = Encoder(tokenizer, cfg.max_length, cfg.truncated)
-        encoded = [e for e in map(encoder, groups) if e is not None]
-        if encoder.dropped:
-            logger.info("train.truncated=drop: left out %d truncated candidate(s), %d group(s) empty",
-                        encoder.dropped, len(groups) - len(encoded))
-        shared = use_prefix_sharing(model, cfg.prefix_sharing)
-        if not shared and cfg.prefix_sharing == "auto":
-            logger.info("prefix sharing: not supported by this model here (%s); the prompt is "
-                        "computed once per candidate", getattr(model.config, "model_type", "?"))
+        return rrhf_recipe(job.train, job.data_paths, tokenizer, device, model)
 
-        def micro_batch(model: torch.nn.Module, mb: MicroBatch) -> Measured:
-            return measure(*micro_batch_loss(
-                model, [encoded[i] for i in mb.indices], cfg, mb.device, mb.scale, shared=shared,
-                no_sync=mb.no_sync, sync_last=mb.sync_last, autocast=mb.autocast,
-            ))
+    return run_worker(job, bool(config.get("ray")), load_policy, recipe)
 
-        return Recipe(cfg.loss.name.upper(), len(encoded), micro_batch, _log_line,
-                      example_length=lambda i: encoded[i].tokens(shared),
-                      example_tokens=lambda i: encoded[i].tokens(shared))
 
-    def load(path: str, cfg: TrainConfig, trust_remote_code: bool, tokenizer: Any) -> torch.nn.Module:
-        return load_causal_lm(path, cfg, trust_remote_code)
-
-    return run_worker(job, bool(config.get("ray")), load, recipe)
+def check_pools(paths: Sequence[str], cfg: TrainConfig) -> None:
+    """Read every pool before any worker starts: a malformed row costs nothing to report here."""
+    for path in paths:
+        groups = read_groups(path)
+        if cfg.loss.name == "dpo" and any(g.ref_logprobs is None for g in groups):
+            raise DataError(f"{path}: train.loss dpo needs ref_logprobs in every query group "
+                            "(rrhf_ray.train.reference computes them)")
 
 
 # --------------------------------------------------------------------------- Ray Train
@@ -427,12 +443,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
 def fit(job: TrainJob, *, name: str = "rrhf", storage_path: str | None = None, max_failures: int = 0) -> dict[str, float]:
     """Run `job` under `TorchTrainer` on the connected Ray cluster; install the final checkpoint
     (an HF directory) at `job.output_dir` and return the final metrics."""
-    # Validate the data before any worker starts: a malformed row costs nothing to report here.
-    for path in job.data_paths:
-        groups = read_groups(path)
-        if job.train.loss.name == "dpo" and any(g.ref_logprobs is None for g in groups):
-            raise DataError(f"{path}: train.loss dpo needs ref_logprobs in every query group "
-                            "(rrhf_ray.train.reference computes them)")
+    check_pools(job.data_paths, job.train)
     return fit_job(train_loop_per_worker, job, name=name, storage_path=storage_path,
                    max_failures=max_failures)
 

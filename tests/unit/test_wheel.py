@@ -70,7 +70,7 @@ def _resources() -> list[str]:
     found = []
     for py in sorted(PACKAGE.rglob("*.py")):
         text = py.read_text()
-        if "files(" not in text:
+        if not re.search(r"(?<![\w.])files\(|resources\.files\(", text):
             continue
         hits = RESOURCE.findall(text)
         # A `files(` call this scan cannot read would otherwise be skipped in silence.

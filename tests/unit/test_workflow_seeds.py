@@ -51,9 +51,17 @@ def test_sample_stage_samples_each_round_with_that_rounds_seed(tmp_path: Path, m
                 for i in range(len(queries))]
 
     monkeypatch.setattr(sampler, "get_samples", fake_get_samples)
-    pools, preset, sampling = {"current": object()}, get_preset("IP"), SamplingConfig(seed=5)
+    class Pool:  # the engines' busy seconds: 2 s per sampling call
+        calls = 0
+
+        def busy_seconds(self) -> float:
+            self.calls += 1
+            return 2.0 * (self.calls // 2)
+
+    pools, preset, sampling = {"current": Pool()}, get_preset("IP"), SamplingConfig(seed=5)
     for r in (1, 2):
-        sample_stage(pools, preset, [], QUERIES, sampling, [], tmp_path / f"{r}.jsonl", r)
+        info = sample_stage(pools, preset, [], QUERIES, sampling, [], tmp_path / f"{r}.jsonl", r)
+        assert info["seconds_compute"] == 2.0
     assert [c.seed for c in calls] == [round_seed(5, 1), round_seed(5, 2)]
     one, two = (read_groups(tmp_path / f"{r}.jsonl", scored=False) for r in (1, 2))
     assert all(a.responses != b.responses for a, b in zip(one, two))

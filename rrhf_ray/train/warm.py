@@ -1,0 +1,243 @@
+"""The warm round trainer: one Ray Train worker group that lives across the driver's rounds.
+
+Rebuilding a `TorchTrainer` every round costs a controller, a worker group, a process group and
+a model load from disk before the first step (about 13 s of a 35 s round on the demo's 2-core
+CPU, and a 7B reload from storage on a cluster). Here one `TorchTrainer.fit()` runs in a
+background thread of the driver for the whole run:
+
+- each worker reads commands from its own `ray.util.queue.Queue` (no collective wait while the
+  samplers work, however long that takes); rank 0 answers on one result queue;
+- a `train` command carries round r's pool paths; every rank trains `train.epochs` on it with a
+  fresh AdamW and schedule and the seeds of a fresh fit (`train.seed`), so round r computes what a
+  trainer built for round r alone would; then one `ray.train.report(metrics, checkpoint)` per round
+  (`checkpoint_dir_name` `round_<r>`), which the driver copies to `rounds/<r>/checkpoint`;
+- rank 0 also returns the log-probabilities of a few probe sequences under the weights it just
+  saved: the driver compares them with what the refreshed samplers compute (`verify_refresh`);
+- a worker that dies is restarted by Ray Train (`FailureConfig`) from the last round's checkpoint;
+  rank 0 then says `ready` and the driver sends the unfinished round again (a command for a round a
+  worker already holds is skipped, so a repeated command is harmless);
+- the model stays in the workers' memory between rounds; with LoRA the adapters are merged at each
+  round's end and new ones start, as a fit from the saved (merged) checkpoint would.
+
+A killed driver takes the worker group with it (the controller and the queues are its actors);
+started again, it starts a new group from the last finished round's checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rrhf_ray.train.core import (
+    METRICS_FILE,
+    STATE_FILE,
+    Job,
+    Optimizer,
+    Worker,
+    rank_world,
+    save_hf_checkpoint,
+    steps_per_epoch,
+    train_epochs,
+)
+from rrhf_ray.train.rrhf import check_pools, load_policy, rrhf_recipe
+from rrhf_ray.types import atomic_path
+
+logger = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.5
+
+
+@torch.no_grad()
+def sequence_logprobs(model: torch.nn.Module, sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
+                      device: torch.device) -> list[float]:
+    """Σ log p(response token | prefix) of each (prompt ids, response ids), one forward each
+    (fp32 or the model's dtype; the probe is a handful of short sequences)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for prompt, response in sequences:
+        ids = torch.tensor([list(prompt) + list(response)], device=device)
+        logits = model(input_ids=ids).logits.float()
+        logp = torch.log_softmax(logits[0, len(prompt) - 1 : -1], dim=-1)
+        target = torch.tensor(list(response), device=device)
+        out.append(float(logp.gather(1, target[:, None]).sum()))
+    if was_training:
+        model.train()
+    return out
+
+
+def warm_loop_per_worker(config: dict[str, Any]) -> None:
+    """One worker of the warm trainer: load the policy (the last reported round's checkpoint
+    after a restart, else `job.model_path` at `config["version"]`), then serve commands."""
+    import ray.train
+
+    job = Job.model_validate(config["job"])
+    cfg = job.train
+    rank, _ = rank_world()
+    commands, results = config["commands"][rank], config["results"]
+    ckpt = ray.train.get_checkpoint()
+    version, global_step = int(config["version"]), int(config["global_step"])
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = json.loads((Path(d) / STATE_FILE).read_text())
+            version, global_step = int(state["round"]), int(state.get("global_step", 0))
+            w = Worker.load(d, cfg, True, job.trust_remote_code, load_policy, tokenizer_path=job.tokenizer_path)
+        logger.info("warm trainer restarted from round %d's checkpoint", version)
+    else:
+        w = Worker.load(job.model_path, cfg, True, job.trust_remote_code, load_policy,
+                        tokenizer_path=job.tokenizer_path)
+    if rank == 0:
+        results.put({"kind": "ready", "version": version})
+    while True:
+        cmd = commands.get()
+        if cmd["kind"] == "stop":
+            return
+        r = int(cmd["round"])
+        if r <= version:  # sent again after a restart; this worker has it already
+            continue
+        if r != version + 1:
+            raise RuntimeError(f"warm trainer holds round {version}'s policy, asked to train round {r}")
+        start = time.perf_counter()
+        torch.manual_seed(cfg.seed)
+        recipe = rrhf_recipe(cfg, cmd["data_paths"], w.tokenizer, w.device, w.model)
+        opt = Optimizer.build(w.ddp_model, cfg, steps_per_epoch(recipe, cfg, w.world) * cfg.epochs)
+        history: list[dict[str, float]] = []
+        metrics = train_epochs(w, recipe, opt, global_step=global_step, history=history)
+        global_step += int(metrics["step"])
+        probe = sequence_logprobs(w.model, cmd.get("probe") or [], w.device) if rank == 0 else []
+        with tempfile.TemporaryDirectory() as tmp:
+            save_hf_checkpoint(w.ddp_model, w.tokenizer, Path(tmp), cfg)
+            if rank == 0:
+                (Path(tmp) / STATE_FILE).write_text(json.dumps(
+                    {"epoch": cfg.epochs - 1, "final": True, "round": r, "global_step": global_step}))
+            compute = time.perf_counter() - start
+            metrics = {**metrics, "round": float(r), "seconds_compute": compute}
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
+                             checkpoint_dir_name=f"round_{r:04d}")
+        w.fresh_adapters()
+        version = r
+        if rank == 0:
+            reported = ray.train.get_all_reported_checkpoints()
+            mine = [c for c in reported if c.metrics.get("round") == float(r)]
+            results.put({"kind": "trained", "round": r, "metrics": metrics, "history": history,
+                         "checkpoint": mine[-1].checkpoint, "probe": probe})
+
+
+class WarmTrainer:
+    """The driver's handle on the warm worker group (see the module docstring).
+
+    `job` gives the model to start from (`job.model_path`, the policy of round `version`) and the
+    training settings; `job.output_dir` is unused (each round's checkpoint is reported). `global_step` continues the step count of earlier rounds (for per-step tracking)."""
+
+    def __init__(self, job: Job, version: int, *, storage_path: str, global_step: int = 0,
+                 max_failures: int = 1, name: str | None = None) -> None:
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+        from ray.util.queue import Queue
+
+        cfg = self.cfg = job.train
+        self.version = version
+        self.storage_path = storage_path
+        self.name = name or f"rounds-from-{version}-{uuid.uuid4().hex[:6]}"
+        self.commands = [Queue(actor_options={"num_cpus": 0}) for _ in range(cfg.num_workers)]
+        self.results = Queue(actor_options={"num_cpus": 0})
+        self._pending: dict[str, Any] | None = None
+        self._error: BaseException | None = None
+        trainer = TorchTrainer(
+            warm_loop_per_worker,
+            train_loop_config={"job": job.model_dump(mode="json"), "version": version,
+                               "global_step": global_step, "commands": self.commands,
+                               "results": self.results},
+            scaling_config=ScalingConfig(
+                num_workers=cfg.num_workers,
+                use_gpu=cfg.use_gpu,
+                resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+            ),
+            run_config=RunConfig(
+                name=self.name,
+                storage_path=storage_path,
+                checkpoint_config=CheckpointConfig(num_to_keep=1),
+                failure_config=FailureConfig(max_failures=max_failures),
+            ),
+        )
+        self._thread = threading.Thread(target=self._fit, args=(trainer,), name="warm-trainer", daemon=True)
+        self._thread.start()
+
+    def _fit(self, trainer: Any) -> None:
+        try:
+            trainer.fit()
+        except BaseException as err:  # noqa: BLE001 - handed to the driver's thread by `_wait`
+            self._error = err
+
+    def _send(self, cmd: dict[str, Any]) -> None:
+        for q in self.commands:
+            q.put(cmd)
+
+    def train(self, r: int, data_paths: Sequence[str], probe: Sequence[tuple[list[int], list[int]]] = (),
+              ) -> dict[str, Any]:
+        """Train round `r` (the workers must hold round r−1's policy) on `data_paths`; returns
+        {"metrics", "history", "checkpoint" (a ray.train.Checkpoint), "probe" (Σ log-probs of
+        each probe sequence under the new weights)}."""
+        if r != self.version + 1:
+            raise RuntimeError(f"the warm trainer holds round {self.version}'s policy, not round {r - 1}'s")
+        check_pools(data_paths, self.cfg)
+        self._pending = {"kind": "train", "round": r, "data_paths": [str(p) for p in data_paths],
+                         "probe": [(list(p), list(q)) for p, q in probe]}
+        self._send(self._pending)
+        while True:
+            msg = self._get()
+            if msg["kind"] == "ready":  # a restarted group: send the unfinished round again
+                logger.info("warm trainer (re)started holding round %d; sending round %d", msg["version"], r)
+                self._send(self._pending)
+            elif msg["kind"] == "trained" and msg["round"] == r:
+                self._pending = None
+                self.version = r
+                return msg
+
+    def _get(self) -> dict[str, Any]:
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                return self.results.get(timeout=POLL_SECONDS)
+            except Empty:
+                if not self._thread.is_alive():
+                    raise RuntimeError(f"the training worker group stopped: {self._error!r}") from self._error
+
+    def close(self) -> None:
+        """Stop the workers and end the fit (its storage directory is removed when local)."""
+        if self._thread.is_alive():
+            self._send({"kind": "stop"})
+            self._thread.join(timeout=120)
+        for q in [*self.commands, self.results]:
+            q.shutdown()
+        local = Path(self.storage_path) / self.name
+        if "://" not in self.storage_path and local.is_dir():
+            shutil.rmtree(local, ignore_errors=True)
+
+
+def install_checkpoint(checkpoint: Any, out: Path, metrics: dict[str, Any]) -> None:
+    """Copy a reported checkpoint (local or remote storage) to `out`, whole or not at all."""
+    with atomic_path(out) as tmp, checkpoint.as_directory() as d:
+        shutil.copytree(d, tmp)
+        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+
+
+def start_state(model_dir: str) -> int:
+    """The global step a checkpoint directory was saved at (0 for a model this package did not
+    train in rounds)."""
+    state = Path(model_dir) / STATE_FILE
+    try:
+        return int(json.loads(state.read_text()).get("global_step", 0))
+    except (OSError, ValueError):
+        return 0
