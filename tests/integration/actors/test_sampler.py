@@ -149,6 +149,37 @@ def test_load_weights_matches_hf_greedy_token_for_token(ray_cluster, pool, pertu
     assert [g[0].token_ids for g in before] != [g[0].token_ids for g in after]
 
 
+def test_refresh_check_passes_the_served_weights_and_names_a_replica_with_old_ones(
+        ray_cluster, pool, tiny_model_dir: Path, perturbed_dir: Path) -> None:
+    """The weight-refresh check of the driver (`rrhf_ray.workflow.verify_refresh`): the trainer's
+    log-probs of a probe (here HF's, on the perturbed weights both replicas serve) match every
+    replica's; a replica left on the old weights fails the check, named."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rrhf_ray.train.warm import sequence_logprobs
+    from rrhf_ray.workflow import StaleWeightsError, verify_refresh
+
+    assert ray_cluster.get(pool.versions()) == [1, 1]  # the previous test loaded perturbed_dir
+    tok = AutoTokenizer.from_pretrained(perturbed_dir)
+    probe = [(tok(p)["input_ids"], tok(" Try restarting it, then check the cable.", add_special_tokens=False)["input_ids"])
+             for p in PROMPTS[:3]]
+    model = AutoModelForCausalLM.from_pretrained(perturbed_dir, dtype=torch.float32).eval()
+    expected = sequence_logprobs(model, probe, torch.device("cpu"))
+    assert all(math.isfinite(x) and x < 0 for x in expected)
+
+    gap = verify_refresh(pool, probe, expected, tolerance=1e-3, r=1)
+    assert 0.0 <= gap < 1e-3  # float32 engine against float32 HF: the same weights
+
+    ray_cluster.get(pool.replicas[1].load_weights.remote(str(tiny_model_dir), 1))  # old weights, new label
+    try:
+        with pytest.raises(StaleWeightsError, match=r"sampler replica 1 does not serve round 1's weights"):
+            verify_refresh(pool, probe, expected, tolerance=0.05, r=1)
+    finally:
+        ray_cluster.get(pool.replicas[1].load_weights.remote(str(perturbed_dir), 1))
+    assert verify_refresh(pool, probe, expected, tolerance=1e-3, r=1) < 1e-3
+
+
 def test_mixed_versions_are_refused(ray_cluster, pool, tiny_model_dir: Path) -> None:
     ray_cluster.get(pool.replicas[0].load_weights.remote(str(tiny_model_dir), 2))
     with pytest.raises(MixedVersionsError, match=r"versions \{0: 2, 1: 1\}"):
