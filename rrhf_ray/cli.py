@@ -190,6 +190,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_submit(args: argparse.Namespace) -> int:
+    """`run` as a Ray job (`rrhf_ray.submit`): the config checked here first, as `validate` does."""
+    from rrhf_ray.submit import SubmitError, submit
+
+    _, config = _load_run_config(args)
+    try:
+        return submit(config, args.config or DEFAULT_CONFIG, address=args.address, wait=args.wait,
+                      local_checks=not args.skip_local_checks)
+    except SubmitError as err:
+        print(f"error: {error_line(err)}", file=sys.stderr)
+        return 2
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from rrhf_ray.compare import Plan, format_markdown, parse_seeds, parse_variant, run_compare
 
@@ -205,29 +218,17 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    """Finished stages, the stage running (or stopped / failed), the next one, the rounds' table."""
     import json
+    import time
 
-    from rrhf_ray.report import format_table, rows_upto
+    from rrhf_ray.report import format_status
     from rrhf_ray.state import STATE_FILE
 
     state_file = Path(args.output_dir) / STATE_FILE
     if not state_file.exists():
         raise ConfigError(f"{args.output_dir} holds no run ({STATE_FILE} not found)")
-    state = json.loads(state_file.read_text())
-    stages = state["stages"]
-    rounds = state.get("rounds", 0)
-    print(f"run in {args.output_dir}: {rounds} round(s) configured, {len(stages)} stage(s) finished")
-    for name, info in stages.items():
-        print(f"  done  {name:<16} {info.get('seconds', 0):8.1f} s")
-    dpo = state.get("config", {}).get("train", {}).get("loss", {}).get("name") == "dpo"
-    steps = ("sample", "score", "reference", "train", "eval") if dpo else ("sample", "score", "train", "eval")
-    order = ["base", "sft", "reward_model", "round0/eval"] + [
-        f"round{r}/{s}" for r in range(1, rounds + 1) for s in steps]
-    pending = [s for s in order if s not in stages and (s.startswith("round") or s == "round0/eval")]
-    print(f"next: {pending[0]}" if pending else "finished")
-    rows = rows_upto(stages, rounds)
-    if rows:
-        print(format_table(rows))
+    print(format_status(json.loads(state_file.read_text()), args.output_dir, now=time.time()))
     return 0
 
 
@@ -347,6 +348,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. rounds=2 output.dir=out/x")
     p.set_defaults(func=_cmd_run)
 
+    p = sub.add_parser("submit", help="submit `run` as a Ray job to a cluster's job server (docs/cluster.md)")
+    p.add_argument("config", nargs="?", default=None, help="YAML run config (default: the embedded demo)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value; output.dir must be absolute")
+    p.add_argument("--address", default=None, help="the job server, default RAY_API_SERVER_ADDRESS, "
+                   "RAY_ADDRESS or http://127.0.0.1:8265")
+    p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=False,
+                   help="follow the job's log here and exit with its status (0: SUCCEEDED)")
+    p.add_argument("--skip-local-checks", action="store_true",
+                   help="check only keys and types here (files that exist only on the cluster)")
+    p.set_defaults(func=_cmd_submit)
+
     p = sub.add_parser("compare", help="run variants (losses, controls, overrides) × seeds of one config; "
                        "one table of the held-out metrics")
     p.add_argument("config", help="YAML run config, or builtin:demo (the embedded default)")
@@ -360,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs at once, each a driver process on this Ray cluster (default 1: one after another)")
     p.set_defaults(func=_cmd_compare)
 
-    p = sub.add_parser("status", help="where a run stands: finished stages and per-round metrics")
+    p = sub.add_parser("status", help="where a run stands: the stage running and for how long (or "
+                       "stopped), finished stages, per-round metrics")
     p.add_argument("output_dir")
     p.set_defaults(func=_cmd_status)
 
@@ -393,10 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("output", "out"):
         if getattr(args, name, None):
             setattr(args, name, str(Path(getattr(args, name)).resolve()))
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from rrhf_ray.logs import setup_console
+
+    setup_console(args.verbose)  # a run's console turns quiet once its logs/ exist (rrhf_ray.logs)
     try:
         return args.func(args)
     # A bad input gets one line, never a traceback: config and data errors, an unknown built-in,
@@ -405,6 +417,10 @@ def main(argv: list[str] | None = None) -> int:
             FileNotFoundError, IsADirectoryError, NotADirectoryError) as err:
         print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
+    finally:
+        from rrhf_ray.logs import stop_run_logs
+
+        stop_run_logs()
 
 
 def error_line(err: BaseException) -> str:

@@ -346,6 +346,9 @@ def check_run(config: RunConfig) -> Preflight:
             check_pairs(f"reward_model.{key}", getattr(rm, key), rm.format, read_preference_pairs,
                         "preference pairs", check)
     check_external(config.sampling.external, check)
+    from rrhf_ray.tracking import check_tracking
+
+    check_tracking(config.tracking)  # a backend turned on without its package: named here
     for stage in sorted(done & {"base", "sft", "reward_model"}):
         check.skipped(f"stage {stage}: finished in {config.output.dir}, its inputs are not read again")
     return check

@@ -93,7 +93,7 @@ def timed_stage(state: RunState, stage: str, outputs: list[Path], work: Callable
     if state.done(stage, *outputs):
         logger.info("%s: done already, skipped", stage)
         return False
-    logger.info("%s: starting", stage)
+    logger.debug("%s: starting", stage)  # driver.log only; the console gets the finish line
     state.start(stage)
     start = time.perf_counter()
     try:
@@ -105,7 +105,9 @@ def timed_stage(state: RunState, stage: str, outputs: list[Path], work: Callable
             logger.warning("could not record the failure of %s in %s", stage, state.path, exc_info=True)
         raise
     state.finish(stage, time.perf_counter() - start, **info)
-    logger.info("%s: finished in %.1f s", stage, state.seconds(stage))
+    from rrhf_ray.logs import stage_line
+
+    logger.info("%s", stage_line(stage, state.seconds(stage), info), extra={"console": True})
     return True
 
 

@@ -38,18 +38,30 @@ logger = logging.getLogger(__name__)
 PROBE_QUERIES = 4  # query groups in the weight-refresh probe
 
 def connect_ray(config: RunConfig) -> None:
-    """Join the configured cluster (`ray.address` or RAY_ADDRESS) or start a local one."""
+    """Join the configured cluster (`ray.address` or RAY_ADDRESS) or start a local one. The run's
+    logs go to `<output.dir>/logs/` from here on (`rrhf_ray.logs`): the driver's log, and the
+    output of the actors and Ray processes, kept off the console unless `--verbose`."""
     import ray
 
+    from rrhf_ray import logs
+    from rrhf_ray.storage import is_remote
+
+    if not is_remote(config.output.dir):  # run() calls this with the local mirror of a bucket
+        logs.start_run_logs(Path(config.output.dir) / "logs")
     if ray.is_initialized():
         return
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    log_to_driver = logs.ray_log_to_driver()
     if address:
         logger.info("joining the Ray cluster at %s", address)
-        ray.init(address=address)
+        ray.init(address=address, log_to_driver=log_to_driver)
     else:
-        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False)
+        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
         logger.info("started a local Ray cluster: %s", ray.cluster_resources())
+    if logs.quiet():
+        logs.quiet_library_loggers()  # ray.init configured Ray's loggers anew
+        if log_to_driver:
+            logs.route_worker_output()
 
 
 def path_stage(state: RunState, stage: str, make: Callable[[], Path]) -> str:
@@ -63,8 +75,10 @@ def path_stage(state: RunState, stage: str, make: Callable[[], Path]) -> str:
     return state.data["stages"][stage]["path"]
 
 
-def base_model(config: RunConfig, out: Path, state: RunState) -> str:
-    """ρ's path: a built-in model is built into `base/`, then the optional SFT stage runs."""
+def base_model(config: RunConfig, out: Path, state: RunState,
+               before_sft: Callable[[str], None] | None = None) -> str:
+    """ρ's path: a built-in model is built into `base/`, then the optional SFT stage runs.
+    `before_sft(base path)` is called when the SFT stage is about to run (not when it is done)."""
     path = config.model.name_or_path
     if registry.is_builtin(path):
         build = registry.lookup("model", path)
@@ -72,9 +86,25 @@ def base_model(config: RunConfig, out: Path, state: RunState) -> str:
     if config.sft is not None:
         from rrhf_ray.train.sft import run_sft_stage
 
+        if before_sft is not None and "sft" not in state.data["stages"]:
+            before_sft(path)
         with_base = config.model_copy(update={"model": config.model.model_copy(update={"name_or_path": path})})
         path = path_stage(state, "sft", lambda: run_sft_stage(with_base, out))
     return path
+
+
+def fits_beside_sft(config: RunConfig) -> bool:
+    """Whether the cluster has room for the sampler engines and the SFT stage's workers at once
+    (then the engines start during SFT, from the base model; else after it)."""
+    import ray
+
+    s, t = config.sampling, config.sft.train
+    need_cpu = s.num_replicas * s.cpus_per_replica + t.num_workers * t.cpus_per_worker
+    free = ray.available_resources()
+    if free.get("GPU", 0) > 0 or t.use_gpu:
+        need_gpu = s.num_replicas * s.tensor_parallel_size + (t.num_workers if t.use_gpu else 0)
+        return free.get("GPU", 0) >= need_gpu and free.get("CPU", 0) >= need_cpu
+    return free.get("CPU", 0) >= need_cpu
 
 
 def reward_config(config: RunConfig, out: Path, state: RunState):
@@ -278,11 +308,7 @@ def run(config: RunConfig) -> list[dict]:
     if is_remote(config.output.dir):
         return run_mirrored(config, run)
 
-    from rrhf_ray.actors.scorer import RewardPool
-    from rrhf_ray.data.candidates import get_preset
-    from rrhf_ray.data.queries import load_data
     from rrhf_ray.preflight import check_run
-    from rrhf_ray.report import write_metrics, write_report
 
     # Every static mistake (models, data rows, reward rule, lengths) stops here: before Ray
     # starts, before anything trains, before output.dir is written.
@@ -293,9 +319,40 @@ def run(config: RunConfig) -> list[dict]:
     preset, external = checked.preset, checked.external
     connect_ray(config)
     logger.info("output directory: %s", out.resolve())
+    from rrhf_ray.tracking import open_tracking
 
-    rho = base_model(config, out, state)
-    reward_cfg = reward_config(config, out, state)
+    # One tracking run per output directory: a resumed run continues it (ids kept in state.json).
+    tracker = open_tracking(config.tracking, out, state.data.get("tracking"))
+    state.data["tracking"] = tracker.ids
+    with tracker:
+        tracker.log_params(config)
+        return _run_rounds(config, state, out, preset, external, tracker)
+
+
+def _run_rounds(config: RunConfig, state: RunState, out: Path, preset, external, tracker) -> list[dict]:
+    from rrhf_ray.actors.scorer import RewardPool
+    from rrhf_ray.data.candidates import get_preset
+    from rrhf_ray.data.queries import load_data
+    from rrhf_ray.report import write_metrics, write_report
+
+    early: dict = {}
+
+    def start_engines(base: str) -> None:
+        """The engines start now from the base model, beside the SFT stage, and load ρ in place
+        when SFT has made it (engine start-up is a minute on a small CPU)."""
+        if fits_beside_sft(config):
+            logger.info("sampler engines start beside the SFT stage (from %s)", base)
+            early.update(build_pools(config, preset, base, base, 0))
+            if "current" not in early:
+                early.update(build_pools(config, get_preset("IP"), base, base, 0))
+
+    try:
+        rho = base_model(config, out, state, before_sft=start_engines)
+        reward_cfg = reward_config(config, out, state)
+    except BaseException:
+        for pool in early.values():
+            pool.shutdown()
+        raise
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or rho)
@@ -311,21 +368,29 @@ def run(config: RunConfig) -> list[dict]:
                default=0)
     current_path = str(checkpoint(last)) if last else rho
     # Evaluation samples from ρ* whatever the preset, so "current" always exists.
-    pools = build_pools(config, preset, rho, current_path, last)
-    if "current" not in pools:
-        pools.update(build_pools(config, get_preset("IP"), rho, current_path, last))
+    if early:  # started during SFT (nothing trained yet: ρ everywhere, version 0)
+        pools = early
+        import ray
+
+        ray.get([ref for pool in pools.values() for ref in pool.load_weights(rho, 0)])
+    else:
+        pools = build_pools(config, preset, rho, current_path, last)
+        if "current" not in pools:
+            pools.update(build_pools(config, get_preset("IP"), rho, current_path, last))
     rewards = RewardPool(reward_cfg)
     judge = config.eval.judge_model or rho  # one fixed judge for every round (docs/metrics.md)
     # The warm trainer starts now, beside the engines and round 0's evaluation, holding the
     # policy the next round trains from; it lives until the last round (rrhf_ray.train.warm).
     trainer = None
     if last < config.rounds:
+        from rrhf_ray.actors.engine import served_dtype
         from rrhf_ray.train.core import Job
         from rrhf_ray.train.warm import WarmTrainer, start_state
 
         trainer = WarmTrainer(
             Job(model_path=current_path, output_dir=str(out / "rounds"), train=config.train,
-                trust_remote_code=config.model.trust_remote_code),
+                trust_remote_code=config.model.trust_remote_code,
+                save_dtype=served_dtype(config.sampling.dtype, current_path)),  # what the samplers load
             last, storage_path=config.output.storage_path or str((out / "ray_train").resolve()),
             global_step=start_state(current_path))
 
@@ -337,6 +402,7 @@ def run(config: RunConfig) -> list[dict]:
                         partial(eval_stage, pools, rewards, eval_queries, references, rho, config, None,
                                 round0_dir, judge))
         round0 = read_eval(round0_dir / "eval.jsonl")
+        track_round(tracker, state, out, write_metrics(out, state.data["stages"], 0), 0)
 
         for r in range(1, config.rounds + 1):
             rd = out / "rounds" / str(r)
@@ -366,7 +432,7 @@ def run(config: RunConfig) -> list[dict]:
             timed_stage(state, f"round{r}/eval", [rd / "eval.jsonl"],
                         partial(eval_stage, pools, rewards, eval_queries, references, str(checkpoint(r)),
                                 config, round0, rd, judge))
-            write_metrics(out, state.data["stages"], r)
+            track_round(tracker, state, out, write_metrics(out, state.data["stages"], r), r)
     finally:
         if trainer is not None:
             trainer.close()
@@ -375,4 +441,25 @@ def run(config: RunConfig) -> list[dict]:
         rewards.shutdown()
     rows = write_metrics(out, state.data["stages"], config.rounds)
     write_report(out, rows)
+    for name in ("summary.md", "report.png"):
+        tracker.log_artifact(out / name)
     return rows
+
+
+def track_round(tracker, state: RunState, out: Path, rows: list[dict], r: int) -> None:
+    """Round r to the experiment trackers: its metrics row, the training steps it ran
+    (`train_history.jsonl`, on the global step), its sample replies as a table. What a resumed
+    run logged already is skipped by the tracker."""
+    from rrhf_ray.report import sample_table
+    from rrhf_ray.types import iter_jsonl
+
+    if not tracker.enabled:
+        return
+    tracker.log_rounds(rows)
+    history = out / "rounds" / str(r) / "train_history.jsonl"
+    if history.exists():
+        tracker.log_train_steps([row for _, row in iter_jsonl(history)], prefix="train")
+    samples = sample_table(out, [r])
+    if samples:
+        tracker.log_table(f"samples_round{r}", samples, step=r)
+    state.data["tracking"] = tracker.ids  # saved with the next stage

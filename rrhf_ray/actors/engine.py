@@ -26,6 +26,24 @@ from rrhf_ray.config import SamplingConfig
 from rrhf_ray.train.tokens import tokenizer_fingerprint
 
 
+def served_dtype(dtype: str, model_path: str) -> str:
+    """The dtype the engine serves the model at `model_path` in (`sampling.dtype`): an explicit
+    one as it is; `auto` the checkpoint's config dtype, float32 downcast to bfloat16 as vLLM does
+    on CPUs and on GPUs with bf16 (its platform's preferred 16-bit type). The warm trainer saves
+    each round's checkpoint in it, so that a refresh loads weights of the dtype it serves."""
+    import json
+    from pathlib import Path
+
+    if dtype != "auto":
+        return dtype
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "bfloat16"
+    stored = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
+    return "bfloat16" if stored == "float32" else stored
+
+
 @dataclass(frozen=True)
 class Completion:
     """One generated response, as the engine returns it (no project vocabulary yet).

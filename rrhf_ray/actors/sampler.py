@@ -30,6 +30,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rrhf_ray.actors.dispatch import count_tokens, dispatch_chunks
 from rrhf_ray.actors.engine import VLLMEngine
 from rrhf_ray.config import SamplingConfig
+from rrhf_ray.logs import current_log_dir, redirect_process_output
 from rrhf_ray.types import Candidate
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ class Sampler:
 
     def __init__(self, model_path: str, config: SamplingConfig, tag: str = "policy",
                  tokenizer: str | None = None, trust_remote_code: bool = False,
-                 version: int = 0, replica: int = 0) -> None:
+                 version: int = 0, replica: int = 0, log_dir: str | None = None) -> None:
+        redirect_process_output(log_dir, f"sampler-{tag}{replica}")  # vLLM's output: logs/, not the console
         self.engine = VLLMEngine(model_path, config, tokenizer=tokenizer,
                                  trust_remote_code=trust_remote_code)
         self.tag = tag
@@ -175,7 +177,7 @@ class SamplerPool:
                 max_restarts=config.max_restarts,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True),
-            ).remote(str(model_path), config, tag, tokenizer, trust_remote_code, version, i)
+            ).remote(str(model_path), config, tag, tokenizer, trust_remote_code, version, i, current_log_dir())
             for i, pg in enumerate(self._groups)
         ]
 

@@ -27,6 +27,7 @@ import ray
 from rrhf_ray import registry
 from rrhf_ray.actors.dispatch import dispatch_chunks
 from rrhf_ray.config import RewardConfig
+from rrhf_ray.logs import current_log_dir, redirect_process_output
 from rrhf_ray.train.tokens import collate, encode
 from rrhf_ray.types import CandidateGroup, DataError, QueryGroup
 
@@ -82,7 +83,8 @@ def _rule_task(spec: str, queries: list[str], responses: list[str]) -> ScoredChu
 class RewardScorer:
     """An HF reward model (one logit) scoring (query, response) pairs; runs as a Ray actor."""
 
-    def __init__(self, model_path: str, config: RewardConfig) -> None:
+    def __init__(self, model_path: str, config: RewardConfig, log_dir: str | None = None) -> None:
+        redirect_process_output(log_dir, "scorer")  # transformers' output: logs/, not the console
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -164,7 +166,7 @@ class RewardPool:
             gpus = 0.5 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
         actor_cls = ray.remote(RewardScorer).options(
             num_cpus=config.cpus_per_worker, num_gpus=gpus, max_restarts=1)
-        self.workers = [actor_cls.remote(config.model, config) for _ in range(config.num_workers)]
+        self.workers = [actor_cls.remote(config.model, config, current_log_dir()) for _ in range(config.num_workers)]
 
     def score(self, groups: Sequence[CandidateGroup], *, progress: bool = True) -> ray.ObjectRef:
         """A ref to one scored QueryGroup per input group, in order (sources kept)."""

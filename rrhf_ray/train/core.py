@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rrhf_ray.config import TrainConfig
 from rrhf_ray.data.pairs import PairFormat
 from rrhf_ray.data.queries import hold_out
+from rrhf_ray.logs import current_log_dir, redirect_process_output, worker_progress
 from rrhf_ray.types import DataError, atomic_path
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,10 @@ class Job(BaseModel):
     tokenizer_path: str | None = None
     trust_remote_code: bool = False
     resume_from: str | None = Field(None, description="A checkpoint of an interrupted fit (no Ray).")
+    log_dir: str | None = Field(None, description="Where Ray Train workers write their stdout and "
+                                "stderr (`rrhf_ray.logs.redirect_process_output`); None: Ray's logs.")
+    save_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="The dtype of the saved weights (the samplers' dtype); None: the model's (fp32).")
 
 
 class PairJob(Job):
@@ -286,9 +291,11 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "no_sync") and hasattr(model, "module") else model
 
 
-def save_hf_checkpoint(model: torch.nn.Module, tokenizer: Any, directory: Path, cfg: TrainConfig) -> None:
+def save_hf_checkpoint(model: torch.nn.Module, tokenizer: Any, directory: Path, cfg: TrainConfig,
+                       dtype: str | None = None) -> None:
     """Write the model as a plain HF directory (safetensors), LoRA merged, FSDP gathered.
-    Collective under FSDP: every rank must call it; only rank 0 writes."""
+    Collective under FSDP: every rank must call it; only rank 0 writes. `dtype` (e.g. the
+    samplers' "bfloat16"): the saved copy's floating-point dtype; the model in memory is unchanged."""
     import torch.distributed as dist
 
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -306,8 +313,38 @@ def save_hf_checkpoint(model: torch.nn.Module, tokenizer: Any, directory: Path, 
     inner = unwrap(model)
     if cfg.lora.enabled:
         inner = copy.deepcopy(inner).merge_and_unload()
+    cast = dtype is not None and dtype != "float32"
+    if cast:
+        state_dict = cast_state_dict(state_dict if state_dict is not None else inner.state_dict(),
+                                     getattr(torch, dtype))
     inner.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+    if cast:  # config.json names the saved dtype (what vLLM's `auto` reads)
+        _set_saved_dtype(directory, dtype)
     tokenizer.save_pretrained(directory)
+
+
+def cast_state_dict(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating-point tensors cast to `dtype`; tensors that share storage (tied embeddings) stay
+    shared, so `save_pretrained` still writes them once."""
+    done: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
+    out = {}
+    for name, t in state_dict.items():
+        if not t.is_floating_point() or t.dtype == dtype:
+            out[name] = t
+            continue
+        key = (t.data_ptr(), tuple(t.shape))
+        if key not in done:
+            done[key] = t.detach().to(dtype)
+        out[name] = done[key]
+    return out
+
+
+def _set_saved_dtype(directory: Path, dtype: str) -> None:
+    path = Path(directory) / "config.json"
+    config = json.loads(path.read_text())
+    key = "dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"
+    config[key] = dtype
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def device_for(cfg: TrainConfig, in_ray: bool) -> torch.device:
@@ -430,6 +467,8 @@ def train_epochs(
             recipe.name, recipe.num_examples, cfg.epochs, per_epoch, cfg.queries_per_step, w.world, w.device,
         )
     metrics: dict[str, float] = {}
+    bar = worker_progress(per_epoch * (cfg.epochs - start_epoch), f"{recipe.name} training", "step") \
+        if w.rank == 0 else None
     for epoch in range(start_epoch, cfg.epochs):
         meter = Meter()
         for step in plan_steps(recipe.num_examples, cfg.queries_per_step, w.world, cfg.seed + epoch):
@@ -459,6 +498,8 @@ def train_epochs(
                 history.append({"global_step": float(global_step), "lr": lr, "grad_norm": grad_norm,
                                 **step_meter.summary()})
             done = global_step - first_step
+            if bar is not None:
+                bar.update(1)
             if w.rank == 0 and (done % cfg.log_every == 0 or done == total_steps):
                 logger.info(
                     "epoch %d step %d/%d %s lr %.2e", epoch + 1, done, total_steps,
@@ -476,6 +517,8 @@ def train_epochs(
                             ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("eval_")))
         if on_epoch_end is not None:
             on_epoch_end(epoch, epoch == cfg.epochs - 1, metrics)
+    if bar is not None:
+        bar.close()
     return metrics
 
 
@@ -495,6 +538,8 @@ def run_worker(
     `ray.train.report`, resuming from `ray.train.get_checkpoint()`. Returns the last epoch's metrics.
     """
     cfg = job.train
+    if in_ray:
+        redirect_process_output(job.log_dir, "train")
     with _resume_checkpoint(job, in_ray) as resume_dir:
         state = json.loads((Path(resume_dir) / STATE_FILE).read_text()) if resume_dir else None
         w = Worker.load(resume_dir or job.model_path, cfg, in_ray, job.trust_remote_code, load_model,
@@ -607,6 +652,7 @@ def fit_job(
     from ray.train.torch import TorchTrainer
 
     cfg = job.train
+    job = job.model_copy(update={"log_dir": job.log_dir or current_log_dir()})
     storage = storage_path or str(Path(job.output_dir).resolve().parent / "ray_train")
     trainer = TorchTrainer(
         loop,

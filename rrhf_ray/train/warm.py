@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from rrhf_ray.logs import current_log_dir, redirect_process_output
 from rrhf_ray.train.core import (
     METRICS_FILE,
     STATE_FILE,
@@ -82,6 +83,7 @@ def warm_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     job = Job.model_validate(config["job"])
+    redirect_process_output(job.log_dir, "train")
     cfg = job.train
     rank, _ = rank_world()
     commands, results = config["commands"][rank], config["results"]
@@ -116,7 +118,7 @@ def warm_loop_per_worker(config: dict[str, Any]) -> None:
         global_step += int(metrics["step"])
         probe = sequence_logprobs(w.model, cmd.get("probe") or [], w.device) if rank == 0 else []
         with tempfile.TemporaryDirectory() as tmp:
-            save_hf_checkpoint(w.ddp_model, w.tokenizer, Path(tmp), cfg)
+            save_hf_checkpoint(w.ddp_model, w.tokenizer, Path(tmp), cfg, job.save_dtype)
             if rank == 0:
                 (Path(tmp) / STATE_FILE).write_text(json.dumps(
                     {"epoch": cfg.epochs - 1, "final": True, "round": r, "global_step": global_step}))
@@ -152,10 +154,12 @@ class WarmTrainer:
         self.commands = [Queue(actor_options={"num_cpus": 0}) for _ in range(cfg.num_workers)]
         self.results = Queue(actor_options={"num_cpus": 0})
         self._pending: dict[str, Any] | None = None
+        self.starts = 0  # worker group (re)starts seen (a `ready` each)
         self._error: BaseException | None = None
         trainer = TorchTrainer(
             warm_loop_per_worker,
-            train_loop_config={"job": job.model_dump(mode="json"), "version": version,
+            train_loop_config={"job": job.model_copy(update={"log_dir": job.log_dir or current_log_dir()})
+                               .model_dump(mode="json"), "version": version,
                                "global_step": global_step, "commands": self.commands,
                                "results": self.results},
             scaling_config=ScalingConfig(
@@ -197,6 +201,7 @@ class WarmTrainer:
         while True:
             msg = self._get()
             if msg["kind"] == "ready":  # a restarted group: send the unfinished round again
+                self.starts += 1
                 logger.info("warm trainer (re)started holding round %d; sending round %d", msg["version"], r)
                 self._send(self._pending)
             elif msg["kind"] == "trained" and msg["round"] == r:
