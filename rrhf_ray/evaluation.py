@@ -185,6 +185,19 @@ def eval_sampling(sampling: SamplingConfig, cfg: EvalConfig) -> tuple[SamplingCo
 
 
 @ray.remote(num_cpus=1)
+def _warm_up_task() -> None:
+    import rrhf_ray.train.rrhf
+    import rrhf_ray.train.sft  # noqa: F401 - the imports are the point
+
+
+def warm_up_workers(n: int = 2) -> list[ray.ObjectRef]:
+    """Start `n` Ray worker processes with the evaluation's imports (torch, transformers) loaded,
+    so that round 0's perplexity and ranking tasks do not pay a Python start-up each (Ray reuses
+    an idle worker of the same shape). Fire and forget."""
+    return [_warm_up_task.remote() for _ in range(n)]
+
+
+@ray.remote(num_cpus=1)
 def perplexity_task(model_path: str, pairs: list[tuple[str, str]], max_length: int) -> tuple[float, float]:
     """(perplexity, seconds): exp(mean NLL per response token, the closing EOS included) of the model at `model_path`
     on (query, response) pairs: the policy on reference responses (`reference_perplexity`), or
@@ -219,8 +232,9 @@ def evaluate(
     """Greedy and sampled replies of the sampler's current policy (at `model_path`), scored; the
     perplexities (the policy on `references`, `judge` on the greedy replies) and the held-out
     ranking accuracy run as Ray tasks beside the scoring. `judge` None: no judge perplexity."""
-    # On a GPU cluster the forwards go to a GPU (free while no trainer runs), not the head.
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    # On a GPU cluster the forwards go to a free GPU; when the warm trainer and the samplers hold
+    # every GPU they run on a CPU rather than wait for a GPU that no one frees during the run.
+    gpus = 1 if ray.available_resources().get("GPU", 0) >= 1 else 0
     ppl_ref = (perplexity_task.options(num_gpus=gpus).remote(model_path, references, max_length)
                if references else None)
     greedy_cfg, sampled_cfg = eval_sampling(sampling, cfg)

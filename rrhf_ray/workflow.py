@@ -36,6 +36,10 @@ from rrhf_ray.types import write_jsonl
 logger = logging.getLogger(__name__)
 
 PROBE_QUERIES = 4  # query groups in the weight-refresh probe
+# A small local cluster runs more processes (engines, trainer, tasks) than it has CPUs, and Ray
+# kills idle task workers beyond that count after 1 s: every round's scoring and evaluation tasks
+# then paid a new Python process (2 s a round on the demo). Idle workers live 10 minutes here.
+LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 600_000}
 
 def connect_ray(config: RunConfig) -> None:
     """Join the configured cluster (`ray.address` or RAY_ADDRESS) or start a local one. The run's
@@ -56,7 +60,8 @@ def connect_ray(config: RunConfig) -> None:
         logger.info("joining the Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=log_to_driver)
     else:
-        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
+        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
+                 _system_config=LOCAL_SYSTEM_CONFIG)
         logger.info("started a local Ray cluster: %s", ray.cluster_resources())
     if logs.quiet():
         logs.quiet_library_loggers()  # ray.init configured Ray's loggers anew
@@ -378,6 +383,10 @@ def _run_rounds(config: RunConfig, state: RunState, out: Path, preset, external,
         if "current" not in pools:
             pools.update(build_pools(config, get_preset("IP"), rho, current_path, last))
     rewards = RewardPool(reward_cfg)
+    if last < config.rounds or "round0/eval" not in state.data["stages"]:
+        from rrhf_ray.evaluation import warm_up_workers
+
+        warm_up_workers()
     judge = config.eval.judge_model or rho  # one fixed judge for every round (docs/metrics.md)
     # The warm trainer starts now, beside the engines and round 0's evaluation, holding the
     # policy the next round trains from; it lives until the last round (rrhf_ray.train.warm).
