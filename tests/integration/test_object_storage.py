@@ -17,6 +17,7 @@ import pytest
 
 from rrhf_ray.config import load_config
 from rrhf_ray.demo import DEMO_CONFIG
+from rrhf_ray.storage import mirror_dir
 from rrhf_ray.workflow import run
 from tests.object_store import bucket_files, create_bucket, moto_s3, read_object
 
@@ -69,7 +70,9 @@ def test_killed_driver_resumes_from_the_bucket_on_a_fresh_mirror(ray_cluster, tm
             assert files.get(rel, 0) > 0, rel
         assert before["base"]["path"] == f"{uri}/base"
         pool = read_object(f"{uri}/rounds/1/pool.parquet")
-        assert "uploaded" in log.read_text()
+        # The killed driver's own log (in its mirror, machine 1) names what it uploaded.
+        monkeypatch.setenv("RRHF_RAY_CACHE", str(tmp_path / "machine1"))
+        assert "uploaded" in (mirror_dir(uri) / "logs" / "driver.log").read_text()
 
         # Another machine: a fresh cache, so the resume reads the bucket and nothing else.
         monkeypatch.setenv("RRHF_RAY_CACHE", str(tmp_path / "machine2"))
