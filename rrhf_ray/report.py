@@ -49,6 +49,10 @@ def round_row(stages: dict[str, Any], r: int) -> dict[str, Any] | None:
     row["train_sft_loss"] = train.get("sft_loss")
     row["train_fit_rank_accuracy"] = train.get("rank_accuracy")  # on the pool it trained on
     row["train_tokens_per_s"] = train.get("tokens_per_s")
+    upload = stages.get(f"round{r}/train", {}).get("checkpoint_upload")  # output.dir on object storage
+    if upload is not None:
+        row["checkpoint_upload_bytes"] = upload["bytes"]
+        row["checkpoint_upload_seconds"] = upload["seconds"]
     score = stages.get(f"round{r}/score", {})
     pool = score.get("pool_stats", {})
     row["pool_reward_mean"] = pool.get("all", {}).get("mean")

@@ -433,6 +433,7 @@ def _run_rounds(config: RunConfig, state: RunState, out: Path, preset, external,
             probe = probe_sequences(rd / "pool.parquet", tokenizer)
             timed_stage(state, f"round{r}/train", [checkpoint(r)],
                         partial(train_stage, trainer, r, train_pool, checkpoint(r), probe))
+            publish_checkpoint(state, r)
             if pools["current"].version < r:  # refresh ρ* in place: no engine restart
                 timed_stage(state, f"round{r}/refresh", [],
                             partial(refresh_stage, pools["current"], checkpoint(r), r, probe,
@@ -453,6 +454,22 @@ def _run_rounds(config: RunConfig, state: RunState, out: Path, preset, external,
     for name in ("summary.md", "report.png"):
         tracker.log_artifact(out / name)
     return rows
+
+
+def publish_checkpoint(state: RunState, r: int) -> None:
+    """With `output.dir` on object storage: put round r's checkpoint in the bucket now (before the
+    samplers load it; the background sync would take up to its period), and record its size and
+    upload time with the train stage (`checkpoint_upload_bytes` / `_seconds` in the round's row)."""
+    from rrhf_ray.storage import active_store
+
+    store = active_store()
+    info = state.data["stages"].get(f"round{r}/train")
+    if store is None or info is None or "checkpoint_upload" in info:
+        return
+    store.sync()
+    moved = store.uploaded(f"rounds/{r}/checkpoint")
+    info["checkpoint_upload"] = {"bytes": moved.bytes, "seconds": round(moved.seconds, 3)}
+    logger.info("round %d's checkpoint: %s", r, moved.describe("uploaded"))
 
 
 def track_round(tracker, state: RunState, out: Path, rows: list[dict], r: int) -> None:

@@ -45,7 +45,8 @@ def test_shortened_demo_raises_the_held_out_reward(ray_cluster, tmp_path, capfd,
     from safetensors import safe_open
 
     with safe_open(str(out / "rounds" / "2" / "checkpoint" / "model.safetensors"), "pt") as st:
-        assert {str(st.get_tensor(k).dtype) for k in st.keys()}  # noqa: SIM118 - safe_open has keys(), no __iter__ == {"torch.bfloat16"}
+        names = st.keys()  # safe_open has keys(), no __iter__
+        assert {str(st.get_tensor(k).dtype) for k in names} == {"torch.bfloat16"}
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
@@ -53,6 +54,22 @@ def test_shortened_demo_raises_the_held_out_reward(ray_cluster, tmp_path, capfd,
         for key in ("eval_reward_mean", "eval_reward_std", "reference_perplexity", "win_rate_vs_round0",
                     "train_loss", "seconds_sample", "seconds_score", "seconds_train", "seconds_eval"):
             assert key in row, key
+    # Tracking (TensorBoard is on by default): the event files hold metrics.jsonl's values by
+    # round and every training step of both rounds on one increasing global step.
+    from tests.unit.test_tracking import tensorboard_scalars
+
+    _, scalars = tensorboard_scalars(out / "tensorboard")
+    for key in ("sampled_reward_mean", "eval_reward_mean", "train_loss", "seconds_overhead"):
+        logged = dict(scalars[key])
+        want = {r["round"]: r[key] for r in rows if r.get(key) is not None}
+        assert logged == pytest.approx(want, rel=1e-6), key
+    history = [json.loads(line) for r in (1, 2)
+               for line in (out / "rounds" / str(r) / "train_history.jsonl").read_text().splitlines()]
+    assert [s for s, _ in scalars["train/loss"]] == [h["global_step"] for h in history] == list(
+        range(1, len(history) + 1))
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx([h["loss"] for h in history], rel=1e-6)
+    assert (out / "summary.md").read_text().count("best sampled reply") >= 1  # readable samples
+
     r0, r2 = rows[0], rows[2]
     # The fixed seed makes this run deterministic up to CPU float reductions; the margins are wide
     # (round 0 → 2 measured: greedy +0.50 → +0.97, sampled −0.05 → +0.48).

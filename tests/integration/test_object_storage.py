@@ -19,16 +19,12 @@ from rrhf_ray.config import load_config
 from rrhf_ray.demo import DEMO_CONFIG
 from rrhf_ray.storage import mirror_dir
 from rrhf_ray.workflow import run
+from tests.integration.test_workflow import QUICK  # the killed-driver test's quick variant
 from tests.object_store import bucket_files, create_bucket, moto_s3, read_object
 
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[2]
-
-# The killed-driver test's quick variant (tests/integration/test_workflow.py): no SFT, few queries.
-QUICK = ["sft=null", "rounds=1", "data.max_prompts=16", "data.max_eval_prompts=8", "train.epochs=1",
-         "sampling.max_new_tokens=16", "eval.max_new_tokens=16", "eval.num_samples=2",
-         "sampling.chunk_prompts=8"]
 
 
 def remote_stages(uri: str) -> dict:
@@ -90,6 +86,10 @@ def test_killed_driver_resumes_from_the_bucket_on_a_fresh_mirror(ray_cluster, tm
         metrics = [json.loads(line) for line in read_object(f"{uri}/metrics.jsonl").decode().splitlines()]
         assert [m["round"] for m in metrics] == [0, 1]
         assert metrics[1]["train_loss"] > 0
+        # Round 1's checkpoint went up once, whole: its bytes are the bucket's.
+        checkpoint_bytes = sum(v for k, v in bucket_files(uri).items() if k.startswith("rounds/1/checkpoint/"))
+        assert metrics[1]["checkpoint_upload_bytes"] == checkpoint_bytes > 0
+        assert metrics[1]["checkpoint_upload_seconds"] >= 0
         files = bucket_files(uri)
         assert files["rounds/1/checkpoint/model.safetensors"] > 0 and "summary.md" in files
         assert not [f for f in files if f.startswith("ray_train/") or ".tmp-" in f or ".old-" in f]
