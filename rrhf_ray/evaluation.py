@@ -185,16 +185,22 @@ def eval_sampling(sampling: SamplingConfig, cfg: EvalConfig) -> tuple[SamplingCo
 
 
 @ray.remote(num_cpus=1)
-def _warm_up_task() -> None:
+def _warm_up_task(rule: str | None) -> None:
+    import rrhf_ray.actors.sampler
     import rrhf_ray.train.rrhf
     import rrhf_ray.train.sft  # noqa: F401 - the imports are the point
+    from rrhf_ray.actors.scorer import load_rule
+
+    if rule:
+        load_rule(rule)
 
 
-def warm_up_workers(n: int = 2) -> list[ray.ObjectRef]:
-    """Start `n` Ray worker processes with the evaluation's imports (torch, transformers) loaded,
-    so that round 0's perplexity and ranking tasks do not pay a Python start-up each (Ray reuses
-    an idle worker of the same shape). Fire and forget."""
-    return [_warm_up_task.remote() for _ in range(n)]
+def warm_up_workers(n: int = 4, rule: str | None = None) -> list[ray.ObjectRef]:
+    """Start `n` Ray worker processes with the imports of the evaluation's tasks (torch,
+    transformers, the samplers' and scorers' dispatch, the reward rule) done, so that round 0's
+    tasks do not each pay a Python start-up: Ray hands a task an idle worker process. Fire and
+    forget; the driver calls it while the SFT stage runs."""
+    return [_warm_up_task.remote(rule) for _ in range(n)]
 
 
 @ray.remote(num_cpus=1)

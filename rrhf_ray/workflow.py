@@ -346,7 +346,11 @@ def _run_rounds(config: RunConfig, state: RunState, out: Path, preset, external,
         """The engines start now from the base model, beside the SFT stage, and load ρ in place
         when SFT has made it (engine start-up is a minute on a small CPU)."""
         if fits_beside_sft(config):
+            from rrhf_ray.evaluation import warm_up_workers
+
             logger.info("sampler engines start beside the SFT stage (from %s)", base)
+            # Round 0's evaluation tasks then find their Python processes ready.
+            warm_up_workers(rule=config.reward.rule if config.reward.kind == "rule" else None)
             early.update(build_pools(config, preset, base, base, 0))
             if "current" not in early:
                 early.update(build_pools(config, get_preset("IP"), base, base, 0))
@@ -383,10 +387,6 @@ def _run_rounds(config: RunConfig, state: RunState, out: Path, preset, external,
         if "current" not in pools:
             pools.update(build_pools(config, get_preset("IP"), rho, current_path, last))
     rewards = RewardPool(reward_cfg)
-    if last < config.rounds or "round0/eval" not in state.data["stages"]:
-        from rrhf_ray.evaluation import warm_up_workers
-
-        warm_up_workers()
     judge = config.eval.judge_model or rho  # one fixed judge for every round (docs/metrics.md)
     # The warm trainer starts now, beside the engines and round 0's evaluation, holding the
     # policy the next round trains from; it lives until the last round (rrhf_ray.train.warm).

@@ -128,11 +128,9 @@ def warm_loop_per_worker(config: dict[str, Any]) -> None:
                              checkpoint_dir_name=f"round_{r:04d}")
         w.fresh_adapters()
         version = r
-        if rank == 0:
-            reported = ray.train.get_all_reported_checkpoints()
-            mine = [c for c in reported if c.metrics.get("round") == float(r)]
+        if rank == 0:  # report() returned after the (synchronous) upload: the directory is there
             results.put({"kind": "trained", "round": r, "metrics": metrics, "history": history,
-                         "checkpoint": mine[-1].checkpoint, "probe": probe})
+                         "checkpoint_dir": f"round_{r:04d}", "probe": probe})
 
 
 class WarmTrainer:
@@ -205,8 +203,14 @@ class WarmTrainer:
                 logger.info("warm trainer (re)started holding round %d; sending round %d", msg["version"], r)
                 self._send(self._pending)
             elif msg["kind"] == "trained" and msg["round"] == r:
+                from ray.train import Checkpoint
+
                 self._pending = None
                 self.version = r
+                # Where Ray Train persisted it (storage_path / run name / checkpoint_dir_name); not
+                # through get_all_reported_checkpoints, which waits for the controller's next poll.
+                msg["checkpoint"] = Checkpoint(path="/".join([self.storage_path.rstrip("/"), self.name,
+                                                              msg.pop("checkpoint_dir")]))
                 return msg
 
     def _get(self) -> dict[str, Any]:
