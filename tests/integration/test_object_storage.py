@@ -40,7 +40,9 @@ def test_killed_driver_resumes_from_the_bucket_on_a_fresh_mirror(ray_cluster, tm
         for k, v in s3_env.items():
             monkeypatch.setenv(k, v)
         uri = f"s3://{create_bucket(s3_env)}/run"
-        overrides = QUICK + [f"output.dir={uri}"]
+        # Round 1 trains for a few seconds (30 epochs of 2 steps), so that the kill, which waits
+        # for the bucket to name round1/score (synced every second), lands before it ends.
+        overrides = QUICK + ["train.epochs=30", f"output.dir={uri}"]
         env = {**os.environ, **s3_env, "RRHF_RAY_CACHE": str(tmp_path / "machine1"), "RRHF_RAY_SYNC_SECONDS": "1",
                "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
         log = tmp_path / "driver.log"
