@@ -7,9 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,12 +16,10 @@ from rrhf_ray.config import load_config
 from rrhf_ray.demo import DEMO_CONFIG
 from rrhf_ray.storage import mirror_dir
 from rrhf_ray.workflow import run
-from tests.integration.test_workflow import QUICK  # the killed-driver test's quick variant
+from tests.integration.test_workflow import QUICK, kill_driver_when  # its quick variant, its kill
 from tests.object_store import bucket_files, create_bucket, moto_s3, read_object
 
 pytestmark = pytest.mark.ray
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def remote_stages(uri: str) -> dict:
@@ -45,19 +40,8 @@ def test_killed_driver_resumes_from_the_bucket_on_a_fresh_mirror(ray_cluster, tm
         overrides = QUICK + ["train.epochs=30", f"output.dir={uri}"]
         env = {**os.environ, **s3_env, "RRHF_RAY_CACHE": str(tmp_path / "machine1"), "RRHF_RAY_SYNC_SECONDS": "1",
                "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
-        log = tmp_path / "driver.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "rrhf_ray", "run", *overrides], cwd=REPO, env=env,
-                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 300
-            while "round1/score" not in remote_stages(uri):
-                assert proc.poll() is None, f"the driver ended before it could be killed:\n{log.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, "the bucket did not name round1/score in time"
-                time.sleep(0.5)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        kill_driver_when(overrides, env, lambda: "round1/score" in remote_stages(uri),
+                         "round1/score in the bucket", log=tmp_path / "driver.log")
         before = remote_stages(uri)
         assert "round1/train" not in before
         files = bucket_files(uri)

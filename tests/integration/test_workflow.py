@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,21 +33,32 @@ def stages(out: Path) -> dict:
     return json.loads((out / "state.json").read_text())["stages"]
 
 
-def test_killed_driver_resumes_without_redoing_finished_stages(ray_cluster, tmp_path):
-    out = tmp_path / "run"
-    overrides = QUICK + [f"output.dir={out}"]
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
-    proc = subprocess.Popen([sys.executable, "-m", "rrhf_ray", "run", *overrides], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+def kill_driver_when(overrides: list[str], env: dict, reached: Callable[[], bool], what: str,
+                     log: Path | None = None) -> None:
+    """Run `rrhf-ray run` with `overrides` as a driver process of its own (`env`: RAY_ADDRESS of
+    the session's cluster) and SIGKILL its process group as soon as `reached()` is true."""
+    with open(log or os.devnull, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "rrhf_ray", "run", *overrides], cwd=REPO, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while not ((out / "state.json").exists() and "round1/score" in stages(out)):
-            assert proc.poll() is None, "the driver ended before it could be killed"
-            assert time.monotonic() < deadline, "the driver did not reach round1/score in time"
+        while not reached():
+            tail = log.read_text()[-3000:] if log else ""
+            assert proc.poll() is None, f"the driver ended before it could be killed:\n{tail}"
+            assert time.monotonic() < deadline, f"the driver did not reach {what} in time"
             time.sleep(0.5)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def test_killed_driver_resumes_without_redoing_finished_stages(ray_cluster, tmp_path):
+    out = tmp_path / "run"
+    # Round 1 trains for a few seconds (30 epochs of 2 steps): the kill lands before it ends.
+    overrides = QUICK + ["train.epochs=30", f"output.dir={out}"]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    kill_driver_when(overrides, env, lambda: (out / "state.json").exists() and "round1/score" in stages(out),
+                     "round1/score")
     before = stages(out)
     assert "round1/train" not in before
     pool_mtime = (out / "rounds/1/pool.parquet").stat().st_mtime_ns
