@@ -43,6 +43,16 @@ def _fmt(value: Any, spec: str = ".3f") -> str | None:
     return format(value, spec) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
+# Per stage kind: where its numbers sit in the stage's info, and (key, label, format, unit) each.
+STAGE_NUMBERS: dict[str, tuple[str | None, tuple[tuple[str, str, str, str], ...]]] = {
+    "score": ("pool", (("reward_mean", "pool reward mean", "+.3f", ""),)),
+    "train": ("train", (("loss", "loss", ".3f", ""), ("rank_accuracy", "rank acc", ".3f", ""))),
+    "refresh": (None, (("logprob_gap", "log-prob gap", ".4f", " nats/token"),)),
+    "eval": ("eval", (("sampled_reward_mean", "sampled reward", "+.3f", ""),
+                      ("eval_reward_mean", "greedy reward", "+.3f", ""))),
+}
+
+
 def stage_line(stage: str, seconds: float, info: dict[str, Any] | None) -> str:
     """The one console line of a finished stage: its name, wall time and the numbers that matter
     (sample → groups / candidates, score → pool reward mean, train → loss / rank accuracy,
@@ -52,27 +62,13 @@ def stage_line(stage: str, seconds: float, info: dict[str, Any] | None) -> str:
     parts: list[str] = []
     if kind == "sample" and "groups" in info:
         parts.append(f"{info['groups']} groups, {info.get('candidates', 0)} candidates")
-    elif kind == "score":
-        stats = info.get("pool") or {}
-        mean = _fmt(stats.get("reward_mean"), "+.3f")
-        if mean is not None:
-            parts.append(f"pool reward mean {mean}")
-    elif kind == "train":
-        train = info.get("train") or {}
-        for key, label in (("loss", "loss"), ("rank_accuracy", "rank acc")):
-            value = _fmt(train.get(key))
+    elif kind in STAGE_NUMBERS:
+        section, fields = STAGE_NUMBERS[kind]
+        values = (info.get(section) or {}) if section else info
+        for key, label, spec, unit in fields:
+            value = _fmt(values.get(key), spec)
             if value is not None:
-                parts.append(f"{label} {value}")
-    elif kind == "refresh":
-        gap = _fmt(info.get("logprob_gap"), ".4f")
-        if gap is not None:
-            parts.append(f"log-prob gap {gap} nats/token")
-    elif kind == "eval":
-        ev = info.get("eval") or {}
-        for key, label in (("sampled_reward_mean", "sampled reward"), ("eval_reward_mean", "greedy reward")):
-            value = _fmt(ev.get(key), "+.3f")
-            if value is not None:
-                parts.append(f"{label} {value}")
+                parts.append(f"{label} {value}{unit}")
     numbers = f": {', '.join(parts)}" if parts else ""
     return f"{stage} done in {seconds:.1f} s{numbers}"
 
