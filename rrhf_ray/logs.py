@@ -28,6 +28,7 @@ from typing import Any
 PACKAGE = "rrhf_ray"
 WORKER_LOG = "ray-workers.log"
 DRIVER_LOG = "driver.log"
+RAYLET_NOISE = "worker processes have been started"  # Ray's start-up concurrency notice
 # Loggers of libraries that install their own console handler (propagate off): in quiet mode
 # their records go to driver.log through the root logger instead.
 _LIBRARY_LOGGERS = ("ray", "vllm", "transformers", "datasets", "torch", "tensorboardX", "mlflow", "wandb")
@@ -265,7 +266,7 @@ def route_worker_output() -> None:
     from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
 
     dispatcher = ray_worker.global_worker_stdstream_dispatcher
-    original = ray_worker.print_to_stdstream
+    original = _state.get("ray_printer") or ray_worker.print_to_stdstream  # Ray's own
 
     def handle(data: dict[str, Any]) -> None:
         lines = data.get("lines") or []
@@ -284,6 +285,30 @@ def route_worker_output() -> None:
 
     dispatcher.remove_handler("ray_print_logs")  # by name: a second call replaces the first
     dispatcher.add_handler("ray_print_logs", handle)
+
+    # The raylet's notices reach the driver by another path (its error channel calls
+    # `print_to_stdstream` directly). One of them is noise on a small machine: "N PYTHON worker
+    # processes have been started …", printed when a run's engines, trainer and warmed task
+    # workers outnumber the CPUs (by design, `evaluation.warm_up_workers`). It goes to the log
+    # file; every other raylet notice (out-of-memory kills, …) still reaches the console.
+    printer = _state["ray_printer"] = original
+
+    def print_raylet(data: dict[str, Any], ignore_prefix: bool = False) -> None:
+        lines = data.get("lines") or []
+        noise = [line for line in lines if RAYLET_NOISE in line]
+        if data.get("pid") == "raylet" and noise and _state["log_dir"] is not None:
+            try:
+                with open(Path(_state["log_dir"]) / WORKER_LOG, "a", encoding="utf-8") as f:
+                    f.writelines(f"(raylet) {line}\n" for line in noise)
+            except OSError:
+                pass
+            lines = [line for line in lines if RAYLET_NOISE not in line]
+            if not lines:
+                return
+            data = {**data, "lines": lines}
+        printer(data, ignore_prefix=ignore_prefix)
+
+    ray_worker.print_to_stdstream = print_raylet
 
 
 def ray_log_to_driver() -> bool:

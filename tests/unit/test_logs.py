@@ -90,3 +90,36 @@ def test_quiet_console_shows_stage_lines_and_own_warnings_only(tmp_path):
     for line in ("detail", "stage line", "our warning", "Failed to query", "a library error"):
         assert line in text  # the file keeps everything
     assert logs.current_log_dir() is None
+
+
+def test_the_raylets_start_up_concurrency_notice_goes_to_the_log_file(tmp_path, capsys, monkeypatch):
+    """The raylet's "N PYTHON worker processes have been started" (its error channel calls
+    `print_to_stdstream` directly) lands in logs/ray-workers.log; its other notices, and the
+    workers' progress bars, still reach the console."""
+    from ray._private import worker as ray_worker
+
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)  # restored after
+    monkeypatch.setitem(logs._state, "ray_printer", None)
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher
+    logs.start_run_logs(tmp_path / "logs")
+    try:
+        logs.route_worker_output()
+        logs.route_worker_output()  # twice: still one handler, one wrapper
+        noise = ("WARNING: 8 PYTHON worker processes have been started on node: abc with address: "
+                 "127.0.0.1. This could be a result of using a large number of actors")
+        ray_worker.print_to_stdstream({"lines": [noise], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+        ray_worker.print_to_stdstream({"lines": ["Task was killed due to the node running low on memory"],
+                                       "pid": "raylet", "is_err": False}, ignore_prefix=False)
+        dispatcher.emit({"lines": ["a worker's line"], "pid": 7, "is_err": False, "ip": "127.0.0.1",
+                         "task_name": "t", "actor_name": "", "job": "01000000"})
+    finally:
+        dispatcher.remove_handler("ray_print_logs")
+        logs.stop_run_logs()
+    printed = capsys.readouterr()
+    console = printed.out + printed.err
+    assert "worker processes have been started" not in console
+    assert "running low on memory" in console
+    assert "a worker's line" not in console
+    text = (tmp_path / "logs" / "ray-workers.log").read_text()
+    assert text.count("(raylet) WARNING: 8 PYTHON worker processes have been started") == 1
+    assert "(t pid=7) a worker's line" in text
