@@ -387,6 +387,13 @@ class EvalConfig(_Section):
     bootstrap_resamples: int = Field(
         1000, ge=100, description="Resamples of the held-out queries for the 95 % intervals."
     )
+    batch_with_sampling: bool = Field(
+        True,
+        description="Round r's evaluation replies and round r+1's candidates (the same weights, "
+        "ρ* after round r) are generated in one batched engine pass. Each request keeps its own "
+        "seed, so the replies and candidates are those of two passes; false: two passes. Applies "
+        "where the round samples from ρ* without beam search (presets IP / IP-n).",
+    )
 
 
 class RayConfig(_Section):

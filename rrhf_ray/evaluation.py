@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 
-from rrhf_ray.actors.sampler import SamplerPool, get_samples
+from rrhf_ray.actors.sampler import SamplerPool, get_samples_many
 from rrhf_ray.actors.scorer import RewardPool
 from rrhf_ray.config import EvalConfig, SamplingConfig
 from rrhf_ray.types import Candidate, CandidateGroup, QueryGroup
@@ -50,6 +50,7 @@ class EvalResult:
     sampled_lengths: list[list[int]] = field(default_factory=list)  # … of each sampled reply
     seconds_perplexity: float = 0.0  # the longest perplexity task (they run beside the sampling)
     seconds_ranking: float = 0.0  # the ranking task (after the scoring)
+    also: list[list[list[Candidate]]] = field(default_factory=list)  # `evaluate(also=…)`'s candidates
 
     def metrics(self, round0_greedy: Sequence[float] | None,
                 round0_sampled: Sequence[Sequence[float]] | None = None, *,
@@ -234,23 +235,29 @@ def evaluate(
     cfg: EvalConfig,
     max_length: int,
     judge: str | None = None,
+    also: Sequence[tuple[Sequence[str], SamplingConfig]] = (),
 ) -> EvalResult:
     """Greedy and sampled replies of the sampler's current policy (at `model_path`), scored; the
     perplexities (the policy on `references`, `judge` on the greedy replies) and the held-out
-    ranking accuracy run as Ray tasks beside the scoring. `judge` None: no judge perplexity."""
+    ranking accuracy run as Ray tasks beside the scoring. `judge` None: no judge perplexity.
+
+    `also`: more (prompts, settings) requests to the same policy, generated in the same engine
+    pass as the evaluation's replies (`SamplerPool.sample_many`: seeded per query, so each part
+    gets what a call of its own would give) and returned unscored in `EvalResult.also`: the
+    driver puts round r+1's sampling here."""
     # On a GPU cluster the forwards go to a free GPU; when the warm trainer and the samplers hold
     # every GPU they run on a CPU rather than wait for a GPU that no one frees during the run.
     gpus = 1 if ray.available_resources().get("GPU", 0) >= 1 else 0
     ppl_ref = (perplexity_task.options(num_gpus=gpus).remote(model_path, references, max_length)
                if references else None)
     greedy_cfg, sampled_cfg = eval_sampling(sampling, cfg)
-    greedy = get_samples(sampler, queries, greedy_cfg, progress=False)
+    greedy, sampled, *extra = get_samples_many(
+        sampler, [(queries, greedy_cfg), (queries, sampled_cfg), *also], progress=bool(also))
     judge_ref = None
     if judge is not None and queries:
         # The judge reads prompt + reply in its own tokens: the engine's context bounds both.
         judge_ref = perplexity_task.options(num_gpus=gpus).remote(
             judge, [(q, c[0].text) for q, c in zip(queries, greedy)], sampling.max_model_len)
-    sampled = get_samples(sampler, queries, sampled_cfg, progress=False)
     scored = ray.get(rewards.score(
         [_group(q, c) for q, c in zip(queries, greedy)] + [_group(q, c) for q, c in zip(queries, sampled)],
         progress=False,
@@ -272,6 +279,7 @@ def evaluate(
         heldout_rank_accuracy=ranked[0],
         seconds_perplexity=max(ppl[1], judged[1]),
         seconds_ranking=ranked[1],
+        also=extra,
     )
 
 

@@ -111,6 +111,41 @@ def timed_stage(state: RunState, stage: str, outputs: list[Path], work: Callable
     return True
 
 
+def timed_stages(state: RunState, stages: dict[str, list[Path]],
+                 work: Callable[[], dict[str, dict]]) -> None:
+    """Several stages done by one piece of work (round r's evaluation and round r+1's sampling in
+    one engine pass): run `work` once, then record each stage with the info `work` returned for
+    it. An info may carry its share of the wall time as `seconds` (e.g. the sampling's part of
+    the pass); the stages without one split the rest. Each record names the others under
+    `batched_with`. Killed or failed before the end, none is recorded: a resume redoes the pass.
+    The caller passes only stages that are not done."""
+    name = " + ".join(stages)
+    state.start(name)
+    start = time.perf_counter()
+    try:
+        infos = work()
+    except BaseException as err:
+        try:
+            state.fail(name, time.perf_counter() - start, err)
+        except Exception:
+            logger.warning("could not record the failure of %s in %s", name, state.path, exc_info=True)
+        raise
+    total = time.perf_counter() - start
+    given = sum(info.get("seconds", 0.0) for info in infos.values())
+    rest = [s for s, info in infos.items() if "seconds" not in info]
+    from rrhf_ray.logs import stage_line
+
+    for stage in stages:  # in the caller's order
+        info = dict(infos[stage])
+        seconds = info.pop("seconds", None)
+        if seconds is None:
+            seconds = max(0.0, total - given) / len(rest)
+        info["batched_with"] = [s for s in stages if s != stage]
+        state.finish(stage, seconds, **info)
+        logger.info("%s (one pass with %s)", stage_line(stage, state.seconds(stage), info),
+                    " and ".join(info["batched_with"]), extra={"console": True})
+
+
 def process_start_ticks(pid: int) -> int | None:
     """When process `pid` started, in clock ticks since boot (Linux `/proc/<pid>/stat`), or None
     where unknown: with the pid it names one process, even after the pid is reused."""

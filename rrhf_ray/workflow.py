@@ -3,7 +3,9 @@
 Round 0 evaluates the untouched base model ρ. Round r samples k candidates per training query
 from ρ* (the model round r−1 trained; IP-1 ≡ DP), scores them, writes the round's pool, trains
 from ρ* for `train.epochs` with Ray Train, refreshes the samplers in place with the new
-checkpoint, and evaluates it on held-out queries.
+checkpoint, and evaluates it on held-out queries. Round r's evaluation and round r+1's sampling
+use the same weights: they run as one batched engine pass (`eval.batch_with_sampling`, where the
+preset samples from ρ*), recorded as the two stages they are.
 
 Resume: `state.json` in the output directory records each finished stage. Started again with
 the same output directory, the driver skips every finished stage whose output exists and
@@ -30,7 +32,7 @@ from pathlib import Path
 
 from rrhf_ray import registry
 from rrhf_ray.config import RunConfig, SamplingConfig
-from rrhf_ray.state import RunState, timed_stage
+from rrhf_ray.state import RunState, timed_stage, timed_stages
 from rrhf_ray.types import write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -157,22 +159,29 @@ def sample_stage(pools: dict, preset, records, queries: list[str], sampling: Sam
     data set's responses, `external` maps read by `read_external`), duplicates merged, written
     unscored to `path`. The policy samples with the seeds of round `round_index` (`round_sampling`)."""
     from rrhf_ray.actors.sampler import get_samples
-    from rrhf_ray.data.candidates import combine, dataset_candidates
-    from rrhf_ray.types import write_groups
 
-    sources: list = []
+    policy: list = []
     busy = 0.0
     if preset.policy is not None:
         cfg = round_sampling(sampling, preset, round_index)
         before = pools[preset.policy].busy_seconds()
-        sources.append(get_samples(pools[preset.policy], queries, cfg))
+        policy = get_samples(pools[preset.policy], queries, cfg)
         busy = pools[preset.policy].busy_seconds() - before
+    return {**write_candidates(preset, records, queries, policy, external, path), "seconds_compute": busy}
+
+
+def write_candidates(preset, records, queries: list[str], policy: list, external: list[dict], path: Path) -> dict:
+    """A round's candidates file from the policy's samples (`policy`: k per query; [] when the
+    preset samples nothing) and the preset's other sources, duplicates merged."""
+    from rrhf_ray.data.candidates import combine, dataset_candidates
+    from rrhf_ray.types import write_groups
+
+    sources: list = [policy] if preset.policy is not None else []
     if preset.dataset and records:
         sources.append([dataset_candidates(r) for r in records])
     groups = combine(queries, sources + external)
     write_groups([g.to_group() for g in groups], path)
-    return {"groups": len(groups), "candidates": sum(len(g.candidates) for g in groups),
-            "seconds_compute": busy}
+    return {"groups": len(groups), "candidates": sum(len(g.candidates) for g in groups)}
 
 
 def score_stage(rewards, candidates_path: Path, pool_dir: Path) -> dict:
@@ -280,6 +289,13 @@ def read_eval(path: Path) -> tuple[list[float], list[list[float]]]:
 def eval_stage(pools: dict, rewards, eval_queries, references, model_path: str, config: RunConfig,
                round0: tuple[list[float], list[list[float]]] | None, round_dir: Path,
                judge: str | None = None) -> dict:
+    return _evaluate(pools, rewards, eval_queries, references, model_path, config, round0, round_dir,
+                     judge)[0]
+
+
+def _evaluate(pools: dict, rewards, eval_queries, references, model_path: str, config: RunConfig,
+              round0: tuple[list[float], list[list[float]]] | None, round_dir: Path,
+              judge: str | None = None, also: list = ()) -> tuple[dict, object, float]:
     """Evaluate the policy at `model_path` (served by the "current" pool) on the held-out queries:
     eval.jsonl (every greedy and sampled reply with its reward) and the metrics, compared per query
     with round 0's (`round0`: `read_eval` of round 0; None for round 0 itself). The sampled replies
@@ -289,7 +305,7 @@ def eval_stage(pools: dict, rewards, eval_queries, references, model_path: str, 
 
     before = pools["current"].busy_seconds()
     result = evaluate(pools["current"], rewards, eval_queries, references, model_path,
-                      config.sampling, config.eval, config.train.max_length, judge=judge)
+                      config.sampling, config.eval, config.train.max_length, judge=judge, also=also)
     busy = pools["current"].busy_seconds() - before
     write_jsonl(({"query": q, "greedy_reply": reply, "greedy_reward": g, "sampled_replies": texts,
                   "sampled_rewards": s}
@@ -299,9 +315,39 @@ def eval_stage(pools: dict, rewards, eval_queries, references, model_path: str, 
     greedy0, sampled0 = round0 if round0 is not None else (None, None)
     # The perplexity tasks run beside the sampling; only what outlasts it adds to the compute.
     compute = busy + result.seconds_ranking + max(0.0, result.seconds_perplexity - busy)
-    return {"eval": result.metrics(greedy0, sampled0, resamples=config.eval.bootstrap_resamples,
-                                   seed=config.sampling.seed),
-            "seconds_compute": compute}
+    return ({"eval": result.metrics(greedy0, sampled0, resamples=config.eval.bootstrap_resamples,
+                                    seed=config.sampling.seed),
+             "seconds_compute": compute}, result, busy)
+
+
+def batches_next_sampling(config: RunConfig, preset, r: int) -> bool:
+    """Whether round r's evaluation and round r+1's sampling run as one engine pass: both use
+    the weights round r made, when the round samples from ρ* (the "current" pool the
+    evaluation uses) without beam search, and `eval.batch_with_sampling` is on."""
+    return (config.eval.batch_with_sampling and r < config.rounds and preset.policy == "current"
+            and not round_sampling(config.sampling, preset, r + 1).use_beam_search)
+
+
+def eval_and_sample_stage(pools: dict, rewards, eval_queries, references, model_path: str,
+                          config: RunConfig, round0, round_dir: Path, judge: str | None, *, preset,
+                          records, queries: list[str], external: list[dict], next_round: int,
+                          candidates_path: Path) -> dict[str, dict]:
+    """Round r's evaluation (`eval_stage`) and round r+1's sampling (`sample_stage`) in one
+    batched engine pass (`SamplerPool.sample_many`): the same replies and candidates as two
+    passes, since every request keeps its own seed. The engine seconds are split between the
+    two stages by the tokens each generated; the sampling's share is its wall time too."""
+    cfg = round_sampling(config.sampling, preset, next_round)
+    info, result, busy = _evaluate(pools, rewards, eval_queries, references, model_path, config,
+                                   round0, round_dir, judge, also=[(queries, cfg)])
+    policy = result.also[0]
+    sampled_tokens = sum(len(c.token_ids) for group in policy for c in group)
+    eval_tokens = sum(result.greedy_lengths) + sum(n for ns in result.sampled_lengths for n in ns)
+    share = busy * sampled_tokens / max(1, sampled_tokens + eval_tokens)
+    candidates_path.parent.mkdir(parents=True, exist_ok=True)
+    sample = write_candidates(preset, records, queries, policy, external, candidates_path)
+    info["seconds_compute"] = max(0.0, info["seconds_compute"] - share)
+    return {f"round{next_round - 1}/eval": info,
+            f"round{next_round}/sample": {**sample, "seconds_compute": share, "seconds": share}}
 
 
 # --------------------------------------------------------------------------- the loop
@@ -403,13 +449,26 @@ def _run_rounds(config: RunConfig, state: RunState, out: Path, preset, external,
             last, storage_path=config.output.storage_path or str((out / "ray_train").resolve()),
             global_step=start_state(current_path))
 
+    def evaluate_round(r: int, model_path: str, rd: Path, round0) -> None:
+        """Round r's evaluation; with round r+1's sampling in the same engine pass where the
+        config allows (`batches_next_sampling`) and neither is done yet."""
+        name, outputs = f"round{r}/eval", [rd / "eval.jsonl"]
+        args = (pools, rewards, eval_queries, references, model_path, config, round0, rd, judge)
+        following = out / "rounds" / str(r + 1) / "candidates.jsonl"
+        if (batches_next_sampling(config, preset, r) and not state.done(name, *outputs)
+                and not state.done(f"round{r + 1}/sample", following)):
+            timed_stages(state, {name: outputs, f"round{r + 1}/sample": [following]},
+                         partial(eval_and_sample_stage, *args, preset=preset, records=data.train,
+                                 queries=queries, external=external, next_round=r + 1,
+                                 candidates_path=following))
+        else:
+            timed_stage(state, name, outputs, partial(eval_stage, *args))
+
     try:
         round0_dir = out / "rounds" / "0"
         round0_dir.mkdir(parents=True, exist_ok=True)
         if last == 0:
-            timed_stage(state, "round0/eval", [round0_dir / "eval.jsonl"],
-                        partial(eval_stage, pools, rewards, eval_queries, references, rho, config, None,
-                                round0_dir, judge))
+            evaluate_round(0, rho, round0_dir, None)
         round0 = read_eval(round0_dir / "eval.jsonl")
         track_round(tracker, state, out, write_metrics(out, state.data["stages"], 0), 0)
 
@@ -439,9 +498,7 @@ def _run_rounds(config: RunConfig, state: RunState, out: Path, preset, external,
                             partial(refresh_stage, pools["current"], checkpoint(r), r, probe,
                                     state.data["stages"][f"round{r}/train"].get("probe_logprobs", []),
                                     config.sampling.refresh_tolerance))
-            timed_stage(state, f"round{r}/eval", [rd / "eval.jsonl"],
-                        partial(eval_stage, pools, rewards, eval_queries, references, str(checkpoint(r)),
-                                config, round0, rd, judge))
+            evaluate_round(r, str(checkpoint(r)), rd, round0)
             track_round(tracker, state, out, write_metrics(out, state.data["stages"], r), r)
     finally:
         if trainer is not None:

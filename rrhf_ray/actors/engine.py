@@ -116,26 +116,35 @@ class VLLMEngine:
         )
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int | None],
-                 config: SamplingConfig | None = None) -> list[list[Completion]]:
+                 config: SamplingConfig | None = None,
+                 configs: Sequence[SamplingConfig] | None = None) -> list[list[Completion]]:
         """k = config.n completions per prompt, in prompt order; `seeds[i]` seeds prompt i alone.
 
         A per-prompt seed makes a prompt's candidates independent of which other prompts share
-        its batch, hence of how prompts are split across replicas.
+        its batch, hence of how prompts are split across replicas, and of what else the batch
+        holds: `configs` (one per prompt, beam search excluded) mixes requests of different
+        settings in one engine pass, e.g. greedy and sampled evaluation replies beside the next
+        round's candidates.
         """
         config = config or self.config
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        if configs is not None and len(configs) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(configs)} sampling configs")
         if not prompts:
             return []
-        if config.use_beam_search:
+        if configs is None and config.use_beam_search:
             return self.beam_search(prompts, config)
-        params = [self._params(config, s) for s in seeds]
+        per_prompt = list(configs) if configs is not None else [config] * len(prompts)
+        if any(c.use_beam_search for c in per_prompt):
+            raise ValueError("beam search cannot share an engine pass with other requests")
+        params = [self._params(c, s) for c, s in zip(per_prompt, seeds)]
         outputs = self.llm.generate(list(prompts), params, use_tqdm=False)
         results = []
-        for out in outputs:
+        for out, cfg in zip(outputs, per_prompt):
             group = []
             for c in out.outputs:
-                ids, logprob = tuple(c.token_ids), c.cumulative_logprob if config.return_logprobs else None
+                ids, logprob = tuple(c.token_ids), c.cumulative_logprob if cfg.return_logprobs else None
                 if isinstance(c.stop_reason, str):  # a stop string: vLLM keeps its tokens, not its text
                     ids, logprob = self._tokens_of(ids, c.text), None
                 group.append(Completion(text=c.text, token_ids=ids, cumulative_logprob=logprob,

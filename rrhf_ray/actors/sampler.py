@@ -107,17 +107,19 @@ class Sampler:
             self._busy += time.perf_counter() - start
 
     def generate(self, prompts: list[str], seeds: list[int], expected_version: int | None,
-                 config: SamplingConfig | None = None) -> list[list[Candidate]]:
+                 config: SamplingConfig | None = None,
+                 configs: list[SamplingConfig] | None = None) -> list[list[Candidate]]:
+        """`config` for every prompt, or `configs` one per prompt (one engine pass, no beams)."""
         if expected_version is not None and self.version != expected_version:
             raise MixedVersionsError(
                 f"a {self.tag} replica serves policy version {self.version} but the pool expects "
                 f"{expected_version}; call SamplerPool.load_weights(...) so all replicas serve one version"
             )
         config = config or self.engine.config
-        kind = f"{self.tag}-beam" if config.use_beam_search else self.tag
+        kind = f"{self.tag}-beam" if configs is None and config.use_beam_search else self.tag
         source = f"{kind}@{self.version}"
         start = time.perf_counter()
-        generated = self.engine.generate(prompts, seeds, config)
+        generated = self.engine.generate(prompts, seeds, config, configs)
         self._busy += time.perf_counter() - start
         groups = [
             [Candidate(**vars(c), source=source, version=self.version, tokenizer=self.engine.fingerprint)
@@ -131,7 +133,8 @@ class Sampler:
 
 @ray.remote(num_cpus=0, max_retries=0)
 def _sample_task(replicas: list[Any], prompts: list[str], seeds: list[int], expected_version: int,
-                 config: SamplingConfig | None, chunk: int, desc: str | None) -> list[list[Candidate]]:
+                 config: SamplingConfig | None, chunk: int, desc: str | None,
+                 configs: list[SamplingConfig] | None = None) -> list[list[Candidate]]:
     versions = {}
     for i, r in enumerate(replicas):
         try:
@@ -145,7 +148,8 @@ def _sample_task(replicas: list[Any], prompts: list[str], seeds: list[int], expe
         )
     live = [replicas[i] for i in versions]
     starts = range(0, len(prompts), chunk)
-    chunks = [(prompts[s:s + chunk], seeds[s:s + chunk], expected_version, config) for s in starts]
+    chunks = [(prompts[s:s + chunk], seeds[s:s + chunk], expected_version, config,
+               configs[s:s + chunk] if configs is not None else None) for s in starts]
     out = dispatch_chunks(len(live), lambda w, c: live[w].generate.remote(*c), chunks,
                           [len(c[0]) for c in chunks], desc, count_tokens)
     return [group for part in out for group in part]
@@ -226,6 +230,26 @@ class SamplerPool:
         return _sample_task.remote(self.replicas, list(prompts), seeds, self.version, config,
                                    chunk, desc)
 
+    def sample_many(self, parts: Sequence[tuple[Sequence[str], SamplingConfig]], *,
+                    progress: bool = True) -> ray.ObjectRef:
+        """A ref to the candidates of several requests at once, as one flat list in part order:
+        each part is (prompts, settings), seeded as `sample(prompts, settings)` alone would seed
+        it (query i of a part: `query_seed(settings.seed, i)`), so the results are those of
+        separate calls. The parts share chunks, hence engine passes: round r's evaluation and
+        round r+1's sampling, which use the same weights, run as one batched pass."""
+        prompts: list[str] = []
+        seeds: list[int] = []
+        configs: list[SamplingConfig] = []
+        for texts, cfg in parts:
+            if cfg.use_beam_search:
+                raise ValueError("beam search cannot share an engine pass with other requests")
+            prompts += list(texts)
+            seeds += [query_seed(cfg.seed, i) for i in range(len(texts))]
+            configs += [cfg] * len(texts)
+        chunk = max(1, min(self.config.chunk_prompts, -(-len(prompts) // len(self.replicas)) or 1))
+        desc = f"sampling ({self.tag}@{self.version})" if progress else None
+        return _sample_task.remote(self.replicas, prompts, seeds, self.version, None, chunk, desc, configs)
+
     def shutdown(self) -> None:
         for r in self.replicas:
             ray.kill(r)
@@ -244,3 +268,20 @@ def get_samples(pool: SamplerPool, prompts: Sequence[str], config: SamplingConfi
         logger.warning("%s; reloading %s on every replica and retrying", err, pool.weights)
         ray.get(pool.load_weights(pool.weights, pool.version))
         return ray.get(pool.sample(prompts, config, **kwargs))
+
+
+def get_samples_many(pool: SamplerPool, parts: Sequence[tuple[Sequence[str], SamplingConfig]],
+                     **kwargs: Any) -> list[list[list[Candidate]]]:
+    """`pool.sample_many(parts)` for the driver, split back into one list per part (and retried
+    once after reloading the pool's weights, as `get_samples`)."""
+    try:
+        flat = ray.get(pool.sample_many(parts, **kwargs))
+    except MixedVersionsError as err:
+        logger.warning("%s; reloading %s on every replica and retrying", err, pool.weights)
+        ray.get(pool.load_weights(pool.weights, pool.version))
+        flat = ray.get(pool.sample_many(parts, **kwargs))
+    out, start = [], 0
+    for texts, _ in parts:
+        out.append(flat[start:start + len(texts)])
+        start += len(texts)
+    return out

@@ -18,7 +18,7 @@ from rrhf_ray.cli import main
 from rrhf_ray.config import load_config
 from rrhf_ray.demo import DEMO_CONFIG
 from rrhf_ray.report import format_status, format_table, rows_upto
-from rrhf_ray.state import RunState, driver_alive, process_start_ticks, timed_stage
+from rrhf_ray.state import RunState, driver_alive, process_start_ticks, timed_stage, timed_stages
 from tests.unit.test_report import state_stages
 
 HOST = socket.gethostname()
@@ -109,6 +109,38 @@ def test_a_stage_that_raises_is_recorded_as_failed_and_the_next_start_clears_it(
     timed_stage(state, "round1/train", [], lambda: None)  # started again: the failure is history
     data = _on_disk(state)
     assert "failed" not in data and "running" not in data and "round1/train" in data["stages"]
+
+
+def test_one_pass_for_two_stages_records_both_with_their_share_of_the_time(tmp_path) -> None:
+    """`timed_stages` (round r's evaluation + round r+1's sampling in one engine pass): one
+    `running` record naming both, then each stage with its own info; the sampling keeps the
+    seconds it was given, the evaluation gets the rest of the wall time."""
+    state = _state(tmp_path)
+    seen = {}
+
+    def work() -> dict:
+        seen.update(_on_disk(state))
+        time.sleep(0.3)
+        return {"round1/eval": {"eval": {"sampled_reward_mean": 0.5}, "seconds_compute": 0.1},
+                "round2/sample": {"groups": 4, "candidates": 12, "seconds_compute": 0.05, "seconds": 0.05}}
+
+    timed_stages(state, {"round1/eval": [], "round2/sample": []}, work)
+    assert seen["running"]["stage"] == "round1/eval + round2/sample"
+    data = _on_disk(state)
+    assert "running" not in data
+    sample, evaluation = data["stages"]["round2/sample"], data["stages"]["round1/eval"]
+    assert (sample["seconds"], sample["groups"], sample["batched_with"]) == (0.05, 4, ["round1/eval"])
+    assert evaluation["batched_with"] == ["round2/sample"] and 0.25 <= evaluation["seconds"] < 2
+    assert evaluation["eval"]["sampled_reward_mean"] == 0.5 and evaluation["seconds_compute"] == 0.1
+
+    def boom() -> dict:
+        raise RuntimeError("engine died")
+
+    with pytest.raises(RuntimeError, match="engine died"):
+        timed_stages(state, {"round2/eval": [], "round3/sample": []}, boom)
+    data = _on_disk(state)
+    assert data["failed"]["stage"] == "round2/eval + round3/sample"
+    assert "round2/eval" not in data["stages"] and "round3/sample" not in data["stages"]
 
 
 def test_an_interrupted_stage_is_recorded_too(tmp_path) -> None:

@@ -23,6 +23,7 @@ from rrhf_ray.actors.sampler import (
     Sampler,
     SamplerPool,
     get_samples,
+    get_samples_many,
     query_seed,
 )
 from rrhf_ray.config import SamplingConfig
@@ -56,10 +57,10 @@ class Board:
 class TracingSampler(Sampler):
     """A `Sampler` that reports each chunk it starts and finishes to the board."""
 
-    def generate(self, prompts, seeds, expected_version, config=None):
+    def generate(self, prompts, seeds, expected_version, config=None, configs=None):
         board = ray.get_actor(BOARD)
         board.record.remote(self.replica, "start", seeds)
-        groups = super().generate(prompts, seeds, expected_version, config)
+        groups = super().generate(prompts, seeds, expected_version, config, configs)
         board.record.remote(self.replica, "done", seeds)
         return groups
 
@@ -118,6 +119,24 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_split(ray_cluste
             assert math.isfinite(c.cumulative_logprob) and c.cumulative_logprob < 0
     other_seed = ray_cluster.get(pool.sample(PROMPTS, CONFIG.model_copy(update={"seed": 12})))
     assert [c.text for c in other_seed[0]] != [c.text for c in first[0]]
+
+
+def test_one_batched_pass_gives_each_part_what_its_own_call_gives(ray_cluster, pool) -> None:
+    """`sample_many`: greedy replies, samples under another seed and the pool's own settings in
+    shared chunks (hence shared engine passes) equal three separate calls, part by part."""
+    other = CONFIG.model_copy(update={"seed": 12, "n": 2, "max_new_tokens": 8})
+    parts = [(PROMPTS[:3], GREEDY), (PROMPTS, other), (PROMPTS[1:], CONFIG)]
+    batched = get_samples_many(pool, parts, progress=False)
+    separate = [get_samples(pool, prompts, cfg, progress=False) for prompts, cfg in parts]
+    assert batched == separate
+    assert [len(b) for b in batched] == [3, 5, 4]
+    assert [len(g) for g in batched[1]] == [2] * 5 and all(len(g) == 1 for g in batched[0])
+    served = {s for chunk in ray_cluster.get(pool.served_chunks()[0]) + ray_cluster.get(pool.served_chunks()[1])
+              for s in chunk}
+    assert query_seed(12, 4) in served and query_seed(CONFIG.seed, 3) in served
+    beam = CONFIG.model_copy(update={"use_beam_search": True})
+    with pytest.raises(ValueError, match="beam search cannot share"):
+        pool.sample_many([(PROMPTS, beam)])
 
 
 def test_beam_search_returns_n_distinct_beams(ray_cluster, pool) -> None:
