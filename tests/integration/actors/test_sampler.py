@@ -139,6 +139,23 @@ def test_one_batched_pass_gives_each_part_what_its_own_call_gives(ray_cluster, p
         pool.sample_many([(PROMPTS, beam)])
 
 
+def test_a_seeded_call_of_more_prompt_tokens_than_one_engine_step_holds(ray_cluster, pool, tiny_model_dir) -> None:
+    """One engine call with more prompt tokens than vLLM's per-step budget (4096): with chunked
+    prefill the CPU engine split a prompt, rewound its seeded generator and crashed ("CPU
+    Generator does not use offset"); the engine now prefills each prompt whole."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    # Distinct from their first token (no prefix-cache hits); two replicas: a call of 40 each.
+    long = [f"{i}: {p}".replace("?", "? " + "tell me more about it, " * 12)
+            for i in range(16) for p in PROMPTS]
+    assert sum(len(tok(p)["input_ids"]) for p in long[:len(long) // 2]) > 4096
+    cfg = CONFIG.model_copy(update={"n": 1, "max_new_tokens": 4, "chunk_prompts": len(long)})
+    groups = get_samples(pool, long, cfg, progress=False)
+    assert len(groups) == 80 and all(len(g) == 1 and 0 < len(g[0].token_ids) <= 4 for g in groups)
+    assert get_samples(pool, long[:20], cfg, progress=False) == groups[:20]  # seeded per query
+
+
 def test_beam_search_returns_n_distinct_beams(ray_cluster, pool) -> None:
     beam = CONFIG.model_copy(update={"use_beam_search": True, "n": 2, "max_new_tokens": 8})
     groups = ray_cluster.get(pool.sample(PROMPTS[:2], beam))
