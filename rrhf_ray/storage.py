@@ -68,7 +68,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "STORAGE_ENV_VARS", "RunStore", "Transfer", "active_store", "cache_root", "check_uri", "download_dir",
     "fetch", "fetch_file", "hand_off", "is_remote", "local_path", "materialize", "mirror_dir", "ray_options",
-    "run_mirrored", "storage_env", "upload_dir",
+    "read_object", "run_mirrored", "storage_env", "upload_dir",
 ]
 
 SCHEMES = {"s3": "S3", "gs": "GCS", "gcs": "GCS"}
@@ -154,6 +154,23 @@ def filesystem(uri: str) -> tuple[Any, str]:
     except (OSError, ValueError) as err:
         raise ConfigError(f"{uri}: cannot open ({err})") from None
     return fs, path.rstrip("/")
+
+
+def read_object(uri: str, name: str = "URI") -> bytes | None:
+    """The bytes of the object at `uri`, None when there is none; a bucket that cannot be read
+    (missing, no credentials, no network) is one ConfigError naming `name`."""
+    import pyarrow.fs as pafs
+
+    uri = check_uri(uri, name)
+    fs, path = filesystem(uri)
+    try:
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except OSError as err:
+        raise ConfigError(f"{name}: cannot read {uri} ({err}); credentials and endpoint come from the "
+                          "environment (AWS_* / GOOGLE_APPLICATION_CREDENTIALS)") from None
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:

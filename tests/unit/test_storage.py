@@ -6,6 +6,7 @@ once per version; hand_off translates the mirror's paths; the storage variables 
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -391,3 +392,25 @@ def test_the_object_storage_rayjob_is_rayjob_yaml_without_the_shared_volume():
         assert g["rayStartParams"] == g3["rayStartParams"]
     assert s3[1]["spec"]["ingress"][0]["from"][1]["podSelector"]["matchLabels"] == {
         "batch.kubernetes.io/job-name": s3[0]["metadata"]["name"]}
+
+
+def test_status_of_a_run_in_a_bucket_reads_its_state_json(bucket, tmp_path, capsys):
+    """`rrhf-ray status s3://…` from any machine: the bucket's state.json (what the driver synced),
+    its paths the bucket's; a prefix without a run is one clear error."""
+    from rrhf_ray import storage
+    from rrhf_ray.cli import main
+
+    uri = f"s3://{bucket}/run"
+    mirror = tmp_path / "mirror"
+    make_outputs(mirror)
+    RunStore(uri, mirror, fingerprints=("remote-fp", "local-fp")).sync()
+    assert main(["status", uri + "/"]) == 0
+    out = capsys.readouterr().out
+    assert f"run in {uri}: 0 round(s) configured, 2 stage(s) finished" in out
+    assert re.search(r"done  base\s+1\.0 s", out) and re.search(r"done  round1/train\s+2\.0 s", out)
+    assert str(mirror) not in out
+
+    assert main(["status", f"s3://{bucket}/elsewhere"]) == 2
+    assert f"s3://{bucket}/elsewhere holds no run (state.json not found)" in capsys.readouterr().err
+    assert storage.read_object(f"s3://{bucket}/elsewhere/state.json") is None
+    assert json.loads(storage.read_object(f"{uri}/state.json"))["fingerprint"] == "remote-fp"
