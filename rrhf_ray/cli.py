@@ -218,13 +218,22 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    """Finished stages, the stage running (or stopped / failed), the next one, the rounds' table."""
+    """Finished stages, the stage running (or stopped / failed), the next one, the rounds' table.
+    An `s3://` / `gs://` output directory is read from the bucket (its state.json, which the
+    driver syncs every few seconds: what a driver on another machine has finished)."""
     import json
     import time
 
     from rrhf_ray.report import format_status
     from rrhf_ray.state import STATE_FILE
+    from rrhf_ray.storage import is_remote, read_object
 
+    if is_remote(args.output_dir):
+        raw = read_object(f"{args.output_dir.rstrip('/')}/{STATE_FILE}", "output_dir")
+        if raw is None:
+            raise ConfigError(f"{args.output_dir} holds no run ({STATE_FILE} not found)")
+        print(format_status(json.loads(raw), args.output_dir.rstrip("/"), now=time.time()))
+        return 0
     state_file = Path(args.output_dir) / STATE_FILE
     if not state_file.exists():
         raise ConfigError(f"{args.output_dir} holds no run ({STATE_FILE} not found)")
@@ -374,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="where a run stands: the stage running and for how long (or "
                        "stopped), finished stages, per-round metrics")
-    p.add_argument("output_dir")
+    p.add_argument("output_dir", help="the run's output.dir: a directory, or s3://… / gs://… (its bucket)")
     p.set_defaults(func=_cmd_status)
 
     p = _add_stage_parser(sub, "sft", "fine-tune a causal LM on (query, response) pairs, prompt masked",

@@ -200,8 +200,13 @@ def warm_up_workers(n: int = 4, rule: str | None = None) -> list[ray.ObjectRef]:
     """Start `n` Ray worker processes with the imports of the evaluation's tasks (torch,
     transformers, the samplers' and scorers' dispatch, the reward rule) done, so that round 0's
     tasks do not each pay a Python start-up: Ray hands a task an idle worker process. Fire and
-    forget; the driver calls it while the SFT stage runs."""
-    return [_warm_up_task.remote(rule) for _ in range(n)]
+    forget; the driver calls it while the SFT stage runs. Ray keeps idle workers per runtime env:
+    these take the evaluation tasks' options (`rrhf_ray.storage.ray_options`, the bucket's
+    credentials with output.dir on object storage), or round 0 would start new processes anyway."""
+    from rrhf_ray.storage import ray_options
+
+    task = _warm_up_task.options(**ray_options())
+    return [task.remote(rule) for _ in range(n)]
 
 
 @ray.remote(num_cpus=1)
@@ -209,20 +214,24 @@ def perplexity_task(model_path: str, pairs: list[tuple[str, str]], max_length: i
     """(perplexity, seconds): exp(mean NLL per response token, the closing EOS included) of the model at `model_path`
     on (query, response) pairs: the policy on reference responses (`reference_perplexity`), or
     the judge on the policy's greedy replies (`judge_perplexity`)."""
+    from rrhf_ray.storage import materialize
     from rrhf_ray.train.sft import heldout_nll
 
+    local = materialize(model_path)  # a transfer, not compute: outside the seconds
     start = time.perf_counter()
-    return math.exp(heldout_nll(model_path, pairs, max_length)), time.perf_counter() - start
+    return math.exp(heldout_nll(local, pairs, max_length)), time.perf_counter() - start
 
 
 @ray.remote(num_cpus=1)
 def ranking_task(model_path: str, groups: list[QueryGroup], max_length: int) -> tuple[float, float]:
     """(accuracy, seconds): pairwise ranking accuracy of the model's p_i (eq. 1) against the rewards of `groups`
     (`rrhf_ray.train.rrhf.ranking_metrics`); NaN when no group has a strict pair."""
+    from rrhf_ray.storage import materialize
     from rrhf_ray.train.rrhf import ranking_metrics
 
+    local = materialize(model_path)  # a transfer, not compute: outside the seconds
     start = time.perf_counter()
-    return ranking_metrics(model_path, groups, max_length)["rank_accuracy"], time.perf_counter() - start
+    return ranking_metrics(local, groups, max_length)["rank_accuracy"], time.perf_counter() - start
 
 
 def evaluate(
@@ -244,11 +253,17 @@ def evaluate(
     `also`: more (prompts, settings) requests to the same policy, generated in the same engine
     pass as the evaluation's replies (`SamplerPool.sample_many`: seeded per query, so each part
     gets what a call of its own would give) and returned unscored in `EvalResult.also`: the
-    driver puts round r+1's sampling here."""
+    driver puts round r+1's sampling here.
+
+    `model_path` and `judge` may be URIs (output.dir on object storage): the tasks read them from
+    their node's cache (`rrhf_ray.storage.materialize`) with the driver's storage variables."""
+    from rrhf_ray.storage import ray_options
+
+    remote = ray_options()  # the same options as warm_up_workers: its processes are reused
     # On a GPU cluster the forwards go to a free GPU; when the warm trainer and the samplers hold
     # every GPU they run on a CPU rather than wait for a GPU that no one frees during the run.
     gpus = 1 if ray.available_resources().get("GPU", 0) >= 1 else 0
-    ppl_ref = (perplexity_task.options(num_gpus=gpus).remote(model_path, references, max_length)
+    ppl_ref = (perplexity_task.options(num_gpus=gpus, **remote).remote(model_path, references, max_length)
                if references else None)
     greedy_cfg, sampled_cfg = eval_sampling(sampling, cfg)
     greedy, sampled, *extra = get_samples_many(
@@ -256,7 +271,7 @@ def evaluate(
     judge_ref = None
     if judge is not None and queries:
         # The judge reads prompt + reply in its own tokens: the engine's context bounds both.
-        judge_ref = perplexity_task.options(num_gpus=gpus).remote(
+        judge_ref = perplexity_task.options(num_gpus=gpus, **remote).remote(
             judge, [(q, c[0].text) for q, c in zip(queries, greedy)], sampling.max_model_len)
     scored = ray.get(rewards.score(
         [_group(q, c) for q, c in zip(queries, greedy)] + [_group(q, c) for q, c in zip(queries, sampled)],
@@ -264,7 +279,7 @@ def evaluate(
     ))
     n = len(queries)
     # ranking_metrics loads its model on the CPU: no GPU for this task.
-    rank_ref = ranking_task.remote(model_path, scored[n:], sampling.max_model_len) if queries else None
+    rank_ref = ranking_task.options(**remote).remote(model_path, scored[n:], sampling.max_model_len) if queries else None
     none = (None, 0.0)
     ppl, judged, ranked = (ray.get(ref) if ref is not None else none for ref in (ppl_ref, judge_ref, rank_ref))
     return EvalResult(

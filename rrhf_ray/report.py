@@ -53,6 +53,10 @@ def round_row(stages: dict[str, Any], r: int) -> dict[str, Any] | None:
     if upload is not None:
         row["checkpoint_upload_bytes"] = upload["bytes"]
         row["checkpoint_upload_seconds"] = upload["seconds"]
+    download = stages.get(f"round{r}/refresh", {}).get("checkpoint_download")  # the samplers' side
+    if download is not None:
+        row["checkpoint_download_bytes"] = download["bytes"]
+        row["checkpoint_download_seconds"] = download["seconds"]
     score = stages.get(f"round{r}/score", {})
     pool = score.get("pool_stats", {})
     row["pool_reward_mean"] = pool.get("all", {}).get("mean")

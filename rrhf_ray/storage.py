@@ -29,8 +29,13 @@ instance profile or IRSA) and ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` for
 S3-compatible server (MinIO, moto, R2); for GCS ``GOOGLE_APPLICATION_CREDENTIALS`` or the
 node's service account. The client is pyarrow's file systems (what Ray Train uses too).
 
-`materialize` gives any process (a sampler or a trainer on another node) a local directory for
-a checkpoint named by a local path or a URI, downloading a URI once into a cache.
+Other processes (the samplers, the trainers, the evaluation and reference tasks, maybe on other
+nodes) never see the mirror: the driver hands them URIs (`hand_off`: the mirror's path as the
+bucket's URI, after a sync so that the bucket holds it), and the storage variables of its own
+environment in their Ray runtime env (`ray_options`). They read through `fetch` (a checkpoint or
+model directory) and `fetch_file` (a pool): a URI downloaded once per node into
+``$RRHF_RAY_CACHE/checkpoints/`` or ``…/files/``, a local path as it is. With a local
+`output.dir` none of this happens: paths stay paths, nothing is copied.
 
 Transfers are counted (`Transfer`: bytes, seconds, files): each sync that moved anything logs
 "uploaded 12.3 MB (4 files) in 0.4 s", and `RunStore.totals()` / `RunStore.uploaded(prefix)`
@@ -61,8 +66,9 @@ from rrhf_ray.types import atomic_path, atomic_write
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "RunStore", "Transfer", "active_store", "cache_root", "check_uri", "download_dir", "is_remote",
-    "materialize", "mirror_dir", "run_mirrored", "upload_dir",
+    "STORAGE_ENV_VARS", "RunStore", "Transfer", "active_store", "cache_root", "check_uri", "download_dir",
+    "fetch", "fetch_file", "hand_off", "is_remote", "local_path", "materialize", "mirror_dir", "ray_options",
+    "read_object", "run_mirrored", "storage_env", "upload_dir",
 ]
 
 SCHEMES = {"s3": "S3", "gs": "GCS", "gcs": "GCS"}
@@ -72,6 +78,12 @@ SYNC_SECONDS = 5.0  # default interval of the background sync (env RRHF_RAY_SYNC
 INSTALL_HINT = "pip install --force-reinstall 'pyarrow>=15'"  # PyPI wheels: S3 and GCS included
 CHUNK = 8 << 20
 THREADS = 4
+# What a process needs to reach the bucket, forwarded from the driver's environment to the actors
+# and tasks that read it (`storage_env`). Not RRHF_RAY_CACHE: each node keeps its own cache.
+STORAGE_ENV_VARS = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS",
+)
 
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
 _TEMP_NAME = re.compile(r"^\..+\.(tmp|old)-\d+$")  # atomic_path / install_dir's temporary siblings
@@ -142,6 +154,23 @@ def filesystem(uri: str) -> tuple[Any, str]:
     except (OSError, ValueError) as err:
         raise ConfigError(f"{uri}: cannot open ({err})") from None
     return fs, path.rstrip("/")
+
+
+def read_object(uri: str, name: str = "URI") -> bytes | None:
+    """The bytes of the object at `uri`, None when there is none; a bucket that cannot be read
+    (missing, no credentials, no network) is one ConfigError naming `name`."""
+    import pyarrow.fs as pafs
+
+    uri = check_uri(uri, name)
+    fs, path = filesystem(uri)
+    try:
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except OSError as err:
+        raise ConfigError(f"{name}: cannot read {uri} ({err}); credentials and endpoint come from the "
+                          "environment (AWS_* / GOOGLE_APPLICATION_CREDENTIALS)") from None
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -247,7 +276,11 @@ def download_dir(uri: str, local: str | os.PathLike) -> Transfer:
     files = sorted(_remote_files(fs, root))
     if not files:
         raise FileNotFoundError(f"{uri}: no objects under it")
-    sizes = _parallel(lambda rel: _copy_in(fs, f"{root}/{rel}", Path(local) / rel), files)
+    return _download(fs, root, files, Path(local), start)
+
+
+def _download(fs: Any, root: str, files: list[str], local: Path, start: float) -> Transfer:
+    sizes = _parallel(lambda rel: _copy_in(fs, f"{root}/{rel}", local / rel), files)
     return Transfer(sum(sizes), time.perf_counter() - start, len(files))
 
 
@@ -266,23 +299,123 @@ def _flock(path: Path, *, wait: bool, what: str) -> Iterator[None]:
 
 
 def materialize(path_or_uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
-    """A local directory holding the checkpoint at `path_or_uri`: a local path as it is; a URI
-    downloaded once into ``<cache>/checkpoints/<sha>-<name>`` (atomically: a directory there is
-    whole; concurrent callers on one node wait for one download). The objects under a URI are
-    taken as immutable, as a finished stage's outputs are."""
+    """A local directory holding the checkpoint (or model) at `path_or_uri`: `fetch`'s path."""
+    return fetch(path_or_uri, cache_dir)[0]
+
+
+def fetch(path_or_uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> tuple[str, Transfer]:
+    """(a local directory holding the checkpoint or model at `path_or_uri`, what it took to get
+    it): a local path as it is, with nothing moved; a URI downloaded into
+    ``<cache>/checkpoints/<sha>-<name>`` unless that node's cache has it already (then nothing
+    moved either). See `_cached` for why the key includes the objects' sizes and times."""
+    if not is_remote(path_or_uri):
+        return str(path_or_uri), Transfer()
+    uri = check_uri(str(path_or_uri), "checkpoint")
+    fs, root = filesystem(uri)
+    start = time.perf_counter()
+    listing = _remote_files(fs, root)
+    if not listing:
+        raise FileNotFoundError(f"{uri}: no objects under it")
+    files = sorted(listing)
+    return _cached(uri, listing, "checkpoints", cache_dir,
+                   lambda tmp: _download(fs, root, files, tmp, start))
+
+
+def fetch_file(path_or_uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> tuple[str, Transfer]:
+    """`fetch` for one object (a round's pool): a local path as it is; a URI downloaded into
+    ``<cache>/files/<sha>-<name>`` unless cached. A URI naming no object is a FileNotFoundError."""
+    if not is_remote(path_or_uri):
+        return str(path_or_uri), Transfer()
+    import pyarrow.fs as pafs
+
+    uri = check_uri(str(path_or_uri), "file")
+    fs, path = filesystem(uri)
+    start = time.perf_counter()
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"{uri}: no such object")
+
+    def download(tmp: Path) -> Transfer:
+        n = _copy_in(fs, path, tmp)
+        return Transfer(n, time.perf_counter() - start, 1)
+
+    return _cached(uri, {"": (info.size, info.mtime_ns)}, "files", cache_dir, download)
+
+
+def _cached(uri: str, listing: dict[str, tuple[int, int | None]], kind: str, cache_dir: str | os.PathLike | None,
+            download: Callable[[Path], Transfer]) -> tuple[str, Transfer]:
+    """The node's cached copy of `uri` (``<cache>/<kind>/<sha>-<name>``), downloaded by
+    `download(temporary path)` when missing: atomically (a copy there is whole), and once per
+    node (concurrent callers, e.g. two replicas or two trainer ranks, wait for one download; the
+    others report nothing moved). The key hashes the URI with every object's size and
+    modification time: a prefix that another run wrote again (a bucket prefix deleted and reused)
+    is downloaded anew instead of serving the old run's weights or pool. Logged, and printed to
+    this process's output (an actor's log file under the run's ``logs/``), so the run's logs
+    say which process downloaded what."""
+    signature = json.dumps(sorted((rel, list(v)) for rel, v in listing.items()))
+    dest = cache_root(cache_dir) / kind / f"{_key(uri + chr(10) + signature)}-{uri.rsplit('/', 1)[-1]}"
+    moved = Transfer()
+    if not dest.exists():
+        with _flock(dest.with_name(dest.name + ".lock"), wait=True, what=""):
+            if not dest.exists():  # else another process downloaded it while this one waited
+                with atomic_path(dest) as tmp:
+                    moved = download(tmp)
+    line = (f"{uri}: {moved.describe('downloaded')} into {dest}" if moved.files
+            else f"{uri}: in this node's cache ({dest})")
+    logger.info("%s", line)
+    print(f"rrhf_ray.storage: {line}", flush=True)
+    return str(dest), moved
+
+
+# --------------------------------------------------------------------------- handing paths to other processes
+
+
+def storage_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables of `STORAGE_ENV_VARS` set (non-empty) in `environ` (default: this process's
+    environment): what another process needs to reach the bucket as this one does."""
+    environ = os.environ if environ is None else environ
+    return {k: environ[k] for k in STORAGE_ENV_VARS if environ.get(k)}
+
+
+def ray_options(store: RunStore | None = None) -> dict[str, Any]:
+    """Ray options (``.options(**…)``) for an actor or task that reads the run's bucket: while a
+    run on object storage is active (`store`, default `active_store()`), a runtime env with the
+    driver's `storage_env`; else nothing, so a local run starts exactly the processes it did.
+
+    Why: Ray's worker processes inherit the environment of their node's raylet, not the driver's
+    (a cluster is usually started before, and apart from, the shell that submits a run); the job's
+    runtime env is fixed when the driver connects. Ray keeps idle worker processes per runtime
+    env, so every task that should reuse a warm process must pass the same options
+    (`rrhf_ray.evaluation.warm_up_workers` does)."""
+    store = active_store() if store is None else store
+    env = storage_env() if store is not None else {}
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
+def hand_off(path: str | os.PathLike, store: RunStore | None = None) -> str:
+    """What to give another process for `path` (a checkpoint, model or pool the driver wrote):
+    with `output.dir` on object storage (`store`, default `active_store()`), a path inside the
+    mirror becomes the bucket's URI, after a sync, so the bucket holds it by the time the other
+    process reads it (a sync that finds nothing new only walks the mirror); anything else, and
+    every path of a local run, is returned as it is."""
+    store = active_store() if store is None else store
+    if store is None:
+        return str(path)
+    uri = store.uri_of(path)
+    if uri != str(path):
+        store.sync()
+    return uri
+
+
+def local_path(path_or_uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
+    """A local file for `path_or_uri`: a path as it is; in the driver, a URI of its own run as the
+    mirror's path (nothing to download); anywhere else a URI through `fetch_file`."""
     if not is_remote(path_or_uri):
         return str(path_or_uri)
-    uri = check_uri(str(path_or_uri), "checkpoint")
-    dest = cache_root(cache_dir) / "checkpoints" / f"{_key(uri)}-{uri.rsplit('/', 1)[-1]}"
-    if dest.is_dir():
-        return str(dest)
-    with _flock(dest.with_name(dest.name + ".lock"), wait=True, what=""):
-        if dest.is_dir():  # another process downloaded it while this one waited
-            return str(dest)
-        with atomic_path(dest) as tmp:
-            moved = download_dir(uri, tmp)
-    logger.info("%s: %s", uri, moved.describe("downloaded"))
-    return str(dest)
+    store = active_store()
+    if store is not None and (local := store.local_of(str(path_or_uri))) != str(path_or_uri):
+        return local
+    return fetch_file(path_or_uri, cache_dir)[0]
 
 
 # --------------------------------------------------------------------------- the run's store

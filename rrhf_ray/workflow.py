@@ -33,6 +33,7 @@ from pathlib import Path
 from rrhf_ray import registry
 from rrhf_ray.config import RunConfig, SamplingConfig
 from rrhf_ray.state import RunState, timed_stage, timed_stages
+from rrhf_ray.storage import hand_off
 from rrhf_ray.types import write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,8 @@ def base_model(config: RunConfig, out: Path, state: RunState,
 
         if before_sft is not None and "sft" not in state.data["stages"]:
             before_sft(path)
-        with_base = config.model_copy(update={"model": config.model.model_copy(update={"name_or_path": path})})
+        # The SFT workers read the base model from the bucket with output.dir on object storage.
+        with_base = config.model_copy(update={"model": config.model.model_copy(update={"name_or_path": hand_off(path)})})
         path = path_stage(state, "sft", lambda: run_sft_stage(with_base, out))
     return path
 
@@ -121,7 +123,7 @@ def reward_config(config: RunConfig, out: Path, state: RunState):
     from rrhf_ray.train.reward_model import run_reward_model_stage
 
     rm_dir = path_stage(state, "reward_model", lambda: run_reward_model_stage(config, out))
-    return config.reward.model_copy(update={"kind": "model", "model": rm_dir})
+    return config.reward.model_copy(update={"kind": "model", "model": hand_off(rm_dir)})
 
 
 # --------------------------------------------------------------------------- one round's stages
@@ -130,16 +132,17 @@ def reward_config(config: RunConfig, out: Path, state: RunState):
 def build_pools(config: RunConfig, preset, rho: str, current: str, version: int) -> dict:
     """The sampler pools a preset needs: "current" (ρ*, the weights at `current`, labelled
     `version`) for IP, "initial" (the frozen ρ at `rho`) for BP / DP / D; none for P. Used by
-    both `run` and `rrhf-ray sample`, so the two build the same engines."""
+    both `run` and `rrhf-ray sample`, so the two build the same engines. The engines get the
+    bucket's URIs with output.dir on object storage (`hand_off`)."""
     from rrhf_ray.actors.sampler import SamplerPool
 
     model = config.model
     kwargs = {"tokenizer": model.tokenizer, "trust_remote_code": model.trust_remote_code}
     pools = {}
     if preset.policy == "current":
-        pools["current"] = SamplerPool(current, config.sampling, tag="policy", version=version, **kwargs)
+        pools["current"] = SamplerPool(hand_off(current), config.sampling, tag="policy", version=version, **kwargs)
     elif preset.policy == "initial":
-        pools["initial"] = SamplerPool(rho, config.sampling, tag="initial", **kwargs)
+        pools["initial"] = SamplerPool(hand_off(rho), config.sampling, tag="initial", **kwargs)
     return pools
 
 
@@ -208,8 +211,8 @@ def reference_stage(config: RunConfig, ref_model: str, start_model: str, pool: P
     from rrhf_ray.train.reference import write_reference_pool
     from rrhf_ray.types import read_groups
 
-    return write_reference_pool(read_groups(pool), ref_model, config.train, out_path,
-                                tokenizer_path=start_model, trust_remote_code=config.model.trust_remote_code)
+    return write_reference_pool(read_groups(pool), hand_off(ref_model), config.train, out_path,
+                                tokenizer_path=hand_off(start_model), trust_remote_code=config.model.trust_remote_code)
 
 
 def train_stage(trainer, r: int, pool: Path, checkpoint: Path, probe: list) -> dict:
@@ -219,7 +222,7 @@ def train_stage(trainer, r: int, pool: Path, checkpoint: Path, probe: list) -> d
     log-probabilities under the new weights come back for `verify_refresh`."""
     from rrhf_ray.train.warm import install_checkpoint
 
-    result = trainer.train(r, [str(pool)], probe)
+    result = trainer.train(r, [hand_off(pool)], probe)  # the bucket's URI on object storage
     metrics = {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))}
     write_jsonl(result["history"], checkpoint.parent / "train_history.jsonl")
     install_checkpoint(result["checkpoint"], checkpoint, metrics)
@@ -245,14 +248,20 @@ def probe_sequences(pool: Path, tokenizer, n: int = PROBE_QUERIES) -> list[tuple
 
 def refresh_stage(pool, checkpoint: Path, r: int, probe: list, expected: list[float], tolerance: float) -> dict:
     """Load round r's checkpoint into every replica in place (no engine restart), then check that
-    each serves it (`verify_refresh`)."""
+    each serves it (`verify_refresh`). With output.dir on object storage the replicas load the
+    bucket's copy (`publish_checkpoint` put it there); what they downloaded, summed over replicas,
+    is recorded (`checkpoint_download_bytes` / `_seconds` in the round's row)."""
     import ray
 
     before = pool.busy_seconds()
-    ray.get(pool.load_weights(str(checkpoint), r))
+    ray.get(pool.load_weights(hand_off(checkpoint), r))
     gap = verify_refresh(pool, probe, expected, tolerance, r)
     logger.info("samplers now serve round %d's policy (log-prob gap to the trainer %.4f nats/token)", r, gap)
-    return {"logprob_gap": gap, "seconds_compute": pool.busy_seconds() - before}
+    info = {"logprob_gap": gap, "seconds_compute": pool.busy_seconds() - before}
+    if downloads := [d for d in pool.downloads() if d is not None]:
+        info["checkpoint_download"] = {"bytes": sum(d["bytes"] for d in downloads), "replicas": len(downloads),
+                                       "seconds": round(sum(d["seconds"] for d in downloads), 3)}
+    return info
 
 
 class StaleWeightsError(RuntimeError):
@@ -304,8 +313,9 @@ def _evaluate(pools: dict, rewards, eval_queries, references, model_path: str, c
     from rrhf_ray.evaluation import evaluate
 
     before = pools["current"].busy_seconds()
-    result = evaluate(pools["current"], rewards, eval_queries, references, model_path,
-                      config.sampling, config.eval, config.train.max_length, judge=judge, also=also)
+    result = evaluate(pools["current"], rewards, eval_queries, references, hand_off(model_path),
+                      config.sampling, config.eval, config.train.max_length,
+                      judge=hand_off(judge) if judge is not None else None, also=also)
     busy = pools["current"].busy_seconds() - before
     write_jsonl(({"query": q, "greedy_reply": reply, "greedy_reward": g, "sampled_replies": texts,
                   "sampled_rewards": s}
@@ -427,7 +437,7 @@ def _run_rounds(config: RunConfig, state: RunState, out: Path, preset, external,
         pools = early
         import ray
 
-        ray.get([ref for pool in pools.values() for ref in pool.load_weights(rho, 0)])
+        ray.get([ref for pool in pools.values() for ref in pool.load_weights(hand_off(rho), 0)])
     else:
         pools = build_pools(config, preset, rho, current_path, last)
         if "current" not in pools:
@@ -443,7 +453,7 @@ def _run_rounds(config: RunConfig, state: RunState, out: Path, preset, external,
         from rrhf_ray.train.warm import WarmTrainer, start_state
 
         trainer = WarmTrainer(
-            Job(model_path=current_path, output_dir=str(out / "rounds"), train=config.train,
+            Job(model_path=hand_off(current_path), output_dir=str(out / "rounds"), train=config.train,
                 trust_remote_code=config.model.trust_remote_code,
                 save_dtype=served_dtype(config.sampling.dtype, current_path)),  # what the samplers load
             last, storage_path=config.output.storage_path or str((out / "ray_train").resolve()),

@@ -22,14 +22,31 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One real single-node Ray cluster for the whole session."""
+def node_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cluster node's RRHF_RAY_CACHE: where its Ray workers (samplers, trainers, tasks)
+    download what a run on object storage hands them (`rrhf_ray.storage.fetch`)."""
+    return tmp_path_factory.mktemp("node-cache")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(node_cache: Path):
+    """One real single-node Ray cluster for the whole session. Its raylet, and so every worker
+    process, gets RRHF_RAY_CACHE=`node_cache`, as a node's own environment would give it; the
+    test process (a driver) keeps its own."""
     import ray
 
     if not ray.is_initialized():
         from rrhf_ray.workflow import LOCAL_SYSTEM_CONFIG
 
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _system_config=LOCAL_SYSTEM_CONFIG,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+        before = os.environ.get("RRHF_RAY_CACHE")
+        os.environ["RRHF_RAY_CACHE"] = str(node_cache)  # inherited by the raylet started now
+        try:
+            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _system_config=LOCAL_SYSTEM_CONFIG,
+                     runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+        finally:
+            if before is None:
+                os.environ.pop("RRHF_RAY_CACHE")
+            else:
+                os.environ["RRHF_RAY_CACHE"] = before
     yield ray
     ray.shutdown()

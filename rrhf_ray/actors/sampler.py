@@ -9,7 +9,9 @@ Determinism across replica counts: query i is seeded with `query_seed(seed, i)` 
 index, and vLLM seeds each request on its own, so 2 replicas return exactly the candidates 1
 replica returns. The driver passes a different `seed` per training round (`round_seed`) and one
 fixed seed for evaluation (`rrhf_ray.evaluation.eval_sampling`). Versions: version 0 is ρ (the model the pool was built from); `load_weights`
-with version r puts round r's checkpoint (ρ* for round r+1) on every replica. A sample call
+with version r puts round r's checkpoint (ρ* for round r+1) on every replica. A model path may be
+a URI (output.dir on object storage): each replica then loads it from its node's cache
+(`rrhf_ray.storage.fetch`), downloading it there first when no process on that node has. A sample call
 refuses to run while the replicas serve different versions: mixing ρ*'s of two rounds in one
 pool would silently train on the wrong policy's candidates.
 """
@@ -69,13 +71,30 @@ class Sampler:
                  tokenizer: str | None = None, trust_remote_code: bool = False,
                  version: int = 0, replica: int = 0, log_dir: str | None = None) -> None:
         redirect_process_output(log_dir, f"sampler-{tag}{replica}")  # vLLM's output: logs/, not the console
-        self.engine = VLLMEngine(model_path, config, tokenizer=tokenizer,
+        self._download: dict[str, float] | None = None
+        self.engine = VLLMEngine(self._local(model_path), config, tokenizer=tokenizer,
                                  trust_remote_code=trust_remote_code)
         self.tag = tag
         self.version = version
         self.replica = replica
         self._served: deque[tuple[int, ...]] = deque(maxlen=self.SERVED_LOG)
         self._busy = 0.0
+
+    def _local(self, path_or_uri: str) -> str:
+        """The weights at `path_or_uri` on this node: a URI (output.dir on object storage) is
+        downloaded into the node's cache unless another process there has it already
+        (`rrhf_ray.storage.fetch`); what moved is kept for `last_download`."""
+        from rrhf_ray.storage import fetch, is_remote
+
+        local, moved = fetch(path_or_uri)
+        self._download = ({"bytes": moved.bytes, "seconds": moved.seconds, "files": moved.files}
+                          if is_remote(path_or_uri) else None)
+        return local
+
+    def last_download(self) -> dict[str, float] | None:
+        """What the last weights this replica loaded took to download: {"bytes", "seconds",
+        "files"} (zeros when the node's cache had them), None when they were a local path."""
+        return self._download
 
     def served_version(self) -> int:
         return self.version
@@ -91,9 +110,11 @@ class Sampler:
         return list(self._served)
 
     def load_weights(self, checkpoint_dir: str, version: int) -> int:
-        """Reload weights in place from an HF checkpoint directory; returns the new version."""
+        """Reload weights in place from an HF checkpoint directory or its URI (downloaded first,
+        outside the busy seconds: a transfer, not compute); returns the new version."""
+        local = self._local(checkpoint_dir)
         start = time.perf_counter()
-        self.engine.reload_weights(checkpoint_dir)
+        self.engine.reload_weights(local)
         self._busy += time.perf_counter() - start
         self.version = version
         return version
@@ -174,8 +195,11 @@ class SamplerPool:
             bundle["GPU"] = config.tensor_parallel_size
         self._groups = [placement_group([bundle]) for _ in range(config.num_replicas)]
         actor_cls = ray.remote(Sampler)
+        from rrhf_ray.storage import ray_options
+
         self.replicas = [
             actor_cls.options(
+                **ray_options(),  # the bucket's credentials when model_path is a URI
                 num_cpus=config.cpus_per_replica,
                 num_gpus=config.tensor_parallel_size if use_gpu else 0,
                 max_restarts=config.max_restarts,
@@ -209,6 +233,16 @@ class SamplerPool:
         self.version = version
         self.weights = str(checkpoint_dir)
         return [r.load_weights.remote(str(checkpoint_dir), version) for r in self.replicas]
+
+    def downloads(self) -> list[dict[str, float] | None]:
+        """Per live replica, what its last weights load downloaded (`Sampler.last_download`)."""
+        out = []
+        for r in self.replicas:
+            try:
+                out.append(ray.get(r.last_download.remote()))
+            except ray.exceptions.RayActorError:
+                continue
+        return out
 
     def sequence_logprobs(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[ray.ObjectRef]:
         """Per replica, a ref to Σ log-probs of each (prompt ids, response ids) under its weights."""

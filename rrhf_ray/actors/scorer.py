@@ -88,6 +88,9 @@ class RewardScorer:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from rrhf_ray.storage import materialize
+
+        model_path = materialize(model_path)  # a URI (a trained reward model in the bucket): this node's copy
         self.config = config
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -164,8 +167,10 @@ class RewardPool:
         gpus = config.gpus_per_worker
         if gpus is None:
             gpus = 0.5 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        from rrhf_ray.storage import ray_options
+
         actor_cls = ray.remote(RewardScorer).options(
-            num_cpus=config.cpus_per_worker, num_gpus=gpus, max_restarts=1)
+            num_cpus=config.cpus_per_worker, num_gpus=gpus, max_restarts=1, **ray_options())
         self.workers = [actor_cls.remote(config.model, config, current_log_dir()) for _ in range(config.num_workers)]
 
     def score(self, groups: Sequence[CandidateGroup], *, progress: bool = True) -> ray.ObjectRef:

@@ -388,6 +388,11 @@ class Worker:
     def load(cls, path: str, cfg: TrainConfig, in_ray: bool, trust_remote_code: bool,
              load_model: Callable[[str, TrainConfig, bool, Any], torch.nn.Module], *,
              tokenizer_path: str | None = None, require_eos: bool = True) -> Worker:
+        from rrhf_ray.storage import materialize
+
+        # A URI (output.dir on object storage): the model from this node's cache, downloaded once.
+        path = materialize(path)
+        tokenizer_path = materialize(tokenizer_path) if tokenizer_path else None
         rank, world = rank_world()
         if world != cfg.num_workers:
             logger.warning("train.num_workers is %d but %d processes run; using %d", cfg.num_workers, world, world)
@@ -651,6 +656,8 @@ def fit_job(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from rrhf_ray.storage import ray_options
+
     cfg = job.train
     job = job.model_copy(update={"log_dir": job.log_dir or current_log_dir()})
     storage = storage_path or str(Path(job.output_dir).resolve().parent / "ray_train")
@@ -667,6 +674,8 @@ def fit_job(
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=max_failures),
+            # The bucket's credentials when job.model_path is a URI (rrhf_ray.storage.ray_options).
+            worker_runtime_env=ray_options().get("runtime_env"),
         ),
     )
     result = trainer.fit()

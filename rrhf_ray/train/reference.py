@@ -45,6 +45,11 @@ def reference_logprobs(ref_model: str, groups: Sequence[QueryGroup], cfg: TrainC
     list per group, None for a candidate the trainer leaves out."""
     from transformers import AutoModelForCausalLM
 
+    from rrhf_ray.storage import materialize
+
+    # URIs (output.dir on object storage): the models from this node's cache, downloaded once.
+    ref_model = materialize(ref_model)
+    tokenizer_path = materialize(tokenizer_path) if tokenizer_path else None
     tokenizer = load_tokenizer(tokenizer_path or ref_model, trust_remote_code)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForCausalLM.from_pretrained(
@@ -80,8 +85,10 @@ def compute_reference(ref_model: str, groups: Sequence[QueryGroup], cfg: TrainCo
     kwargs = {"tokenizer_path": tokenizer_path, "trust_remote_code": trust_remote_code}
     if not ray.is_initialized():
         return reference_logprobs(ref_model, groups, cfg, **kwargs)
+    from rrhf_ray.storage import ray_options
+
     gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    task = ray.remote(num_cpus=1, num_gpus=gpus)(reference_logprobs)
+    task = ray.remote(num_cpus=1, num_gpus=gpus, **ray_options())(reference_logprobs)
     return ray.get(task.remote(ref_model, list(groups), cfg, **kwargs))
 
 

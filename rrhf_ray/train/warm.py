@@ -7,10 +7,12 @@ background thread of the driver for the whole run:
 
 - each worker reads commands from its own `ray.util.queue.Queue` (no collective wait while the
   samplers work, however long that takes); rank 0 answers on one result queue;
-- a `train` command carries round r's pool paths; every rank trains `train.epochs` on it with a
-  fresh AdamW and schedule and the seeds of a fresh fit (`train.seed`), so round r computes what a
-  trainer built for round r alone would; then one `ray.train.report(metrics, checkpoint)` per round
-  (`checkpoint_dir_name` `round_<r>`), which the driver copies to `rounds/<r>/checkpoint`;
+- a `train` command carries round r's pool paths (the bucket's URIs with output.dir on object
+  storage: the workers read them from their node's cache, and load the start model likewise);
+  every rank trains `train.epochs` on it with a fresh AdamW and schedule and the seeds of a fresh
+  fit (`train.seed`), so round r computes what a trainer built for round r alone would; then one
+  `ray.train.report(metrics, checkpoint)` per round (`checkpoint_dir_name` `round_<r>`), which
+  the driver copies to `rounds/<r>/checkpoint`;
 - rank 0 also returns the log-probabilities of a few probe sequences under the weights it just
   saved: the driver compares them with what the refreshed samplers compute (`verify_refresh`);
 - a worker that dies is restarted by Ray Train (`FailureConfig`) from the last round's checkpoint;
@@ -82,6 +84,8 @@ def warm_loop_per_worker(config: dict[str, Any]) -> None:
     after a restart, else `job.model_path` at `config["version"]`), then serve commands."""
     import ray.train
 
+    from rrhf_ray.storage import fetch_file
+
     job = Job.model_validate(config["job"])
     redirect_process_output(job.log_dir, "train")
     cfg = job.train
@@ -111,7 +115,9 @@ def warm_loop_per_worker(config: dict[str, Any]) -> None:
             raise RuntimeError(f"warm trainer holds round {version}'s policy, asked to train round {r}")
         start = time.perf_counter()
         torch.manual_seed(cfg.seed)
-        recipe = rrhf_recipe(cfg, cmd["data_paths"], w.tokenizer, w.device, w.model)
+        # URIs (output.dir on object storage): the pools from this node's cache, downloaded once.
+        data_paths = [fetch_file(p)[0] for p in cmd["data_paths"]]
+        recipe = rrhf_recipe(cfg, data_paths, w.tokenizer, w.device, w.model)
         opt = Optimizer.build(w.ddp_model, cfg, steps_per_epoch(recipe, cfg, w.world) * cfg.epochs)
         history: list[dict[str, float]] = []
         metrics = train_epochs(w, recipe, opt, global_step=global_step, history=history)
@@ -145,6 +151,8 @@ class WarmTrainer:
         from ray.train.torch import TorchTrainer
         from ray.util.queue import Queue
 
+        from rrhf_ray.storage import ray_options
+
         cfg = self.cfg = job.train
         self.version = version
         self.storage_path = storage_path
@@ -170,6 +178,8 @@ class WarmTrainer:
                 storage_path=storage_path,
                 checkpoint_config=CheckpointConfig(num_to_keep=1),
                 failure_config=FailureConfig(max_failures=max_failures),
+                # The bucket's credentials when the job's model and the pools are URIs.
+                worker_runtime_env=ray_options().get("runtime_env"),
             ),
         )
         self._thread = threading.Thread(target=self._fit, args=(trainer,), name="warm-trainer", daemon=True)
@@ -187,12 +197,16 @@ class WarmTrainer:
 
     def train(self, r: int, data_paths: Sequence[str], probe: Sequence[tuple[list[int], list[int]]] = (),
               ) -> dict[str, Any]:
-        """Train round `r` (the workers must hold round r−1's policy) on `data_paths`; returns
+        """Train round `r` (the workers must hold round r−1's policy) on `data_paths` (paths, or
+        the bucket's URIs with output.dir on object storage: each worker reads them from its
+        node's cache, `rrhf_ray.storage.fetch_file`); returns
         {"metrics", "history", "checkpoint" (a ray.train.Checkpoint), "probe" (Σ log-probs of
         each probe sequence under the new weights)}."""
         if r != self.version + 1:
             raise RuntimeError(f"the warm trainer holds round {self.version}'s policy, not round {r - 1}'s")
-        check_pools(data_paths, self.cfg)
+        from rrhf_ray.storage import local_path
+
+        check_pools([local_path(p) for p in data_paths], self.cfg)  # the driver's mirror: no download
         self._pending = {"kind": "train", "round": r, "data_paths": [str(p) for p in data_paths],
                          "probe": [(list(p), list(q)) for p, q in probe]}
         self._send(self._pending)

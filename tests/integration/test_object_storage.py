@@ -1,6 +1,8 @@
 """`output.dir=s3://…` end to end on a real local Ray cluster against a real S3-compatible server
 (moto_server on localhost): a driver killed mid-round, resumed from the bucket alone on a fresh
-mirror, finishes without redoing a finished stage."""
+mirror, finishes without redoing a finished stage; the samplers, the warm trainer and the
+evaluation tasks read what they need from the bucket (into the node's cache), with the
+credentials the driver forwards (the cluster was started before they existed)."""
 
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ def remote_stages(uri: str) -> dict:
     return json.loads(read_object(f"{uri}/state.json"))["stages"]
 
 
-def test_killed_driver_resumes_from_the_bucket_on_a_fresh_mirror(ray_cluster, tmp_path, monkeypatch, caplog):
+def test_killed_driver_resumes_from_the_bucket_on_a_fresh_mirror(ray_cluster, node_cache, tmp_path, monkeypatch,
+                                                                 caplog):
     with moto_s3(tmp_path / "moto.log") as s3_env:
         for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
             monkeypatch.delenv(k, raising=False)
@@ -75,6 +78,24 @@ def test_killed_driver_resumes_from_the_bucket_on_a_fresh_mirror(ray_cluster, tm
         checkpoint_bytes = sum(v for k, v in bucket_files(uri).items() if k.startswith("rounds/1/checkpoint/"))
         assert metrics[1]["checkpoint_upload_bytes"] == checkpoint_bytes > 0
         assert metrics[1]["checkpoint_upload_seconds"] >= 0
+        # The samplers loaded round 1's checkpoint from the bucket, not from the driver's mirror:
+        # one replica on this one node, so one download of exactly the bucket's bytes, which
+        # the replica's own log (under the mirror's logs/) names.
+        assert metrics[1]["checkpoint_download_bytes"] == checkpoint_bytes
+        assert metrics[1]["checkpoint_download_seconds"] > 0
+        assert "checkpoint_download_bytes" not in metrics[0]
+        logs = mirror_dir(uri) / "logs"
+        sampler_log = "".join(f.read_text() for f in logs.glob("sampler-policy0-*.log"))
+        assert f"{uri}/rounds/1/checkpoint: downloaded" in sampler_log
+        assert f"{uri}/base: " in sampler_log  # its engine started from the bucket's ρ too
+        # The warm trainer read its start model and round 1's pool from the bucket, into the
+        # node's cache (RRHF_RAY_CACHE of the cluster's workers, not the driver's).
+        train_log = "".join(f.read_text() for f in logs.glob("train-*.log"))
+        assert f"{uri}/base: " in train_log and f"{uri}/rounds/1/pool.parquet: " in train_log
+        cached_pool, = (node_cache / "files").glob("*-pool.parquet")
+        assert cached_pool.read_bytes() == pool
+        cached = {p.name.split("-", 1)[1] for p in (node_cache / "checkpoints").iterdir() if p.is_dir()}
+        assert {"base", "checkpoint"} <= cached
         files = bucket_files(uri)
         assert files["rounds/1/checkpoint/model.safetensors"] > 0 and "summary.md" in files
         assert not [f for f in files if f.startswith("ray_train/") or ".tmp-" in f or ".old-" in f]

@@ -1,10 +1,12 @@
 """rrhf_ray.storage against a real S3-compatible server (moto_server on localhost): the sync
 uploads state.json last, skips temporary names and Ray Train's scratch, an interrupted sync
-leaves the bucket's previous state; a pull fills a fresh mirror; materialize downloads once."""
+leaves the bucket's previous state; a pull fills a fresh mirror; materialize / fetch_file download
+once per version; hand_off translates the mirror's paths; the storage variables forwarded."""
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -14,14 +16,21 @@ from rrhf_ray.config import ConfigError, load_config
 from rrhf_ray.demo import DEMO_CONFIG
 from rrhf_ray.state import RunState, config_fingerprint, timed_stage
 from rrhf_ray.storage import (
+    STORAGE_ENV_VARS,
     RunStore,
     Transfer,
     check_uri,
+    fetch,
+    fetch_file,
     filesystem,
+    hand_off,
     is_remote,
+    local_path,
     materialize,
     mirror_dir,
+    ray_options,
     run_mirrored,
+    storage_env,
     upload_dir,
 )
 from rrhf_ray.types import atomic_path, atomic_write
@@ -180,7 +189,7 @@ def test_pull_fills_a_fresh_mirror_and_refuses_another_config(bucket, tmp_path):
         RunStore(uri, tmp_path / "other", fingerprints=("another-fp", "x")).pull()
 
 
-def test_materialize_downloads_a_checkpoint_once(bucket, tmp_path):
+def test_materialize_downloads_a_checkpoint_once_per_version(bucket, tmp_path):
     ckpt = tmp_path / "ckpt"
     atomic_write(ckpt / "model.safetensors", b"w" * 3000)
     atomic_write(ckpt / "tokenizer/tokenizer.json", "{}")
@@ -188,21 +197,95 @@ def test_materialize_downloads_a_checkpoint_once(bucket, tmp_path):
     sent = upload_dir(ckpt, uri)
     assert sent == Transfer(3002, sent.seconds, 2)
 
-    local = Path(materialize(uri))
-    assert local.name.endswith("-checkpoint") and local.is_relative_to(tmp_path / "cache")
+    local, moved = fetch(uri)
+    assert (moved.bytes, moved.files) == (3002, 2) and moved.seconds > 0
+    local = Path(local)
+    assert local.name.endswith("-checkpoint") and local.is_relative_to(tmp_path / "cache" / "checkpoints")
     assert (local / "model.safetensors").read_bytes() == b"w" * 3000
     assert (local / "tokenizer/tokenizer.json").read_text() == "{}"
     assert not [p for p in local.parent.iterdir() if ".tmp-" in p.name]
     mtime = (local / "model.safetensors").stat().st_mtime_ns
 
-    fs, root = filesystem(uri)  # the objects are gone: the cache answers
-    fs.delete_dir_contents(root)
-    assert not bucket_files(uri)
+    # Again (another replica on this node): the cache answers, nothing moves.
+    assert fetch(uri) == (str(local), Transfer())
     assert materialize(uri) == str(local)
     assert (local / "model.safetensors").stat().st_mtime_ns == mtime
-    assert materialize(str(ckpt)) == str(ckpt)  # a local path as it is
+    assert materialize(str(ckpt)) == str(ckpt) and fetch(ckpt) == (str(ckpt), Transfer())  # a path as it is
+
+    # The prefix written again (another run on a reused prefix): the new weights, not the cached ones.
+    time.sleep(1.1)  # S3 times have second resolution
+    atomic_write(ckpt / "model.safetensors", b"v" * 3000)
+    upload_dir(ckpt, uri)
+    newer, moved = fetch(uri)
+    assert newer != str(local) and moved.bytes == 3002
+    assert (Path(newer) / "model.safetensors").read_bytes() == b"v" * 3000
+
+    fs, root = filesystem(uri)  # the objects are gone: no stale copy is served
+    fs.delete_dir_contents(root)
+    with pytest.raises(FileNotFoundError, match="no objects under it"):
+        materialize(uri)
     with pytest.raises(FileNotFoundError, match="no objects under it"):
         materialize(f"s3://{bucket}/run/rounds/7/checkpoint")
+
+
+def test_fetch_file_downloads_a_pool_once_and_local_path_reads_the_drivers_mirror(bucket, tmp_path, monkeypatch):
+    from rrhf_ray import storage
+
+    uri = f"s3://{bucket}/run"
+    mirror = tmp_path / "mirror"
+    make_outputs(mirror)
+    store = RunStore(uri, mirror)
+    pool = mirror / "rounds/1/pool.parquet"
+    assert hand_off(pool, store) == f"{uri}/rounds/1/pool.parquet"  # synced first: the bucket has it
+    assert bucket_files(uri)["rounds/1/pool.parquet"] == 1000
+
+    # Another process (no active run): downloaded into its node's cache, once.
+    local, moved = fetch_file(f"{uri}/rounds/1/pool.parquet")
+    assert Path(local).read_bytes() == b"p" * 1000 and (moved.bytes, moved.files) == (1000, 1)
+    assert Path(local).is_relative_to(tmp_path / "cache" / "files")
+    assert fetch_file(f"{uri}/rounds/1/pool.parquet") == (local, Transfer())
+    assert local_path(f"{uri}/rounds/1/pool.parquet") == local
+    with pytest.raises(FileNotFoundError, match="no such object"):
+        fetch_file(f"{uri}/rounds/9/pool.parquet")
+    # The driver (its run active): the mirror's file, nothing downloaded.
+    monkeypatch.setattr(storage, "_ACTIVE", store)
+    assert local_path(f"{uri}/rounds/1/pool.parquet") == str(pool)
+    assert local_path(str(pool)) == str(pool)
+
+
+def test_hand_off_translates_only_mirror_paths_and_only_for_a_remote_run(bucket, tmp_path):
+    uri = f"s3://{bucket}/run"
+    mirror = tmp_path / "mirror"
+    make_outputs(mirror)
+    store = RunStore(uri, mirror)
+    ckpt = mirror / "rounds/1/checkpoint"
+    assert hand_off(ckpt, store) == f"{uri}/rounds/1/checkpoint"
+    assert {"rounds/1/checkpoint/model.safetensors", "rounds/1/checkpoint/config.json"} <= set(bucket_files(uri))
+    assert hand_off(mirror, store) == uri
+    # Outside the mirror (a hub id, the user's own path; a sibling with the mirror's name as a prefix): as given.
+    for other in ("gpt2", "/data/models/llama", str(mirror) + "-other/x", f"{uri}/base"):
+        assert hand_off(other, store) == other
+    # A local run (no active store): every path as it is, nothing synced.
+    assert hand_off(ckpt) == str(ckpt)
+
+
+def test_storage_env_forwards_credentials_but_not_the_cache(bucket, tmp_path):
+    environ = {"AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "s3cr3t", "AWS_SESSION_TOKEN": "",
+               "AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "GOOGLE_APPLICATION_CREDENTIALS": "/k.json",
+               "RRHF_RAY_CACHE": "/mnt/cache", "HOME": "/root", "AWS_SOMETHING_ELSE": "x"}
+    assert storage_env(environ) == {"AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "s3cr3t",
+                                    "AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
+                                    "GOOGLE_APPLICATION_CREDENTIALS": "/k.json"}
+    assert set(STORAGE_ENV_VARS) >= {"AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"}
+    assert "RRHF_RAY_CACHE" not in STORAGE_ENV_VARS  # each node keeps its own cache
+    assert storage_env({}) == {}
+    # The Ray options: the bucket fixture's environment (moto's keys and endpoint) while a remote
+    # run is active, nothing for a local run.
+    store = RunStore(f"s3://{bucket}/run", tmp_path / "mirror")
+    env = ray_options(store)["runtime_env"]["env_vars"]
+    assert env["AWS_ACCESS_KEY_ID"] == "test" and env["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
+    assert "RRHF_RAY_CACHE" not in env and "AWS_EC2_METADATA_DISABLED" not in env
+    assert ray_options() == {}
 
 
 def test_a_pyarrow_without_s3_is_one_clear_error(monkeypatch):
@@ -309,3 +392,25 @@ def test_the_object_storage_rayjob_is_rayjob_yaml_without_the_shared_volume():
         assert g["rayStartParams"] == g3["rayStartParams"]
     assert s3[1]["spec"]["ingress"][0]["from"][1]["podSelector"]["matchLabels"] == {
         "batch.kubernetes.io/job-name": s3[0]["metadata"]["name"]}
+
+
+def test_status_of_a_run_in_a_bucket_reads_its_state_json(bucket, tmp_path, capsys):
+    """`rrhf-ray status s3://…` from any machine: the bucket's state.json (what the driver synced),
+    its paths the bucket's; a prefix without a run is one clear error."""
+    from rrhf_ray import storage
+    from rrhf_ray.cli import main
+
+    uri = f"s3://{bucket}/run"
+    mirror = tmp_path / "mirror"
+    make_outputs(mirror)
+    RunStore(uri, mirror, fingerprints=("remote-fp", "local-fp")).sync()
+    assert main(["status", uri + "/"]) == 0
+    out = capsys.readouterr().out
+    assert f"run in {uri}: 0 round(s) configured, 2 stage(s) finished" in out
+    assert re.search(r"done  base\s+1\.0 s", out) and re.search(r"done  round1/train\s+2\.0 s", out)
+    assert str(mirror) not in out
+
+    assert main(["status", f"s3://{bucket}/elsewhere"]) == 2
+    assert f"s3://{bucket}/elsewhere holds no run (state.json not found)" in capsys.readouterr().err
+    assert storage.read_object(f"s3://{bucket}/elsewhere/state.json") is None
+    assert json.loads(storage.read_object(f"{uri}/state.json"))["fingerprint"] == "remote-fp"
