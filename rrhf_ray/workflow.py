@@ -511,13 +511,21 @@ def _run_rounds(config: RunConfig, state: RunState, out: Path, preset, external,
             evaluate_round(r, str(checkpoint(r)), rd, round0)
             track_round(tracker, state, out, write_metrics(out, state.data["stages"], r), r)
     finally:
+        import time
+
+        started = time.perf_counter()
         if trainer is not None:
             trainer.close()
+        closed = time.perf_counter()
         for pool in pools.values():
             pool.shutdown()
         rewards.shutdown()
+        logger.debug("shut down the trainer in %.1f s, the engines and scorers in %.1f s",
+                     closed - started, time.perf_counter() - closed)
     rows = write_metrics(out, state.data["stages"], config.rounds)
+    started = time.perf_counter()
     write_report(out, rows)
+    logger.debug("wrote summary.md and report.png in %.1f s", time.perf_counter() - started)
     for name in ("summary.md", "report.png"):
         tracker.log_artifact(out / name)
     return rows

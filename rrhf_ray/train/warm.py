@@ -47,6 +47,7 @@ from rrhf_ray.train.core import (
     Job,
     Optimizer,
     Worker,
+    poll_workers_often,
     rank_world,
     save_hf_checkpoint,
     steps_per_epoch,
@@ -162,6 +163,7 @@ class WarmTrainer:
         self._pending: dict[str, Any] | None = None
         self.starts = 0  # worker group (re)starts seen (a `ready` each)
         self._error: BaseException | None = None
+        poll_workers_often()
         trainer = TorchTrainer(
             warm_loop_per_worker,
             train_loop_config={"job": job.model_copy(update={"log_dir": job.log_dir or current_log_dir()})

@@ -28,7 +28,10 @@ def test_shortened_demo_raises_the_held_out_reward(ray_cluster, tmp_path, capfd,
     assert len(console) < 40, "\n".join(console)
     assert not [line for line in console if "WARNING" in line or "Attempted to load weight" in line]
     driver_log = (out / "logs" / "driver.log").read_text()  # (pytest owns the logging console)
-    assert "round1/sample: starting" in driver_log and "round2/eval done in" in driver_log
+    assert "round2/eval done in" in driver_log
+    # Round r's evaluation and round r+1's sampling ran as one engine pass, recorded as two stages.
+    assert "round0/eval + round1/sample: starting" in driver_log
+    assert "round1/sample done in" in driver_log and "(one pass with round0/eval)" in driver_log
     assert "round2/train done in" in driver_log and "rank acc" in driver_log
     assert "round1/refresh done in" in driver_log and "log-prob gap" in driver_log
     samplers = list((out / "logs").glob("sampler-policy*.log"))
