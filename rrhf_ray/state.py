@@ -120,6 +120,7 @@ def timed_stages(state: RunState, stages: dict[str, list[Path]],
     `batched_with`. Killed or failed before the end, none is recorded: a resume redoes the pass.
     The caller passes only stages that are not done."""
     name = " + ".join(stages)
+    logger.debug("%s: starting", name)  # driver.log only; the console gets the finish lines
     state.start(name)
     start = time.perf_counter()
     try:

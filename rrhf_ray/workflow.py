@@ -55,17 +55,16 @@ def connect_ray(config: RunConfig) -> None:
 
     if not is_remote(config.output.dir):  # run() calls this with the local mirror of a bucket
         logs.start_run_logs(Path(config.output.dir) / "logs")
-    if ray.is_initialized():
-        return
-    address = config.ray.address or os.environ.get("RAY_ADDRESS")
     log_to_driver = logs.ray_log_to_driver()
-    if address:
-        logger.info("joining the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=log_to_driver)
-    else:
-        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
-                 _system_config=LOCAL_SYSTEM_CONFIG)
-        logger.info("started a local Ray cluster: %s", ray.cluster_resources())
+    if not ray.is_initialized():  # else joined already (a notebook's or a test's ray.init)
+        address = config.ray.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            logger.info("joining the Ray cluster at %s", address)
+            ray.init(address=address, log_to_driver=log_to_driver)
+        else:
+            ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
+                     _system_config=LOCAL_SYSTEM_CONFIG)
+            logger.info("started a local Ray cluster: %s", ray.cluster_resources())
     if logs.quiet():
         logs.quiet_library_loggers()  # ray.init configured Ray's loggers anew
         if log_to_driver:
