@@ -63,27 +63,29 @@ def test_killed_driver_resumes_without_redoing_finished_stages(ray_cluster, tmp_
     assert "round1/train" not in before
     pool_mtime = (out / "rounds/1/pool.parquet").stat().st_mtime_ns
 
-    rows = run(load_config(DEMO_CONFIG, overrides))
+    # Resumed asking for one more round than the killed run had: it finishes round 1 where it
+    # stopped and continues with round 2 (only `rounds` may change within an output directory).
+    rows = run(load_config(DEMO_CONFIG, [*overrides, "rounds=2"]))  # the last key=value wins
 
     after = stages(out)
     for name in ("base", "round0/eval", "round1/sample", "round1/score"):
         assert after[name]["finished"] == before[name]["finished"], f"{name} was redone"
     assert (out / "rounds/1/pool.parquet").stat().st_mtime_ns == pool_mtime
-    assert [r["round"] for r in rows] == [0, 1]
-    assert (out / "rounds/1/checkpoint/model.safetensors").exists()
+    # Round 0's evaluation and round 1's sampling were one engine pass; so were round 1's
+    # evaluation and round 2's sampling after the resume.
+    assert before["round1/sample"]["batched_with"] == ["round0/eval"]
+    assert after["round2/sample"]["batched_with"] == ["round1/eval"]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for r in (1, 2):
+        assert (out / f"rounds/{r}/checkpoint/model.safetensors").exists()
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["round"] for m in metrics] == [0, 1]
+    assert [m["round"] for m in metrics] == [0, 1, 2]
     for key in ("eval_reward_mean", "eval_reward_std", "reference_perplexity", "win_rate_vs_round0",
                 "train_loss", "seconds_train", "seconds_sample"):
-        assert key in metrics[1]
+        assert key in metrics[1] and key in metrics[2]
     assert metrics[1]["train_loss"] > 0 and metrics[1]["seconds_train"] > 0
+    assert "| 2 |" in (out / "summary.md").read_text()
     assert not list(out.rglob(".*tmp*")), "a temporary file was left behind"
-
-    # Asking the finished run for one more round continues from its last round.
-    first_train = after["round1/train"]["finished"]
-    rows = run(load_config(DEMO_CONFIG, [*overrides, "rounds=2"]))  # the last key=value wins
-    assert [r["round"] for r in rows] == [0, 1, 2]
-    assert stages(out)["round1/train"]["finished"] == first_train
 
 
 def test_a_different_config_in_an_existing_output_dir_is_refused(tmp_path):
