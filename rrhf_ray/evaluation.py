@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 
-from rrhf_ray.actors.sampler import SamplerPool, get_samples_many
+from rrhf_ray.actors.sampler import SamplerPool, get_samples, get_samples_many
 from rrhf_ray.actors.scorer import RewardPool
 from rrhf_ray.config import EvalConfig, SamplingConfig
 from rrhf_ray.types import Candidate, CandidateGroup, QueryGroup
@@ -251,7 +251,7 @@ def evaluate(
     ranking accuracy run as Ray tasks beside the scoring. `judge` None: no judge perplexity.
 
     `also`: more (prompts, settings) requests to the same policy, generated in the same engine
-    pass as the evaluation's replies (`SamplerPool.sample_many`: seeded per query, so each part
+    pass as the sampled evaluation replies (`SamplerPool.sample_many`: seeded per query, so each part
     gets what a call of its own would give) and returned unscored in `EvalResult.also`: the
     driver puts round r+1's sampling here.
 
@@ -266,13 +266,15 @@ def evaluate(
     ppl_ref = (perplexity_task.options(num_gpus=gpus, **remote).remote(model_path, references, max_length)
                if references else None)
     greedy_cfg, sampled_cfg = eval_sampling(sampling, cfg)
-    greedy, sampled, *extra = get_samples_many(
-        sampler, [(queries, greedy_cfg), (queries, sampled_cfg), *also], progress=bool(also))
+    # The greedy replies first (a short pass), so that the judge's task reads them while the
+    # engine samples the rest: the sampled replies with the `also` requests, in one pass.
+    greedy = get_samples(sampler, queries, greedy_cfg, progress=False)
     judge_ref = None
     if judge is not None and queries:
         # The judge reads prompt + reply in its own tokens: the engine's context bounds both.
         judge_ref = perplexity_task.options(num_gpus=gpus, **remote).remote(
             judge, [(q, c[0].text) for q, c in zip(queries, greedy)], sampling.max_model_len)
+    sampled, *extra = get_samples_many(sampler, [(queries, sampled_cfg), *also], progress=bool(also))
     scored = ray.get(rewards.score(
         [_group(q, c) for q, c in zip(queries, greedy)] + [_group(q, c) for q, c in zip(queries, sampled)],
         progress=False,
