@@ -89,9 +89,10 @@ class VLLMEngine:
         on_cpu = not _cuda_available()
         if on_cpu:
             # The engine core runs in this process (no EngineCore and Worker processes to spawn,
-            # each re-importing vLLM): measured on 2 CPU cores, the engine came up in 2 s instead
-            # of 20 s, and generated 800 seeded candidates in 9.4 s instead of 16.4 s, the same
-            # tokens. On GPUs the separate core process overlaps scheduling with the GPU's work.
+            # each re-importing vLLM): on 2 CPU cores the engine started in 9 s instead of 25 s
+            # and sampled 1.9× the tokens/s (benchmarks/sampling.py, README), the same tokens for
+            # seeded requests. On GPUs the separate core process overlaps scheduling with the
+            # GPU's work.
             # VLLM_ENABLE_V1_MULTIPROCESSING=1 in the environment keeps vLLM's own layout.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
