@@ -399,7 +399,7 @@ def _run_rounds(config: RunConfig, state: RunState, out: Path, preset, external,
 
     def start_engines(base: str) -> None:
         """The engines start now from the base model, beside the SFT stage, and load ρ in place
-        when SFT has made it (engine start-up is a minute on a small CPU)."""
+        when SFT has made it (engine start-up, mostly importing vLLM, is 10–25 s on a small CPU)."""
         if fits_beside_sft(config):
             from rrhf_ray.evaluation import warm_up_workers
 
