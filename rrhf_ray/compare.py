@@ -327,13 +327,16 @@ def _run_jobs(plan: Plan, todo: list[Job], parallel: int, env: dict[str, str] | 
     at a time with `env`; returns a line per failed run."""
     failed = []
     if parallel == 1:
-        for j in todo:
-            logger.info("compare: ── %s seed %d → %s", j.variant.name, j.seed, j.config.output.dir)
-            try:
-                _run_in_process(j)
-            except Exception as err:
-                logger.exception("compare: %s seed %d failed", j.variant.name, j.seed)
-                failed.append(f"{j.variant.name} seed {j.seed}: {type(err).__name__}: {err}")
+        from rrhf_ray.workflow import keep_engines
+
+        with keep_engines():  # consecutive runs with the same sampling settings share the engines
+            for j in todo:
+                logger.info("compare: ── %s seed %d → %s", j.variant.name, j.seed, j.config.output.dir)
+                try:
+                    _run_in_process(j)
+                except Exception as err:
+                    logger.exception("compare: %s seed %d failed", j.variant.name, j.seed)
+                    failed.append(f"{j.variant.name} seed {j.seed}: {type(err).__name__}: {err}")
         return failed
 
     queue, running = list(todo), []

@@ -210,13 +210,15 @@ def redirect_process_output(log_dir: str | os.PathLike | None, component: str) -
             stream.flush()
         except (AttributeError, ValueError, OSError):
             pass
-    console = os.dup(1)
+    if isinstance(sys.stdout, _ProgressPassthrough):  # redirected before (a kept engine's next run)
+        console_stream = sys.stdout.console  # the original stdout, not the last log file
+        sys.stdout = sys.stdout.file
+    else:
+        console_stream = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    if isinstance(sys.stdout, _ProgressPassthrough):
-        sys.stdout = sys.stdout.file
-    sys.stdout = _ProgressPassthrough(sys.stdout, os.fdopen(console, "w", buffering=1, encoding="utf-8"))
+    sys.stdout = _ProgressPassthrough(sys.stdout, console_stream)
     print(f"== {component} pid {os.getpid()} output from {time.strftime('%Y-%m-%d %H:%M:%S')} ==", flush=True)
     return path
 

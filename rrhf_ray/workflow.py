@@ -23,10 +23,11 @@ Layout of the output directory:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -132,17 +133,75 @@ def build_pools(config: RunConfig, preset, rho: str, current: str, version: int)
     """The sampler pools a preset needs: "current" (ρ*, the weights at `current`, labelled
     `version`) for IP, "initial" (the frozen ρ at `rho`) for BP / DP / D; none for P. Used by
     both `run` and `rrhf-ray sample`, so the two build the same engines. The engines get the
-    bucket's URIs with output.dir on object storage (`hand_off`)."""
-    from rrhf_ray.actors.sampler import SamplerPool
-
-    model = config.model
-    kwargs = {"tokenizer": model.tokenizer, "trust_remote_code": model.trust_remote_code}
+    bucket's URIs with output.dir on object storage (`hand_off`). Inside `keep_engines` a pool
+    that the previous run left with the same settings loads the weights in place instead."""
     pools = {}
     if preset.policy == "current":
-        pools["current"] = SamplerPool(hand_off(current), config.sampling, tag="policy", version=version, **kwargs)
+        pools["current"] = _pool(config, "policy", hand_off(current), version)
     elif preset.policy == "initial":
-        pools["initial"] = SamplerPool(hand_off(rho), config.sampling, tag="initial", **kwargs)
+        pools["initial"] = _pool(config, "initial", hand_off(rho), 0)
     return pools
+
+
+# Engines kept between the runs of one process (`keep_engines`): tag → (settings, pool).
+_KEPT: dict[str, tuple[str, object]] | None = None
+
+
+@contextlib.contextmanager
+def keep_engines() -> Iterator[None]:
+    """Runs one after another in this process (`rrhf-ray compare`) share their sampler engines:
+    a run that ends leaves its pools here, and the next run whose model and sampling settings
+    are the same loads its own weights into them (`SamplerPool.load_weights`, prefix cache
+    reset) instead of starting engines (about 10 s each on a small CPU, mostly importing vLLM).
+    Every request is seeded, so a kept engine samples what a new one would. Shut down at the end."""
+    global _KEPT
+    _KEPT = {}
+    try:
+        yield
+    finally:
+        kept, _KEPT = _KEPT, None
+        for _, pool in kept.values():
+            pool.shutdown()
+
+
+def _engine_settings(config: RunConfig, tag: str) -> str:
+    """What an engine is built from: the pool's tag, the model and every sampling setting (the
+    pool's defaults too); a kept pool serves a run only when these are equal."""
+    return json.dumps([tag, config.model.model_dump(mode="json"), config.sampling.model_dump(mode="json")],
+                      sort_keys=True)
+
+
+def _pool(config: RunConfig, tag: str, weights: str, version: int):
+    import ray
+
+    from rrhf_ray.actors.sampler import SamplerPool
+    from rrhf_ray.logs import current_log_dir
+
+    settings = _engine_settings(config, tag)
+    if _KEPT is not None and tag in _KEPT:
+        kept_settings, pool = _KEPT.pop(tag)
+        if kept_settings == settings:
+            logger.info("sampler engines (%s) kept from the previous run: loading %s in place", tag, weights)
+            ray.get(pool.redirect_logs(current_log_dir()) + pool.load_weights(weights, version))
+            pool.settings = settings
+            return pool
+        pool.shutdown()
+    model = config.model
+    pool = SamplerPool(weights, config.sampling, tag=tag, version=version, tokenizer=model.tokenizer,
+                       trust_remote_code=model.trust_remote_code)
+    pool.settings = settings
+    return pool
+
+
+def release_pools(pools: dict, *, keep: bool) -> None:
+    """The end of a run: inside `keep_engines` a run that finished leaves its pools for the next
+    run; otherwise (or after a failure, when an engine may be broken) they are shut down."""
+    for tag_pool in pools.values():
+        settings = getattr(tag_pool, "settings", None)
+        if keep and _KEPT is not None and settings is not None and tag_pool.tag not in _KEPT:
+            _KEPT[tag_pool.tag] = (settings, tag_pool)
+        else:
+            tag_pool.shutdown()
 
 
 def round_sampling(sampling: SamplingConfig, preset, round_index: int) -> SamplingConfig:
@@ -473,6 +532,7 @@ def _run_rounds(config: RunConfig, state: RunState, out: Path, preset, external,
         else:
             timed_stage(state, name, outputs, partial(eval_stage, *args))
 
+    finished = False
     try:
         round0_dir = out / "rounds" / "0"
         round0_dir.mkdir(parents=True, exist_ok=True)
@@ -509,6 +569,7 @@ def _run_rounds(config: RunConfig, state: RunState, out: Path, preset, external,
                                     config.sampling.refresh_tolerance))
             evaluate_round(r, str(checkpoint(r)), rd, round0)
             track_round(tracker, state, out, write_metrics(out, state.data["stages"], r), r)
+        finished = True
     finally:
         import time
 
@@ -516,8 +577,7 @@ def _run_rounds(config: RunConfig, state: RunState, out: Path, preset, external,
         if trainer is not None:
             trainer.close()
         closed = time.perf_counter()
-        for pool in pools.values():
-            pool.shutdown()
+        release_pools(pools, keep=finished)
         rewards.shutdown()
         logger.debug("shut down the trainer in %.1f s, the engines and scorers in %.1f s",
                      closed - started, time.perf_counter() - closed)

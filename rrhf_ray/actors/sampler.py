@@ -99,6 +99,10 @@ class Sampler:
     def served_version(self) -> int:
         return self.version
 
+    def redirect_logs(self, log_dir: str | None) -> None:
+        """Write this replica's output to `log_dir` from now on (a kept engine serving another run)."""
+        redirect_process_output(log_dir, f"sampler-{self.tag}{self.replica}")
+
     def busy_seconds(self) -> float:
         """Seconds this replica spent in its engine (generation, probes, weight loads) since it
         started: the compute a stage's `seconds_overhead` subtracts."""
@@ -208,6 +212,10 @@ class SamplerPool:
             ).remote(str(model_path), config, tag, tokenizer, trust_remote_code, version, i, current_log_dir())
             for i, pg in enumerate(self._groups)
         ]
+
+    def redirect_logs(self, log_dir: str | None) -> list[ray.ObjectRef]:
+        """Every replica's output to `log_dir` from now on (`Sampler.redirect_logs`)."""
+        return [r.redirect_logs.remote(log_dir) for r in self.replicas]
 
     def versions(self) -> list[ray.ObjectRef]:
         """The version each replica serves (refs; also a readiness barrier: engines built)."""

@@ -44,6 +44,9 @@ def test_compare_runs_each_variant_from_one_shared_sft_stage(ray_cluster, tmp_pa
         assert "round1/reference" not in s["stages"]  # only DPO needs a reference
         assert (run / "rounds" / "1" / "checkpoint" / "model.safetensors").exists()
         assert [json.loads(line)["round"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    # The second run loaded its weights into the first run's sampler engines (same settings).
+    assert "kept from the previous run" not in (out / "rrhf" / "seed0" / "logs" / "driver.log").read_text()
+    assert "kept from the previous run" in (out / "raft" / "seed0" / "logs" / "driver.log").read_text()
     # Same SFT model, same seed: round 0 is the same policy in both runs.
     r0 = [json.loads((out / n / "seed0" / "metrics.jsonl").read_text().splitlines()[0]) for n in ("rrhf", "raft")]
     assert r0[0]["eval_reward_mean"] == pytest.approx(r0[1]["eval_reward_mean"], abs=0.05)

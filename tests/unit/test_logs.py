@@ -58,6 +58,31 @@ def test_redirect_process_output_sends_both_streams_and_c_level_writes_to_the_fi
     assert "to stdout" not in done.stdout and "to stderr" not in done.stderr
 
 
+def test_a_second_redirect_moves_the_output_and_keeps_the_bars_on_the_console(tmp_path):
+    """A kept sampler engine serving the next run (`Sampler.redirect_logs`): after a second
+    redirect the output goes to the new run's log only, and the progress-bar lines still reach
+    the process's original stdout, not the first run's log."""
+    code = textwrap.dedent(f"""
+        import os, sys
+        from rrhf_ray.logs import redirect_process_output
+        redirect_process_output({str(tmp_path / 'run1')!r}, "sampler")
+        print("first run")
+        redirect_process_output({str(tmp_path / 'run2')!r}, "sampler")
+        print("second run")
+        os.write(2, b"raw fd 2\\n")
+        print('{{"__magic_token__": "__ray_tqdm_magic_token__", "x": 2}}')
+        sys.stdout.flush()
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    [first] = (tmp_path / "run1").glob("sampler-*.log")
+    [second] = (tmp_path / "run2").glob("sampler-*.log")
+    assert "first run" in first.read_text() and "second run" not in first.read_text()
+    assert "second run" in second.read_text() and "raw fd 2" in second.read_text()
+    assert "__ray_tqdm_magic_token__" not in first.read_text() + second.read_text()
+    assert "__ray_tqdm_magic_token__" in done.stdout and "run" not in done.stdout
+
+
 def test_redirect_process_output_without_a_directory_changes_nothing():
     assert logs.redirect_process_output(None, "scorer") is None
 
