@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -183,25 +184,21 @@ def _pool(config: RunConfig, tag: str, weights: str, version: int):
         if kept_settings == settings:
             logger.info("sampler engines (%s) kept from the previous run: loading %s in place", tag, weights)
             ray.get(pool.redirect_logs(current_log_dir()) + pool.load_weights(weights, version))
-            pool.settings = settings
             return pool
         pool.shutdown()
     model = config.model
-    pool = SamplerPool(weights, config.sampling, tag=tag, version=version, tokenizer=model.tokenizer,
+    return SamplerPool(weights, config.sampling, tag=tag, version=version, tokenizer=model.tokenizer,
                        trust_remote_code=model.trust_remote_code)
-    pool.settings = settings
-    return pool
 
 
-def release_pools(pools: dict, *, keep: bool) -> None:
+def release_pools(config: RunConfig, pools: dict, *, keep: bool) -> None:
     """The end of a run: inside `keep_engines` a run that finished leaves its pools for the next
     run; otherwise (or after a failure, when an engine may be broken) they are shut down."""
-    for tag_pool in pools.values():
-        settings = getattr(tag_pool, "settings", None)
-        if keep and _KEPT is not None and settings is not None and tag_pool.tag not in _KEPT:
-            _KEPT[tag_pool.tag] = (settings, tag_pool)
+    for pool in pools.values():
+        if keep and _KEPT is not None and pool.tag not in _KEPT:
+            _KEPT[pool.tag] = (_engine_settings(config, pool.tag), pool)
         else:
-            tag_pool.shutdown()
+            pool.shutdown()
 
 
 def round_sampling(sampling: SamplingConfig, preset, round_index: int) -> SamplingConfig:
@@ -356,6 +353,7 @@ def read_eval(path: Path) -> tuple[list[float], list[list[float]]]:
 def eval_stage(pools: dict, rewards, eval_queries, references, model_path: str, config: RunConfig,
                round0: tuple[list[float], list[list[float]]] | None, round_dir: Path,
                judge: str | None = None) -> dict:
+    """Round r's evaluation stage: `_evaluate`'s stage info (its metrics and compute seconds)."""
     return _evaluate(pools, rewards, eval_queries, references, model_path, config, round0, round_dir,
                      judge)[0]
 
@@ -571,13 +569,11 @@ def _run_rounds(config: RunConfig, state: RunState, out: Path, preset, external,
             track_round(tracker, state, out, write_metrics(out, state.data["stages"], r), r)
         finished = True
     finally:
-        import time
-
         started = time.perf_counter()
         if trainer is not None:
             trainer.close()
         closed = time.perf_counter()
-        release_pools(pools, keep=finished)
+        release_pools(config, pools, keep=finished)
         rewards.shutdown()
         logger.debug("shut down the trainer in %.1f s, the engines and scorers in %.1f s",
                      closed - started, time.perf_counter() - closed)

@@ -225,16 +225,20 @@ class SamplerPool:
         """Per replica, a ref to the seeds of each chunk it generated (`Sampler.served_chunks`)."""
         return [r.served_chunks.remote() for r in self.replicas]
 
+    def _ask_live(self, method: str) -> list[Any]:
+        """`method()` of every replica, dead replicas left out."""
+        out = []
+        for r in self.replicas:
+            try:
+                out.append(ray.get(getattr(r, method).remote()))
+            except ray.exceptions.RayActorError:
+                continue
+        return out
+
     def busy_seconds(self) -> float:
         """The most engine seconds any replica has spent so far (replicas work in parallel: the
         busiest one bounds a stage's compute); dead replicas are left out."""
-        busy = []
-        for r in self.replicas:
-            try:
-                busy.append(ray.get(r.busy_seconds.remote()))
-            except ray.exceptions.RayActorError:
-                continue
-        return max(busy, default=0.0)
+        return max(self._ask_live("busy_seconds"), default=0.0)
 
     def load_weights(self, checkpoint_dir: str, version: int) -> list[ray.ObjectRef]:
         """Refresh every replica in place to the checkpoint of round `version`."""
@@ -244,13 +248,7 @@ class SamplerPool:
 
     def downloads(self) -> list[dict[str, float] | None]:
         """Per live replica, what its last weights load downloaded (`Sampler.last_download`)."""
-        out = []
-        for r in self.replicas:
-            try:
-                out.append(ray.get(r.last_download.remote()))
-            except ray.exceptions.RayActorError:
-                continue
-        return out
+        return self._ask_live("last_download")
 
     def sequence_logprobs(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[ray.ObjectRef]:
         """Per replica, a ref to Σ log-probs of each (prompt ids, response ids) under its weights."""
@@ -267,10 +265,7 @@ class SamplerPool:
         """
         cfg = config or self.config
         seeds = [query_seed(cfg.seed, start_index + i) for i in range(len(prompts))]
-        chunk = max(1, min(cfg.chunk_prompts, -(-len(prompts) // len(self.replicas)) or 1))
-        desc = f"sampling ({self.tag}@{self.version})" if progress else None
-        return _sample_task.remote(self.replicas, list(prompts), seeds, self.version, config,
-                                   chunk, desc)
+        return self._dispatch(list(prompts), seeds, cfg.chunk_prompts, progress, config=config)
 
     def sample_many(self, parts: Sequence[tuple[Sequence[str], SamplingConfig]], *,
                     progress: bool = True) -> ray.ObjectRef:
@@ -288,9 +283,16 @@ class SamplerPool:
             prompts += list(texts)
             seeds += [query_seed(cfg.seed, i) for i in range(len(texts))]
             configs += [cfg] * len(texts)
-        chunk = max(1, min(self.config.chunk_prompts, -(-len(prompts) // len(self.replicas)) or 1))
+        return self._dispatch(prompts, seeds, self.config.chunk_prompts, progress, configs=configs)
+
+    def _dispatch(self, prompts: list[str], seeds: list[int], chunk_prompts: int, progress: bool, *,
+                  config: SamplingConfig | None = None,
+                  configs: list[SamplingConfig] | None = None) -> ray.ObjectRef:
+        """The coordinator task over the replicas: chunks of at most `chunk_prompts` queries,
+        no more than an equal share per replica."""
+        chunk = max(1, min(chunk_prompts, -(-len(prompts) // len(self.replicas)) or 1))
         desc = f"sampling ({self.tag}@{self.version})" if progress else None
-        return _sample_task.remote(self.replicas, prompts, seeds, self.version, None, chunk, desc, configs)
+        return _sample_task.remote(self.replicas, prompts, seeds, self.version, config, chunk, desc, configs)
 
     def shutdown(self) -> None:
         for r in self.replicas:
