@@ -226,7 +226,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     from rrhf_ray.report import format_status
     from rrhf_ray.state import STATE_FILE
-    from rrhf_ray.storage import is_remote, read_object
+    from rrhf_ray.remote import is_remote, read_object
 
     if is_remote(args.output_dir):
         raw = read_object(f"{args.output_dir.rstrip('/')}/{STATE_FILE}", "output_dir")

@@ -22,6 +22,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
@@ -30,6 +31,10 @@ from rrhf_ray.actors.sampler import SamplerPool, get_samples, get_samples_many
 from rrhf_ray.actors.scorer import RewardPool
 from rrhf_ray.config import EvalConfig, SamplingConfig
 from rrhf_ray.types import Candidate, CandidateGroup, QueryGroup
+
+
+if TYPE_CHECKING:
+    from rrhf_ray.mirror import RunStore
 
 EVAL_SEED_OFFSET = 10_000  # evaluation samples with sampling.seed + this, in every round
 
@@ -196,16 +201,16 @@ def _warm_up_task(rule: str | None) -> None:
         load_rule(rule)
 
 
-def warm_up_workers(n: int = 4, rule: str | None = None) -> list[ray.ObjectRef]:
+def warm_up_workers(n: int = 4, rule: str | None = None, store: RunStore | None = None) -> list[ray.ObjectRef]:
     """Start `n` Ray worker processes with the imports of the evaluation's tasks (torch,
     transformers, the samplers' and scorers' dispatch, the reward rule) done, so that round 0's
     tasks do not each pay a Python start-up: Ray hands a task an idle worker process. Fire and
     forget; the driver calls it while the SFT stage runs. Ray keeps idle workers per runtime env:
-    these take the evaluation tasks' options (`rrhf_ray.storage.ray_options`, the bucket's
+    these take the evaluation tasks' options (`rrhf_ray.mirror.actor_options`, the bucket's
     credentials with output.dir on object storage), or round 0 would start new processes anyway."""
-    from rrhf_ray.storage import ray_options
+    from rrhf_ray.mirror import actor_options
 
-    task = _warm_up_task.options(**ray_options())
+    task = _warm_up_task.options(**actor_options(store))
     return [task.remote(rule) for _ in range(n)]
 
 
@@ -214,7 +219,7 @@ def perplexity_task(model_path: str, pairs: list[tuple[str, str]], max_length: i
     """(perplexity, seconds): exp(mean NLL per response token, the closing EOS included) of the model at `model_path`
     on (query, response) pairs: the policy on reference responses (`reference_perplexity`), or
     the judge on the policy's greedy replies (`judge_perplexity`)."""
-    from rrhf_ray.storage import materialize
+    from rrhf_ray.remote import materialize
     from rrhf_ray.train.sft import heldout_nll
 
     local = materialize(model_path)  # a transfer, not compute: outside the seconds
@@ -226,7 +231,7 @@ def perplexity_task(model_path: str, pairs: list[tuple[str, str]], max_length: i
 def ranking_task(model_path: str, groups: list[QueryGroup], max_length: int) -> tuple[float, float]:
     """(accuracy, seconds): pairwise ranking accuracy of the model's p_i (eq. 1) against the rewards of `groups`
     (`rrhf_ray.train.rrhf.ranking_metrics`); NaN when no group has a strict pair."""
-    from rrhf_ray.storage import materialize
+    from rrhf_ray.remote import materialize
     from rrhf_ray.train.rrhf import ranking_metrics
 
     local = materialize(model_path)  # a transfer, not compute: outside the seconds
@@ -245,6 +250,7 @@ def evaluate(
     max_length: int,
     judge: str | None = None,
     also: Sequence[tuple[Sequence[str], SamplingConfig]] = (),
+    store: RunStore | None = None,
 ) -> EvalResult:
     """Greedy and sampled replies of the sampler's current policy (at `model_path`), scored; the
     perplexities (the policy on `references`, `judge` on the greedy replies) and the held-out
@@ -256,10 +262,11 @@ def evaluate(
     driver puts round r+1's sampling here.
 
     `model_path` and `judge` may be URIs (output.dir on object storage): the tasks read them from
-    their node's cache (`rrhf_ray.storage.materialize`) with the driver's storage variables."""
-    from rrhf_ray.storage import ray_options
+    their node's cache (`rrhf_ray.remote.materialize`) with the driver's storage variables
+    (`store`: the run's bucket mirror, None for a local run)."""
+    from rrhf_ray.mirror import actor_options
 
-    remote = ray_options()  # the same options as warm_up_workers: its processes are reused
+    remote = actor_options(store)  # the same options as warm_up_workers: its processes are reused
     # On a GPU cluster the forwards go to a free GPU; when the warm trainer and the samplers hold
     # every GPU they run on a CPU rather than wait for a GPU that no one frees during the run.
     gpus = 1 if ray.available_resources().get("GPU", 0) >= 1 else 0

@@ -291,7 +291,8 @@ def finished_stages(config: RunConfig) -> set[str]:
 
 def _check_output(value: str, check: Preflight) -> None:
     """A URI output.dir: a supported scheme with a bucket, and the client for it (no network)."""
-    from rrhf_ray.storage import check_uri, is_remote, mirror_dir
+    from rrhf_ray.mirror import mirror_dir
+    from rrhf_ray.remote import check_uri, is_remote
 
     if is_remote(value):
         check.ok(f"output.dir {check_uri(value)}: object storage, mirrored in {mirror_dir(value)}")

@@ -35,7 +35,6 @@ from pathlib import Path
 from rrhf_ray import registry
 from rrhf_ray.config import RunConfig, SamplingConfig
 from rrhf_ray.state import RunState, timed_stage, timed_stages
-from rrhf_ray.storage import hand_off
 from rrhf_ray.types import write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -53,7 +52,7 @@ def connect_ray(config: RunConfig) -> None:
     import ray
 
     from rrhf_ray import logs
-    from rrhf_ray.storage import is_remote
+    from rrhf_ray.remote import is_remote
 
     if not is_remote(config.output.dir):  # run() calls this with the local mirror of a bucket
         logs.start_run_logs(Path(config.output.dir) / "logs")
@@ -99,7 +98,7 @@ def base_model(config: RunConfig, out: Path, state: RunState,
             before_sft(path)
         # The SFT workers read the base model from the bucket with output.dir on object storage.
         with_base = config.model_copy(update={"model": config.model.model_copy(update={"name_or_path": hand_off(path)})})
-        path = path_stage(state, "sft", lambda: run_sft_stage(with_base, out))
+        path = path_stage(state, "sft", lambda: run_sft_stage(with_base, out, store=_STORE))
     return path
 
 
@@ -123,7 +122,7 @@ def reward_config(config: RunConfig, out: Path, state: RunState):
         return config.reward
     from rrhf_ray.train.reward_model import run_reward_model_stage
 
-    rm_dir = path_stage(state, "reward_model", lambda: run_reward_model_stage(config, out))
+    rm_dir = path_stage(state, "reward_model", lambda: run_reward_model_stage(config, out, store=_STORE))
     return config.reward.model_copy(update={"kind": "model", "model": hand_off(rm_dir)})
 
 
@@ -142,6 +141,17 @@ def build_pools(config: RunConfig, preset, rho: str, current: str, version: int)
     elif preset.policy == "initial":
         pools["initial"] = _pool(config, "initial", hand_off(rho), 0)
     return pools
+
+
+# The bucket mirror of the run in progress (None: a local output.dir). Temporary: the round's
+# restructuring passes it explicitly.
+_STORE = None
+
+
+def hand_off(path) -> str:
+    from rrhf_ray import mirror
+
+    return mirror.hand_off(path, _STORE)
 
 
 # Engines kept between the runs of one process (`keep_engines`): tag → (settings, pool).
@@ -188,7 +198,7 @@ def _pool(config: RunConfig, tag: str, weights: str, version: int):
         pool.shutdown()
     model = config.model
     return SamplerPool(weights, config.sampling, tag=tag, version=version, tokenizer=model.tokenizer,
-                       trust_remote_code=model.trust_remote_code)
+                       trust_remote_code=model.trust_remote_code, store=_STORE)
 
 
 def release_pools(config: RunConfig, pools: dict, *, keep: bool) -> None:
@@ -267,7 +277,8 @@ def reference_stage(config: RunConfig, ref_model: str, start_model: str, pool: P
     from rrhf_ray.types import read_groups
 
     return write_reference_pool(read_groups(pool), hand_off(ref_model), config.train, out_path,
-                                tokenizer_path=hand_off(start_model), trust_remote_code=config.model.trust_remote_code)
+                                tokenizer_path=hand_off(start_model), trust_remote_code=config.model.trust_remote_code,
+                                store=_STORE)
 
 
 def train_stage(trainer, r: int, pool: Path, checkpoint: Path, probe: list) -> dict:
@@ -371,7 +382,7 @@ def _evaluate(pools: dict, rewards, eval_queries, references, model_path: str, c
     before = pools["current"].busy_seconds()
     result = evaluate(pools["current"], rewards, eval_queries, references, hand_off(model_path),
                       config.sampling, config.eval, config.train.max_length,
-                      judge=hand_off(judge) if judge is not None else None, also=also)
+                      judge=hand_off(judge) if judge is not None else None, also=also, store=_STORE)
     busy = pools["current"].busy_seconds() - before
     write_jsonl(({"query": q, "greedy_reply": reply, "greedy_reward": g, "sampled_replies": texts,
                   "sampled_rewards": s}
@@ -421,9 +432,17 @@ def eval_and_sample_stage(pools: dict, rewards, eval_queries, references, model_
 
 def run(config: RunConfig) -> list[dict]:
     """Run (or resume) the whole workflow; returns one metrics row per round, round 0 first."""
-    from rrhf_ray.storage import is_remote, run_mirrored
+    global _STORE
+    from rrhf_ray.mirror import mirrored
+    from rrhf_ray.remote import is_remote
+
     if is_remote(config.output.dir):
-        return run_mirrored(config, run)
+        with mirrored(config) as (local, store):
+            _STORE = store
+            try:
+                return run(local)
+            finally:
+                _STORE = None
 
     from rrhf_ray.preflight import check_run
 
@@ -462,7 +481,7 @@ def _run_rounds(config: RunConfig, state: RunState, out: Path, preset, external,
 
             logger.info("sampler engines start beside the SFT stage (from %s)", base)
             # Round 0's evaluation tasks then find their Python processes ready.
-            warm_up_workers(rule=config.reward.rule if config.reward.kind == "rule" else None)
+            warm_up_workers(rule=config.reward.rule if config.reward.kind == "rule" else None, store=_STORE)
             early.update(build_pools(config, preset, base, base, 0))
             if "current" not in early:
                 early.update(build_pools(config, get_preset("IP"), base, base, 0))
@@ -498,7 +517,7 @@ def _run_rounds(config: RunConfig, state: RunState, out: Path, preset, external,
         pools = build_pools(config, preset, rho, current_path, last)
         if "current" not in pools:
             pools.update(build_pools(config, get_preset("IP"), rho, current_path, last))
-    rewards = RewardPool(reward_cfg)
+    rewards = RewardPool(reward_cfg, store=_STORE)
     judge = config.eval.judge_model or rho  # one fixed judge for every round (docs/metrics.md)
     # The warm trainer starts now, beside the engines and round 0's evaluation, holding the
     # policy the next round trains from; it lives until the last round (rrhf_ray.train.warm).
@@ -513,7 +532,7 @@ def _run_rounds(config: RunConfig, state: RunState, out: Path, preset, external,
                 trust_remote_code=config.model.trust_remote_code,
                 save_dtype=served_dtype(config.sampling.dtype, current_path)),  # what the samplers load
             last, storage_path=config.output.storage_path or str((out / "ray_train").resolve()),
-            global_step=start_state(current_path))
+            global_step=start_state(current_path), store=_STORE)
 
     def evaluate_round(r: int, model_path: str, rd: Path, round0) -> None:
         """Round r's evaluation; with round r+1's sampling in the same engine pass where the
@@ -590,9 +609,7 @@ def publish_checkpoint(state: RunState, r: int) -> None:
     """With `output.dir` on object storage: put round r's checkpoint in the bucket now (before the
     samplers load it; the background sync would take up to its period), and record its size and
     upload time with the train stage (`checkpoint_upload_bytes` / `_seconds` in the round's row)."""
-    from rrhf_ray.storage import active_store
-
-    store = active_store()
+    store = _STORE
     info = state.data["stages"].get(f"round{r}/train")
     if store is None or info is None or "checkpoint_upload" in info:
         return

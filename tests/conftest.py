@@ -24,7 +24,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def node_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The cluster node's RRHF_RAY_CACHE: where its Ray workers (samplers, trainers, tasks)
-    download what a run on object storage hands them (`rrhf_ray.storage.fetch`)."""
+    download what a run on object storage hands them (`rrhf_ray.remote.fetch`)."""
     return tmp_path_factory.mktemp("node-cache")
 
 

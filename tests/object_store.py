@@ -82,14 +82,14 @@ def create_bucket(env: dict[str, str]) -> str:
 
 def bucket_files(uri: str) -> dict[str, int]:
     """{path under `uri`: size} of every object (through rrhf_ray.storage's client)."""
-    from rrhf_ray.storage import _remote_files, filesystem
+    from rrhf_ray.remote import filesystem, remote_files
 
     fs, root = filesystem(uri)
-    return {rel: size for rel, (size, _) in _remote_files(fs, root).items()}
+    return {rel: size for rel, (size, _) in remote_files(fs, root).items()}
 
 
 def read_object(uri: str) -> bytes:
-    from rrhf_ray.storage import filesystem
+    from rrhf_ray.remote import filesystem
 
     fs, path = filesystem(uri)
     with fs.open_input_stream(path) as f:

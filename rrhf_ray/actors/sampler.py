@@ -11,7 +11,7 @@ replica returns. The driver passes a different `seed` per training round (`round
 fixed seed for evaluation (`rrhf_ray.evaluation.eval_sampling`). Versions: version 0 is ρ (the model the pool was built from); `load_weights`
 with version r puts round r's checkpoint (ρ* for round r+1) on every replica. A model path may be
 a URI (output.dir on object storage): each replica then loads it from its node's cache
-(`rrhf_ray.storage.fetch`), downloading it there first when no process on that node has. A sample call
+(`rrhf_ray.remote.fetch`), downloading it there first when no process on that node has. A sample call
 refuses to run while the replicas serve different versions: mixing ρ*'s of two rounds in one
 pool would silently train on the wrong policy's candidates.
 """
@@ -23,7 +23,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -34,6 +34,9 @@ from rrhf_ray.actors.engine import VLLMEngine
 from rrhf_ray.config import SamplingConfig
 from rrhf_ray.logs import current_log_dir, redirect_process_output
 from rrhf_ray.types import Candidate
+
+if TYPE_CHECKING:
+    from rrhf_ray.mirror import RunStore
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +86,8 @@ class Sampler:
     def _local(self, path_or_uri: str) -> str:
         """The weights at `path_or_uri` on this node: a URI (output.dir on object storage) is
         downloaded into the node's cache unless another process there has it already
-        (`rrhf_ray.storage.fetch`); what moved is kept for `last_download`."""
-        from rrhf_ray.storage import fetch, is_remote
+        (`rrhf_ray.remote.fetch`); what moved is kept for `last_download`."""
+        from rrhf_ray.remote import fetch, is_remote
 
         local, moved = fetch(path_or_uri)
         self._download = ({"bytes": moved.bytes, "seconds": moved.seconds, "files": moved.files}
@@ -185,8 +188,9 @@ class SamplerPool:
 
     def __init__(self, model_path: str, config: SamplingConfig, *, tag: str = "policy",
                  tokenizer: str | None = None, trust_remote_code: bool = False,
-                 version: int = 0) -> None:
-        """`version` labels the weights at `model_path` (0 = ρ; r = round r's checkpoint)."""
+                 version: int = 0, store: RunStore | None = None) -> None:
+        """`version` labels the weights at `model_path` (0 = ρ; r = round r's checkpoint); `store`:
+        the run's bucket mirror (its credentials go to the replicas), None for a local run."""
         self.config = config
         self.tag = tag
         self.version = version
@@ -199,11 +203,11 @@ class SamplerPool:
             bundle["GPU"] = config.tensor_parallel_size
         self._groups = [placement_group([bundle]) for _ in range(config.num_replicas)]
         actor_cls = ray.remote(Sampler)
-        from rrhf_ray.storage import ray_options
+        from rrhf_ray.mirror import actor_options
 
         self.replicas = [
             actor_cls.options(
-                **ray_options(),  # the bucket's credentials when model_path is a URI
+                **actor_options(store),  # the bucket's credentials when model_path is a URI
                 num_cpus=config.cpus_per_replica,
                 num_gpus=config.tensor_parallel_size if use_gpu else 0,
                 max_restarts=config.max_restarts,

@@ -20,7 +20,7 @@ import importlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
@@ -30,6 +30,10 @@ from rrhf_ray.config import RewardConfig
 from rrhf_ray.logs import current_log_dir, redirect_process_output
 from rrhf_ray.train.tokens import collate, encode
 from rrhf_ray.types import CandidateGroup, DataError, QueryGroup
+
+
+if TYPE_CHECKING:
+    from rrhf_ray.mirror import RunStore
 
 
 class RewardError(DataError):
@@ -88,7 +92,7 @@ class RewardScorer:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from rrhf_ray.storage import materialize
+        from rrhf_ray.remote import materialize
 
         model_path = materialize(model_path)  # a URI (a trained reward model in the bucket): this node's copy
         self.config = config
@@ -158,7 +162,8 @@ def _score_task(workers: list[Any] | None, rule: str | None, num_workers: int,
 class RewardPool:
     """M reward workers: `RewardScorer` actors (kind=model) or rule tasks (kind=rule)."""
 
-    def __init__(self, config: RewardConfig) -> None:
+    def __init__(self, config: RewardConfig, store: RunStore | None = None) -> None:
+        """`store`: the run's bucket mirror (its credentials go to the workers), None for a local run."""
         self.config = config
         self.workers: list[Any] | None = None
         if config.kind == "rule":
@@ -167,10 +172,10 @@ class RewardPool:
         gpus = config.gpus_per_worker
         if gpus is None:
             gpus = 0.5 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        from rrhf_ray.storage import ray_options
+        from rrhf_ray.mirror import actor_options
 
         actor_cls = ray.remote(RewardScorer).options(
-            num_cpus=config.cpus_per_worker, num_gpus=gpus, max_restarts=1, **ray_options())
+            num_cpus=config.cpus_per_worker, num_gpus=gpus, max_restarts=1, **actor_options(store))
         self.workers = [actor_cls.remote(config.model, config, current_log_dir()) for _ in range(config.num_workers)]
 
     def score(self, groups: Sequence[CandidateGroup], *, progress: bool = True) -> ray.ObjectRef:

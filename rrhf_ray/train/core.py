@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -40,6 +40,9 @@ from rrhf_ray.data.pairs import PairFormat
 from rrhf_ray.data.queries import hold_out
 from rrhf_ray.logs import current_log_dir, redirect_process_output, worker_progress
 from rrhf_ray.types import DataError, atomic_path
+
+if TYPE_CHECKING:
+    from rrhf_ray.mirror import RunStore
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -388,7 +391,7 @@ class Worker:
     def load(cls, path: str, cfg: TrainConfig, in_ray: bool, trust_remote_code: bool,
              load_model: Callable[[str, TrainConfig, bool, Any], torch.nn.Module], *,
              tokenizer_path: str | None = None, require_eos: bool = True) -> Worker:
-        from rrhf_ray.storage import materialize
+        from rrhf_ray.remote import materialize
 
         # A URI (output.dir on object storage): the model from this node's cache, downloaded once.
         path = materialize(path)
@@ -661,6 +664,7 @@ def fit_job(
     name: str,
     storage_path: str | None = None,
     max_failures: int = 0,
+    store: RunStore | None = None,
 ) -> dict[str, float]:
     """Run `loop` (a `*_loop_per_worker`) on `job` under `TorchTrainer` on the connected Ray
     cluster; install the final checkpoint (an HF directory) at `job.output_dir`; return the final
@@ -668,7 +672,7 @@ def fit_job(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from rrhf_ray.storage import ray_options
+    from rrhf_ray.mirror import actor_options
 
     cfg = job.train
     job = job.model_copy(update={"log_dir": job.log_dir or current_log_dir()})
@@ -687,8 +691,8 @@ def fit_job(
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=max_failures),
-            # The bucket's credentials when job.model_path is a URI (rrhf_ray.storage.ray_options).
-            worker_runtime_env=ray_options().get("runtime_env"),
+            # The bucket's credentials when job.model_path is a URI (rrhf_ray.mirror.actor_options).
+            worker_runtime_env=actor_options(store).get("runtime_env"),
         ),
     )
     result = trainer.fit()
@@ -702,7 +706,7 @@ def fit_job(
 
 def train_once(job: Job, loop: Callable[[dict[str, Any]], dict[str, float]],
                fit: Callable[..., dict[str, float]], *, what: str, name: str,
-               storage_path: str | None) -> Path:
+               storage_path: str | None, store: RunStore | None = None) -> Path:
     """A workflow stage that trains `job` into `job.output_dir` unless a finished model is there
     already (a resumed run never redoes it): under Ray Train (`fit`) when Ray is connected, else
     `loop` in this process. Returns the model directory."""
@@ -713,7 +717,7 @@ def train_once(job: Job, loop: Callable[[dict[str, Any]], dict[str, float]],
         logger.info("%s stage: using the finished model at %s", what, out)
         return out
     if ray.is_initialized():
-        fit(job, name=name, storage_path=storage_path)
+        fit(job, name=name, storage_path=storage_path, store=store)
     else:
         loop({"job": job.model_dump(mode="json")})
     return out

@@ -26,6 +26,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -34,18 +35,22 @@ from rrhf_ray.train.core import load_tokenizer
 from rrhf_ray.train.rrhf import Encoder, encoded_logprobs, use_prefix_sharing
 from rrhf_ray.types import QueryGroup, write_groups
 
+if TYPE_CHECKING:
+    from rrhf_ray.mirror import RunStore
+
 logger = logging.getLogger(__name__)
 
 
 def reference_logprobs(ref_model: str, groups: Sequence[QueryGroup], cfg: TrainConfig, *,
                        tokenizer_path: str | None = None,
-                       trust_remote_code: bool = False) -> list[list[float | None]]:
+                       trust_remote_code: bool = False,
+                      store: RunStore | None = None) -> list[list[float | None]]:
     """Σ log π_ref(y_i | x) of every candidate of `groups` under the model at `ref_model`, over the
     tokens the trainer (`cfg`, tokenizer at `tokenizer_path`, default the model's) scores; one
     list per group, None for a candidate the trainer leaves out."""
     from transformers import AutoModelForCausalLM
 
-    from rrhf_ray.storage import materialize
+    from rrhf_ray.remote import materialize
 
     # URIs (output.dir on object storage): the models from this node's cache, downloaded once.
     ref_model = materialize(ref_model)
@@ -85,10 +90,10 @@ def compute_reference(ref_model: str, groups: Sequence[QueryGroup], cfg: TrainCo
     kwargs = {"tokenizer_path": tokenizer_path, "trust_remote_code": trust_remote_code}
     if not ray.is_initialized():
         return reference_logprobs(ref_model, groups, cfg, **kwargs)
-    from rrhf_ray.storage import ray_options
+    from rrhf_ray.mirror import actor_options
 
     gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    task = ray.remote(num_cpus=1, num_gpus=gpus, **ray_options())(reference_logprobs)
+    task = ray.remote(num_cpus=1, num_gpus=gpus, **actor_options(store))(reference_logprobs)
     return ray.get(task.remote(ref_model, list(groups), cfg, **kwargs))
 
 
@@ -99,11 +104,12 @@ def with_reference(groups: Sequence[QueryGroup], refs: Sequence[Sequence[float |
 
 
 def write_reference_pool(groups: Sequence[QueryGroup], ref_model: str, cfg: TrainConfig, out: Path, *,
-                         tokenizer_path: str | None = None, trust_remote_code: bool = False) -> dict:
+                         tokenizer_path: str | None = None, trust_remote_code: bool = False,
+                         store: RunStore | None = None) -> dict:
     """Compute the reference log-probabilities of `groups` and write the groups with them to
     `out` (Parquet or JSONL, atomically); returns what the run state records."""
     refs = compute_reference(ref_model, groups, cfg, tokenizer_path=tokenizer_path,
-                             trust_remote_code=trust_remote_code)
+                             trust_remote_code=trust_remote_code, store=store)
     write_groups(with_reference(groups, refs), out)
     n = sum(r is not None for rs in refs for r in rs)
     logger.info("reference log-probabilities of %d candidates under %s written to %s", n, ref_model, out)

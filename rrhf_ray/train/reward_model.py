@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import Field
@@ -42,6 +42,9 @@ from rrhf_ray.train.core import (
     train_once,
 )
 from rrhf_ray.train.tokens import collate, encode
+
+if TYPE_CHECKING:
+    from rrhf_ray.mirror import RunStore
 
 logger = logging.getLogger(__name__)
 
@@ -158,12 +161,13 @@ def rm_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
 
 
 def fit_reward_model(job: RewardModelJob, *, name: str, storage_path: str | None = None,
-                     max_failures: int = 0) -> dict[str, float]:
+                     max_failures: int = 0, store: RunStore | None = None) -> dict[str, float]:
     """Run `job` under `TorchTrainer` on the connected Ray cluster; install the reward model
     (an HF directory) at `job.output_dir` and return the final metrics."""
     train_pairs, held = load_job_pairs(job)  # every row checked before any worker starts
     logger.info("reward model on %d pairs (%d held out) from %s", len(train_pairs), len(held), job.data_path)
-    return fit_job(rm_loop_per_worker, job, name=name, storage_path=storage_path, max_failures=max_failures)
+    return fit_job(rm_loop_per_worker, job, name=name, storage_path=storage_path, max_failures=max_failures,
+                   store=store)
 
 
 # --------------------------------------------------------------------------- measurement
@@ -190,7 +194,7 @@ def pairwise_accuracy(model_path: str | Path, pairs: Sequence[PreferencePair | t
 # --------------------------------------------------------------------------- the workflow stage
 
 
-def run_reward_model_stage(run_config: Any, out_dir: str | Path) -> Path:
+def run_reward_model_stage(run_config: Any, out_dir: str | Path, store: RunStore | None = None) -> Path:
     """Train a reward model on `run_config.reward_model` into `out_dir/<output_subdir>`; the
     driver scores the rounds with the returned directory (reward.kind: model). A finished model
     already there is kept. Trains under Ray Train when Ray is connected, else in this process."""
@@ -204,4 +208,5 @@ def run_reward_model_stage(run_config: Any, out_dir: str | Path) -> Path:
         trust_remote_code=run_config.model.trust_remote_code,
     )
     return train_once(job, rm_loop_per_worker, fit_reward_model, what="reward-model",
-                      name=f"{Path(out_dir).name}-reward-model", storage_path=run_config.output.storage_path)
+                      name=f"{Path(out_dir).name}-reward-model", storage_path=run_config.output.storage_path,
+                      store=store)

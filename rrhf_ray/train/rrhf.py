@@ -28,7 +28,7 @@ import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import Field
@@ -54,6 +54,9 @@ from rrhf_ray.train.prefix import (
 )
 from rrhf_ray.train.tokens import special_split, tokenizer_fingerprint
 from rrhf_ray.types import DataError, QueryGroup, read_groups
+
+if TYPE_CHECKING:
+    from rrhf_ray.mirror import RunStore
 
 logger = logging.getLogger(__name__)
 
@@ -440,12 +443,13 @@ def check_pools(paths: Sequence[str], cfg: TrainConfig) -> None:
 # --------------------------------------------------------------------------- Ray Train
 
 
-def fit(job: TrainJob, *, name: str = "rrhf", storage_path: str | None = None, max_failures: int = 0) -> dict[str, float]:
+def fit(job: TrainJob, *, name: str = "rrhf", storage_path: str | None = None, max_failures: int = 0,
+        store: RunStore | None = None) -> dict[str, float]:
     """Run `job` under `TorchTrainer` on the connected Ray cluster; install the final checkpoint
     (an HF directory) at `job.output_dir` and return the final metrics."""
     check_pools(job.data_paths, job.train)
     return fit_job(train_loop_per_worker, job, name=name, storage_path=storage_path,
-                   max_failures=max_failures)
+                   max_failures=max_failures, store=store)
 
 
 # --------------------------------------------------------------------------- measurement

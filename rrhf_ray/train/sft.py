@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,6 +35,9 @@ from rrhf_ray.train.core import (
     train_once,
 )
 from rrhf_ray.train.tokens import IGNORE, Batch, collate, encode
+
+if TYPE_CHECKING:
+    from rrhf_ray.mirror import RunStore
 
 logger = logging.getLogger(__name__)
 
@@ -121,12 +124,14 @@ def sft_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     return run_worker(job, bool(config.get("ray")), load, recipe)
 
 
-def fit_sft(job: SFTJob, *, name: str, storage_path: str | None = None, max_failures: int = 0) -> dict[str, float]:
+def fit_sft(job: SFTJob, *, name: str, storage_path: str | None = None, max_failures: int = 0,
+            store: RunStore | None = None) -> dict[str, float]:
     """Run `job` under `TorchTrainer` on the connected Ray cluster; install the fine-tuned model
     (an HF directory) at `job.output_dir` and return the final metrics."""
     train_pairs, _ = load_job_pairs(job)  # every row checked before any worker starts
     logger.info("SFT on %d pairs from %s", len(train_pairs), job.data_path)
-    return fit_job(sft_loop_per_worker, job, name=name, storage_path=storage_path, max_failures=max_failures)
+    return fit_job(sft_loop_per_worker, job, name=name, storage_path=storage_path, max_failures=max_failures,
+                   store=store)
 
 
 # --------------------------------------------------------------------------- measurement
@@ -150,7 +155,7 @@ def heldout_nll(model_path: str | Path, pairs: Sequence[SFTPair | tuple[str, str
 # --------------------------------------------------------------------------- the workflow stage
 
 
-def run_sft_stage(run_config: Any, out_dir: str | Path) -> Path:
+def run_sft_stage(run_config: Any, out_dir: str | Path, store: RunStore | None = None) -> Path:
     """Fine-tune `run_config.model` on `run_config.sft` into `out_dir/<sft.output_subdir>`; the
     driver starts RRHF from the returned directory. A finished model already there is kept (a
     resumed run never redoes the stage). Trains under Ray Train when Ray is connected, else here."""
@@ -165,4 +170,4 @@ def run_sft_stage(run_config: Any, out_dir: str | Path) -> Path:
         trust_remote_code=run_config.model.trust_remote_code,
     )
     return train_once(job, sft_loop_per_worker, fit_sft, what="SFT", name=f"{Path(out_dir).name}-sft",
-                      storage_path=run_config.output.storage_path)
+                      storage_path=run_config.output.storage_path, store=store)

@@ -36,7 +36,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -55,6 +55,9 @@ from rrhf_ray.train.core import (
 )
 from rrhf_ray.train.rrhf import check_pools, load_policy, rrhf_recipe
 from rrhf_ray.types import atomic_path
+
+if TYPE_CHECKING:
+    from rrhf_ray.mirror import RunStore
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +88,7 @@ def warm_loop_per_worker(config: dict[str, Any]) -> None:
     after a restart, else `job.model_path` at `config["version"]`), then serve commands."""
     import ray.train
 
-    from rrhf_ray.storage import fetch_file
+    from rrhf_ray.remote import fetch_file
 
     job = Job.model_validate(config["job"])
     redirect_process_output(job.log_dir, "train")
@@ -147,15 +150,16 @@ class WarmTrainer:
     training settings; `job.output_dir` is unused (each round's checkpoint is reported). `global_step` continues the step count of earlier rounds (for per-step tracking)."""
 
     def __init__(self, job: Job, version: int, *, storage_path: str, global_step: int = 0,
-                 max_failures: int = 1, name: str | None = None) -> None:
+                 max_failures: int = 1, name: str | None = None, store: RunStore | None = None) -> None:
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
         from ray.util.queue import Queue
 
-        from rrhf_ray.storage import ray_options
+        from rrhf_ray.mirror import actor_options
 
         cfg = self.cfg = job.train
         self.version = version
+        self.store = store
         self.storage_path = storage_path
         self.name = name or f"rounds-from-{version}-{uuid.uuid4().hex[:6]}"
         self.commands = [Queue(actor_options={"num_cpus": 0}) for _ in range(cfg.num_workers)]
@@ -181,7 +185,7 @@ class WarmTrainer:
                 checkpoint_config=CheckpointConfig(num_to_keep=1),
                 failure_config=FailureConfig(max_failures=max_failures),
                 # The bucket's credentials when the job's model and the pools are URIs.
-                worker_runtime_env=ray_options().get("runtime_env"),
+                worker_runtime_env=actor_options(store).get("runtime_env"),
             ),
         )
         self._thread = threading.Thread(target=self._fit, args=(trainer,), name="warm-trainer", daemon=True)
@@ -201,14 +205,14 @@ class WarmTrainer:
               ) -> dict[str, Any]:
         """Train round `r` (the workers must hold round r−1's policy) on `data_paths` (paths, or
         the bucket's URIs with output.dir on object storage: each worker reads them from its
-        node's cache, `rrhf_ray.storage.fetch_file`); returns
+        node's cache, `rrhf_ray.remote.fetch_file`); returns
         {"metrics", "history", "checkpoint" (a ray.train.Checkpoint), "probe" (Σ log-probs of
         each probe sequence under the new weights)}."""
         if r != self.version + 1:
             raise RuntimeError(f"the warm trainer holds round {self.version}'s policy, not round {r - 1}'s")
-        from rrhf_ray.storage import local_path
+        from rrhf_ray.mirror import driver_file
 
-        check_pools([local_path(p) for p in data_paths], self.cfg)  # the driver's mirror: no download
+        check_pools([driver_file(p, self.store) for p in data_paths], self.cfg)  # the driver's mirror: no download
         self._pending = {"kind": "train", "round": r, "data_paths": [str(p) for p in data_paths],
                          "probe": [(list(p), list(q)) for p, q in probe]}
         self._send(self._pending)

@@ -1,4 +1,4 @@
-"""rrhf_ray.storage against a real S3-compatible server (moto_server on localhost): the sync
+"""rrhf_ray.remote and rrhf_ray.mirror against a real S3-compatible server (moto_server on localhost): the sync
 uploads state.json last, skips temporary names and Ray Train's scratch, an interrupted sync
 leaves the bucket's previous state; a pull fills a fresh mirror; materialize / fetch_file download
 once per version; hand_off translates the mirror's paths; the storage variables forwarded."""
@@ -15,21 +15,17 @@ import pytest
 from rrhf_ray.config import ConfigError, load_config
 from rrhf_ray.demo import DEMO_CONFIG
 from rrhf_ray.state import RunState, config_fingerprint, timed_stage
-from rrhf_ray.storage import (
+from rrhf_ray.mirror import RunStore, actor_options, driver_file, hand_off, mirror_dir, mirrored
+from rrhf_ray.remote import (
     STORAGE_ENV_VARS,
-    RunStore,
     Transfer,
     check_uri,
     fetch,
     fetch_file,
     filesystem,
-    hand_off,
     is_remote,
-    local_path,
     materialize,
-    mirror_dir,
-    ray_options,
-    run_mirrored,
+    read_object as read_bucket_object,
     storage_env,
     upload_dir,
 )
@@ -228,9 +224,7 @@ def test_materialize_downloads_a_checkpoint_once_per_version(bucket, tmp_path):
         materialize(f"s3://{bucket}/run/rounds/7/checkpoint")
 
 
-def test_fetch_file_downloads_a_pool_once_and_local_path_reads_the_drivers_mirror(bucket, tmp_path, monkeypatch):
-    from rrhf_ray import storage
-
+def test_fetch_file_downloads_a_pool_once_and_driver_file_reads_the_drivers_mirror(bucket, tmp_path):
     uri = f"s3://{bucket}/run"
     mirror = tmp_path / "mirror"
     make_outputs(mirror)
@@ -239,18 +233,17 @@ def test_fetch_file_downloads_a_pool_once_and_local_path_reads_the_drivers_mirro
     assert hand_off(pool, store) == f"{uri}/rounds/1/pool.parquet"  # synced first: the bucket has it
     assert bucket_files(uri)["rounds/1/pool.parquet"] == 1000
 
-    # Another process (no active run): downloaded into its node's cache, once.
+    # Another process (no store of this run): downloaded into its node's cache, once.
     local, moved = fetch_file(f"{uri}/rounds/1/pool.parquet")
     assert Path(local).read_bytes() == b"p" * 1000 and (moved.bytes, moved.files) == (1000, 1)
     assert Path(local).is_relative_to(tmp_path / "cache" / "files")
     assert fetch_file(f"{uri}/rounds/1/pool.parquet") == (local, Transfer())
-    assert local_path(f"{uri}/rounds/1/pool.parquet") == local
+    assert driver_file(f"{uri}/rounds/1/pool.parquet", None) == local
     with pytest.raises(FileNotFoundError, match="no such object"):
         fetch_file(f"{uri}/rounds/9/pool.parquet")
-    # The driver (its run active): the mirror's file, nothing downloaded.
-    monkeypatch.setattr(storage, "_ACTIVE", store)
-    assert local_path(f"{uri}/rounds/1/pool.parquet") == str(pool)
-    assert local_path(str(pool)) == str(pool)
+    # The driver (its run's store): the mirror's file, nothing downloaded.
+    assert driver_file(f"{uri}/rounds/1/pool.parquet", store) == str(pool)
+    assert driver_file(str(pool), store) == str(pool)
 
 
 def test_hand_off_translates_only_mirror_paths_and_only_for_a_remote_run(bucket, tmp_path):
@@ -265,8 +258,8 @@ def test_hand_off_translates_only_mirror_paths_and_only_for_a_remote_run(bucket,
     # Outside the mirror (a hub id, the user's own path; a sibling with the mirror's name as a prefix): as given.
     for other in ("gpt2", "/data/models/llama", str(mirror) + "-other/x", f"{uri}/base"):
         assert hand_off(other, store) == other
-    # A local run (no active store): every path as it is, nothing synced.
-    assert hand_off(ckpt) == str(ckpt)
+    # A local run (no store): every path as it is, nothing synced.
+    assert hand_off(ckpt, None) == str(ckpt)
 
 
 def test_storage_env_forwards_credentials_but_not_the_cache(bucket, tmp_path):
@@ -280,12 +273,12 @@ def test_storage_env_forwards_credentials_but_not_the_cache(bucket, tmp_path):
     assert "RRHF_RAY_CACHE" not in STORAGE_ENV_VARS  # each node keeps its own cache
     assert storage_env({}) == {}
     # The Ray options: the bucket fixture's environment (moto's keys and endpoint) while a remote
-    # run is active, nothing for a local run.
+    # run has a store, nothing for a local run.
     store = RunStore(f"s3://{bucket}/run", tmp_path / "mirror")
-    env = ray_options(store)["runtime_env"]["env_vars"]
+    env = actor_options(store)["runtime_env"]["env_vars"]
     assert env["AWS_ACCESS_KEY_ID"] == "test" and env["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
     assert "RRHF_RAY_CACHE" not in env and "AWS_EC2_METADATA_DISABLED" not in env
-    assert ray_options() == {}
+    assert actor_options(None) == {}
 
 
 def test_a_pyarrow_without_s3_is_one_clear_error(monkeypatch):
@@ -304,7 +297,8 @@ def test_a_pyarrow_without_s3_is_one_clear_error(monkeypatch):
 def test_a_missing_bucket_is_one_clear_error(bucket, tmp_path):
     config = load_config(DEMO_CONFIG, ["output.dir=s3://no-such-bucket-here/run"])
     with pytest.raises(ConfigError, match=r"output.dir s3://no-such-bucket-here/run: cannot read it"):
-        run_mirrored(config, lambda c: pytest.fail("ran without a bucket"))
+        with mirrored(config):
+            pytest.fail("ran without a bucket")
 
 
 def test_preflight_accepts_a_remote_output_dir(bucket):
@@ -318,7 +312,7 @@ def test_preflight_accepts_a_remote_output_dir(bucket):
         check_run(load_config(DEMO_CONFIG, ["sft=null", "output.dir=ftp://host/run"]))
 
 
-def test_run_mirrored_syncs_while_running_and_resumes_from_the_bucket(bucket, tmp_path):
+def test_mirrored_syncs_while_running_and_resumes_from_the_bucket(bucket, tmp_path):
     """The workflow's contract without Ray: RunState and timed_stage on the mirror, the bucket
     updated while the run lives, a resume on a fresh mirror skips the finished stage."""
     uri = f"s3://{bucket}/run"
@@ -346,22 +340,26 @@ def test_run_mirrored_syncs_while_running_and_resumes_from_the_bucket(bucket, tm
             raise RuntimeError("stage failed")
         return state.data["stages"]
 
-    stages = run_mirrored(config, workflow, interval=0.1)
+    with mirrored(config, interval=0.1) as (local, store):
+        assert store.uri == uri
+        stages = workflow(local)
     assert {"base/config.json", "state.json"} <= seen_during[0]
     assert json.loads(read_object(f"{uri}/state.json"))["fingerprint"] == config_fingerprint(config)
 
     # A fresh machine (another cache): the bucket's run is accepted, its stage not redone.
     fresh = tmp_path / "fresh-cache"
     with pytest.raises(RuntimeError, match="stage failed"):
-        run_mirrored(config, lambda c: workflow(c, fail=True), cache_dir=fresh, interval=0.1)
+        with mirrored(config, cache_dir=fresh, interval=0.1) as (local, _):
+            workflow(local, fail=True)
     again = json.loads(read_object(f"{uri}/state.json"))["stages"]
     assert again["base"]["finished"] == stages["base"]["finished"]
     assert "rounds/1/pool.parquet" in bucket_files(uri)  # the final sync ran on the error too
     assert mirror_dir(uri, fresh).is_relative_to(fresh)
 
     with pytest.raises(ConfigError, match="different config"):
-        run_mirrored(load_config(DEMO_CONFIG, ["sft=null", f"output.dir={uri}", "train.lr=0.5"]),
-                     workflow, cache_dir=tmp_path / "third")
+        with mirrored(load_config(DEMO_CONFIG, ["sft=null", f"output.dir={uri}", "train.lr=0.5"]),
+                      cache_dir=tmp_path / "third") as (local, _):
+            workflow(local)
 
 
 def test_the_object_storage_rayjob_is_rayjob_yaml_without_the_shared_volume():
@@ -397,7 +395,6 @@ def test_the_object_storage_rayjob_is_rayjob_yaml_without_the_shared_volume():
 def test_status_of_a_run_in_a_bucket_reads_its_state_json(bucket, tmp_path, capsys):
     """`rrhf-ray status s3://…` from any machine: the bucket's state.json (what the driver synced),
     its paths the bucket's; a prefix without a run is one clear error."""
-    from rrhf_ray import storage
     from rrhf_ray.cli import main
 
     uri = f"s3://{bucket}/run"
@@ -412,5 +409,5 @@ def test_status_of_a_run_in_a_bucket_reads_its_state_json(bucket, tmp_path, caps
 
     assert main(["status", f"s3://{bucket}/elsewhere"]) == 2
     assert f"s3://{bucket}/elsewhere holds no run (state.json not found)" in capsys.readouterr().err
-    assert storage.read_object(f"s3://{bucket}/elsewhere/state.json") is None
-    assert json.loads(storage.read_object(f"{uri}/state.json"))["fingerprint"] == "remote-fp"
+    assert read_bucket_object(f"s3://{bucket}/elsewhere/state.json") is None
+    assert json.loads(read_bucket_object(f"{uri}/state.json"))["fingerprint"] == "remote-fp"
