@@ -1,15 +1,23 @@
 """`rrhf-ray` / `python -m rrhf_ray`: the command line.
 
-Each subcommand is one `_cmd_*` function plus its parser in `build_parser`. Config and data
-errors print one clear message and exit with status 2 before any expensive work starts.
+Each subcommand is one `_cmd_*` function plus its parser in `build_parser`.
+
+Two kinds of error end a command. A user's input that is wrong (a config, a data row, a path,
+an unknown built-in: `ConfigError`, `DataError`, `UnknownBuiltinError`, and what pydantic or the
+file system raise while the command's inputs are read, inside `user_input`) prints one `error:`
+line and exits 2, before any expensive work starts. Anything else is a fault inside the work: its
+traceback goes to the run's `logs/driver.log` (to the console when there is no run log) and the
+console gets one `error:` line naming the cause and the log; the exit status is 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +33,24 @@ from rrhf_ray.config import (
     load_config,
     local_path,
 )
+from rrhf_ray.connection import connect_ray
 from rrhf_ray.types import DataError
-from rrhf_ray.workflow import build_pools, connect_ray, sample_stage
 
 logger = logging.getLogger("rrhf_ray")
 
 DEFAULT_CONFIG = "builtin:demo"  # `rrhf-ray run` with no config: the embedded default
+# Errors that are the user's input by their type, wherever they are raised (exit 2).
+INPUT_ERRORS = (ConfigError, DataError, registry.UnknownBuiltinError)
+
+
+@contextlib.contextmanager
+def user_input() -> Iterator[None]:
+    """Around the reading of a command's inputs (config, overrides, data files, paths): what
+    pydantic or the file system raise here is the user's input too, one `ConfigError` line."""
+    try:
+        yield
+    except (ValidationError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as err:
+        raise ConfigError(error_line(err)) from None
 
 
 def _load_run_config(args: argparse.Namespace) -> tuple[str, Any]:
@@ -39,8 +59,9 @@ def _load_run_config(args: argparse.Namespace) -> tuple[str, Any]:
     if args.config and "=" in args.config and not Path(args.config).exists():
         args.overrides.insert(0, args.config)
         args.config = None
-    path = _config_path(args.config)
-    return path, load_config(path, args.overrides)
+    with user_input():
+        path = _config_path(args.config)
+        return path, load_config(path, args.overrides)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -59,7 +80,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _train_overrides(overrides: list[str]) -> TrainConfig:
     """`train` takes TrainConfig keys, with or without the `train.` prefix."""
     items = [o.removeprefix("train.") for o in overrides]
-    return build(TrainConfig, apply_overrides({}, items), f"(train overrides {' '.join(overrides)})")
+    with user_input():
+        return build(TrainConfig, apply_overrides({}, items), f"(train overrides {' '.join(overrides)})")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -68,7 +90,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     train_cfg = _train_overrides(args.overrides)
     _check_model_arg(args.model)
-    groups = read_groups(args.data)  # validates every line before anything starts
+    with user_input():
+        groups = read_groups(args.data)  # validates every line before anything starts
     logger.info("read %d query groups (%d candidates) from %s",
                 len(groups), sum(g.k for g in groups), args.data)
     data = args.data
@@ -78,8 +101,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         data = str(Path(args.output).with_name(Path(args.output).name + ".pool_ref.parquet"))
         write_reference_pool(groups, args.model, train_cfg, Path(data), trust_remote_code=args.trust_remote_code)
-    job = TrainJob(model_path=args.model, data_paths=[data], output_dir=args.output, train=train_cfg,
-                   trust_remote_code=args.trust_remote_code)
+    with user_input():
+        job = TrainJob(model_path=args.model, data_paths=[data], output_dir=args.output, train=train_cfg,
+                       trust_remote_code=args.trust_remote_code)
     _print_result("trained model", args.output, _train(args, job, train_loop_per_worker, fit))
     return 0
 
@@ -109,21 +133,26 @@ class _PathThenOverrides(argparse.Action):
 def _cmd_sample(args: argparse.Namespace) -> int:
     from rrhf_ray.preflight import check_sample
 
-    checked = check_sample(load_config(args.config, args.overrides))  # model, lengths, external files
-    config, preset, external = checked.config, checked.preset, checked.external
-    queries, records = _sample_queries(config)  # every row validated before engines start
+    with user_input():
+        checked = check_sample(load_config(_config_path(args.config), args.overrides))  # model, lengths, files
+        config, preset, external = checked.config, checked.preset, checked.external
+        queries, records = _sample_queries(config)  # every row validated before engines start
     pools = {}
     # IP-n samples from ρ* = round n−1's model (model.name_or_path is that checkpoint), with the
     # seeds `run` gives round n; the other presets sample as round 1.
     name = config.sampling.preset
     version = int(name.split("-")[1]) - 1 if name.startswith("IP-") else 0
     if preset.policy is not None:
+        from rrhf_ray.actors.pools import build_pools
+
         connect_ray(config)
         model = config.model.name_or_path
         pools = build_pools(config, preset, model, model, version)
+    from rrhf_ray.stages import sample_candidates
+
     try:
-        info = sample_stage(pools, preset, records, queries, config.sampling, external, Path(args.out),
-                            version + 1)
+        info = sample_candidates(pools, preset, records=records, queries=queries, sampling=config.sampling,
+                                 external=external, path=Path(args.out), round_index=version + 1)
     finally:
         for pool in pools.values():
             pool.shutdown()
@@ -139,12 +168,13 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from rrhf_ray.preflight import check_score
     from rrhf_ray.types import CandidateGroup, read_groups, reward_stats, write_groups
 
-    config = check_score(load_config(args.config, args.overrides)).config  # the rule or reward model
-    groups = [CandidateGroup.from_group(g) for g in read_groups(args.pool, scored=False)]
+    with user_input():
+        config = check_score(load_config(_config_path(args.config), args.overrides)).config  # rule or model
+        groups = [CandidateGroup.from_group(g) for g in read_groups(args.pool, scored=False)]
     connect_ray(config)
     pool = RewardPool(config.reward)
     try:
-        scored = ray.get(pool.score(groups))
+        scored = ray.get(pool.score_refs(groups))
     except RewardError as err:
         out = Path(args.out)
         partial = out.with_name(f"{out.stem}.partial{out.suffix}")
@@ -224,9 +254,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     import json
     import time
 
+    from rrhf_ray.remote import is_remote, read_object
     from rrhf_ray.report import format_status
     from rrhf_ray.state import STATE_FILE
-    from rrhf_ray.remote import is_remote, read_object
 
     if is_remote(args.output_dir):
         raw = read_object(f"{args.output_dir.rstrip('/')}/{STATE_FILE}", "output_dir")
@@ -245,7 +275,8 @@ def _stage_train(stage_cls: type, args: argparse.Namespace) -> object:
     """The stage's TrainConfig: its own defaults (SFT / reward model) with the `key=value` overrides."""
     items = [o.removeprefix("train.") for o in args.overrides]
     data = {"data": args.data, "train": apply_overrides({}, items)}
-    return build(stage_cls, data, f"(train overrides {' '.join(args.overrides)})").train
+    with user_input():
+        return build(stage_cls, data, f"(train overrides {' '.join(args.overrides)})").train
 
 
 def _check_model_arg(model: str) -> None:
@@ -274,9 +305,10 @@ def _cmd_sft(args: argparse.Namespace) -> int:
 
     train_cfg = _stage_train(SFTStageConfig, args)
     _check_model_arg(args.model)
-    job = SFTJob(model_path=args.model, data_path=args.data, output_dir=args.output, train=train_cfg,
-                 eval_path=args.eval_data, trust_remote_code=args.trust_remote_code)
-    train_pairs, held = load_job_pairs(job)  # validates every row before anything starts
+    with user_input():
+        job = SFTJob(model_path=args.model, data_path=args.data, output_dir=args.output, train=train_cfg,
+                     eval_path=args.eval_data, trust_remote_code=args.trust_remote_code)
+        train_pairs, held = load_job_pairs(job)  # validates every row before anything starts
     logger.info("read %d SFT pairs (%d held out) from %s", len(train_pairs), len(held), args.data)
     _print_result("fine-tuned model", args.output, _train(args, job, sft_loop_per_worker, fit_sft))
     return 0
@@ -293,11 +325,12 @@ def _cmd_train_rm(args: argparse.Namespace) -> int:
 
     train_cfg = _stage_train(RewardModelStageConfig, args)
     _check_model_arg(args.model)
-    job = RewardModelJob(model_path=args.model, data_path=args.data, output_dir=args.output, train=train_cfg,
-                         eval_path=args.eval_data, trust_remote_code=args.trust_remote_code)
-    if args.eval_fraction is not None:
-        job.eval_fraction = args.eval_fraction
-    train_pairs, held = load_job_pairs(job)  # validates every row before anything starts
+    with user_input():
+        job = RewardModelJob(model_path=args.model, data_path=args.data, output_dir=args.output,
+                             train=train_cfg, eval_path=args.eval_data, trust_remote_code=args.trust_remote_code)
+        if args.eval_fraction is not None:
+            job.eval_fraction = args.eval_fraction
+        train_pairs, held = load_job_pairs(job)  # validates every row before anything starts
     logger.info("read %d preference pairs (%d held out) from %s", len(train_pairs), len(held), args.data)
     _print_result("reward model", args.output, _train(args, job, rm_loop_per_worker, fit_reward_model))
     return 0
@@ -418,17 +451,23 @@ def main(argv: list[str] | None = None) -> int:
     from rrhf_ray.logs import setup_console
 
     setup_console(args.verbose)  # a run's console turns quiet once its logs/ exist (rrhf_ray.logs)
+    from rrhf_ray.logs import current_log_dir, stop_run_logs
+
     try:
         return args.func(args)
-    # A bad input gets one line, never a traceback: config and data errors, an unknown built-in,
-    # a pydantic model built from user input, a user's path that is missing or of the wrong kind.
-    except (ConfigError, DataError, registry.UnknownBuiltinError, ValidationError,
-            FileNotFoundError, IsADirectoryError, NotADirectoryError) as err:
+    except INPUT_ERRORS as err:  # a bad input: one line, never a traceback
         print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
+    except Exception as err:  # a fault inside the work: its traceback where the user can find it
+        log_dir = current_log_dir()
+        if log_dir is None:
+            traceback.print_exc()
+            print(f"error: {error_line(err)}", file=sys.stderr)
+        else:
+            logger.debug("rrhf-ray %s failed", args.command, exc_info=err)  # driver.log only
+            print(f"error: {error_line(err)} (traceback in {Path(log_dir) / 'driver.log'})", file=sys.stderr)
+        return 1
     finally:
-        from rrhf_ray.logs import stop_run_logs
-
         stop_run_logs()
 
 

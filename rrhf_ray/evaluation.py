@@ -32,7 +32,6 @@ from rrhf_ray.actors.scorer import RewardPool
 from rrhf_ray.config import EvalConfig, SamplingConfig
 from rrhf_ray.types import Candidate, CandidateGroup, QueryGroup
 
-
 if TYPE_CHECKING:
     from rrhf_ray.mirror import RunStore
 

@@ -16,6 +16,7 @@ and a Ray worker that never imported the demo still finds its data set.
 
 from __future__ import annotations
 
+import functools
 from importlib.metadata import entry_points
 from typing import Any, Literal
 
@@ -26,7 +27,6 @@ PREFIX = BUILTIN_PREFIX
 ENTRY_POINT_GROUP = "rrhf_ray.builtins"
 
 _REGISTRY: dict[str, dict[str, Any]] = {"config": {}, "data": {}, "model": {}, "reward": {}}
-_loaded = False
 
 
 class UnknownBuiltinError(KeyError):
@@ -53,11 +53,9 @@ def is_builtin(value: str | None) -> bool:
     return bool(value) and value.startswith(PREFIX)
 
 
+@functools.cache
 def _load_entry_points() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
+    """Import every module announced in the entry-point group, once per process."""
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         ep.load()  # the module registers its built-ins on import
 

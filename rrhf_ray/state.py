@@ -19,8 +19,9 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from rrhf_ray.config import ConfigError, RunConfig
@@ -88,50 +89,57 @@ class RunState:
         return self.data["stages"].get(stage, {}).get("seconds", 0.0)
 
 
-def timed_stage(state: RunState, stage: str, outputs: list[Path], work: Callable[[], dict | None]) -> bool:
-    """Run `work` unless the stage is finished with all its outputs; returns True if it ran."""
+class StageTimer:
+    """`with StageTimer(state, name) as timer:` around a stage's work: the stage is recorded as
+    running while the block runs and as failed (with its error) when the block raises, also on
+    KeyboardInterrupt; `timer.seconds` is the block's wall time once it ends. A SIGKILL leaves
+    `running`, which `driver_alive` tells from a live run."""
+
+    def __init__(self, state: RunState, name: str) -> None:
+        self.state, self.name, self.seconds = state, name, 0.0
+
+    def __enter__(self) -> StageTimer:
+        logger.debug("%s: starting", self.name)  # driver.log only; the console gets the finish line
+        self.state.start(self.name)
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.seconds = time.perf_counter() - self._start
+        if error is not None:
+            try:
+                self.state.fail(self.name, self.seconds, error)
+            except Exception:  # never hide the stage's own error
+                logger.warning("could not record the failure of %s in %s", self.name, self.state.path,
+                               exc_info=True)
+
+
+def timed_stage(state: RunState, stage: str, outputs: Sequence[Path], work: Callable[..., dict | None],
+                *args: Any) -> bool:
+    """Run `work(*args)` as `stage` unless the stage is finished with all its outputs, and record
+    what it returns with its seconds; returns True if it ran."""
     if state.done(stage, *outputs):
         logger.info("%s: done already, skipped", stage)
         return False
-    logger.debug("%s: starting", stage)  # driver.log only; the console gets the finish line
-    state.start(stage)
-    start = time.perf_counter()
-    try:
-        info = work() or {}
-    except BaseException as err:  # KeyboardInterrupt too; a SIGKILL leaves `running` (driver_alive)
-        try:
-            state.fail(stage, time.perf_counter() - start, err)
-        except Exception:  # never hide the stage's own error
-            logger.warning("could not record the failure of %s in %s", stage, state.path, exc_info=True)
-        raise
-    state.finish(stage, time.perf_counter() - start, **info)
+    with StageTimer(state, stage) as timer:
+        info = work(*args) or {}
+    state.finish(stage, timer.seconds, **info)
     from rrhf_ray.logs import stage_line
 
     logger.info("%s", stage_line(stage, state.seconds(stage), info), extra={"console": True})
     return True
 
 
-def timed_stages(state: RunState, stages: dict[str, list[Path]],
-                 work: Callable[[], dict[str, dict]]) -> None:
+def timed_stages(state: RunState, stages: Sequence[str], work: Callable[..., dict[str, dict]], *args: Any) -> None:
     """Several stages done by one piece of work (round r's evaluation and round r+1's sampling in
-    one engine pass): run `work` once, then record each stage with the info `work` returned for
-    it. An info may carry its share of the wall time as `seconds` (e.g. the sampling's part of
+    one engine pass): run `work(*args)` once, then record each stage with the info `work` returned
+    for it. An info may carry its share of the wall time as `seconds` (e.g. the sampling's part of
     the pass); the stages without one split the rest. Each record names the others under
     `batched_with`. Killed or failed before the end, none is recorded: a resume redoes the pass.
     The caller passes only stages that are not done."""
-    name = " + ".join(stages)
-    logger.debug("%s: starting", name)  # driver.log only; the console gets the finish lines
-    state.start(name)
-    start = time.perf_counter()
-    try:
-        infos = work()
-    except BaseException as err:
-        try:
-            state.fail(name, time.perf_counter() - start, err)
-        except Exception:
-            logger.warning("could not record the failure of %s in %s", name, state.path, exc_info=True)
-        raise
-    total = time.perf_counter() - start
+    with StageTimer(state, " + ".join(stages)) as timer:
+        infos = work(*args)
     given = sum(info.get("seconds", 0.0) for info in infos.values())
     rest = [s for s, info in infos.items() if "seconds" not in info]
     from rrhf_ray.logs import stage_line
@@ -140,7 +148,7 @@ def timed_stages(state: RunState, stages: dict[str, list[Path]],
         info = dict(infos[stage])
         seconds = info.pop("seconds", None)
         if seconds is None:
-            seconds = max(0.0, total - given) / len(rest)
+            seconds = max(0.0, timer.seconds - given) / len(rest)
         info["batched_with"] = [s for s in stages if s != stage]
         state.finish(stage, seconds, **info)
         logger.info("%s (one pass with %s)", stage_line(stage, state.seconds(stage), info),

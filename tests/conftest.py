@@ -36,7 +36,7 @@ def ray_cluster(node_cache: Path):
     import ray
 
     if not ray.is_initialized():
-        from rrhf_ray.workflow import LOCAL_SYSTEM_CONFIG
+        from rrhf_ray.connection import LOCAL_SYSTEM_CONFIG
 
         before = os.environ.get("RRHF_RAY_CACHE")
         os.environ["RRHF_RAY_CACHE"] = str(node_cache)  # inherited by the raylet started now

@@ -31,7 +31,6 @@ from rrhf_ray.logs import current_log_dir, redirect_process_output
 from rrhf_ray.train.tokens import collate, encode
 from rrhf_ray.types import CandidateGroup, DataError, QueryGroup
 
-
 if TYPE_CHECKING:
     from rrhf_ray.mirror import RunStore
 

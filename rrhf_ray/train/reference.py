@@ -43,8 +43,7 @@ logger = logging.getLogger(__name__)
 
 def reference_logprobs(ref_model: str, groups: Sequence[QueryGroup], cfg: TrainConfig, *,
                        tokenizer_path: str | None = None,
-                       trust_remote_code: bool = False,
-                      store: RunStore | None = None) -> list[list[float | None]]:
+                       trust_remote_code: bool = False) -> list[list[float | None]]:
     """Σ log π_ref(y_i | x) of every candidate of `groups` under the model at `ref_model`, over the
     tokens the trainer (`cfg`, tokenizer at `tokenizer_path`, default the model's) scores; one
     list per group, None for a candidate the trainer leaves out."""
@@ -81,8 +80,8 @@ def reference_logprobs(ref_model: str, groups: Sequence[QueryGroup], cfg: TrainC
 
 
 def compute_reference(ref_model: str, groups: Sequence[QueryGroup], cfg: TrainConfig, *,
-                      tokenizer_path: str | None = None,
-                      trust_remote_code: bool = False) -> list[list[float | None]]:
+                      tokenizer_path: str | None = None, trust_remote_code: bool = False,
+                      store: RunStore | None = None) -> list[list[float | None]]:
     """`reference_logprobs` as a Ray task (num_cpus=1; num_gpus=1 when the cluster has a GPU)
     when Ray is connected, else in this process."""
     import ray

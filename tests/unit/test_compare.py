@@ -227,7 +227,7 @@ def test_parallel_runs_at_most_n_drivers_at_once_and_reports_the_failed(plan, mo
 
     monkeypatch.setattr(compare, "_start_driver", start)
     monkeypatch.setattr(compare, "POLL_SECONDS", 0.0)
-    jobs = [compare.Job(v, 0, plan.run_config(v, 0), plan.run_overrides(v, 0)) for v in plan.variants]
+    jobs = [compare.PlannedRun(v, 0, plan.run_config(v, 0), plan.run_overrides(v, 0)) for v in plan.variants]
     failed = compare._run_jobs(plan, jobs, 2, {"RAY_ADDRESS": "x:1"})
     assert started == [v.name for v in plan.variants] and most[0] == 2
     assert len(failed) == 1 and failed[0].startswith("raft seed 0: exit 1, see ")

@@ -97,3 +97,66 @@ def test_there_is_no_import_cycle():
     for m in sorted(GRAPH):
         if m not in seen:
             visit(m, [])
+
+
+MUTATORS = {"append", "extend", "insert", "update", "pop", "popitem", "clear", "setdefault", "add",
+            "discard", "remove"}
+# The built-ins registry is filled when a package that registers built-ins is imported (the
+# entry-point mechanism of rrhf_ray/registry.py): a table of the installed packages, not a run's state.
+ALLOWED_STATE = {"rrhf_ray.registry": {"_REGISTRY"}}
+
+
+def _root_name(node: ast.AST) -> str | None:
+    """`a` of `a`, `a[k]`, `a[k][j]`, `a.b[k]`."""
+    while isinstance(node, (ast.Subscript, ast.Attribute)):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def _module_state(path: Path) -> list[str]:
+    """Module-level runtime state in one file: a `global` statement (a function rebinding a
+    module name), and a module-level container (dict / list / set, a display, a comprehension or
+    a call of the type) that code in the module changes in place."""
+    tree = ast.parse(path.read_text())
+    found = [f"global {', '.join(n.names)} (line {n.lineno})" for n in ast.walk(tree) if isinstance(n, ast.Global)]
+    containers = {}
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        value = getattr(node, "value", None)
+        mutable = isinstance(value, (ast.Dict, ast.List, ast.Set, ast.DictComp, ast.ListComp, ast.SetComp)) or (
+            isinstance(value, ast.Call) and isinstance(value.func, ast.Name)
+            and value.func.id in {"dict", "list", "set", "defaultdict", "OrderedDict", "Counter", "deque"})
+        for t in targets:
+            if mutable and isinstance(t, ast.Name):
+                containers[t.id] = node.lineno
+    for node in ast.walk(tree):
+        name = None
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.Delete)):
+            for t in getattr(node, "targets", None) or [node.target]:
+                if isinstance(t, ast.Subscript):
+                    name = _root_name(t)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in MUTATORS:
+            name = _root_name(node.func.value)
+        if name in containers:
+            found.append(f"{name} (line {containers[name]}) changed at line {node.lineno}")
+    return found
+
+
+def test_no_module_holds_mutable_runtime_state():
+    """What a run holds (kept engines, the bucket store, handles) is passed as an argument or
+    kept in an object, never in module state a function reads implicitly; module-level names are
+    constants (never changed after import)."""
+    offenders = {m: [f for f in _module_state(p) if f.split()[0] not in ALLOWED_STATE.get(m, ())]
+                 for m, p in MODULES.items()}
+    offenders = {m: found for m, found in offenders.items() if found}
+    assert offenders == {}
+
+
+def test_the_module_state_check_finds_what_it_forbids(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("_KEPT = {}\nCACHE: list = []\nLIMITS = {'a': 1}\n_ACTIVE = None\n"
+                    "def keep(k, v):\n    _KEPT[k][0] = v\n    CACHE.append(v)\n"
+                    "def activate(s):\n    global _ACTIVE\n    _ACTIVE = s\n"
+                    "def read():\n    return LIMITS['a']\n")
+    assert sorted(_module_state(path)) == ["CACHE (line 2) changed at line 7",
+                                           "_KEPT (line 1) changed at line 6", "global _ACTIVE (line 9)"]

@@ -1,0 +1,130 @@
+"""The sampler pools a run uses, and the engines kept between the runs of one process.
+
+A sampling preset names the pool it draws from: "current" (ρ*, the policy the last round
+trained) for IP, "initial" (the frozen ρ) for BP / DP / D, none for P. Evaluation samples from
+ρ* whatever the preset, so a run always has a "current" pool.
+
+`EngineCache` holds the engines that runs one after another in one process (`rrhf-ray
+compare`) share: a run that ends leaves its pools there, and the next run whose model and
+sampling settings are the same loads its own weights into them (`SamplerPool.load_weights_refs`,
+prefix cache reset) instead of starting engines, which mostly means importing vLLM again. Every
+request is seeded, so a kept engine samples what a new one would. The cache is an object the
+caller owns and passes in; nothing is kept in module state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING
+
+from rrhf_ray.config import RunConfig
+
+if TYPE_CHECKING:
+    from rrhf_ray.actors.sampler import SamplerPool
+    from rrhf_ray.data.candidates import Preset
+    from rrhf_ray.mirror import RunStore
+
+logger = logging.getLogger(__name__)
+
+
+def engine_settings(config: RunConfig, tag: str) -> str:
+    """What an engine is built from: the pool's tag, the model and every sampling setting (the
+    pool's defaults too); a kept pool serves a run only when these are equal."""
+    return json.dumps([tag, config.model.model_dump(mode="json"), config.sampling.model_dump(mode="json")],
+                      sort_keys=True)
+
+
+class EngineCache:
+    """Sampler pools left by finished runs, by tag, for the next run of this process; a context
+    manager that shuts down whatever is still kept when it ends."""
+
+    def __init__(self) -> None:
+        self._kept: dict[str, tuple[str, SamplerPool]] = {}
+
+    def __enter__(self) -> EngineCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def take(self, tag: str, settings: str) -> SamplerPool | None:
+        """The kept pool of `tag` if it was built with `settings` (removed from the cache); a kept
+        pool with other settings is shut down."""
+        kept = self._kept.pop(tag, None)
+        if kept is None:
+            return None
+        if kept[0] == settings:
+            return kept[1]
+        kept[1].shutdown()
+        return None
+
+    def keep(self, pool: SamplerPool, settings: str) -> bool:
+        """Keep `pool` for the next run; False (nothing kept) when one of its tag is kept already."""
+        if pool.tag in self._kept:
+            return False
+        self._kept[pool.tag] = (settings, pool)
+        return True
+
+    def close(self) -> None:
+        kept, self._kept = self._kept, {}
+        for _, pool in kept.values():
+            pool.shutdown()
+
+
+def start_pool(config: RunConfig, tag: str, weights: str, version: int, *, store: RunStore | None = None,
+               engines: EngineCache | None = None) -> SamplerPool:
+    """A pool serving `weights` (labelled `version`): a kept one of the same settings from
+    `engines` with the weights loaded in place, else new engines."""
+    import ray
+
+    from rrhf_ray.actors.sampler import SamplerPool
+    from rrhf_ray.logs import current_log_dir
+
+    kept = engines.take(tag, engine_settings(config, tag)) if engines is not None else None
+    if kept is not None:
+        logger.info("sampler engines (%s) kept from the previous run: loading %s in place", tag, weights)
+        ray.get(kept.redirect_logs_refs(current_log_dir()) + kept.load_weights_refs(weights, version))
+        return kept
+    model = config.model
+    return SamplerPool(weights, config.sampling, tag=tag, version=version, tokenizer=model.tokenizer,
+                       trust_remote_code=model.trust_remote_code, store=store)
+
+
+def build_pools(config: RunConfig, preset: Preset, rho: str, current: str, version: int, *,
+                store: RunStore | None = None, engines: EngineCache | None = None,
+                with_current: bool = False) -> dict[str, SamplerPool]:
+    """The pools `preset` samples from: "current" (the weights at `current`, labelled `version`)
+    or "initial" (ρ at `rho`); none for P. `with_current`: a "current" pool in any case (the
+    driver's evaluation samples from ρ*). The paths are what the engines read (the bucket's URIs
+    for a run on object storage: the caller hands them off). Used by both the driver and
+    `rrhf-ray sample`, so the two build the same engines."""
+    pools = {}
+    if preset.policy == "initial":
+        pools["initial"] = start_pool(config, "initial", rho, 0, store=store, engines=engines)
+    if preset.policy == "current" or with_current:
+        pools["current"] = start_pool(config, "policy", current, version, store=store, engines=engines)
+    return pools
+
+
+def release_pools(config: RunConfig, pools: dict[str, SamplerPool], engines: EngineCache | None, *,
+                  keep: bool) -> None:
+    """The end of a run: with `engines`, a run that finished (`keep`) leaves its pools there for
+    the next run; otherwise (or after a failure, when an engine may be broken) they shut down."""
+    for pool in pools.values():
+        if not (keep and engines is not None and engines.keep(pool, engine_settings(config, pool.tag))):
+            pool.shutdown()
+
+
+def fits_beside_sft(config: RunConfig) -> bool:
+    """Whether the cluster has room for the sampler engines and the SFT stage's workers at once
+    (then the engines start during SFT, from the base model; else after it)."""
+    import ray
+
+    s, t = config.sampling, config.sft.train
+    need_cpu = s.num_replicas * s.cpus_per_replica + t.num_workers * t.cpus_per_worker
+    free = ray.available_resources()
+    if free.get("GPU", 0) > 0 or t.use_gpu:
+        need_gpu = s.num_replicas * s.tensor_parallel_size + (t.num_workers if t.use_gpu else 0)
+        return free.get("GPU", 0) >= need_gpu and free.get("CPU", 0) >= need_cpu
+    return free.get("CPU", 0) >= need_cpu

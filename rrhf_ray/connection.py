@@ -1,0 +1,44 @@
+"""The driver's connection to Ray: join the configured cluster or start a local one, with the
+run's logs routed to `<output.dir>/logs/` (`rrhf_ray.logs`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from rrhf_ray.config import RunConfig
+
+logger = logging.getLogger(__name__)
+
+# A small local cluster runs more processes (engines, trainer, tasks) than it has CPUs, and Ray
+# kills idle task workers beyond that count after 1 s: every round's scoring and evaluation tasks
+# would then pay for a new Python process. Idle workers live 10 minutes here.
+LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 600_000}
+
+
+def connect_ray(config: RunConfig) -> None:
+    """Join the configured cluster (`ray.address` or RAY_ADDRESS) or start a local one. The run's
+    logs go to `<output.dir>/logs/` from here on (`rrhf_ray.logs`): the driver's log, and the
+    output of the actors and Ray processes, kept off the console unless `--verbose`."""
+    import ray
+
+    from rrhf_ray import logs
+    from rrhf_ray.remote import is_remote
+
+    if not is_remote(config.output.dir):  # a bucket run connects with its local mirror's path
+        logs.start_run_logs(Path(config.output.dir) / "logs")
+    log_to_driver = logs.ray_log_to_driver()
+    if not ray.is_initialized():  # else joined already (a notebook's or a test's ray.init)
+        address = config.ray.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            logger.info("joining the Ray cluster at %s", address)
+            ray.init(address=address, log_to_driver=log_to_driver)
+        else:
+            ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
+                     _system_config=LOCAL_SYSTEM_CONFIG)
+            logger.info("started a local Ray cluster: %s", ray.cluster_resources())
+    if logs.quiet():
+        logs.quiet_library_loggers()  # ray.init configured Ray's loggers anew
+        if log_to_driver:
+            logs.route_worker_output()

@@ -1,0 +1,235 @@
+"""One round's stages (RRHF's IP-n policy): sample → score → (reference) → train → refresh → evaluate.
+
+Each stage is a function of `(ctx, r)` (`rrhf_ray.context.RunContext`, round r) that writes its
+outputs (`RunContext.outputs`) and returns what `state.json` records for it: its numbers and
+`seconds_compute`, the engine, trainer or task seconds it used (docs/metrics.md). Its wall time
+is measured around the call (`rrhf_ray.state.StageTimer`).
+
+Round r samples from ρ*, the model round r−1 trained (IP-1 ≡ DP), and its evaluation uses the
+weights round r made, the same weights round r+1 samples from: where the preset samples from
+ρ* without beams, round r's evaluation and round r+1's sampling run as one batched engine pass
+(`eval_and_sample`, `eval.batch_with_sampling`), recorded as the two stages they are.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rrhf_ray.config import SamplingConfig
+from rrhf_ray.context import RunContext
+from rrhf_ray.types import write_jsonl
+
+if TYPE_CHECKING:
+    from rrhf_ray.actors.sampler import SamplerPool
+    from rrhf_ray.data.candidates import Preset
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- sample
+
+
+def round_sampling(sampling: SamplingConfig, preset: Preset, round_index: int) -> SamplingConfig:
+    """The sampling settings of training round `round_index`: beam search where the preset says
+    so, and the seed mixed with the round (`round_seed`), so that round r's pool is a new draw and
+    not round r−1's seeds replayed on ρ*. Query i still gets `query_seed(that seed, i)`."""
+    from rrhf_ray.actors.sampler import round_seed
+
+    return sampling.model_copy(update={"use_beam_search": preset.beam or sampling.use_beam_search,
+                                       "seed": round_seed(sampling.seed, round_index)})
+
+
+def sample_candidates(pools: dict[str, SamplerPool], preset: Preset, *, records: Sequence[Any],
+                      queries: list[str], sampling: SamplingConfig, external: list[dict], path: Path,
+                      round_index: int) -> dict:
+    """k candidates per query from the preset's sources (the policy pool the preset names, the
+    data set's responses `records`, `external` maps read by `read_external`), duplicates merged,
+    written unscored to `path`; the policy samples with the seeds of round `round_index`
+    (`round_sampling`). Shared by the driver's sample stage and `rrhf-ray sample`."""
+    from rrhf_ray.actors.sampler import get_samples
+
+    policy: list = []
+    busy = 0.0
+    if preset.policy is not None:
+        pool = pools[preset.policy]
+        with pool.engine_seconds() as engine:
+            policy = get_samples(pool, queries, round_sampling(sampling, preset, round_index))
+        busy = engine.seconds
+    return {**write_candidates(preset, records, queries, policy, external, path), "seconds_compute": busy}
+
+
+def write_candidates(preset: Preset, records: Sequence[Any], queries: list[str], policy: list,
+                     external: list[dict], path: Path) -> dict:
+    """A round's candidates file from the policy's samples (`policy`: k per query; [] when the
+    preset samples nothing) and the preset's other sources, duplicates merged."""
+    from rrhf_ray.data.candidates import combine, dataset_candidates
+    from rrhf_ray.types import write_groups
+
+    sources: list = [policy] if preset.policy is not None else []
+    if preset.dataset and records:
+        sources.append([dataset_candidates(r) for r in records])
+    groups = combine(queries, sources + external)
+    write_groups([g.to_group() for g in groups], path)
+    return {"groups": len(groups), "candidates": sum(len(g.candidates) for g in groups)}
+
+
+def sample(ctx: RunContext, r: int) -> dict:
+    """Round r's candidates (unscored) in candidates.jsonl."""
+    return sample_candidates(ctx.pools, ctx.preset, records=ctx.data.train, queries=ctx.data.queries,
+                             sampling=ctx.config.sampling, external=ctx.external,
+                             path=ctx.outputs(r, "sample")[0], round_index=r)
+
+
+# --------------------------------------------------------------------------- score, reference
+
+
+def score(ctx: RunContext, r: int) -> dict:
+    """Score round r's candidates into pool.jsonl + pool.parquet; returns the reward statistics
+    per source (`reward_stats`) and the pool's shape (`pool_summary`: k histogram, groups without a
+    strict pair, reward mean before / after merging duplicates)."""
+    import ray
+
+    from rrhf_ray.data.candidates import pool_summary
+    from rrhf_ray.types import CandidateGroup, read_groups, reward_stats, write_groups
+
+    groups = [CandidateGroup.from_group(g) for g in read_groups(ctx.outputs(r, "sample")[0], scored=False)]
+    scored = ray.get(ctx.rewards.score_refs(groups))
+    for path in ctx.outputs(r, "score"):
+        write_groups(scored, path)
+    return {"pool_stats": reward_stats(scored), "pool": pool_summary(scored)}
+
+
+def reference(ctx: RunContext, r: int) -> dict:
+    """DPO's reference log-probability of every candidate of round r's pool under π_ref
+    (`train.reference`: ρ, or ρ* the round starts from), over the tokens the trainer scores;
+    the pool with `ref_logprobs` goes to pool_ref.parquet (`rrhf_ray.train.reference`)."""
+    from rrhf_ray.train.reference import write_reference_pool
+    from rrhf_ray.types import read_groups
+
+    start = ctx.policy(r - 1)
+    ref_model = ctx.rho if ctx.config.train.reference == "initial" else start
+    return write_reference_pool(read_groups(ctx.round_dir(r) / "pool.parquet"), ctx.hand_off(ref_model),
+                                ctx.config.train, ctx.outputs(r, "reference")[0],
+                                tokenizer_path=ctx.hand_off(start),
+                                trust_remote_code=ctx.config.model.trust_remote_code, store=ctx.store)
+
+
+# --------------------------------------------------------------------------- train, refresh
+
+
+def train_pool(ctx: RunContext, r: int) -> Path:
+    """What round r trains on: the scored pool, or for DPO the pool with reference log-probs."""
+    name = "pool_ref.parquet" if ctx.config.train.loss.name == "dpo" else "pool.parquet"
+    return ctx.round_dir(r) / name
+
+
+def train(ctx: RunContext, r: int) -> dict:
+    """Train round r with the warm trainer (`rrhf_ray.train.warm`), which holds round r−1's
+    policy; install its checkpoint and the per-step history (`train_history.jsonl`) beside it.
+    The refresh probe's log-probabilities under the new weights are recorded for `refresh`."""
+    from rrhf_ray.refresh import probe_sequences
+    from rrhf_ray.train.warm import install_checkpoint
+
+    probe = probe_sequences(ctx.round_dir(r) / "pool.parquet", ctx.tokenizer)
+    result = ctx.trainer.train(r, [ctx.hand_off(train_pool(ctx, r))], probe)
+    metrics = {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))}
+    write_jsonl(result["history"], ctx.round_dir(r) / "train_history.jsonl")
+    install_checkpoint(result["checkpoint"], ctx.checkpoint(r), metrics)
+    return {"train": metrics, "seconds_compute": metrics.get("seconds_compute", 0.0),
+            "probe_logprobs": result["probe"]}
+
+
+def refresh(ctx: RunContext, r: int) -> dict:
+    """Load round r's checkpoint into every sampler replica in place (no engine restart), then
+    check that each serves it (`rrhf_ray.refresh.verify_refresh`). For a run on object storage
+    the replicas load the bucket's copy; what they downloaded, summed over replicas, is recorded
+    (`checkpoint_download_bytes` / `_seconds` in the round's row)."""
+    import ray
+
+    from rrhf_ray.refresh import probe_sequences, verify_refresh
+
+    pool = ctx.pools["current"]
+    probe = probe_sequences(ctx.round_dir(r) / "pool.parquet", ctx.tokenizer)
+    expected = ctx.state.data["stages"][f"round{r}/train"].get("probe_logprobs", [])
+    with pool.engine_seconds() as engine:
+        ray.get(pool.load_weights_refs(ctx.hand_off(ctx.checkpoint(r)), r))
+        gap = verify_refresh(pool, probe, expected, ctx.config.sampling.refresh_tolerance, r)
+    logger.info("samplers now serve round %d's policy (log-prob gap to the trainer %.4f nats/token)", r, gap)
+    info = {"logprob_gap": gap, "seconds_compute": engine.seconds}
+    if downloads := [d for d in pool.downloads() if d is not None]:
+        info["checkpoint_download"] = {"bytes": sum(d["bytes"] for d in downloads), "replicas": len(downloads),
+                                       "seconds": round(sum(d["seconds"] for d in downloads), 3)}
+    return info
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def read_eval(path: Path) -> tuple[list[float], list[list[float]]]:
+    """(greedy reward, sampled rewards) per held-out query from a round's eval.jsonl."""
+    rows = [json.loads(line) for line in path.open() if line.strip()]
+    return [r["greedy_reward"] for r in rows], [r.get("sampled_rewards", []) for r in rows]
+
+
+def batches_next_sampling(ctx: RunContext, r: int) -> bool:
+    """Whether round r's evaluation and round r+1's sampling run as one engine pass: both use
+    the weights round r made when the round samples from ρ* (the "current" pool the evaluation
+    uses) without beam search, and `eval.batch_with_sampling` is on."""
+    config = ctx.config
+    return (config.eval.batch_with_sampling and r < config.rounds and ctx.preset.policy == "current"
+            and not round_sampling(config.sampling, ctx.preset, r + 1).use_beam_search)
+
+
+def _evaluate(ctx: RunContext, r: int, also: list = ()) -> tuple[dict, Any, float]:
+    """Evaluate round r's policy (served by the "current" pool) on the held-out queries: write
+    eval.jsonl (every greedy and sampled reply with its reward) and return (the stage's info,
+    the `EvalResult`, the engine seconds). Rounds after 0 compare per query with round 0. The
+    sampled replies use the same seeds in every round (`rrhf_ray.evaluation.eval_sampling`)."""
+    from rrhf_ray.evaluation import evaluate
+
+    config, data, pool = ctx.config, ctx.data, ctx.pools["current"]
+    with pool.engine_seconds() as engine:
+        result = evaluate(pool, ctx.rewards, data.eval_queries, data.references, ctx.hand_off(ctx.policy(r)),
+                          config.sampling, config.eval, config.train.max_length, judge=ctx.hand_off(ctx.judge),
+                          also=also, store=ctx.store, model_dtype=config.model.dtype)
+    busy = engine.seconds
+    write_jsonl(({"query": q, "greedy_reply": reply, "greedy_reward": g, "sampled_replies": texts,
+                  "sampled_rewards": s}
+                 for q, reply, g, texts, s in zip(data.eval_queries, result.greedy_replies, result.greedy,
+                                                  result.sampled_replies, result.sampled)),
+                ctx.outputs(r, "eval")[0])
+    greedy0, sampled0 = ctx.round0 if r > 0 else (None, None)
+    # The perplexity tasks run beside the sampling; only what outlasts it adds to the compute.
+    compute = busy + result.seconds_ranking + max(0.0, result.seconds_perplexity - busy)
+    return ({"eval": result.metrics(greedy0, sampled0, resamples=config.eval.bootstrap_resamples,
+                                    seed=config.sampling.seed),
+             "seconds_compute": compute}, result, busy)
+
+
+def evaluate(ctx: RunContext, r: int) -> dict:
+    """Round r's evaluation stage: eval.jsonl and the held-out metrics (docs/metrics.md)."""
+    return _evaluate(ctx, r)[0]
+
+
+def eval_and_sample(ctx: RunContext, r: int) -> dict[str, dict]:
+    """Round r's evaluation (`evaluate`) and round r+1's sampling (`sample`) in one batched engine
+    pass (`SamplerPool.sample_many_refs`): the same replies and candidates as two passes, since
+    every request keeps its own seed. The engine seconds are split between the two stages by the
+    tokens each generated; the sampling's share is its wall time too."""
+    nxt = r + 1
+    cfg = round_sampling(ctx.config.sampling, ctx.preset, nxt)
+    info, result, busy = _evaluate(ctx, r, also=[(ctx.data.queries, cfg)])
+    policy = result.also[0]
+    sampled_tokens = sum(len(c.token_ids) for group in policy for c in group)
+    eval_tokens = sum(result.greedy_lengths) + sum(n for ns in result.sampled_lengths for n in ns)
+    share = busy * sampled_tokens / max(1, sampled_tokens + eval_tokens)
+    ctx.round_dir(nxt).mkdir(parents=True, exist_ok=True)
+    candidates = write_candidates(ctx.preset, ctx.data.train, ctx.data.queries, policy, ctx.external,
+                                  ctx.outputs(nxt, "sample")[0])
+    info["seconds_compute"] = max(0.0, info["seconds_compute"] - share)
+    return {f"round{r}/eval": info,
+            f"round{nxt}/sample": {**candidates, "seconds_compute": share, "seconds": share}}
