@@ -90,7 +90,7 @@ class SourceStats:
     kept: int = 0
     truncated: int = 0
     dropped: int = 0  # longer than max_prompt_tokens even after cutting at a turn
-    duplicates: int = 0  # a query seen before (in this split, or in the eval split)
+    duplicates: int = 0  # a query seen before (in this split or the eval split), as read or as cut
     split: str = ""
     diverged: int = 0  # hh-rlhf rows whose two dialogues do not share a prompt
     held_out: int = 0  # moved to the seeded eval split
@@ -394,10 +394,14 @@ def _select(
     rng: random.Random,
     fit: Callable[[str], str | None] | None,
     stats: SourceStats,
+    seen: set[str],
 ) -> list[QueryRecord]:
     """Shuffle, fit each query to the token budget, stop at `limit`; counts go to `stats`.
 
-    Fitting is lazy, so a 76k-row source capped at 1k prompts tokenizes about 1k of them.
+    A fitted query already in `seen` (claimed by the held-out split, or by an earlier record of
+    this one) is a duplicate: long dialogues that differ only in the turns the cut removes become
+    the same query. `seen` gains the queries kept. Fitting is lazy, so a 76k-row source capped at
+    1k prompts tokenizes about 1k of them.
     """
     order = list(records)
     rng.shuffle(order)
@@ -410,6 +414,10 @@ def _select(
         if query is None:
             stats.dropped += 1
             continue
+        if query in seen:
+            stats.duplicates += 1
+            continue
+        seen.add(query)
         if query != record.query:
             stats.truncated += 1
             record = replace(record, query=query)
@@ -427,7 +435,8 @@ def load_data(cfg: DataConfig, tokenizer: Any = None) -> LoadedData:
     `tokenizer` (the policy's) enables the `max_prompt_tokens` policy; without it queries are
     kept whole. The eval split is the source's own (`eval_split`) when it has one, else a seeded
     `eval_fraction` of the training queries. A training query equal to an eval query is dropped
-    from training (counted as a duplicate) so the held-out set stays held out.
+    from training (counted as a duplicate) so the held-out set stays held out: compared as read,
+    and again as fitted to the budget, held-out queries first.
     """
     train_raw, eval_raw = open_source(cfg)
     layout = detect_layout(train_raw, cfg.format)
@@ -449,8 +458,9 @@ def load_data(cfg: DataConfig, tokenizer: Any = None) -> LoadedData:
         if tokenizer is None
         else (lambda q: truncate_query(q, tokenizer, cfg.max_prompt_tokens))
     )
-    train = _select(train, cfg.max_prompts, random.Random(f"{cfg.seed}:train"), fit, train_stats)
-    held = _select(held, cfg.max_eval_prompts, random.Random(f"{cfg.seed}:eval"), fit, eval_stats)
+    claimed: set[str] = set()
+    held = _select(held, cfg.max_eval_prompts, random.Random(f"{cfg.seed}:eval"), fit, eval_stats, claimed)
+    train = _select(train, cfg.max_prompts, random.Random(f"{cfg.seed}:train"), fit, train_stats, claimed)
     for stats in (train_stats, eval_stats):
         log.info(stats.summary())
     if not train:

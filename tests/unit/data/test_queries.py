@@ -488,3 +488,31 @@ def test_config_rejects_unknown_format_and_bad_fraction() -> None:
         DataConfig(eval_fraction=1.0)
     default = DataConfig(source="x.jsonl")
     assert default.format == "auto" and default.eval_fraction == 0.05
+
+
+def test_dialogues_that_truncate_to_a_held_out_query_leave_training(tokenizer, tmp_path: Path) -> None:
+    """Duplicates are found on the final queries (after the cut to `max_prompt_tokens`), held-out
+    set first: long dialogues that differ only in their early turns become the same query once
+    cut, and none of them may train on a query the evaluation holds out, or twice."""
+    last = f"{H} How do I reset my password?{A}"
+    early = [f"{H} Tell me about topic number {i} in some detail please.{A} Fine, here it is." for i in range(7)]
+    budget = n_tokens(tokenizer, last)
+    assert all(n_tokens(tokenizer, e + last) > budget for e in early)
+    repo = tmp_path / "prompts"
+    repo.mkdir()
+    write_jsonl(repo / "train.jsonl", [{"query": e + last} for e in early] + [{"query": f"{H} Other?{A}"}])
+    write_jsonl(repo / "test.jsonl", [{"query": early[0] + early[1] + last}])
+
+    data = load_data(cfg(repo, max_prompt_tokens=budget), tokenizer=tokenizer)
+
+    assert [r.query for r in data.eval] == [last]
+    assert [r.query for r in data.train] == [f"{H} Other?{A}"]  # 7 of 7 long dialogues were `last`
+    train_stats, eval_stats = data.stats
+    assert (train_stats.read, train_stats.truncated, train_stats.duplicates, train_stats.kept) == (8, 0, 7, 1)
+    assert invariant(train_stats) == train_stats.read and invariant(eval_stats) == eval_stats.read
+
+    # Within one split too: the first of the dialogues that cut to the same query is kept.
+    path = write_jsonl(tmp_path / "p.jsonl", [{"query": e + last} for e in early])
+    data = load_data(cfg(path, max_prompt_tokens=budget, eval_fraction=0.0), tokenizer=tokenizer)
+    assert [r.query for r in data.train] == [last]
+    assert (data.stats[0].truncated, data.stats[0].duplicates) == (1, 6)
