@@ -144,7 +144,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     connect_ray(config)
     pool = RewardPool(config.reward)
     try:
-        scored = ray.get(pool.score(groups))
+        scored = ray.get(pool.score_refs(groups))
     except RewardError as err:
         out = Path(args.out)
         partial = out.with_name(f"{out.stem}.partial{out.suffix}")

@@ -162,7 +162,7 @@ _KEPT: dict[str, tuple[str, object]] | None = None
 def keep_engines() -> Iterator[None]:
     """Runs one after another in this process (`rrhf-ray compare`) share their sampler engines:
     a run that ends leaves its pools here, and the next run whose model and sampling settings
-    are the same loads its own weights into them (`SamplerPool.load_weights`, prefix cache
+    are the same loads its own weights into them (`SamplerPool.load_weights_refs`, prefix cache
     reset) instead of starting engines (about 10 s each on a small CPU, mostly importing vLLM).
     Every request is seeded, so a kept engine samples what a new one would. Shut down at the end."""
     global _KEPT
@@ -193,7 +193,7 @@ def _pool(config: RunConfig, tag: str, weights: str, version: int):
         kept_settings, pool = _KEPT.pop(tag)
         if kept_settings == settings:
             logger.info("sampler engines (%s) kept from the previous run: loading %s in place", tag, weights)
-            ray.get(pool.redirect_logs(current_log_dir()) + pool.load_weights(weights, version))
+            ray.get(pool.redirect_logs_refs(current_log_dir()) + pool.load_weights_refs(weights, version))
             return pool
         pool.shutdown()
     model = config.model
@@ -262,7 +262,7 @@ def score_stage(rewards, candidates_path: Path, pool_dir: Path) -> dict:
     from rrhf_ray.types import CandidateGroup, read_groups, reward_stats, write_groups
 
     groups = [CandidateGroup.from_group(g) for g in read_groups(candidates_path, scored=False)]
-    scored = ray.get(rewards.score(groups))
+    scored = ray.get(rewards.score_refs(groups))
     write_groups(scored, pool_dir / "pool.jsonl")
     write_groups(scored, pool_dir / "pool.parquet")
     return {"pool_stats": reward_stats(scored), "pool": pool_summary(scored)}
@@ -320,7 +320,7 @@ def refresh_stage(pool, checkpoint: Path, r: int, probe: list, expected: list[fl
     import ray
 
     before = pool.busy_seconds()
-    ray.get(pool.load_weights(hand_off(checkpoint), r))
+    ray.get(pool.load_weights_refs(hand_off(checkpoint), r))
     gap = verify_refresh(pool, probe, expected, tolerance, r)
     logger.info("samplers now serve round %d's policy (log-prob gap to the trainer %.4f nats/token)", r, gap)
     info = {"logprob_gap": gap, "seconds_compute": pool.busy_seconds() - before}
@@ -343,7 +343,7 @@ def verify_refresh(pool, probe: list, expected: list[float], tolerance: float, r
     if not probe:
         return float("nan")
     worst = 0.0
-    for i, ref in enumerate(pool.sequence_logprobs(probe)):
+    for i, ref in enumerate(pool.reply_logprobs_refs(probe)):
         got = ray.get(ref)
         gap = max(abs(a - b) / len(reply) for a, b, (_, reply) in zip(got, expected, probe))
         if gap > tolerance:
@@ -410,7 +410,7 @@ def eval_and_sample_stage(pools: dict, rewards, eval_queries, references, model_
                           records, queries: list[str], external: list[dict], next_round: int,
                           candidates_path: Path) -> dict[str, dict]:
     """Round r's evaluation (`eval_stage`) and round r+1's sampling (`sample_stage`) in one
-    batched engine pass (`SamplerPool.sample_many`): the same replies and candidates as two
+    batched engine pass (`SamplerPool.sample_many_refs`): the same replies and candidates as two
     passes, since every request keeps its own seed. The engine seconds are split between the
     two stages by the tokens each generated; the sampling's share is its wall time too."""
     cfg = round_sampling(config.sampling, preset, next_round)
@@ -512,7 +512,7 @@ def _run_rounds(config: RunConfig, state: RunState, out: Path, preset, external,
         pools = early
         import ray
 
-        ray.get([ref for pool in pools.values() for ref in pool.load_weights(hand_off(rho), 0)])
+        ray.get([ref for pool in pools.values() for ref in pool.load_weights_refs(hand_off(rho), 0)])
     else:
         pools = build_pools(config, preset, rho, current_path, last)
         if "current" not in pools:

@@ -215,10 +215,10 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ weights
 
-    def sequence_logprobs(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[float]:
-        """Σ log p(response token | prefix) of each (prompt ids, response ids) under the weights
-        the engine serves: vLLM's prompt log-probabilities of prompt + response (the weight
-        refresh check compares them with the trainer's)."""
+    def reply_logprobs(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[float]:
+        """Σ log p(reply token | prefix) of each (prompt ids, reply ids) under the weights the
+        engine serves: vLLM's prompt log-probabilities of prompt + reply (the weight refresh
+        check compares them with the trainer's)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
