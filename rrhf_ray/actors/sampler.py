@@ -28,7 +28,8 @@ import hashlib
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -49,6 +50,23 @@ logger = logging.getLogger(__name__)
 
 class MixedVersionsError(RuntimeError):
     """The replicas of one pool serve different policy versions."""
+
+
+class EngineSeconds:
+    """What `SamplerPool.engine_seconds` measured: `seconds`, the engine seconds of the busiest
+    replica spent inside the block, readable once the block has ended."""
+
+    def __init__(self) -> None:
+        self._seconds: float | None = None
+
+    def stop(self, seconds: float) -> None:
+        self._seconds = seconds
+
+    @property
+    def seconds(self) -> float:
+        if self._seconds is None:
+            raise RuntimeError("engine seconds are known only after the `with pool.engine_seconds()` block")
+        return self._seconds
 
 
 def query_seed(base_seed: int, index: int) -> int:
@@ -251,7 +269,22 @@ class SamplerPool:
         busiest one bounds a stage's compute); dead replicas are left out."""
         return max(self._ask_live("busy_seconds"), default=0.0)
 
-    def load_weights(self, checkpoint_dir: str, version: int) -> list[ray.ObjectRef]:
+    @contextmanager
+    def engine_seconds(self) -> Iterator[EngineSeconds]:
+        """Measure the engine seconds of the calls made inside the block:
+
+            with pool.engine_seconds() as busy:
+                get_samples(pool, queries, config)
+            busy.seconds
+
+        `busy.seconds` is `busy_seconds()` after the block minus `busy_seconds()` before it.
+        When the block raises, nothing is measured and the error goes on unchanged."""
+        busy = EngineSeconds()
+        before = self.busy_seconds()
+        yield busy
+        busy.stop(self.busy_seconds() - before)
+
+    def load_weights_refs(self, checkpoint_dir: str, version: int) -> list[ray.ObjectRef]:
         """Refresh every replica in place to the checkpoint of round `version`."""
         self.version = version
         self.weights = str(checkpoint_dir)
