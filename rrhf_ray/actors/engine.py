@@ -24,25 +24,31 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rrhf_ray.config import SamplingConfig
+from rrhf_ray.config import ConfigError, SamplingConfig
 from rrhf_ray.train.tokens import tokenizer_fingerprint
 
 
-def served_dtype(dtype: str, model_path: str) -> str:
+def served_dtype(dtype: str, model_path: str, *, trust_remote_code: bool = False) -> str:
     """The dtype the engine serves the model at `model_path` in (`sampling.dtype`): an explicit
-    one as it is; `auto` the checkpoint's config dtype, float32 downcast to bfloat16 as vLLM does
-    on CPUs and on GPUs with bf16 (its platform's preferred 16-bit type). The warm trainer saves
-    each round's checkpoint in it, so that a refresh loads weights of the dtype it serves."""
-    import json
-    from pathlib import Path
+    one as it is; `auto` the dtype of the model's config, float32 downcast to bfloat16 as vLLM
+    does on CPUs and on GPUs with bf16 (its platform's preferred 16-bit type). The warm trainer
+    saves each round's checkpoint in it, so that a refresh loads weights of the dtype it serves.
 
+    The config is read by `transformers.AutoConfig` (a local directory, or a hub id in the local
+    cache); a model whose config cannot be read raises ConfigError: guessing a dtype here would
+    save checkpoints the samplers then load in another dtype."""
     if dtype != "auto":
         return dtype
+    from transformers import AutoConfig
+
     try:
-        config = json.loads((Path(model_path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return "bfloat16"
-    stored = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"sampling.dtype is 'auto' but the config of the model {model_path!r} cannot be read "
+            f"({type(err).__name__}: {' '.join(str(err).split())}); set sampling.dtype explicitly "
+            "(float32, bfloat16 or float16)") from None
+    stored = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
     return "bfloat16" if stored == "float32" else stored
 
 
