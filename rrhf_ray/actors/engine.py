@@ -94,11 +94,10 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         on_cpu = not _cuda_available()
         if on_cpu:
-            # The engine core runs in this process (no EngineCore and Worker processes to spawn,
-            # each re-importing vLLM): on 2 CPU cores the engine started in 9 s instead of 25 s
-            # and sampled 1.9× the tokens/s (benchmarks/sampling.py, README), the same tokens for
-            # seeded requests. On GPUs the separate core process overlaps scheduling with the
-            # GPU's work.
+            # The engine core runs in this process: no EngineCore and Worker processes to spawn,
+            # each re-importing vLLM and competing for the few cores with the sampler itself, and
+            # the same tokens for seeded requests (README gives the measured start-up and speed).
+            # On GPUs the separate core process overlaps scheduling with the GPU's work.
             # VLLM_ENABLE_V1_MULTIPROCESSING=1 in the environment keeps vLLM's own layout.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
@@ -122,7 +121,8 @@ class VLLMEngine:
             # Chunked prefill splits a prompt over engine steps and then rewinds the request's
             # generator (`set_offset`), which a CPU generator refuses ("CPU Generator does not use
             # offset"): a seeded batch of more prompt tokens than max_num_batched_tokens (4096)
-            # crashed the engine. Unchunked, each prompt is prefilled whole (max_model_len bounds it).
+            # would crash the engine. Unchunked, each prompt is prefilled whole (max_model_len
+            # bounds it).
             kwargs["enable_chunked_prefill"] = False
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
