@@ -63,11 +63,11 @@ def pool_generate(model_dir: Path, prompts: list[str], args: argparse.Namespace)
                             cpus_per_replica=max(1, cpus // args.replicas), return_logprobs=False)
     start = time.perf_counter()
     pool = SamplerPool(str(model_dir), config)
-    ray.get(pool.versions())
+    ray.get(pool.version_refs())
     startup = time.perf_counter() - start
-    ray.get(pool.sample(prompts, progress=False))  # warm-up
+    ray.get(pool.sample_refs(prompts, progress=False))  # warm-up
     start = time.perf_counter()
-    groups = ray.get(pool.sample(prompts, progress=False))
+    groups = ray.get(pool.sample_refs(prompts, progress=False))
     seconds = time.perf_counter() - start
     pool.shutdown()
     ray.shutdown()

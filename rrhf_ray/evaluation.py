@@ -256,7 +256,7 @@ def evaluate(
     ranking accuracy run as Ray tasks beside the scoring. `judge` None: no judge perplexity.
 
     `also`: more (prompts, settings) requests to the same policy, generated in the same engine
-    pass as the sampled evaluation replies (`SamplerPool.sample_many`: seeded per query, so each part
+    pass as the sampled evaluation replies (`SamplerPool.sample_many_refs`: seeded per query, so each part
     gets what a call of its own would give) and returned unscored in `EvalResult.also`: the
     driver puts round r+1's sampling here.
 
@@ -281,7 +281,7 @@ def evaluate(
         judge_ref = perplexity_task.options(num_gpus=gpus, **remote).remote(
             judge, [(q, c[0].text) for q, c in zip(queries, greedy)], sampling.max_model_len)
     sampled, *extra = get_samples_many(sampler, [(queries, sampled_cfg), *also], progress=bool(also))
-    scored = ray.get(rewards.score(
+    scored = ray.get(rewards.score_refs(
         [_group(q, c) for q, c in zip(queries, greedy)] + [_group(q, c) for q, c in zip(queries, sampled)],
         progress=False,
     ))

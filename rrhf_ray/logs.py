@@ -11,7 +11,7 @@ table. Everything else goes to `<output.dir>/logs/`:
 - `ray-workers.log`: what the other Ray processes print (Ray Train's controller, the coordinator
   tasks, Ray's own actors), routed here by the driver instead of the console (`route_worker_output`).
 
-`--verbose` keeps today's console: everything printed, nothing filtered (the files are written too).
+`--verbose` shows everything on the console, nothing filtered (the files are written too).
 """
 
 from __future__ import annotations

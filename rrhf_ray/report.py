@@ -19,7 +19,7 @@ from rrhf_ray.types import atomic_write
 
 STAGES = ("sample", "score", "reference", "train", "refresh", "eval")
 
-COLUMNS = [  # (key, header, format); a key with a "<key>_ci95" [lo, hi] shows it after the value
+COLUMNS = (  # (key, header, format); a key with a "<key>_ci95" [lo, hi] shows it after the value
     ("round", "round", "{:d}"),
     ("eval_reward_mean", "greedy reward", "{:+.3f}"),
     ("sampled_reward_mean", "sampled reward", "{:+.3f}"),
@@ -34,7 +34,7 @@ COLUMNS = [  # (key, header, format); a key with a "<key>_ci95" [lo, hi] shows i
     ("pool_groups_without_pair", "pool no pair", "{:d}"),
     ("train_loss", "train loss", "{:.3f}"),
     ("train_fit_rank_accuracy", "fit rank acc", "{:.2f}"),
-]
+)
 
 
 def round_row(stages: dict[str, Any], r: int) -> dict[str, Any] | None:

@@ -33,3 +33,51 @@ def ranked_rows(n: int, offset: int = 0) -> list[dict]:
 def write_ranked(path: Path, n: int, offset: int = 0) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in ranked_rows(n, offset)))
     return path
+
+
+# --------------------------------------------------------------------------- reports and tracking
+# Shared by tests/unit/test_report.py, test_status.py, test_tracking.py and
+# tests/integration/test_demo.py.
+
+EVAL0 = {"eval_reward_mean": -0.5, "eval_reward_std": 0.25, "eval_reward_mean_ci95": [-0.75, -0.25],
+         "sampled_reward_mean": -0.75, "sampled_reward_std": 0.5, "sampled_reward_mean_ci95": [-1.0, -0.5],
+         "reference_perplexity": 40.0, "judge_perplexity": 30.0, "heldout_rank_accuracy": 0.5,
+         "win_rate_vs_round0": 0.5, "win_rate_vs_round0_ci95": None,
+         "sampled_win_rate_vs_round0": 0.5, "sampled_win_rate_vs_round0_ci95": None,
+         "sampled_reward_delta_vs_round0": 0.0, "sampled_reward_delta_vs_round0_ci95": None,
+         "eval_reply_length_mean": 12.5, "sampled_reply_length_mean": 10.25}
+EVAL1 = {"eval_reward_mean": 0.5, "eval_reward_std": 0.125, "eval_reward_mean_ci95": [0.375, 0.625],
+         "sampled_reward_mean": 0.25, "sampled_reward_std": 0.375, "sampled_reward_mean_ci95": [0.125, 0.375],
+         "reference_perplexity": None, "judge_perplexity": 25.0, "heldout_rank_accuracy": float("nan"),
+         "win_rate_vs_round0": 0.875, "win_rate_vs_round0_ci95": [0.75, 1.0],
+         "sampled_win_rate_vs_round0": 0.75, "sampled_win_rate_vs_round0_ci95": [0.5, 1.0],
+         "sampled_reward_delta_vs_round0": 1.0, "sampled_reward_delta_vs_round0_ci95": [0.75, 1.25],
+         "eval_reply_length_mean": 20.0, "sampled_reply_length_mean": None}  # None: lengths unknown
+POOL1 = {"all": {"mean": 0.25, "std": 1.0, "max": 2.0, "count": 8.0},
+         "policy@0": {"mean": 0.25, "std": 1.0, "max": 2.0, "count": 8.0}}
+SHAPE1 = {"groups": 4, "k_histogram": {"1": 1, "2": 2, "3": 1}, "groups_without_pair": 2,
+          "candidates": 8, "candidates_premerge": 10, "reward_mean": 0.25, "reward_mean_premerge": 0.5}
+TRAIN1 = {"loss": 1.5, "rank_loss": 0.5, "sft_loss": 1.0, "rank_accuracy": float("nan"),
+          "tokens_per_s": 900.0, "epoch": 1.0}
+
+
+def state_stages() -> dict:
+    """The `stages` of a state.json: round 0 and 1 finished, round 2 sampled and scored only."""
+    return {
+        "round0/eval": {"seconds": 3.0, "finished": 1.0, "eval": EVAL0},
+        "round1/sample": {"seconds": 10.4, "finished": 2.0, "groups": 4, "candidates": 8},
+        "round1/score": {"seconds": 2.0, "finished": 3.0, "pool_stats": POOL1, "pool": SHAPE1},
+        "round1/train": {"seconds": 30.6, "finished": 4.0, "train": TRAIN1},
+        "round1/eval": {"seconds": 4.0, "finished": 5.0, "eval": EVAL1},
+        "round2/sample": {"seconds": 9.0, "finished": 6.0},
+        "round2/score": {"seconds": 1.0, "finished": 7.0, "pool_stats": POOL1},
+    }
+
+
+def tensorboard_scalars(log_dir: Path) -> tuple[object, dict[str, list[tuple[int, float]]]]:
+    """The event files under `log_dir` read back: (the accumulator, {tag: [(step, value), …]})."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0, "images": 0})
+    acc.Reload()
+    return acc, {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

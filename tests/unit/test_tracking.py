@@ -24,6 +24,7 @@ from rrhf_ray.tracking import (
     open_tracking,
     round_metrics,
 )
+from tests.helpers import tensorboard_scalars
 
 TRAIN_KEYS = ("loss", "rank_loss", "sft_loss", "rank_accuracy", "lr", "grad_norm", "tokens_per_s")
 
@@ -158,14 +159,6 @@ def wandb_config(records: list) -> dict:
         for item in items:
             config[item.key or ".".join(item.nested_key)] = json.loads(item.value_json)
     return config
-
-
-def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0, "images": 0})
-    acc.Reload()
-    return acc, {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def approx_series(series: dict[str, list[tuple[int, float]]]) -> dict:

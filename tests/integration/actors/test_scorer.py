@@ -67,7 +67,7 @@ def test_model_rewards_equal_a_direct_hf_forward(ray_cluster, reward_model_dir: 
                           chunk_queries=1)
     pool = RewardPool(config)
     try:
-        scored = ray_cluster.get(pool.score(GROUPS))
+        scored = ray_cluster.get(pool.score_refs(GROUPS))
     finally:
         pool.shutdown()
     tok = AutoTokenizer.from_pretrained(reward_model_dir)
@@ -106,7 +106,7 @@ def test_long_query_is_cut_from_the_left_and_the_response_kept(reward_model_dir:
 def test_rule_rewards_run_as_tasks_in_order(ray_cluster) -> None:
     pool = RewardPool(RewardConfig(kind="rule", rule=f"{__name__}:length_reward", num_workers=2,
                                    chunk_queries=1))
-    scored = ray_cluster.get(pool.score(GROUPS))
+    scored = ray_cluster.get(pool.score_refs(GROUPS))
     for group in scored:
         assert group.scores == [len(r) + len(group.query) / 1000 for r in group.responses]
         assert group.sources == ["policy@0", "chosen", "rejected"][:group.k]
@@ -117,7 +117,7 @@ def test_a_nan_reward_names_the_query_and_keeps_the_scored_prefix(ray_cluster) -
                                    chunk_queries=1))
     with pytest.raises(RewardError, match=r"nan \(not finite\) for response 1 \(chosen\) of query 1: "
                                           r".*fix a flat tyre") as info:
-        ray_cluster.get(pool.score(GROUPS))
+        ray_cluster.get(pool.score_refs(GROUPS))
     assert [g.query for g in info.value.scored] == [GROUPS[0].query]
     assert info.value.scored[0].scores == [1.0, 1.0, 1.0]
 
