@@ -286,7 +286,7 @@ def train_stage(trainer, r: int, pool: Path, checkpoint: Path, probe: list) -> d
     trainer (`rrhf_ray.train.warm`), which holds round r−1's policy; install its checkpoint at
     `checkpoint` and the per-step history at `train_history.jsonl` beside it. The probe's
     log-probabilities under the new weights come back for `verify_refresh`."""
-    from rrhf_ray.train.warm import install_checkpoint
+    from rrhf_ray.train.checkpoints import install_checkpoint
 
     result = trainer.train(r, [hand_off(pool)], probe)  # the bucket's URI on object storage
     metrics = {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))}
@@ -524,11 +524,11 @@ def _run_rounds(config: RunConfig, state: RunState, out: Path, preset, external,
     trainer = None
     if last < config.rounds:
         from rrhf_ray.actors.engine import served_dtype
-        from rrhf_ray.train.core import Job
-        from rrhf_ray.train.warm import WarmTrainer, start_state
+        from rrhf_ray.train.checkpoints import start_state
+        from rrhf_ray.train.warm import WarmJob, WarmTrainer
 
         trainer = WarmTrainer(
-            Job(model_path=hand_off(current_path), output_dir=str(out / "rounds"), train=config.train,
+            WarmJob(model_path=hand_off(current_path), output_dir=str(out / "rounds"), train=config.train,
                 trust_remote_code=config.model.trust_remote_code,
                 save_dtype=served_dtype(config.sampling.dtype, current_path)),  # what the samplers load
             last, storage_path=config.output.storage_path or str((out / "ray_train").resolve()),
