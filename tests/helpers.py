@@ -33,3 +33,39 @@ def ranked_rows(n: int, offset: int = 0) -> list[dict]:
 def write_ranked(path: Path, n: int, offset: int = 0) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in ranked_rows(n, offset)))
     return path
+
+
+# --------------------------------------------------------------------------- training workers
+
+
+def train_worker_pids() -> list[int]:
+    """Processes of Ray Train workers on this machine (their title names the actor class)."""
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if cmd.startswith("ray::RayTrainWorker"):
+            pids.append(p.pid)
+    return pids
+
+
+def kill_the_train_worker() -> int:
+    """SIGKILL the one Ray Train worker on this machine (a test's single-worker fit); its pid."""
+    import os
+    import signal
+
+    pids = train_worker_pids()
+    assert len(pids) == 1, pids
+    os.kill(pids[0], signal.SIGKILL)
+    return pids[0]
+
+
+def wait_until(condition, timeout_s: float, what: str, poll_s: float = 0.1) -> None:
+    """Return once `condition()` is true; fail the test, naming `what`, after `timeout_s`."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
+        time.sleep(poll_s)
