@@ -11,9 +11,14 @@ from rrhf_ray.config import LoraConfig, TrainConfig
 from rrhf_ray.train.checkpoints import save_hf_checkpoint
 from rrhf_ray.train.encoding import Encoder, group_tensors
 from rrhf_ray.train.loop import MicroBatch, micro_batches, plan_steps
-from rrhf_ray.train.rrhf import TrainJob, candidate_logprobs, micro_batch_loss, train_loop_per_worker
-from rrhf_ray.train.worker import load_causal_lm
+from rrhf_ray.train.rrhf import (
+    TrainJob,
+    candidate_logprobs,
+    micro_batch_loss,
+    train_loop_per_worker,
+)
 from rrhf_ray.train.tokens import tokenizer_fingerprint
+from rrhf_ray.train.worker import load_causal_lm
 from rrhf_ray.types import QueryGroup, read_groups
 from tests.helpers import ranked_rows, write_ranked
 
