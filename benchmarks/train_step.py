@@ -100,7 +100,7 @@ def reference_loop(model_dir: str, data: str, max_length: int) -> dict:
 
     from rrhf_ray.loss import rrhf_loss
     from rrhf_ray.train.prefix import PackedQueries, candidate_logprobs_padded
-    from rrhf_ray.train.rrhf import Encoder
+    from rrhf_ray.train.encoding import Encoder
     from rrhf_ray.types import read_groups
 
     tok = AutoTokenizer.from_pretrained(model_dir)

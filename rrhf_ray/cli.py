@@ -31,7 +31,7 @@ from rrhf_ray.config import (
     build,
     dump_config,
     load_config,
-    local_path,
+    absolute_path,
 )
 from rrhf_ray.connection import connect_ray
 from rrhf_ray.types import DataError
@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     # Ray Train workers do not run in this directory: hand them absolute paths.
     for name in ("model", "data", "eval_data", "pool"):
         if getattr(args, name, None):
-            setattr(args, name, local_path(getattr(args, name)))
+            setattr(args, name, absolute_path(getattr(args, name)))
     for name in ("output", "out"):
         if getattr(args, name, None):
             setattr(args, name, str(Path(getattr(args, name)).resolve()))

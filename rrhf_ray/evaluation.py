@@ -214,28 +214,31 @@ def warm_up_workers(n: int = 4, rule: str | None = None, store: RunStore | None 
 
 
 @ray.remote(num_cpus=1)
-def perplexity_task(model_path: str, pairs: list[tuple[str, str]], max_length: int) -> tuple[float, float]:
+def perplexity_task(model_path: str, pairs: list[tuple[str, str]], max_length: int,
+                    dtype: str = "auto") -> tuple[float, float]:
     """(perplexity, seconds): exp(mean NLL per response token, the closing EOS included) of the model at `model_path`
     on (query, response) pairs: the policy on reference responses (`reference_perplexity`), or
-    the judge on the policy's greedy replies (`judge_perplexity`)."""
+    the judge on the policy's greedy replies (`judge_perplexity`). `dtype`: `model.dtype`."""
     from rrhf_ray.remote import materialize
     from rrhf_ray.train.sft import heldout_nll
 
     local = materialize(model_path)  # a transfer, not compute: outside the seconds
     start = time.perf_counter()
-    return math.exp(heldout_nll(local, pairs, max_length)), time.perf_counter() - start
+    return math.exp(heldout_nll(local, pairs, max_length, dtype=dtype)), time.perf_counter() - start
 
 
 @ray.remote(num_cpus=1)
-def ranking_task(model_path: str, groups: list[QueryGroup], max_length: int) -> tuple[float, float]:
+def ranking_task(model_path: str, groups: list[QueryGroup], max_length: int,
+                 dtype: str = "auto") -> tuple[float, float]:
     """(accuracy, seconds): pairwise ranking accuracy of the model's p_i (eq. 1) against the rewards of `groups`
-    (`rrhf_ray.train.rrhf.ranking_metrics`); NaN when no group has a strict pair."""
+    (`rrhf_ray.train.ranking.ranking_metrics`); NaN when no group has a strict pair. `dtype`:
+    `model.dtype`."""
     from rrhf_ray.remote import materialize
-    from rrhf_ray.train.rrhf import ranking_metrics
+    from rrhf_ray.train.ranking import ranking_metrics
 
     local = materialize(model_path)  # a transfer, not compute: outside the seconds
     start = time.perf_counter()
-    return ranking_metrics(local, groups, max_length)["rank_accuracy"], time.perf_counter() - start
+    return ranking_metrics(local, groups, max_length, dtype=dtype)["rank_accuracy"], time.perf_counter() - start
 
 
 def evaluate(
@@ -250,6 +253,7 @@ def evaluate(
     judge: str | None = None,
     also: Sequence[tuple[Sequence[str], SamplingConfig]] = (),
     store: RunStore | None = None,
+    model_dtype: str = "auto",
 ) -> EvalResult:
     """Greedy and sampled replies of the sampler's current policy (at `model_path`), scored; the
     perplexities (the policy on `references`, `judge` on the greedy replies) and the held-out
@@ -262,14 +266,17 @@ def evaluate(
 
     `model_path` and `judge` may be URIs (output.dir on object storage): the tasks read them from
     their node's cache (`rrhf_ray.remote.materialize`) with the driver's storage variables
-    (`store`: the run's bucket mirror, None for a local run)."""
+    (`store`: the run's bucket mirror, None for a local run). `model_dtype` (`model.dtype`): the
+    weights dtype of the perplexity and ranking tasks' models (auto: float32 on a CPU, bfloat16 on
+    a GPU)."""
     from rrhf_ray.mirror import actor_options
 
     remote = actor_options(store)  # the same options as warm_up_workers: its processes are reused
     # On a GPU cluster the forwards go to a free GPU; when the warm trainer and the samplers hold
     # every GPU they run on a CPU rather than wait for a GPU that no one frees during the run.
     gpus = 1 if ray.available_resources().get("GPU", 0) >= 1 else 0
-    ppl_ref = (perplexity_task.options(num_gpus=gpus, **remote).remote(model_path, references, max_length)
+    ppl_ref = (perplexity_task.options(num_gpus=gpus, **remote).remote(model_path, references, max_length,
+                                                                    model_dtype)
                if references else None)
     greedy_cfg, sampled_cfg = eval_sampling(sampling, cfg)
     # The greedy replies first (a short pass), so that the judge's task reads them while the
@@ -279,7 +286,7 @@ def evaluate(
     if judge is not None and queries:
         # The judge reads prompt + reply in its own tokens: the engine's context bounds both.
         judge_ref = perplexity_task.options(num_gpus=gpus, **remote).remote(
-            judge, [(q, c[0].text) for q, c in zip(queries, greedy)], sampling.max_model_len)
+            judge, [(q, c[0].text) for q, c in zip(queries, greedy)], sampling.max_model_len, model_dtype)
     sampled, *extra = get_samples_many(sampler, [(queries, sampled_cfg), *also], progress=bool(also))
     scored = ray.get(rewards.score_refs(
         [_group(q, c) for q, c in zip(queries, greedy)] + [_group(q, c) for q, c in zip(queries, sampled)],
@@ -287,7 +294,8 @@ def evaluate(
     ))
     n = len(queries)
     # ranking_metrics loads its model on the CPU: no GPU for this task.
-    rank_ref = ranking_task.options(**remote).remote(model_path, scored[n:], sampling.max_model_len) if queries else None
+    rank_ref = (ranking_task.options(**remote).remote(model_path, scored[n:], sampling.max_model_len, model_dtype)
+                if queries else None)
     none = (None, 0.0)
     ppl, judged, ranked = (ray.get(ref) if ref is not None else none for ref in (ppl_ref, judge_ref, rank_ref))
     return EvalResult(

@@ -38,7 +38,7 @@ way; `LOSSES` maps the names above to the functions. The run config picks one by
 (`train.loss.name`, `rrhf_ray.config.LossConfig`: one settings class per loss, its fields this
 function's keyword options with the same defaults), and the trainer calls it with those settings
 (`rrhf_ray.train.rrhf.loss_function`). Adding a loss is one function here (registered in
-`LOSSES`) and one class in config.py (added to `LossConfig`); tests/unit/test_config.py checks that
+`LOSSES`) and one class in config/training.py (added to `LossConfig`); tests/unit/test_config.py checks that
 the two cover the same names and options, and `rrhf-ray compare` gets it as a built-in variant.
 
 Shapes: B queries, K candidate slots. A query with fewer than K candidates marks the missing
@@ -61,7 +61,6 @@ from torch import Tensor
 __all__ = [
     "LOSSES",
     "LossOutput",
-    "RRHFLossOutput",
     "dpo_loss",
     "pro_loss",
     "raft_loss",
@@ -99,10 +98,6 @@ class LossOutput:
     best_index: Tensor
     rank_accuracy: Tensor
     num_pairs: Tensor
-
-
-RRHFLossOutput = LossOutput
-"""The name this output had when RRHF was the only loss; the same class."""
 
 
 @dataclass
@@ -165,6 +160,12 @@ def _pair_mean(g: _Group, values: Tensor) -> Tensor:
     return total / g.pair_mask.sum(dim=(1, 2)).clamp_min(1)
 
 
+def _with_sft(g: _Group, rank: Tensor, sft_weight: float) -> LossOutput:
+    """The output of a loss whose per-query value is its preference part + sft_weight · L_ft."""
+    sft = _sft_mean(g)
+    return _output(g, rank, sft, rank + sft_weight * sft)
+
+
 def _output(g: _Group, rank: Tensor, sft: Tensor, per_query: Tensor) -> LossOutput:
     per_query = torch.where(g.query_mask, per_query, torch.zeros_like(per_query))
     n = g.query_mask.sum().clamp_min(1)
@@ -192,11 +193,7 @@ def _output(g: _Group, rank: Tensor, sft: Tensor, per_query: Tensor) -> LossOutp
 
 
 def rrhf_loss(
-    logp_sum: Tensor,
-    lengths: Tensor,
-    rewards: Tensor,
-    valid: Tensor | None = None,
-    *,
+    logp_sum: Tensor, lengths: Tensor, rewards: Tensor, valid: Tensor | None = None, *,
     rank_weight: float = 1.0,
     length_penalty: float = 1.0,
     sft_reduction: Literal["mean", "sum"] = "mean",
@@ -225,11 +222,7 @@ def rrhf_loss(
 
 
 def raft_loss(
-    logp_sum: Tensor,
-    lengths: Tensor,
-    rewards: Tensor,
-    valid: Tensor | None = None,
-    *,
+    logp_sum: Tensor, lengths: Tensor, rewards: Tensor, valid: Tensor | None = None, *,
     length_penalty: float = 1.0,
     sft_reduction: Literal["mean", "sum"] = "mean",
 ) -> LossOutput:
@@ -247,11 +240,7 @@ def raft_loss(
 
 
 def pro_loss(
-    logp_sum: Tensor,
-    lengths: Tensor,
-    rewards: Tensor,
-    valid: Tensor | None = None,
-    *,
+    logp_sum: Tensor, lengths: Tensor, rewards: Tensor, valid: Tensor | None = None, *,
     sft_weight: float = 0.05,
     length_penalty: float = 1.0,
 ) -> LossOutput:
@@ -288,16 +277,11 @@ def pro_loss(
     logits = torch.cat([positive.unsqueeze(2), negatives], dim=2)  # [b, k, 1 + K]
     step = logits.logsumexp(dim=2) - positive  # −log softmax of the positive
     rank = torch.where(worse.any(dim=2), step, torch.zeros_like(step)).sum(dim=1)
-    sft = _sft_mean(g)
-    return _output(g, rank, sft, rank + sft_weight * sft)
+    return _with_sft(g, rank, sft_weight)
 
 
 def simpo_loss(
-    logp_sum: Tensor,
-    lengths: Tensor,
-    rewards: Tensor,
-    valid: Tensor | None = None,
-    *,
+    logp_sum: Tensor, lengths: Tensor, rewards: Tensor, valid: Tensor | None = None, *,
     beta: float = 2.0,
     gamma: float = 1.0,
     sft_weight: float = 0.0,
@@ -320,16 +304,11 @@ def simpo_loss(
     g = _group(logp_sum, lengths, rewards, valid, length_penalty)
     diff = g.scores.unsqueeze(2) - g.scores.unsqueeze(1)  # [b, i, j] p_i − p_j
     rank = _pair_mean(g, F.softplus(beta * diff + gamma))  # −log σ(β(p_j − p_i) − γ)
-    sft = _sft_mean(g)
-    return _output(g, rank, sft, rank + sft_weight * sft)
+    return _with_sft(g, rank, sft_weight)
 
 
 def slic_loss(
-    logp_sum: Tensor,
-    lengths: Tensor,
-    rewards: Tensor,
-    valid: Tensor | None = None,
-    *,
+    logp_sum: Tensor, lengths: Tensor, rewards: Tensor, valid: Tensor | None = None, *,
     margin: float = 1.0,
     sft_weight: float = 0.5,
 ) -> LossOutput:
@@ -357,16 +336,11 @@ def slic_loss(
     hinge = (margin - _best(g, g.logp).unsqueeze(1) + g.logp).clamp_min(0.0)
     total = torch.where(negative, hinge, torch.zeros_like(hinge)).sum(dim=1)
     rank = total / negative.sum(dim=1).clamp_min(1)
-    sft = _sft_mean(g)
-    return _output(g, rank, sft, rank + sft_weight * sft)
+    return _with_sft(g, rank, sft_weight)
 
 
 def dpo_loss(
-    logp_sum: Tensor,
-    lengths: Tensor,
-    rewards: Tensor,
-    valid: Tensor | None = None,
-    *,
+    logp_sum: Tensor, lengths: Tensor, rewards: Tensor, valid: Tensor | None = None, *,
     ref_logp_sum: Tensor,
     beta: float = 0.1,
     sft_weight: float = 0.0,
@@ -395,8 +369,7 @@ def dpo_loss(
     h = g.logp - ref
     diff = h.unsqueeze(2) - h.unsqueeze(1)  # [b, i, j] h_i − h_j
     rank = _pair_mean(g, F.softplus(beta * diff))  # −log σ(β(h_j − h_i))
-    sft = _sft_mean(g)
-    return _output(g, rank, sft, rank + sft_weight * sft)
+    return _with_sft(g, rank, sft_weight)
 
 
 LOSSES: dict[str, Callable[..., LossOutput]] = {

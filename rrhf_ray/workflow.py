@@ -151,8 +151,8 @@ def setup(ctx: RunContext) -> None:
     from rrhf_ray.actors.pools import build_pools, fits_beside_sft
     from rrhf_ray.actors.scorer import RewardPool
     from rrhf_ray.data.queries import load_data
-    from rrhf_ray.train.core import FitJob
-    from rrhf_ray.train.warm import WarmTrainer, start_state
+    from rrhf_ray.train.checkpoints import start_state
+    from rrhf_ray.train.warm import WarmJob, WarmTrainer
 
     cfg, out, state = ctx.config, ctx.out, ctx.state
     base = base_model(cfg, out, state)
@@ -175,9 +175,9 @@ def setup(ctx: RunContext) -> None:
     ctx.rewards = RewardPool(ctx.reward, store=ctx.store)
     ctx.judge = cfg.eval.judge_model or ctx.rho  # one fixed judge for every round (docs/metrics.md)
     if ctx.last_trained < cfg.rounds:
-        job = FitJob(model_path=ctx.hand_off(current), output_dir=str(out / "rounds"), train=cfg.train,
-                     trust_remote_code=cfg.model.trust_remote_code,
-                     save_dtype=served_dtype(cfg.sampling.dtype, current))  # what the samplers load
+        job = WarmJob(model_path=ctx.hand_off(current), output_dir=str(out / "rounds"), train=cfg.train,
+                      trust_remote_code=cfg.model.trust_remote_code,
+                      save_dtype=served_dtype(cfg.sampling.dtype, current))  # what the samplers load
         ctx.trainer = WarmTrainer(job, ctx.last_trained, global_step=start_state(current), store=ctx.store,
                                   storage_path=cfg.output.storage_path or str((out / "ray_train").resolve()))
 

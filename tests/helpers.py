@@ -81,3 +81,39 @@ def tensorboard_scalars(log_dir: Path) -> tuple[object, dict[str, list[tuple[int
     acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0, "images": 0})
     acc.Reload()
     return acc, {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+# --------------------------------------------------------------------------- training workers
+
+
+def train_worker_pids() -> list[int]:
+    """Processes of Ray Train workers on this machine (their title names the actor class)."""
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if cmd.startswith("ray::RayTrainWorker"):
+            pids.append(p.pid)
+    return pids
+
+
+def kill_the_train_worker() -> int:
+    """SIGKILL the one Ray Train worker on this machine (a test's single-worker fit); its pid."""
+    import os
+    import signal
+
+    pids = train_worker_pids()
+    assert len(pids) == 1, pids
+    os.kill(pids[0], signal.SIGKILL)
+    return pids[0]
+
+
+def wait_until(condition, timeout_s: float, what: str, poll_s: float = 0.1) -> None:
+    """Return once `condition()` is true; fail the test, naming `what`, after `timeout_s`."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
+        time.sleep(poll_s)

@@ -4,23 +4,27 @@ Why: RRHF scores k candidate responses per query, all continuing the same prompt
 way (`candidate_logprobs_padded`) runs one right-padded row `prompt + response_i` per
 candidate, so the prompt's P tokens are computed k times and every response is padded to the
 longest: k·(P + R_max) tokens per query. `candidate_logprobs_shared` packs each query into one
-row `prompt + y_1 + … + y_k` with a block attention mask (the prompt causal, each response
-seeing the prompt and its own earlier tokens, never another response) and position ids that
-restart at P for every response: P + ΣR tokens per query, no padding inside a query. For
+row `prompt + y_1 + … + y_k` whose attention is block-structured (the prompt causal, each
+response seeing the prompt and its own earlier tokens, never another response) with position ids
+that restart at P for every response: P + ΣR tokens per query, no padding inside a query. For
 Anthropic-HH-shaped data (P ≈ 200, k = 6, R̄ ≈ 65, R_max ≈ 110) that is ≈ 590 instead of
 ≈ 1860 tokens.
+
+The attention (`PREFIX_ATTENTION`, `_prefix_sdpa`) never forms a dense T × T mask (T = P + ΣR):
+for each row it runs SDPA once over the prompt (causal) and once per response over the prompt's
+keys and its own (P + R_i keys), so the masked blocks between responses cost nothing.
 
 What is exact: every response token attends to the same keys and values at the same rotary
 positions as in its padded row, so log-probs and every parameter's gradient equal the padded
 path's up to float rounding (the tests check 1e-5 per token and rtol 1e-4 on gradients). It is
-one ordinary forward (a custom 4-D mask, no KV cache), so it works with gradient checkpointing,
-LoRA, DDP and FSDP like any forward. Log-softmax is taken in float32 whatever the model's
-dtype, and only the logits that predict a response token are computed (`logits_to_keep`).
+one ordinary forward (no KV cache), so it works with gradient checkpointing, LoRA, DDP and FSDP
+like any forward. Log-softmax is taken in float32 whatever the model's dtype, and only the
+logits that predict a response token are computed (`logits_to_keep`).
 
 Where it applies: see `supports_prefix_sharing` (tested architectures, eager / sdpa attention:
-flash-attention kernels ignore a custom 4-D mask). The dense mask costs T² per row (T = P + ΣR),
-small next to the model for HH-sized rows. `PrefixSharedForward` wraps a causal LM as one
-`nn.Module` and falls back to the padded path where sharing does not apply.
+flash-attention kernels unpad by their own rules); a sliding window shorter than a packed row
+is refused (`candidate_logprobs_shared` raises), never silently cut. The trainer picks the path
+per `train.prefix_sharing` (`rrhf_ray.train.rrhf.use_prefix_sharing`).
 """
 
 from __future__ import annotations
@@ -39,7 +43,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PackedQueries",
-    "PrefixSharedForward",
     "candidate_logprobs_padded",
     "candidate_logprobs_shared",
     "supports_prefix_sharing",
@@ -233,8 +236,8 @@ def candidate_logprobs_padded(model: nn.Module, batch: PackedQueries) -> tuple[T
 def candidate_logprobs_shared(model: nn.Module, batch: PackedQueries) -> tuple[Tensor, Tensor]:
     """Prefix-shared path without padding: each query is one row `prompt + y_1 + … + y_k`.
 
-    A block mask lets the prompt attend causally to itself and each response to the prompt and
-    to its own earlier tokens (never to another response); position ids restart at P for every
+    `PREFIX_ATTENTION` lets the prompt attend causally to itself and each response to the prompt
+    and to its own earlier tokens (never to another response); position ids restart at P for every
     response, so each response sees exactly the keys, values and rotary positions of its padded
     row. One forward, no cache: P + ΣR tokens per query, no response padding. Several queries
     are right-padded to the longest row. Only the logits that predict a response token are
@@ -281,20 +284,3 @@ def candidate_logprobs_shared(model: nn.Module, batch: PackedQueries) -> tuple[T
     cand = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths_t)
     logp_sum = torch.zeros(len(lengths), dtype=token_logp.dtype, device=device).index_add(0, cand, token_logp)
     return logp_sum, lengths_t
-
-
-class PrefixSharedForward(nn.Module):
-    """A causal LM whose `forward(batch)` returns the candidates' (logp_sum [N], lengths [N]):
-    the shared path when `supports_prefix_sharing(model)` and no sliding window reaches
-    P_max + R_max, otherwise the padded one."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: PackedQueries) -> tuple[Tensor, Tensor]:
-        if supports_prefix_sharing(self.model) and _fits_sliding_window(
-            _unwrap(self.model).config, batch
-        ):
-            return candidate_logprobs_shared(self.model, batch)
-        return candidate_logprobs_padded(self.model, batch)

@@ -12,7 +12,8 @@ The same tokens as the trainer, so h = logp − logp_ref is exact: the trainer's
 (`train.max_length`, `train.truncated`) with the tokenizer the trainer loads (the starting
 model's), the trainer's forward (`encoded_logprobs`: prompt-shared where `train.prefix_sharing`
 allows it, the same candidate chunks) and its autocast rule (bf16 on a GPU unless `train.bf16` says
-otherwise). At the first step of a round that starts from the reference model, h = 0 and each
+otherwise). The reference model's weights are loaded in `model.dtype` (`dtype`: auto = float32
+on a CPU, where h at the first step is then exactly 0, bfloat16 on a GPU). At the first step of a round that starts from the reference model, h = 0 and each
 strict pair's DPO loss is log 2. A candidate the trainer leaves out (`train.truncated: drop`) gets
 None.
 
@@ -22,7 +23,7 @@ process.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,8 +32,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from rrhf_ray.config import TrainConfig
-from rrhf_ray.train.core import load_tokenizer
-from rrhf_ray.train.rrhf import Encoder, encoded_logprobs, use_prefix_sharing
+from rrhf_ray.train.encoding import Encoder
+from rrhf_ray.train.rrhf import encoded_logprobs, use_prefix_sharing
+from rrhf_ray.train.worker import bf16_autocast, inference_dtype, load_tokenizer
 from rrhf_ray.types import QueryGroup, write_groups
 
 if TYPE_CHECKING:
@@ -42,11 +44,12 @@ logger = logging.getLogger(__name__)
 
 
 def reference_logprobs(ref_model: str, groups: Sequence[QueryGroup], cfg: TrainConfig, *,
-                       tokenizer_path: str | None = None,
-                       trust_remote_code: bool = False) -> list[list[float | None]]:
-    """Σ log π_ref(y_i | x) of every candidate of `groups` under the model at `ref_model`, over the
-    tokens the trainer (`cfg`, tokenizer at `tokenizer_path`, default the model's) scores; one
-    list per group, None for a candidate the trainer leaves out."""
+                       tokenizer_path: str | None = None, trust_remote_code: bool = False,
+                       dtype: str = "auto") -> list[list[float | None]]:
+    """Σ log π_ref(y_i | x) of every candidate of `groups` under the model at `ref_model` (its
+    weights in `dtype`, `model.dtype`), over the tokens the trainer (`cfg`, tokenizer at
+    `tokenizer_path`, default the model's) scores; one list per group, None for a candidate the
+    trainer leaves out."""
     from transformers import AutoModelForCausalLM
 
     from rrhf_ray.remote import materialize
@@ -57,12 +60,10 @@ def reference_logprobs(ref_model: str, groups: Sequence[QueryGroup], cfg: TrainC
     tokenizer = load_tokenizer(tokenizer_path or ref_model, trust_remote_code)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForCausalLM.from_pretrained(
-        ref_model, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
+        ref_model, dtype=inference_dtype(dtype, device), trust_remote_code=trust_remote_code,
+        use_safetensors=True,
     ).to(device).eval()
-    bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
-
-    def autocast() -> contextlib.AbstractContextManager:
-        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    autocast = functools.partial(bf16_autocast, cfg, device)
 
     encoder = Encoder(tokenizer, cfg.max_length, cfg.truncated)
     encoded = [encoder(g) for g in groups]
@@ -81,12 +82,12 @@ def reference_logprobs(ref_model: str, groups: Sequence[QueryGroup], cfg: TrainC
 
 def compute_reference(ref_model: str, groups: Sequence[QueryGroup], cfg: TrainConfig, *,
                       tokenizer_path: str | None = None, trust_remote_code: bool = False,
-                      store: RunStore | None = None) -> list[list[float | None]]:
-    """`reference_logprobs` as a Ray task (num_cpus=1; num_gpus=1 when the cluster has a GPU)
-    when Ray is connected, else in this process."""
+                      dtype: str = "auto", store: RunStore | None = None) -> list[list[float | None]]:
+    """`reference_logprobs` as a Ray task (num_cpus=1; num_gpus=1 when the cluster has a GPU;
+    the options of `store`, the run's bucket mirror) when Ray is connected, else in this process."""
     import ray
 
-    kwargs = {"tokenizer_path": tokenizer_path, "trust_remote_code": trust_remote_code}
+    kwargs = {"tokenizer_path": tokenizer_path, "trust_remote_code": trust_remote_code, "dtype": dtype}
     if not ray.is_initialized():
         return reference_logprobs(ref_model, groups, cfg, **kwargs)
     from rrhf_ray.mirror import actor_options
@@ -104,11 +105,11 @@ def with_reference(groups: Sequence[QueryGroup], refs: Sequence[Sequence[float |
 
 def write_reference_pool(groups: Sequence[QueryGroup], ref_model: str, cfg: TrainConfig, out: Path, *,
                          tokenizer_path: str | None = None, trust_remote_code: bool = False,
-                         store: RunStore | None = None) -> dict:
+                         dtype: str = "auto", store: RunStore | None = None) -> dict:
     """Compute the reference log-probabilities of `groups` and write the groups with them to
     `out` (Parquet or JSONL, atomically); returns what the run state records."""
     refs = compute_reference(ref_model, groups, cfg, tokenizer_path=tokenizer_path,
-                             trust_remote_code=trust_remote_code, store=store)
+                             trust_remote_code=trust_remote_code, dtype=dtype, store=store)
     write_groups(with_reference(groups, refs), out)
     n = sum(r is not None for rs in refs for r in rs)
     logger.info("reference log-probabilities of %d candidates under %s written to %s", n, ref_model, out)

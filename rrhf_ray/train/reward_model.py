@@ -14,13 +14,12 @@ no EOS is appended, special tokens wrap the whole (e.g. <s> … for Llama, [CLS]
 The saved directory (safetensors + tokenizer) loads with a plain
 `AutoModelForSequenceClassification.from_pretrained(dir)`.
 
-The loop is `rrhf_ray.train.core.run_worker` (DDP / FSDP, accumulation, schedule, clipping, LoRA,
+The loop is `rrhf_ray.train.loop.run_worker` (DDP / FSDP, accumulation, schedule, clipping, LoRA,
 bf16, checkpoints, resume); held-out pairwise accuracy is reported at each epoch's end.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,26 +27,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import Field
 
-from rrhf_ray.config import TrainConfig
+from rrhf_ray.config import FitConfig
 from rrhf_ray.data.pairs import PreferencePair, read_preference_pairs
-from rrhf_ray.train.core import (
-    Measured,
-    MicroBatch,
-    PairJob,
-    Recipe,
-    fit_job,
-    load_tokenizer,
-    prepare_model,
-    run_worker,
-    train_once,
-)
+from rrhf_ray.train.jobs import PairJob
+from rrhf_ray.train.launch import fit_pairs, train_once
+from rrhf_ray.train.loop import Measured, MicroBatch, Recipe, run_pair_worker
 from rrhf_ray.train.tokens import collate, encode
+from rrhf_ray.train.worker import load_tokenizer, prepare_model
 
 if TYPE_CHECKING:
     from rrhf_ray.mirror import RunStore
-
-logger = logging.getLogger(__name__)
-
 
 class RewardModelJob(PairJob):
     """A reward-model fit on (query, chosen, rejected) pairs from a backbone (`model_path`: a
@@ -88,7 +77,7 @@ def rewards(model: torch.nn.Module, rows: Sequence[list[int]], pad_id: int, devi
     return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, 0]
 
 
-def load_reward_backbone(path: str, cfg: TrainConfig, trust_remote_code: bool, tokenizer: Any) -> torch.nn.Module:
+def load_reward_backbone(path: str, cfg: FitConfig, trust_remote_code: bool, tokenizer: Any) -> torch.nn.Module:
     """A one-logit sequence classifier on `path`, reading its score at the last non-pad token."""
     from transformers import AutoModelForSequenceClassification
 
@@ -115,59 +104,58 @@ def _accuracy(model: torch.nn.Module, encoded: Sequence[tuple[list[int], list[in
 # --------------------------------------------------------------------------- the worker loop
 
 
+def reward_model_recipe(cfg: FitConfig, train_pairs: Sequence[PreferencePair],
+                        eval_pairs: Sequence[PreferencePair], tokenizer: Any, device: torch.device) -> Recipe:
+    """The reward-model recipe for `run_worker`: the Bradley-Terry loss of each pair, chosen and
+    rejected in one forward; held-out pairwise accuracy and margin each epoch."""
+
+    def enc(p: PreferencePair) -> tuple[list[int], list[int]]:
+        return (encode_text(tokenizer, p.query, p.chosen, cfg.max_length),
+                encode_text(tokenizer, p.query, p.rejected, cfg.max_length))
+
+    encoded = [enc(p) for p in train_pairs]
+    held = [enc(p) for p in eval_pairs]
+    pad_id = tokenizer.pad_token_id
+
+    def micro_batch(model: torch.nn.Module, mb: MicroBatch) -> Measured:
+        part = [encoded[i] for i in mb.indices]
+        with mb.sync_ctx():
+            with mb.autocast():  # chosen and rejected in one forward: one DDP sync per pass
+                r = rewards(model, [c for c, _ in part] + [x for _, x in part], pad_id, mb.device)
+            chosen, rejected = r[: len(part)], r[len(part) :]
+            losses = bradley_terry_loss(chosen, rejected)
+            (losses.sum() * mb.scale).backward()
+        tokens = sum(len(c) + len(x) for c, x in part)
+        n = float(len(part))
+        diff = (chosen - rejected).detach().float()
+        return Measured({"loss": (float(losses.detach().sum()), n),
+                         "accuracy": (float((diff > 0).sum()), n),
+                         "margin": (float(diff.sum()), n)}, tokens, {"pairs": n})
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        acc, margin = _accuracy(model, held, pad_id, device, cfg.micro_batch_queries)
+        return {"eval_accuracy": acc, "eval_margin": margin}
+
+    return Recipe(
+        "reward-model", len(encoded), micro_batch,
+        lambda s: f"loss {s['loss']:.4f} acc {s['accuracy']:.3f} margin {s['margin']:.3f}",
+        evaluate=evaluate if held else None,
+    )
+
+
 def rm_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     """Train one worker's share of a `RewardModelJob` (`config["job"]`, a dict); without Ray
     (`config.get("ray")` false) in this process, writing the model to `job.output_dir`."""
-    job = RewardModelJob.model_validate(config["job"])
-    cfg = job.train
-
-    def recipe(tokenizer: Any, device: torch.device, model: torch.nn.Module) -> Recipe:
-        train_pairs, eval_pairs = load_job_pairs(job)
-
-        def enc(p: PreferencePair) -> tuple[list[int], list[int]]:
-            return (encode_text(tokenizer, p.query, p.chosen, cfg.max_length),
-                    encode_text(tokenizer, p.query, p.rejected, cfg.max_length))
-
-        encoded = [enc(p) for p in train_pairs]
-        held = [enc(p) for p in eval_pairs]
-        pad_id = tokenizer.pad_token_id
-
-        def micro_batch(model: torch.nn.Module, mb: MicroBatch) -> Measured:
-            part = [encoded[i] for i in mb.indices]
-            with mb.sync_ctx():
-                with mb.autocast():  # chosen and rejected in one forward: one DDP sync per pass
-                    r = rewards(model, [c for c, _ in part] + [x for _, x in part], pad_id, mb.device)
-                chosen, rejected = r[: len(part)], r[len(part) :]
-                losses = bradley_terry_loss(chosen, rejected)
-                (losses.sum() * mb.scale).backward()
-            tokens = sum(len(c) + len(x) for c, x in part)
-            n = float(len(part))
-            diff = (chosen - rejected).detach().float()
-            return Measured({"loss": (float(losses.detach().sum()), n),
-                             "accuracy": (float((diff > 0).sum()), n),
-                             "margin": (float(diff.sum()), n)}, tokens, {"pairs": n})
-
-        def evaluate(model: torch.nn.Module) -> dict[str, float]:
-            acc, margin = _accuracy(model, held, pad_id, device, cfg.micro_batch_queries)
-            return {"eval_accuracy": acc, "eval_margin": margin}
-
-        return Recipe(
-            "reward-model", len(encoded), micro_batch,
-            lambda s: f"loss {s['loss']:.4f} acc {s['accuracy']:.3f} margin {s['margin']:.3f}",
-            evaluate=evaluate if held else None,
-        )
-
-    return run_worker(job, bool(config.get("ray")), load_reward_backbone, recipe, require_eos=False)
+    return run_pair_worker(config, RewardModelJob, read_preference_pairs, reward_model_recipe,
+                           load_reward_backbone, require_eos=False)
 
 
 def fit_reward_model(job: RewardModelJob, *, name: str, storage_path: str | None = None,
                      max_failures: int = 0, store: RunStore | None = None) -> dict[str, float]:
     """Run `job` under `TorchTrainer` on the connected Ray cluster; install the reward model
     (an HF directory) at `job.output_dir` and return the final metrics."""
-    train_pairs, held = load_job_pairs(job)  # every row checked before any worker starts
-    logger.info("reward model on %d pairs (%d held out) from %s", len(train_pairs), len(held), job.data_path)
-    return fit_job(rm_loop_per_worker, job, name=name, storage_path=storage_path, max_failures=max_failures,
-                   store=store)
+    return fit_pairs(rm_loop_per_worker, job, read_preference_pairs, what="reward model", name=name,
+                     storage_path=storage_path, max_failures=max_failures, store=store)
 
 
 # --------------------------------------------------------------------------- measurement

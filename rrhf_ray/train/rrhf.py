@@ -3,7 +3,7 @@
 `train_loop_per_worker(config)` is the whole training loop of one worker. It runs on its own in
 a single process (tests, debugging) and, unchanged, inside `ray.train.torch.TorchTrainer`
 (`fit` below), which starts W workers with a process group (gloo on CPU, NCCL on GPU). The loop
-(optimizer, accumulation, checkpoints, resume) is `rrhf_ray.train.core.run_worker`, shared with
+(optimizer, accumulation, checkpoints, resume) is `rrhf_ray.train.loop.run_worker`, shared with
 the SFT and reward-model trainers; this module adds the candidates' forward and the loss.
 
 The loss is `train.loss` (`rrhf_ray.config.LossConfig`): `LOSSES[cfg.loss.name]` with the loss's
@@ -27,32 +27,24 @@ import contextlib
 import logging
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import Field
 
 from rrhf_ray.config import TrainConfig
-from rrhf_ray.loss import LOSSES, LossOutput, rrhf_loss
-from rrhf_ray.train.core import (
-    Job,
-    Measured,
-    MicroBatch,
-    Recipe,
-    fit_job,
-    load_causal_lm,
-    load_tokenizer,
-    run_worker,
-)
+from rrhf_ray.loss import LOSSES, LossOutput
+from rrhf_ray.train.encoding import EncodedGroup, Encoder, GroupTensors, group_tensors, per_group
+from rrhf_ray.train.jobs import FitJob
+from rrhf_ray.train.launch import fit_job
+from rrhf_ray.train.loop import Measured, MicroBatch, Recipe, run_worker
 from rrhf_ray.train.prefix import (
     PackedQueries,
     candidate_logprobs_padded,
     candidate_logprobs_shared,
     supports_prefix_sharing,
-    tokens_computed,
 )
-from rrhf_ray.train.tokens import special_split, tokenizer_fingerprint
+from rrhf_ray.train.worker import load_policy
 from rrhf_ray.types import DataError, QueryGroup, read_groups
 
 if TYPE_CHECKING:
@@ -61,115 +53,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class TrainJob(Job):
+class TrainJob(FitJob):
     """An RRHF fit: the policy to start from (ρ*) and the round's ranked pools."""
 
+    train: TrainConfig = Field(default_factory=TrainConfig)
     data_paths: list[str] = Field(min_length=1, description="Reference JSONL or Parquet pool files.")
-
-
-# --------------------------------------------------------------------------- tokenisation
-
-
-@dataclass
-class EncodedGroup:
-    """One query group as token ids: the prompt once, then each candidate's response (the EOS
-    that closes it included when it stopped). Candidate i is `prompt + responses[i]`."""
-
-    prompt: list[int]
-    responses: list[list[int]]
-    rewards: list[float]
-    kept: list[int] | None = None  # the group's candidate index of each response (None: all, in order)
-    refs: list[float] | None = None  # DPO: Σ log π_ref of each response (QueryGroup.ref_logprobs)
-
-    @property
-    def ids(self) -> list[list[int]]:
-        """Each candidate as one row, prompt included (the padded layout)."""
-        return [self.prompt + r for r in self.responses]
-
-    @property
-    def starts(self) -> list[int]:
-        return [len(self.prompt)] * len(self.responses)
-
-    def tokens(self, shared: bool) -> int:
-        """Tokens one forward computes for this group (`rrhf_ray.train.prefix.tokens_computed`)."""
-        return tokens_computed(len(self.prompt), [len(r) for r in self.responses], shared)
-
-
-@dataclass
-class Encoder:
-    """Query groups → `EncodedGroup`s for one tokenizer (one per trainer).
-
-    Token ids a sampler recorded are used as they are when the group's tokenizer fingerprint is
-    this tokenizer's; other candidates (data set responses, files, another tokenizer) are
-    tokenized from their text. EOS closes a response that stopped; a response cut off by the
-    sampler's length limit (`finish_reason: length`) gets none, so the fine-tuning term never
-    teaches the model to stop mid-sentence; with `truncated="drop"` such candidates leave the
-    group (ranking and fine-tuning alike). One prompt per group: when a group exceeds
-    `max_length`, responses longer than the budget are cut from the right, then the query is
-    cut from the left (its special prefix, e.g. BOS, kept) once for all k candidates, so every
-    candidate is scored against the same context.
-    """
-
-    tokenizer: Any
-    max_length: int
-    truncated: str = "keep"
-    dropped: int = 0  # candidates left out (truncated="drop")
-
-    def __post_init__(self) -> None:
-        prefix, _, suffix = special_split(self.tokenizer, "x")
-        self.n_prefix, self.n_suffix = len(prefix), len(suffix)
-        self.fingerprint = tokenizer_fingerprint(self.tokenizer)
-        self.eos = self.tokenizer.eos_token_id
-
-    def __call__(self, group: QueryGroup) -> EncodedGroup | None:
-        own = group.tokenizer == self.fingerprint
-        if own and group.prompt_ids:
-            prompt = list(group.prompt_ids)
-        else:
-            prompt = self.tokenizer(group.query)["input_ids"]
-        token_ids = group.token_ids if own and group.token_ids else [None] * group.k
-        finish = group.finish_reasons or [None] * group.k
-        responses, rewards, kept = [], [], []
-        for i, text in enumerate(group.responses):
-            truncated = finish[i] == "length"
-            if truncated and self.truncated == "drop":
-                self.dropped += 1
-                continue
-            ids = list(token_ids[i]) if token_ids[i] else self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if not truncated and (not ids or ids[-1] != self.eos):
-                ids.append(self.eos)
-            responses.append(ids)
-            rewards.append(group.scores[i])
-            kept.append(i)
-        if not responses:
-            return None
-        refs = None
-        if group.ref_logprobs is not None:
-            refs = [group.ref_logprobs[i] for i in kept]
-            if any(r is None for r in refs):
-                raise ValueError(f"query {group.query[:60]!r}: ref_logprobs is null for a candidate the "
-                                 "trainer scores (computed with another train.truncated?)")
-        return EncodedGroup(self._fit(prompt, responses), responses, rewards, kept, refs)
-
-    def _fit(self, prompt: list[int], responses: list[list[int]]) -> list[int]:
-        """Cut responses (in place) and the prompt so every candidate fits `max_length`."""
-        fixed = self.n_prefix + self.n_suffix
-        cap = max(1, self.max_length - max(fixed, 1))  # a response needs one token before it
-        for r in responses:
-            del r[cap:]
-        room = self.max_length - max(len(r) for r in responses) - fixed
-        body = prompt[self.n_prefix : len(prompt) - self.n_suffix]
-        if len(body) > room:
-            body = body[len(body) - max(room, 0):] if room > 0 else []
-            return prompt[: self.n_prefix] + body + prompt[len(prompt) - self.n_suffix :]
-        return prompt
-
-
-def encode_group(tokenizer: Any, group: QueryGroup, max_length: int) -> EncodedGroup:
-    """`Encoder(tokenizer, max_length)(group)` for one group (tests, measurement)."""
-    encoded = Encoder(tokenizer, max_length)(group)
-    assert encoded is not None  # keep mode never drops a candidate
-    return encoded
 
 
 # --------------------------------------------------------------------------- forward + loss
@@ -220,69 +108,41 @@ def _chunks(groups: Sequence[EncodedGroup], size: int) -> list[list[tuple[int, i
     return out
 
 
-def micro_batch_loss(
-    model: torch.nn.Module,
-    groups: Sequence[EncodedGroup],
-    cfg: TrainConfig,
-    device: torch.device,
-    scale: float,
-    *,
-    shared: bool = False,
-    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
-    sync_last: bool = True,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-) -> tuple[LossOutput, int]:
-    """Forward + backward of one micro-batch; adds `scale · Σ_q L_q` to the gradients, L the
-    loss `cfg.loss` names (`loss_function`).
+def micro_batch_loss(model: torch.nn.Module, groups: Sequence[EncodedGroup], cfg: TrainConfig,
+                     mb: MicroBatch, *, shared: bool = False) -> tuple[LossOutput, int]:
+    """Forward + backward of one micro-batch (`groups`, the examples `mb.indices`); adds
+    `mb.scale · Σ_q L_q` to the gradients, L the loss `cfg.loss` names (`loss_function`), under
+    `mb.autocast` and `mb.sync_ctx` (gradients all-reduced once per optimizer step).
 
     With `candidate_chunk_size` (or a query over `micro_batch_tokens`), the candidates go through
     the model in chunks: a no-grad pass gives every p_i, the loss gives dL/d(logp_sum_i), and each
     chunk is run again with grad and back-propagated with those coefficients. The gradient is
     exact (the loss depends on the model only through logp_sum), at the price of one extra
     forward; activation memory is that of one chunk.
-
-    `no_sync` (DDP's / FSDP's) wraps each forward + backward, except the last one when
-    `sync_last`, so that gradients are all-reduced once per optimizer step.
     Returns the loss output and the number of response tokens.
     """
-    b, k = len(groups), max(len(g.responses) for g in groups)
-    rewards = torch.zeros((b, k), dtype=torch.float32, device=device)
-    valid = torch.zeros((b, k), dtype=torch.bool, device=device)
-    for bi, g in enumerate(groups):
-        rewards[bi, : len(g.rewards)] = torch.tensor(g.rewards, dtype=torch.float32)
-        valid[bi, : len(g.rewards)] = True
-    loss_fn = loss_function(cfg, groups, device)
-
-    def sync_ctx(last: bool) -> contextlib.AbstractContextManager:
-        if no_sync is None or (last and sync_last):
-            return contextlib.nullcontext()
-        return no_sync()
-
-    def to_bk(flat: torch.Tensor) -> torch.Tensor:
-        return flat.new_zeros((b, k)).masked_scatter(valid, flat)
-
+    loss_fn = loss_function(cfg, groups, mb.device)
     chunk = _chunk_size(groups, cfg, shared)
-    n = int(valid.sum())
-    if chunk >= n:
-        with sync_ctx(last=True):
-            with autocast():
+    if chunk >= sum(len(g.responses) for g in groups):
+        with mb.sync_ctx(last=True):
+            with mb.autocast():
                 logp, lengths = candidate_logprobs(model, groups, shared)
-            out = loss_fn(to_bk(logp), to_bk(lengths), rewards, valid)
-            (out.per_query_loss.sum() * scale).backward()
+            out = loss_fn(group_tensors(groups, logp, lengths))
+            (out.per_query_loss.sum() * mb.scale).backward()
         return out, int(lengths.sum())
 
     chunks = _chunks(groups, chunk)
-    with torch.no_grad(), autocast():
+    with torch.no_grad(), mb.autocast():
         parts = [candidate_logprobs(model, groups, shared, c) for c in chunks]
     logp = torch.cat([p[0] for p in parts]).requires_grad_(True)
     lengths = torch.cat([p[1] for p in parts])
-    out = loss_fn(to_bk(logp), to_bk(lengths), rewards, valid)
-    (coeff,) = torch.autograd.grad(out.per_query_loss.sum() * scale, logp)
+    out = loss_fn(group_tensors(groups, logp, lengths))
+    (coeff,) = torch.autograd.grad(out.per_query_loss.sum() * mb.scale, logp)
     start = 0
     for i, c in enumerate(chunks):
         size = sum(hi - lo for _, lo, hi in c)
-        with sync_ctx(last=i == len(chunks) - 1):
-            with autocast():
+        with mb.sync_ctx(last=i == len(chunks) - 1):
+            with mb.autocast():
                 lp, _ = candidate_logprobs(model, groups, shared, c)
             (lp * coeff[start : start + size]).sum().backward()
         start += size
@@ -290,18 +150,17 @@ def micro_batch_loss(
 
 
 def loss_function(cfg: TrainConfig, groups: Sequence[EncodedGroup],
-                  device: torch.device) -> Callable[..., LossOutput]:
-    """`train.loss` as a function of (logp_sum, lengths, rewards, valid), all [B, K] over `groups`:
-    `LOSSES[cfg.loss.name]` with the loss's own settings and, for DPO, the groups' reference
-    log-probabilities (`EncodedGroup.refs`) as `ref_logp_sum`."""
+                  device: torch.device) -> Callable[[GroupTensors], LossOutput]:
+    """`train.loss` as a function of the [B, K] tensors of `groups`: `LOSSES[cfg.loss.name]` with
+    the loss's own settings and, for DPO, the groups' reference log-probabilities
+    (`EncodedGroup.refs`) as `ref_logp_sum`."""
     options = cfg.loss.model_dump(exclude={"name"})
     if cfg.loss.name == "dpo":
         options["ref_logp_sum"] = reference_tensor(groups, device)
     fn = LOSSES[cfg.loss.name]
 
-    def call(logp_sum: torch.Tensor, lengths: torch.Tensor, rewards: torch.Tensor,
-             valid: torch.Tensor) -> LossOutput:
-        return fn(logp_sum, lengths, rewards, valid, **options)
+    def call(t: GroupTensors) -> LossOutput:
+        return fn(t.logp_sum, t.lengths, t.rewards, t.valid, **options)
 
     return call
 
@@ -314,11 +173,7 @@ def reference_tensor(groups: Sequence[EncodedGroup], device: torch.device) -> to
             f"train.loss dpo: {missing} query group(s) carry no reference log-probabilities "
             "(QueryGroup.ref_logprobs): `rrhf-ray run` computes them in the stage round<r>/reference "
             "(rounds/<r>/pool_ref.parquet), `rrhf-ray train` before it trains")
-    ref = torch.zeros((len(groups), max(len(g.responses) for g in groups)), dtype=torch.float32,
-                      device=device)
-    for bi, g in enumerate(groups):
-        ref[bi, : len(g.refs)] = torch.tensor(g.refs, dtype=torch.float32)
-    return ref
+    return per_group(groups, [g.refs for g in groups], device)
 
 
 @torch.no_grad()
@@ -401,18 +256,11 @@ def rrhf_recipe(cfg: TrainConfig, data_paths: Sequence[str], tokenizer: Any, dev
                     "computed once per candidate", getattr(model.config, "model_type", "?"))
 
     def micro_batch(model: torch.nn.Module, mb: MicroBatch) -> Measured:
-        return measure(*micro_batch_loss(
-            model, [encoded[i] for i in mb.indices], cfg, mb.device, mb.scale, shared=shared,
-            no_sync=mb.no_sync, sync_last=mb.sync_last, autocast=mb.autocast,
-        ))
+        return measure(*micro_batch_loss(model, [encoded[i] for i in mb.indices], cfg, mb, shared=shared))
 
     return Recipe(cfg.loss.name.upper(), len(encoded), micro_batch, _log_line,
                   example_length=lambda i: encoded[i].tokens(shared),
-                  example_tokens=lambda i: encoded[i].tokens(shared))
-
-
-def load_policy(path: str, cfg: TrainConfig, trust_remote_code: bool, tokenizer: Any) -> torch.nn.Module:
-    return load_causal_lm(path, cfg, trust_remote_code)
+                  example_tokens=lambda i: encoded[i].tokens(shared), token_budget=cfg.micro_batch_tokens)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
@@ -421,7 +269,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     Without Ray (`config.get("ray")` false) it trains in this process and writes the model to
     `job.output_dir`. Under `TorchTrainer` it reports metrics every epoch and a checkpoint
     (an HF directory) through `ray.train.report`, resuming from `ray.train.get_checkpoint()`.
-    Returns the last epoch's metrics. The loop itself is `rrhf_ray.train.core.run_worker`.
+    Returns the last epoch's metrics. The loop itself is `rrhf_ray.train.loop.run_worker`.
     """
     job = TrainJob.model_validate(config["job"])
 
@@ -450,39 +298,3 @@ def fit(job: TrainJob, *, name: str = "rrhf", storage_path: str | None = None, m
     check_pools(job.data_paths, job.train)
     return fit_job(train_loop_per_worker, job, name=name, storage_path=storage_path,
                    max_failures=max_failures, store=store)
-
-
-# --------------------------------------------------------------------------- measurement
-
-
-@torch.no_grad()
-def ranking_metrics(model_path: str, groups: Sequence[QueryGroup], max_length: int = 192,
-                    micro_batch_queries: int = 8) -> dict[str, float]:
-    """How well a model's p_i follow the rewards of `groups`: pairwise ranking accuracy, and the
-    mean per-token NLL of each query's best candidate. No gradients, CPU/GPU as loaded."""
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = load_tokenizer(model_path, False)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True).eval()
-    encoder = Encoder(tokenizer, max_length)
-    encoded = [encoder(g) for g in groups]
-    shared = supports_prefix_sharing(model)
-    pairs = correct = 0
-    nll, n = 0.0, 0
-    for s in range(0, len(encoded), micro_batch_queries):
-        batch = encoded[s : s + micro_batch_queries]
-        logp, lengths = candidate_logprobs(model, batch, shared)
-        k = max(len(g.responses) for g in batch)
-        valid = torch.zeros((len(batch), k), dtype=torch.bool)
-        rewards = torch.zeros((len(batch), k))
-        for bi, g in enumerate(batch):
-            valid[bi, : len(g.rewards)] = True
-            rewards[bi, : len(g.rewards)] = torch.tensor(g.rewards)
-        out = rrhf_loss(logp.new_zeros(valid.shape).masked_scatter(valid, logp),
-                        lengths.new_zeros(valid.shape).masked_scatter(valid, lengths), rewards, valid)
-        p = int(out.num_pairs)
-        pairs += p
-        correct += round(float(out.rank_accuracy) * p) if p else 0
-        nll += float(out.sft_loss) * int(out.query_mask.sum())
-        n += int(out.query_mask.sum())
-    return {"rank_accuracy": correct / pairs if pairs else float("nan"), "best_nll": nll / max(n, 1)}

@@ -8,38 +8,28 @@ to fit `max_length`, so the policy is fine-tuned on exactly the token layout the
 scores later.
 
 The loop (DDP / FSDP, accumulation, LR schedule, clipping, LoRA, bf16, checkpoints, resume) is
-`rrhf_ray.train.core.run_worker`. A step's gradient is that of the mean NLL over all response tokens of
-the step's pairs, whatever the split over workers and micro-batches.
+`rrhf_ray.train.loop.run_worker`. A step's gradient is that of the mean NLL over all response
+tokens of the step's pairs, whatever the split over workers and micro-batches.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rrhf_ray.config import TrainConfig
+from rrhf_ray.config import FitConfig
 from rrhf_ray.data.pairs import SFTPair, read_sft_pairs
-from rrhf_ray.train.core import (
-    Measured,
-    MicroBatch,
-    PairJob,
-    Recipe,
-    fit_job,
-    load_causal_lm,
-    load_tokenizer,
-    run_worker,
-    train_once,
-)
+from rrhf_ray.train.jobs import PairJob
+from rrhf_ray.train.launch import fit_pairs, train_once
+from rrhf_ray.train.loop import Measured, MicroBatch, Recipe, run_pair_worker
 from rrhf_ray.train.tokens import IGNORE, Batch, collate, encode
+from rrhf_ray.train.worker import inference_dtype, load_policy, load_tokenizer
 
 if TYPE_CHECKING:
     from rrhf_ray.mirror import RunStore
-
-logger = logging.getLogger(__name__)
 
 
 class SFTJob(PairJob):
@@ -85,53 +75,48 @@ def _mean_nll(model: torch.nn.Module, encoded: Sequence[tuple[list[int], int]], 
 # --------------------------------------------------------------------------- the worker loop
 
 
+def sft_recipe(cfg: FitConfig, train_pairs: Sequence[SFTPair], eval_pairs: Sequence[SFTPair], tokenizer: Any,
+               device: torch.device) -> Recipe:
+    """The SFT recipe for `run_worker`: the summed response NLL of a micro-batch, a step weighed
+    by its response tokens (so its gradient is the per-token mean), the held-out NLL each epoch."""
+    encoded = [encode_pair(tokenizer, p, cfg.max_length) for p in train_pairs]
+    held = [encode_pair(tokenizer, p, cfg.max_length) for p in eval_pairs]
+    pad_id = tokenizer.pad_token_id
+
+    def micro_batch(model: torch.nn.Module, mb: MicroBatch) -> Measured:
+        batch = collate([encoded[i] for i in mb.indices], pad_id)
+        with mb.sync_ctx():
+            with mb.autocast():
+                loss, tokens = nll_sum(model, batch, mb.device)
+            (loss * mb.scale).backward()
+        return Measured({"loss": (float(loss.detach()), tokens)}, tokens, {"pairs": len(mb.indices)})
+
+    def step_weight(indices: Sequence[int]) -> float:
+        return float(sum(len(encoded[i][0]) - encoded[i][1] for i in indices))
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        return {"eval_nll": _mean_nll(model, held, pad_id, device, cfg.micro_batch_queries)}
+
+    return Recipe(
+        "SFT", len(encoded), micro_batch,
+        lambda s: f"nll {s['loss']:.4f} {s['tokens_per_s']:.0f} tok/s",
+        step_weight=step_weight, evaluate=evaluate if held else None,
+        example_length=lambda i: len(encoded[i][0]),
+    )
+
+
 def sft_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     """Fine-tune one worker's share of an `SFTJob` (`config["job"]`, a dict); without Ray
     (`config.get("ray")` false) in this process, writing the model to `job.output_dir`."""
-    job = SFTJob.model_validate(config["job"])
-    cfg = job.train
-
-    def recipe(tokenizer: Any, device: torch.device, model: torch.nn.Module) -> Recipe:
-        train_pairs, eval_pairs = load_job_pairs(job)
-        encoded = [encode_pair(tokenizer, p, cfg.max_length) for p in train_pairs]
-        held = [encode_pair(tokenizer, p, cfg.max_length) for p in eval_pairs]
-        pad_id = tokenizer.pad_token_id
-
-        def micro_batch(model: torch.nn.Module, mb: MicroBatch) -> Measured:
-            batch = collate([encoded[i] for i in mb.indices], pad_id)
-            with mb.sync_ctx():
-                with mb.autocast():
-                    loss, tokens = nll_sum(model, batch, mb.device)
-                (loss * mb.scale).backward()
-            return Measured({"loss": (float(loss.detach()), tokens)}, tokens, {"pairs": len(mb.indices)})
-
-        def step_weight(indices: Sequence[int]) -> float:
-            return float(sum(len(encoded[i][0]) - encoded[i][1] for i in indices))
-
-        def evaluate(model: torch.nn.Module) -> dict[str, float]:
-            return {"eval_nll": _mean_nll(model, held, pad_id, device, cfg.micro_batch_queries)}
-
-        return Recipe(
-            "SFT", len(encoded), micro_batch,
-            lambda s: f"nll {s['loss']:.4f} {s['tokens_per_s']:.0f} tok/s",
-            step_weight=step_weight, evaluate=evaluate if held else None,
-            example_length=lambda i: len(encoded[i][0]),
-        )
-
-    def load(path: str, cfg: TrainConfig, trust_remote_code: bool, tokenizer: Any) -> torch.nn.Module:
-        return load_causal_lm(path, cfg, trust_remote_code)
-
-    return run_worker(job, bool(config.get("ray")), load, recipe)
+    return run_pair_worker(config, SFTJob, read_sft_pairs, sft_recipe, load_policy)
 
 
 def fit_sft(job: SFTJob, *, name: str, storage_path: str | None = None, max_failures: int = 0,
             store: RunStore | None = None) -> dict[str, float]:
     """Run `job` under `TorchTrainer` on the connected Ray cluster; install the fine-tuned model
     (an HF directory) at `job.output_dir` and return the final metrics."""
-    train_pairs, _ = load_job_pairs(job)  # every row checked before any worker starts
-    logger.info("SFT on %d pairs from %s", len(train_pairs), job.data_path)
-    return fit_job(sft_loop_per_worker, job, name=name, storage_path=storage_path, max_failures=max_failures,
-                   store=store)
+    return fit_pairs(sft_loop_per_worker, job, read_sft_pairs, what="SFT", name=name,
+                     storage_path=storage_path, max_failures=max_failures, store=store)
 
 
 # --------------------------------------------------------------------------- measurement
@@ -139,13 +124,16 @@ def fit_sft(job: SFTJob, *, name: str, storage_path: str | None = None, max_fail
 
 @torch.no_grad()
 def heldout_nll(model_path: str | Path, pairs: Sequence[SFTPair | tuple[str, str]], max_length: int = 192,
-                batch_size: int = 8) -> float:
-    """Mean per-token NLL of the responses (+ EOS) of `pairs` under the model at `model_path`."""
+                batch_size: int = 8, dtype: str = "auto") -> float:
+    """Mean per-token NLL of the responses (+ EOS) of `pairs` under the model at `model_path`, on
+    a GPU when there is one, its weights in `dtype` (`model.dtype`: auto = float32 on a CPU,
+    bfloat16 on a GPU)."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(str(model_path), False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=inference_dtype(dtype, device),
+                                                 use_safetensors=True)
     model = model.to(device).eval()
     device = next(model.parameters()).device
     encoded = [encode_pair(tokenizer, p if isinstance(p, SFTPair) else SFTPair(*p), max_length) for p in pairs]

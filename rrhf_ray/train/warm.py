@@ -1,8 +1,7 @@
 """The warm round trainer: one Ray Train worker group that lives across the driver's rounds.
 
-Rebuilding a `TorchTrainer` every round costs a controller, a worker group, a process group and
-a model load from disk before the first step (about 13 s of a 35 s round on the demo's 2-core
-CPU, and a 7B reload from storage on a cluster). Here one `TorchTrainer.fit()` runs in a
+A `TorchTrainer` rebuilt every round would pay a controller, a worker group, a process group and
+a model load from storage before each round's first step. Here one `TorchTrainer.fit()` runs in a
 background thread of the driver for the whole run:
 
 - each worker reads commands from its own `ray.util.queue.Queue` (no collective wait while the
@@ -27,7 +26,6 @@ started again, it starts a new group from the last finished round's checkpoint.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
@@ -39,22 +37,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import Field
 
-from rrhf_ray.logs import current_log_dir, redirect_process_output
-from rrhf_ray.train.core import (
-    METRICS_FILE,
-    STATE_FILE,
-    Job,
-    Optimizer,
-    Worker,
-    poll_workers_often,
-    rank_world,
-    save_hf_checkpoint,
-    steps_per_epoch,
-    train_epochs,
-)
-from rrhf_ray.train.rrhf import check_pools, load_policy, rrhf_recipe
-from rrhf_ray.types import atomic_path
+from rrhf_ray.config import TrainConfig
+from rrhf_ray.logs import redirect_process_output
+from rrhf_ray.train.checkpoints import read_train_state, resume_checkpoint, write_checkpoint
+from rrhf_ray.train.jobs import FitJob
+from rrhf_ray.train.launch import torch_trainer
+from rrhf_ray.train.loop import Optimizer, steps_per_epoch, train_epochs
+from rrhf_ray.train.rrhf import check_pools, rrhf_recipe
+from rrhf_ray.train.worker import Worker, load_policy, rank_world
 
 if TYPE_CHECKING:
     from rrhf_ray.mirror import RunStore
@@ -62,13 +54,22 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5
+CLOSE_SECONDS = 120.0  # how long `WarmTrainer.close` waits for the fit to end
+
+
+class WarmJob(FitJob):
+    """The warm trainer's job: the policy to start from and the RRHF settings of every round
+    (each round's pools come with its `train` command)."""
+
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
 
 @torch.no_grad()
-def sequence_logprobs(model: torch.nn.Module, sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
-                      device: torch.device) -> list[float]:
-    """Σ log p(response token | prefix) of each (prompt ids, response ids), one forward each
-    (fp32 or the model's dtype; the probe is a handful of short sequences)."""
+def policy_reply_logprobs(model: torch.nn.Module, sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
+                          device: torch.device) -> list[float]:
+    """The refresh probe under the trainer's weights: Σ log p(reply token | prefix) of each
+    (prompt ids, reply ids), one forward each (fp32 or the model's dtype; the probe is a handful
+    of short sequences). Not `rrhf_ray.loss.sequence_logprobs`, which scores padded batches."""
     was_training = model.training
     model.eval()
     out = []
@@ -90,22 +91,20 @@ def warm_loop_per_worker(config: dict[str, Any]) -> None:
 
     from rrhf_ray.remote import fetch_file
 
-    job = Job.model_validate(config["job"])
+    job = WarmJob.model_validate(config["job"])
     redirect_process_output(job.log_dir, "train")
     cfg = job.train
     rank, _ = rank_world()
     commands, results = config["commands"][rank], config["results"]
-    ckpt = ray.train.get_checkpoint()
     version, global_step = int(config["version"]), int(config["global_step"])
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = json.loads((Path(d) / STATE_FILE).read_text())
+    with resume_checkpoint(None, in_ray=True) as restart_dir:
+        if restart_dir is not None:
+            state = read_train_state(restart_dir)
             version, global_step = int(state["round"]), int(state.get("global_step", 0))
-            w = Worker.load(d, cfg, True, job.trust_remote_code, load_policy, tokenizer_path=job.tokenizer_path)
-        logger.info("warm trainer restarted from round %d's checkpoint", version)
-    else:
-        w = Worker.load(job.model_path, cfg, True, job.trust_remote_code, load_policy,
+        w = Worker.load(restart_dir or job.model_path, cfg, True, job.trust_remote_code, load_policy,
                         tokenizer_path=job.tokenizer_path)
+    if restart_dir is not None:
+        logger.info("warm trainer restarted from round %d's checkpoint", version)
     if rank == 0:
         results.put({"kind": "ready", "version": version})
     while True:
@@ -126,12 +125,10 @@ def warm_loop_per_worker(config: dict[str, Any]) -> None:
         history: list[dict[str, float]] = []
         metrics = train_epochs(w, recipe, opt, global_step=global_step, history=history)
         global_step += int(metrics["step"])
-        probe = sequence_logprobs(w.model, cmd.get("probe") or [], w.device) if rank == 0 else []
+        probe = policy_reply_logprobs(w.model, cmd.get("probe") or [], w.device) if rank == 0 else []
         with tempfile.TemporaryDirectory() as tmp:
-            save_hf_checkpoint(w.ddp_model, w.tokenizer, Path(tmp), cfg, job.save_dtype)
-            if rank == 0:
-                (Path(tmp) / STATE_FILE).write_text(json.dumps(
-                    {"epoch": cfg.epochs - 1, "final": True, "round": r, "global_step": global_step}))
+            write_checkpoint(Path(tmp), w.ddp_model, w.tokenizer, cfg, epoch=cfg.epochs - 1, final=True,
+                             dtype=job.save_dtype, round=r, global_step=global_step)
             compute = time.perf_counter() - start
             metrics = {**metrics, "round": float(r), "seconds_compute": compute}
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
@@ -147,15 +144,12 @@ class WarmTrainer:
     """The driver's handle on the warm worker group (see the module docstring).
 
     `job` gives the model to start from (`job.model_path`, the policy of round `version`) and the
-    training settings; `job.output_dir` is unused (each round's checkpoint is reported). `global_step` continues the step count of earlier rounds (for per-step tracking)."""
+    training settings; `job.output_dir` is unused (each round's checkpoint is reported).
+    `global_step` continues the step count of earlier rounds (for per-step tracking)."""
 
-    def __init__(self, job: Job, version: int, *, storage_path: str, global_step: int = 0,
+    def __init__(self, job: WarmJob, version: int, *, storage_path: str, global_step: int = 0,
                  max_failures: int = 1, name: str | None = None, store: RunStore | None = None) -> None:
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
         from ray.util.queue import Queue
-
-        from rrhf_ray.mirror import actor_options
 
         cfg = self.cfg = job.train
         self.version = version
@@ -167,35 +161,22 @@ class WarmTrainer:
         self._pending: dict[str, Any] | None = None
         self.starts = 0  # worker group (re)starts seen (a `ready` each)
         self._error: BaseException | None = None
-        poll_workers_often()
-        trainer = TorchTrainer(
-            warm_loop_per_worker,
-            train_loop_config={"job": job.model_copy(update={"log_dir": job.log_dir or current_log_dir()})
-                               .model_dump(mode="json"), "version": version,
-                               "global_step": global_step, "commands": self.commands,
-                               "results": self.results},
-            scaling_config=ScalingConfig(
-                num_workers=cfg.num_workers,
-                use_gpu=cfg.use_gpu,
-                resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
-            ),
-            run_config=RunConfig(
-                name=self.name,
-                storage_path=storage_path,
-                checkpoint_config=CheckpointConfig(num_to_keep=1),
-                failure_config=FailureConfig(max_failures=max_failures),
-                # The bucket's credentials when the job's model and the pools are URIs.
-                worker_runtime_env=actor_options(store).get("runtime_env"),
-            ),
-        )
+        trainer = torch_trainer(warm_loop_per_worker, job, name=self.name, storage_path=storage_path,
+                                max_failures=max_failures, store=store, version=version,
+                                global_step=global_step, commands=self.commands, results=self.results)
         self._thread = threading.Thread(target=self._fit, args=(trainer,), name="warm-trainer", daemon=True)
         self._thread.start()
 
     def _fit(self, trainer: Any) -> None:
         try:
             trainer.fit()
-        except BaseException as err:  # noqa: BLE001 - handed to the driver's thread by `_wait`
+        except BaseException as err:  # noqa: BLE001 - raised in the driver's thread by `_get`
             self._error = err
+
+    @property
+    def training_round(self) -> int | None:
+        """The round sent to every worker's queue and not yet trained (None between rounds)."""
+        return None if self._pending is None else int(self._pending["round"])
 
     def _send(self, cmd: dict[str, Any]) -> None:
         for q in self.commands:
@@ -213,9 +194,10 @@ class WarmTrainer:
         from rrhf_ray.mirror import driver_file
 
         check_pools([driver_file(p, self.store) for p in data_paths], self.cfg)  # the driver's mirror: no download
-        self._pending = {"kind": "train", "round": r, "data_paths": [str(p) for p in data_paths],
-                         "probe": [(list(p), list(q)) for p, q in probe]}
-        self._send(self._pending)
+        pending = {"kind": "train", "round": r, "data_paths": [str(p) for p in data_paths],
+                   "probe": [(list(p), list(q)) for p, q in probe]}
+        self._send(pending)
+        self._pending = pending  # after the send: `training_round` names a round the queues hold
         while True:
             msg = self._get()
             if msg["kind"] == "ready":  # a restarted group: send the unfinished round again
@@ -243,30 +225,21 @@ class WarmTrainer:
                 if not self._thread.is_alive():
                     raise RuntimeError(f"the training worker group stopped: {self._error!r}") from self._error
 
-    def close(self) -> None:
-        """Stop the workers and end the fit (its storage directory is removed when local)."""
+    def close(self, timeout_s: float = CLOSE_SECONDS) -> bool:
+        """Stop the workers and end the fit: True when it ended within `timeout_s` (its queues are
+        then shut down and its storage directory removed when local). A fit still running then is
+        logged as an error and left as it is (False): its queues stay, so a later `close` can
+        still end it; the driver's exit takes it down otherwise."""
         if self._thread.is_alive():
             self._send({"kind": "stop"})
-            self._thread.join(timeout=120)
+            self._thread.join(timeout=timeout_s)
+        if self._thread.is_alive():
+            logger.error("the warm trainer's fit %s did not stop within %.0f s of the stop command",
+                         self.name, timeout_s)
+            return False
         for q in [*self.commands, self.results]:
             q.shutdown()
         local = Path(self.storage_path) / self.name
         if "://" not in self.storage_path and local.is_dir():
             shutil.rmtree(local, ignore_errors=True)
-
-
-def install_checkpoint(checkpoint: Any, out: Path, metrics: dict[str, Any]) -> None:
-    """Copy a reported checkpoint (local or remote storage) to `out`, whole or not at all."""
-    with atomic_path(out) as tmp, checkpoint.as_directory() as d:
-        shutil.copytree(d, tmp)
-        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-
-
-def start_state(model_dir: str) -> int:
-    """The global step a checkpoint directory was saved at (0 for a model this package did not
-    train in rounds)."""
-    state = Path(model_dir) / STATE_FILE
-    try:
-        return int(json.loads(state.read_text()).get("global_step", 0))
-    except (OSError, ValueError):
-        return 0
+        return True

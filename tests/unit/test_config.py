@@ -73,7 +73,6 @@ def test_cross_field_checks(tmp_path):
         TrainConfig(strategy="fsdp")
     with pytest.raises(ValueError, match="queries_per_step"):
         TrainConfig(queries_per_step=4, micro_batch_queries=4, num_workers=2)
-    assert TrainConfig(queries_per_step=64, micro_batch_queries=2, num_workers=4).accumulation_steps == 8
     with pytest.raises(ValueError, match="reward.rule is not set"):
         load_config(write(tmp_path, ""), ["reward.rule=null"])
 
@@ -190,3 +189,18 @@ def test_prefix_sharing_reads_yaml_on_and_off(tmp_path):
     assert load_config(write(tmp_path, "train:\n  prefix_sharing: off\n")).train.prefix_sharing == "off"
     assert load_config(write(tmp_path, ""), ["train.prefix_sharing=on"]).train.prefix_sharing == "on"
     assert load_config(write(tmp_path, "")).train.prefix_sharing == "auto"
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward_model"])
+@pytest.mark.parametrize("key", ["loss=dpo", "reference=previous_round", "prefix_sharing=off",
+                                 "shuffle_rewards=true", "micro_batch_tokens=512", "candidate_chunk_size=2",
+                                 "truncated=drop"])
+def test_rrhf_only_keys_in_a_stage_before_round_1_are_unknown(tmp_path, stage, key):
+    """The SFT and reward-model stages train with `FitConfig`: a key only the RRHF trainer reads
+    is refused by name instead of being accepted and ignored."""
+    path = write(tmp_path, "sft:\n  data: pairs.jsonl\nreward_model:\n  data: prefs.jsonl\n")
+    with pytest.raises(ConfigError, match=rf"{stage}\.train\.{key.split('=')[0]}: unknown key"):
+        load_config(path, [f"{stage}.train.{key}"])
+    cfg = load_config(path, [f"{stage}.train.epochs=2"])  # a key every fit reads is taken
+    assert getattr(cfg, stage).train.epochs == 2
+    assert getattr(cfg, stage).train.lr == {"sft": 2e-5, "reward_model": 1e-5}[stage]  # the stage's defaults

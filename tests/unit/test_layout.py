@@ -47,14 +47,19 @@ GRAPH = {m: _project_deps(m) for m in MODULES}
 
 
 def test_the_package_has_the_documented_layers():
-    for name in ("types", "config", "loss", "registry", "workflow", "cli", "state", "preflight",
+    for name in ("types", "config", "config.base", "config.training", "config.run", "config.loading",
+                 "loss", "registry", "workflow", "cli", "state", "preflight",
                  "data.queries", "data.pairs", "data.candidates", "actors.engine",
-                 "actors.dispatch", "actors.sampler", "actors.scorer", "train.core",
+                 "actors.dispatch", "actors.sampler", "actors.scorer", "train.jobs", "train.worker",
+                 "train.loop", "train.checkpoints", "train.launch", "train.encoding", "train.ranking",
                  "train.tokens", "train.rrhf", "train.sft", "train.reward_model", "demo.task"):
         assert f"rrhf_ray.{name}" in MODULES, name
 
 
-@pytest.mark.parametrize("module", ["rrhf_ray.loss", "rrhf_ray.types", "rrhf_ray.config",
+CONFIG_MODULES = {m for m in MODULES if m == "rrhf_ray.config" or m.startswith("rrhf_ray.config.")}
+
+
+@pytest.mark.parametrize("module", ["rrhf_ray.loss", "rrhf_ray.types", *sorted(CONFIG_MODULES),
                                     "rrhf_ray.registry", "rrhf_ray.state"])
 def test_the_bottom_of_the_graph_imports_no_ray_and_no_engine(module):
     imported = {t.split(".")[0] for t, _ in _imports(MODULES[module])}
@@ -63,8 +68,11 @@ def test_the_bottom_of_the_graph_imports_no_ray_and_no_engine(module):
 
 def test_the_loss_and_the_config_import_nothing_of_the_project():
     assert GRAPH["rrhf_ray.loss"] == set()
-    assert GRAPH["rrhf_ray.config"] == set()
     assert GRAPH["rrhf_ray.types"] == set()
+    # The config is a package of modules that import only each other.
+    assert len(CONFIG_MODULES) > 1
+    assert {m: GRAPH[m] - CONFIG_MODULES for m in CONFIG_MODULES} == {m: set() for m in CONFIG_MODULES}
+    assert GRAPH["rrhf_ray.config.base"] == set()
 
 
 def test_the_core_never_imports_the_demo():

@@ -12,7 +12,6 @@ import torch
 from rrhf_ray.loss import (
     LOSSES,
     LossOutput,
-    RRHFLossOutput,
     dpo_loss,
     pro_loss,
     raft_loss,
@@ -197,8 +196,12 @@ def test_sequence_logprobs_scores_response_tokens_only():
 LOGP3, LEN3, R3 = t([-2, -6, -3]), t([2, 3, 1]), t([1, 0, 0.5])
 
 
-def test_one_output_class_for_every_loss_and_the_old_name_still_works():
-    assert RRHFLossOutput is LossOutput
+def test_one_output_class_for_every_loss():
+    options = {"dpo": {"ref_logp_sum": LOGP3 + 1.0}}
+    for name, fn in LOSSES.items():
+        out = fn(LOGP3, LEN3, R3, **options.get(name, {}))
+        assert type(out) is LossOutput, name
+        assert out.num_pairs.item() == 3 and out.best_index.tolist() == [0], name  # the pairs of the case above
     assert set(LOSSES) == {"rrhf", "raft", "pro", "simpo", "slic", "dpo"}
     assert LOSSES["rrhf"] is rrhf_loss and LOSSES["raft"] is raft_loss
     assert LOSSES["pro"] is pro_loss and LOSSES["simpo"] is simpo_loss

@@ -1,4 +1,4 @@
-"""`local_path` / `with_absolute_paths`: the driver hands Ray actors and Ray Train workers (which
+"""`absolute_path` / `with_absolute_paths`: the driver hands Ray actors and Ray Train workers (which
 do not share its working directory) absolute paths; hub ids, builtin: names and URIs unchanged."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rrhf_ray.config import RunConfig, local_path, with_absolute_paths
+from rrhf_ray.config import RunConfig, absolute_path, with_absolute_paths
 
 
 @pytest.fixture
@@ -25,14 +25,14 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_an_existing_relative_path_becomes_absolute(in_tmp: Path) -> None:
-    assert local_path("models/base") == str(in_tmp / "models" / "base")
-    assert local_path("data/train.jsonl") == str(in_tmp / "data" / "train.jsonl")
-    assert local_path("./data/../data/train.jsonl") == str(in_tmp / "data" / "train.jsonl")
-    assert Path(local_path("models/base")).is_absolute()
+    assert absolute_path("models/base") == str(in_tmp / "models" / "base")
+    assert absolute_path("data/train.jsonl") == str(in_tmp / "data" / "train.jsonl")
+    assert absolute_path("./data/../data/train.jsonl") == str(in_tmp / "data" / "train.jsonl")
+    assert Path(absolute_path("models/base")).is_absolute()
 
 
 def test_an_absolute_path_stays_the_same_path(in_tmp: Path) -> None:
-    assert local_path(str(in_tmp / "models" / "base")) == str(in_tmp / "models" / "base")
+    assert absolute_path(str(in_tmp / "models" / "base")) == str(in_tmp / "models" / "base")
 
 
 @pytest.mark.parametrize("value", [
@@ -48,15 +48,15 @@ def test_an_absolute_path_stays_the_same_path(in_tmp: Path) -> None:
     None,
 ])
 def test_hub_ids_builtins_uris_and_missing_paths_are_unchanged(in_tmp: Path, value) -> None:
-    assert local_path(value) == value
+    assert absolute_path(value) == value
 
 
 def test_builtin_names_and_uris_are_unchanged_even_if_a_local_path_of_that_name_exists(in_tmp: Path) -> None:
     (in_tmp / "builtin:demo").mkdir()
     (in_tmp / "s3:" / "bucket").mkdir(parents=True)  # Path("s3://bucket") is s3:/bucket
     assert Path("builtin:demo").exists() and Path("s3://bucket").exists()
-    assert local_path("builtin:demo") == "builtin:demo"
-    assert local_path("s3://bucket") == "s3://bucket"
+    assert absolute_path("builtin:demo") == "builtin:demo"
+    assert absolute_path("s3://bucket") == "s3://bucket"
 
 
 def _config(**extra) -> RunConfig:

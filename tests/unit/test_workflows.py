@@ -38,7 +38,7 @@ def test_hh_llama7b_has_the_papers_settings():
     t = c.train
     assert (t.epochs, t.lr, t.queries_per_step, t.max_length) == (3, 2e-5, 64, 192)
     assert t.bf16 and t.use_gpu and t.strategy == "fsdp" and t.num_workers == 8
-    assert t.accumulation_steps == 8  # 1 query per GPU × 8 GPUs × 8 accumulation
+    assert t.queries_per_step // (t.micro_batch_queries * t.num_workers) == 8  # 1 query per GPU × 8 GPUs × 8 accumulation
     assert c.sampling.use_gpu and c.sampling.tensor_parallel_size > 1
     assert c.model.trust_remote_code is False
     assert Path(c.output.dir).is_absolute()  # a submitted job runs in an unpacked working dir

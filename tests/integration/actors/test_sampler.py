@@ -239,7 +239,7 @@ def test_refresh_check_passes_the_served_weights_and_names_a_replica_with_old_on
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rrhf_ray.train.warm import sequence_logprobs
+    from rrhf_ray.train.warm import policy_reply_logprobs
     from rrhf_ray.workflow import StaleWeightsError, verify_refresh
 
     assert ray_cluster.get(pool.load_weights_refs(str(perturbed_dir), 1)) == [1, 1]
@@ -247,7 +247,7 @@ def test_refresh_check_passes_the_served_weights_and_names_a_replica_with_old_on
     probe = [(tok(p)["input_ids"], tok(" Try restarting it, then check the cable.", add_special_tokens=False)["input_ids"])
              for p in PROMPTS[:3]]
     model = AutoModelForCausalLM.from_pretrained(perturbed_dir, dtype=torch.float32).eval()
-    expected = sequence_logprobs(model, probe, torch.device("cpu"))
+    expected = policy_reply_logprobs(model, probe, torch.device("cpu"))
     assert all(math.isfinite(x) and x < 0 for x in expected)
 
     gap = verify_refresh(pool, probe, expected, tolerance=1e-3, r=1)

@@ -4,31 +4,18 @@ from the last per-epoch checkpoint (`ray.train.get_checkpoint()`), not from scra
 from __future__ import annotations
 
 import json
-import os
-import signal
 import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from rrhf_ray.config import TrainConfig
-from rrhf_ray.train.core import STATE_FILE
+from rrhf_ray.train.checkpoints import STATE_FILE
 from rrhf_ray.train.rrhf import TrainJob, fit
-from tests.helpers import write_ranked
+from tests.helpers import kill_the_train_worker, write_ranked
 
 pytestmark = pytest.mark.ray
-
-
-def train_worker_pids() -> list[int]:
-    """Processes of Ray Train workers on this machine (their title names the actor class)."""
-    pids = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if cmd.startswith("ray::RayTrainWorker"):
-            pids.append(p.pid)
-    return pids
 
 
 def wait_for_registered_checkpoint(run_dir: Path, thread: threading.Thread, timeout_s: float) -> dict:
@@ -71,9 +58,7 @@ def test_a_killed_worker_resumes_from_the_last_epoch_checkpoint(ray_cluster, tin
     try:
         registered = wait_for_registered_checkpoint(storage / "fault", thread, timeout_s=240)
         assert registered["metrics"]["epoch"] < cfg.epochs, "training ended before the kill"
-        pids = train_worker_pids()
-        assert len(pids) == 1
-        os.kill(pids[0], signal.SIGKILL)
+        kill_the_train_worker()
     finally:
         thread.join(timeout=300)
     assert not thread.is_alive()

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rrhf_ray.cli import main
-from rrhf_ray.train.rrhf import ranking_metrics
+from rrhf_ray.train.ranking import ranking_metrics
 from rrhf_ray.types import read_groups
 from tests.helpers import write_ranked
 

@@ -9,7 +9,6 @@ import torch
 
 from rrhf_ray.train.prefix import (
     PackedQueries,
-    PrefixSharedForward,
     candidate_logprobs_padded,
     candidate_logprobs_shared,
     supports_prefix_sharing,
@@ -21,10 +20,8 @@ ARCHS = ["llama", "qwen2", "mistral", "gpt_neox"]
 
 
 def _build_tiny_llama(out_dir: Path) -> Path:
-    try:
-        from rrhf_ray.demo.tiny import build_tiny_llama
-    except ImportError:  # before the move
-        from rrhf_ray.tiny import build_tiny_llama
+    from rrhf_ray.demo.tiny import build_tiny_llama
+
     return build_tiny_llama(out_dir, hidden_size=128, num_layers=2, num_heads=2, seed=0)
 
 
@@ -122,7 +119,7 @@ def test_single_query_one_token(models: dict[str, torch.nn.Module]) -> None:
     batch = PackedQueries([[1, 50, 60]], [[[2]]])
     with torch.no_grad():
         ref, _ = candidate_logprobs_padded(model, batch)
-        got, lengths = PrefixSharedForward(model)(batch)
+        got, lengths = candidate_logprobs_shared(model, batch)
     assert lengths.tolist() == [1]
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
 
@@ -152,7 +149,10 @@ def test_gradient_checkpointing_shares_the_prompt_too(models: dict[str, torch.nn
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_sliding_window_too_short_falls_back() -> None:
+def test_a_sliding_window_shorter_than_a_row_is_refused_by_the_shared_path() -> None:
+    """A window that P_max + R_max reaches would cut the packed row elsewhere than the padded
+    one: the shared forward refuses it (never a silently different result); the padded path,
+    what `train.prefix_sharing: off` runs, still scores the batch."""
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
@@ -161,12 +161,13 @@ def test_sliding_window_too_short_falls_back() -> None:
         num_hidden_layers=1, intermediate_size=128, sliding_window=16,
     )).eval()
     batch = _batch(VOCAB)  # P_max 40 + R_max > 16
+    assert supports_prefix_sharing(model)  # the architecture is supported, the window is what refuses
     with pytest.raises(ValueError, match="sliding window"):
         candidate_logprobs_shared(model, batch)
     with torch.no_grad():
-        got, _ = PrefixSharedForward(model)(batch)
-        ref, _ = candidate_logprobs_padded(model, batch)
-    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+        logp, lengths = candidate_logprobs_padded(model, batch)
+    assert lengths.tolist() == [len(r) for r in batch.flat_responses]
+    assert bool(torch.isfinite(logp).all()) and bool((logp < 0).all())
 
 
 def test_supports_prefix_sharing_allow_list() -> None:

@@ -16,7 +16,9 @@ from rrhf_ray.config import TrainConfig, load_config
 from rrhf_ray.demo import DEMO_CONFIG
 from rrhf_ray.state import RunState, timed_stage
 from rrhf_ray.train import reference
-from rrhf_ray.train.rrhf import Encoder, encoded_logprobs, micro_batch_loss, use_prefix_sharing
+from rrhf_ray.train.encoding import Encoder
+from rrhf_ray.train.loop import MicroBatch
+from rrhf_ray.train.rrhf import encoded_logprobs, micro_batch_loss, use_prefix_sharing
 from rrhf_ray.train.tokens import tokenizer_fingerprint
 from rrhf_ray.types import QueryGroup, read_groups, write_groups
 from rrhf_ray.workflow import reference_stage
@@ -48,7 +50,8 @@ def test_reference_equals_the_policys_own_log_probabilities_so_dpo_starts_at_log
         assert e.refs == pytest.approx(mine, abs=1e-4)
 
     model.train()
-    out, _ = micro_batch_loss(model, enc, DPO, torch.device("cpu"), scale=1.0, shared=shared)
+    out, _ = micro_batch_loss(model, enc, DPO, MicroBatch(list(range(len(enc))), 1.0, torch.device("cpu")),
+                              shared=shared)
     assert out.rank_loss.item() == pytest.approx(math.log(2), abs=1e-4)
     assert out.loss.item() == pytest.approx(math.log(2), abs=1e-4)  # sft_weight 0
 

@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rrhf_ray.config import LoraConfig, TrainConfig
 from rrhf_ray.data.pairs import read_preference_pairs
-from rrhf_ray.train.core import is_finished_model
+from rrhf_ray.train.checkpoints import is_finished_model
 from rrhf_ray.train.reward_model import (
     RewardModelJob,
     bradley_terry_loss,

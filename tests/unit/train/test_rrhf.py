@@ -8,16 +8,17 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rrhf_ray.config import LoraConfig, TrainConfig
-from rrhf_ray.train.core import load_causal_lm, micro_batches, plan_steps, save_hf_checkpoint
+from rrhf_ray.train.checkpoints import save_hf_checkpoint
+from rrhf_ray.train.encoding import Encoder, group_tensors
+from rrhf_ray.train.loop import MicroBatch, micro_batches, plan_steps
 from rrhf_ray.train.rrhf import (
-    Encoder,
     TrainJob,
     candidate_logprobs,
-    encode_group,
     micro_batch_loss,
     train_loop_per_worker,
 )
 from rrhf_ray.train.tokens import tokenizer_fingerprint
+from rrhf_ray.train.worker import load_causal_lm
 from rrhf_ray.types import QueryGroup, read_groups
 from tests.helpers import ranked_rows, write_ranked
 
@@ -32,9 +33,19 @@ def load(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
+def encode(tokenizer, group, max_length):
+    """`group` as the trainer encodes it (`train.truncated` keep: every candidate stays)."""
+    return Encoder(tokenizer, max_length)(group)
+
+
+def step(groups, scale):
+    """The loop's micro-batch of `groups` on the CPU: no DDP, no autocast."""
+    return MicroBatch(list(range(len(groups))), scale, torch.device("cpu"))
+
+
 def test_encode_masks_the_prompt_and_closes_with_eos(tokenizer):
     g = QueryGroup(query="\n\nHuman: hi\n\nAssistant:", responses=[" Hello there", ""], scores=[1, 0])
-    enc = encode_group(tokenizer, g, max_length=64)
+    enc = encode(tokenizer, g, max_length=64)
     q = tokenizer(g.query)["input_ids"]
     r = tokenizer(" Hello there", add_special_tokens=False)["input_ids"]
     assert enc.ids[0] == q + r + [tokenizer.eos_token_id]
@@ -45,7 +56,7 @@ def test_encode_masks_the_prompt_and_closes_with_eos(tokenizer):
 def test_encode_truncates_the_query_from_the_left_once_per_group_keeping_bos(tokenizer):
     g = QueryGroup(query="\n\nHuman: " + "very long question " * 40 + "\n\nAssistant:",
                    responses=[" short answer", " a somewhat longer answer than that"], scores=[0, 1])
-    enc = encode_group(tokenizer, g, max_length=40)
+    enc = encode(tokenizer, g, max_length=40)
     resp = tokenizer(" short answer", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     longer = tokenizer(" a somewhat longer answer than that", add_special_tokens=False)["input_ids"]
     assert len(enc.ids[1]) == 40 and len(enc.ids[0]) == 40 - len(longer) - 1 + len(resp)
@@ -67,7 +78,7 @@ def test_encode_uses_the_samplers_token_ids_and_closes_only_stopped_replies(toke
     g = QueryGroup(query=q, responses=[" Hi", " Hi there", " Hey"], scores=[1, 0, 0.5],
                    token_ids=[odd + [tokenizer.eos_token_id], odd, None],
                    finish_reasons=["stop", "length", None], prompt_ids=prompt, tokenizer=fingerprint)
-    enc = encode_group(tokenizer, g, 64)
+    enc = encode(tokenizer, g, 64)
     assert enc.prompt == prompt
     assert enc.responses[0] == odd + [tokenizer.eos_token_id]  # EOS already there: not doubled
     assert enc.responses[1] == odd  # truncated: no EOS
@@ -77,7 +88,7 @@ def test_encode_uses_the_samplers_token_ids_and_closes_only_stopped_replies(toke
     dropped = Encoder(tokenizer, 64, truncated="drop")(g)
     assert dropped.responses == [enc.responses[0], enc.responses[2]] and dropped.rewards == [1, 0.5]
 
-    other = encode_group(tokenizer, g.model_copy(update={"tokenizer": "another"}), 64)
+    other = encode(tokenizer, g.model_copy(update={"tokenizer": "another"}), 64)
     assert other.responses[0] == tokenizer(" Hi", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
@@ -86,7 +97,7 @@ def test_padding_does_not_change_a_candidates_log_probability(tiny_model_dir, to
     model = load(tiny_model_dir).eval()
     g = QueryGroup(query="\n\nHuman: hi\n\nAssistant:",
                    responses=[" Hi!", " A much longer answer with many more tokens in it."], scores=[1, 0])
-    enc = encode_group(tokenizer, g, 64)
+    enc = encode(tokenizer, g, 64)
     with torch.no_grad():
         for shared in (False, True):
             together, lengths = candidate_logprobs(model, [enc], shared)
@@ -95,36 +106,38 @@ def test_padding_does_not_change_a_candidates_log_probability(tiny_model_dir, to
             assert lengths.tolist() == [len(r) for r in enc.responses]
 
 
-def gradients(model_dir, tokenizer, groups, split: list[int] | None, chunk: int | None,
+def gradients(model_dir, tokenizer, groups, micro_batch_queries: int, chunk: int | None = None,
               checkpointing: bool = False, shared: bool = False, budget: int | None = None):
-    """Parameter gradients of one optimizer step over `groups`, cut into micro-batches of the
-    sizes in `split` (or packed to `budget` tokens by the trainer's own packing)."""
+    """Parameter gradients of one optimizer step over `groups` on one worker, cut into
+    micro-batches by the trainer's own `micro_batches` from the config (`micro_batch_queries`,
+    or packed to `train.micro_batch_tokens`)."""
     torch.manual_seed(0)
-    cfg = TrainConfig(queries_per_step=len(groups), candidate_chunk_size=chunk,
-                      gradient_checkpointing=checkpointing, micro_batch_tokens=budget)
+    cfg = TrainConfig(queries_per_step=len(groups), micro_batch_queries=micro_batch_queries,
+                      candidate_chunk_size=chunk, gradient_checkpointing=checkpointing,
+                      micro_batch_tokens=budget)
     model = load_causal_lm(str(model_dir), cfg, False)
     model.train()
-    enc = [encode_group(tokenizer, g, 96) for g in groups]
-    if split is None:
-        batches = micro_batches(list(range(len(enc))), cfg, lambda i: enc[i].tokens(shared))
+    enc = [encode(tokenizer, g, 96) for g in groups]
+    batches = micro_batches(list(range(len(enc))), cfg.micro_batch_queries,
+                            lambda i: enc[i].tokens(shared), cfg.micro_batch_tokens)
+    if budget is not None:
         assert len(batches) > 1  # the budget really cut the step
-    else:
-        starts = [sum(split[:i]) for i in range(len(split))]
-        batches = [list(range(s, s + n)) for s, n in zip(starts, split)]
     for idx in batches:
-        micro_batch_loss(model, [enc[i] for i in idx], cfg, torch.device("cpu"),
-                         scale=1.0 / len(groups), shared=shared)
-    return {n: p.grad.clone() for n, p in model.named_parameters()}
+        part = [enc[i] for i in idx]
+        micro_batch_loss(model, part, cfg, step(part, 1.0 / len(groups)), shared=shared)
+    return {n: p.grad.clone() for n, p in model.named_parameters()}, len(batches)
 
 
 def test_accumulation_and_chunking_give_the_same_gradient(tiny_model_dir, tokenizer):
-    """1 micro-batch of 8 queries = 8 micro-batches of 1 = 2 × 4 with candidates in chunks of 2
-    = 1 × 8 with gradient checkpointing (activations recomputed in the backward)."""
+    """1 micro-batch of 8 queries (`micro_batch_queries=8`) = 8 micro-batches of 1 accumulated
+    (`micro_batch_queries=1`) = 2 × 4 with candidates in chunks of 2 = 1 × 8 with gradient
+    checkpointing (activations recomputed in the backward)."""
     groups = [QueryGroup(**r) for r in ranked_rows(8)]
-    one = gradients(tiny_model_dir, tokenizer, groups, [8], None)
-    eight = gradients(tiny_model_dir, tokenizer, groups, [1] * 8, None)
-    chunked = gradients(tiny_model_dir, tokenizer, groups, [4, 4], 2)
-    recomputed = gradients(tiny_model_dir, tokenizer, groups, [8], None, checkpointing=True)
+    one, n_one = gradients(tiny_model_dir, tokenizer, groups, 8)
+    eight, n_eight = gradients(tiny_model_dir, tokenizer, groups, 1)
+    chunked, n_chunked = gradients(tiny_model_dir, tokenizer, groups, 4, chunk=2)
+    recomputed, _ = gradients(tiny_model_dir, tokenizer, groups, 8, checkpointing=True)
+    assert (n_one, n_eight, n_chunked) == (1, 8, 2)  # the config's accumulation: 1, 8 and 2 steps
     for name, g in one.items():
         assert g.abs().max() > 0, name
         torch.testing.assert_close(eight[name], g, rtol=1e-4, atol=1e-6)
@@ -142,15 +155,17 @@ def test_prefix_sharing_and_token_budgets_give_the_padded_gradient(tiny_model_di
         keep = 1 + i % 4
         r["responses"], r["scores"] = r["responses"][:keep], r["scores"][:keep]
     groups = [QueryGroup(**r) for r in rows]
-    padded = gradients(tiny_model_dir, tokenizer, groups, [8], None)
+    padded, _ = gradients(tiny_model_dir, tokenizer, groups, 8)
     variants = {
-        "shared": gradients(tiny_model_dir, tokenizer, groups, [8], None, shared=True),
-        "shared, 8 × 1": gradients(tiny_model_dir, tokenizer, groups, [1] * 8, None, shared=True),
-        "shared, budget": gradients(tiny_model_dir, tokenizer, groups, None, None, shared=True, budget=120),
-        "padded, budget": gradients(tiny_model_dir, tokenizer, groups, None, None, budget=200),
-        "shared, chunked by budget": gradients(tiny_model_dir, tokenizer, groups, [8], None,
-                                               shared=True, budget=40),
+        "shared": gradients(tiny_model_dir, tokenizer, groups, 8, shared=True)[0],
+        "shared, 8 × 1": gradients(tiny_model_dir, tokenizer, groups, 1, shared=True)[0],
+        "shared, budget": gradients(tiny_model_dir, tokenizer, groups, 8, shared=True, budget=120)[0],
+        "padded, budget": gradients(tiny_model_dir, tokenizer, groups, 8, budget=200)[0],
     }
+    # A budget smaller than any query: each query is a micro-batch of its own, its candidates in chunks.
+    chunked, n = gradients(tiny_model_dir, tokenizer, groups, 8, shared=True, budget=40)
+    assert n == 8
+    variants["shared, chunked by budget"] = chunked
     for name, g in padded.items():
         assert g.abs().max() > 0, name
         for variant, grads in variants.items():
@@ -216,7 +231,7 @@ LOSS_OPTIONS = {  # non-default settings, so that a setting the trainer dropped 
 def _loss_groups(tokenizer):
     rows = ranked_rows(4)
     rows[3]["scores"] = [0.5, 0.5, 0.5]  # a query without a strict pair
-    enc = [encode_group(tokenizer, QueryGroup(**r), 96) for r in rows]
+    enc = [encode(tokenizer, QueryGroup(**r), 96) for r in rows]
     g = torch.Generator().manual_seed(3)
     for e in enc:  # a reference that differs from the policy, so that h ≠ 0
         e.refs = (-torch.rand(len(e.responses), generator=g) * 40).tolist()
@@ -226,7 +241,7 @@ def _loss_groups(tokenizer):
 def _step(model_dir, enc, cfg):
     model = load(model_dir)
     model.train()
-    out, _ = micro_batch_loss(model, enc, cfg, torch.device("cpu"), scale=1.0)
+    out, _ = micro_batch_loss(model, enc, cfg, step(enc, 1.0))
     return out, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
@@ -247,17 +262,13 @@ def test_micro_batch_loss_optimises_the_configured_loss(name, tiny_model_dir, to
     model = load(tiny_model_dir)
     model.train()
     logp, lengths = candidate_logprobs(model, enc, False)
+    t = group_tensors(enc, logp, lengths)
     k = max(len(e.responses) for e in enc)
-    valid = torch.zeros((len(enc), k), dtype=torch.bool)
-    rewards, ref = torch.zeros((len(enc), k)), torch.zeros((len(enc), k))
+    ref = torch.zeros((len(enc), k))
     for b, e in enumerate(enc):
-        valid[b, : len(e.responses)] = True
-        rewards[b, : len(e.rewards)] = torch.tensor(e.rewards)
         ref[b, : len(e.refs)] = torch.tensor(e.refs)
     extra = {"ref_logp_sum": ref} if name == "dpo" else {}
-    direct = LOSSES[name](logp.new_zeros(valid.shape).masked_scatter(valid, logp),
-                          lengths.new_zeros(valid.shape).masked_scatter(valid, lengths), rewards, valid,
-                          **LOSS_OPTIONS[name], **extra)
+    direct = LOSSES[name](t.logp_sum, t.lengths, t.rewards, t.valid, **LOSS_OPTIONS[name], **extra)
     direct.per_query_loss.sum().backward()
     for field in ("loss", "rank_loss", "sft_loss", "num_pairs"):
         torch.testing.assert_close(getattr(out, field), getattr(direct, field), rtol=1e-5, atol=1e-6)
@@ -294,3 +305,29 @@ def test_shuffled_rewards_permute_within_each_group_seeded():
     for g, s in zip(groups, a):
         assert sorted(s.scores) == sorted(g.scores) and s.responses == g.responses
     assert sum(g.scores != s.scores for g, s in zip(groups, a)) >= 6  # most orders change
+
+
+def test_group_tensors_lay_out_groups_of_different_k_as_b_by_k(tokenizer):
+    """Query-major flat values → [B, K]: group 0's two candidates, group 1's three; the empty
+    slot is invalid and holds zeros."""
+    rows = ranked_rows(2)
+    rows[0]["responses"], rows[0]["scores"] = rows[0]["responses"][:2], rows[0]["scores"][:2]
+    enc = [encode(tokenizer, QueryGroup(**r), 96) for r in rows]
+    t = group_tensors(enc, torch.tensor([-1.0, -2.0, -3.0, -4.0, -5.0]), torch.tensor([1, 2, 3, 4, 5]))
+    assert t.logp_sum.tolist() == [[-1.0, -2.0, 0.0], [-3.0, -4.0, -5.0]]
+    assert t.lengths.tolist() == [[1, 2, 0], [3, 4, 5]]
+    assert t.valid.tolist() == [[True, True, False], [True, True, True]]
+    assert t.rewards.tolist() == [rows[0]["scores"] + [0.0], rows[1]["scores"]]
+
+
+def test_ranking_metrics_load_the_policy_in_model_dtype(tiny_model_dir):
+    """The held-out ranking metric (`ranking_task`): auto = float32 on a CPU, bfloat16 loads
+    bf16 weights; its accuracy is a share of the 3 strict pairs of each of the 4 queries."""
+    from rrhf_ray.train.ranking import ranking_metrics
+
+    groups = [QueryGroup(**r) for r in ranked_rows(4)]
+    auto = ranking_metrics(str(tiny_model_dir), groups)
+    assert auto == ranking_metrics(str(tiny_model_dir), groups, dtype="float32")
+    assert auto["rank_accuracy"] * 12 == pytest.approx(round(auto["rank_accuracy"] * 12))
+    bf16 = ranking_metrics(str(tiny_model_dir), groups, dtype="bfloat16")
+    assert bf16["best_nll"] != auto["best_nll"] and bf16["best_nll"] == pytest.approx(auto["best_nll"], rel=0.05)

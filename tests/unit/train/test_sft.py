@@ -138,3 +138,18 @@ def test_one_batch_equals_single_examples_in_gradient(tiny_model_dir, tokenizer)
     alone = grads([[e] for e in encoded])
     for name, g in together.items():
         torch.testing.assert_close(alone[name], g, rtol=1e-4, atol=1e-6)
+
+
+def test_model_dtype_sets_the_weights_of_the_heldout_nll_model(tiny_model_dir):
+    """`model.dtype` reaches the evaluation's loader: auto is float32 on a CPU (the same number
+    as float32), bfloat16 loads bf16 weights (a slightly different number)."""
+    from rrhf_ray.train.worker import inference_dtype
+
+    assert inference_dtype("auto", "cpu") == torch.float32
+    assert inference_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+    assert inference_dtype("float16", "cpu") == torch.float16
+    held = [SFTPair(r["query"], r["response"]) for r in sft_rows(4, held_out=True)]
+    auto = heldout_nll(tiny_model_dir, held)
+    assert auto == heldout_nll(tiny_model_dir, held, dtype="float32")
+    bf16 = heldout_nll(tiny_model_dir, held, dtype="bfloat16")
+    assert bf16 != auto and bf16 == pytest.approx(auto, rel=0.05)
