@@ -27,11 +27,11 @@ from rrhf_ray import registry
 from rrhf_ray.config import (
     ConfigError,
     TrainConfig,
+    absolute_path,
     apply_overrides,
     build,
     dump_config,
     load_config,
-    absolute_path,
 )
 from rrhf_ray.connection import connect_ray
 from rrhf_ray.types import DataError
@@ -145,9 +145,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if preset.policy is not None:
         from rrhf_ray.actors.pools import build_pools
 
-        connect_ray(config)
+        log_dir = connect_ray(config)
         model = config.model.name_or_path
-        pools = build_pools(config, preset, model, model, version)
+        pools = build_pools(config, preset, model, model, version, log_dir=log_dir)
     from rrhf_ray.stages import sample_candidates
 
     try:
@@ -171,8 +171,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     with user_input():
         config = check_score(load_config(_config_path(args.config), args.overrides)).config  # rule or model
         groups = [CandidateGroup.from_group(g) for g in read_groups(args.pool, scored=False)]
-    connect_ray(config)
-    pool = RewardPool(config.reward)
+    pool = RewardPool(config.reward, log_dir=connect_ray(config))
     try:
         scored = ray.get(pool.score_refs(groups))
     except RewardError as err:

@@ -227,10 +227,10 @@ def run_shared_stages(config: RunConfig) -> dict[str, dict]:
     checked = check_run(config)
     state = RunState(Path(config.output.dir), config)
     cfg = checked.config
-    connect_ray(cfg)
+    log_dir = connect_ray(cfg)
     out = Path(cfg.output.dir)
-    sft_model(cfg, out, state, base_model(cfg, out, state), None)
-    reward_config(cfg, out, state, None)
+    sft_model(cfg, out, state, base_model(cfg, out, state), None, log_dir)
+    reward_config(cfg, out, state, None, log_dir)
     return {k: v for k, v in state.data["stages"].items() if k in SHARED_STAGES}
 
 

@@ -17,17 +17,20 @@ logger = logging.getLogger(__name__)
 LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 600_000}
 
 
-def connect_ray(config: RunConfig) -> None:
+def connect_ray(config: RunConfig) -> str | None:
     """Join the configured cluster (`ray.address` or RAY_ADDRESS) or start a local one. The run's
     logs go to `<output.dir>/logs/` from here on (`rrhf_ray.logs`): the driver's log, and the
-    output of the actors and Ray processes, kept off the console unless `--verbose`."""
+    output of the actors and Ray processes, kept off the console unless `--verbose`. Returns that
+    log directory, which the actors and trainers this run starts are given (None: Ray's own logs,
+    for an `output.dir` on object storage, whose local mirror the driver connects with)."""
     import ray
 
     from rrhf_ray import logs
     from rrhf_ray.remote import is_remote
 
+    log_dir = None
     if not is_remote(config.output.dir):  # a bucket run connects with its local mirror's path
-        logs.start_run_logs(Path(config.output.dir) / "logs")
+        log_dir = str(logs.start_run_logs(Path(config.output.dir) / "logs"))
     log_to_driver = logs.ray_log_to_driver()
     if not ray.is_initialized():  # else joined already (a notebook's or a test's ray.init)
         address = config.ray.address or os.environ.get("RAY_ADDRESS")
@@ -42,3 +45,4 @@ def connect_ray(config: RunConfig) -> None:
         logs.quiet_library_loggers()  # ray.init configured Ray's loggers anew
         if log_to_driver:
             logs.route_worker_output()
+    return log_dir

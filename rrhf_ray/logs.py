@@ -120,9 +120,10 @@ def setup_console(verbose: bool) -> None:
 
 
 def start_run_logs(log_dir: str | os.PathLike) -> Path:
-    """Write the driver's log to `log_dir/driver.log` (the console becomes quiet unless verbose)
-    and make `log_dir` the directory the actors started from now on write to (`current_log_dir`).
-    A second call (another run in this process, `compare`) moves to the new directory."""
+    """Write the driver's log to `log_dir/driver.log` (the console becomes quiet unless verbose),
+    and the raylet's and Ray's own workers' lines to `log_dir` (`route_worker_output`); returns
+    the resolved directory, which the driver hands the actors it starts. A second call (another
+    run in this process, `compare`) moves to the new directory."""
     path = Path(log_dir).resolve()
     path.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
@@ -179,7 +180,7 @@ def quiet_library_loggers() -> None:
 
 
 def current_log_dir() -> str | None:
-    """The run's log directory (`start_run_logs`), which actors started now redirect into."""
+    """The directory whose driver.log this process writes now (`start_run_logs`), else None."""
     return str(_state["log_dir"]) if _state["log_dir"] is not None else None
 
 

@@ -73,27 +73,26 @@ class EngineCache:
 
 
 def start_pool(config: RunConfig, tag: str, weights: str, version: int, *, store: RunStore | None = None,
-               engines: EngineCache | None = None) -> SamplerPool:
-    """A pool serving `weights` (labelled `version`): a kept one of the same settings from
-    `engines` with the weights loaded in place, else new engines."""
+               engines: EngineCache | None = None, log_dir: str | None = None) -> SamplerPool:
+    """A pool serving `weights` (labelled `version`) and writing to `log_dir`: a kept one of the
+    same settings from `engines` with the weights loaded in place, else new engines."""
     import ray
 
     from rrhf_ray.actors.sampler import SamplerPool
-    from rrhf_ray.logs import current_log_dir
 
     kept = engines.take(tag, engine_settings(config, tag)) if engines is not None else None
     if kept is not None:
         logger.info("sampler engines (%s) kept from the previous run: loading %s in place", tag, weights)
-        ray.get(kept.redirect_logs_refs(current_log_dir()) + kept.load_weights_refs(weights, version))
+        ray.get(kept.redirect_logs_refs(log_dir) + kept.load_weights_refs(weights, version))
         return kept
     model = config.model
     return SamplerPool(weights, config.sampling, tag=tag, version=version, tokenizer=model.tokenizer,
-                       trust_remote_code=model.trust_remote_code, store=store)
+                       trust_remote_code=model.trust_remote_code, store=store, log_dir=log_dir)
 
 
 def build_pools(config: RunConfig, preset: Preset, rho: str, current: str, version: int, *,
                 store: RunStore | None = None, engines: EngineCache | None = None,
-                with_current: bool = False) -> dict[str, SamplerPool]:
+                log_dir: str | None = None, with_current: bool = False) -> dict[str, SamplerPool]:
     """The pools `preset` samples from: "current" (the weights at `current`, labelled `version`)
     or "initial" (ρ at `rho`); none for P. `with_current`: a "current" pool in any case (the
     driver's evaluation samples from ρ*). The paths are what the engines read (the bucket's URIs
@@ -101,9 +100,10 @@ def build_pools(config: RunConfig, preset: Preset, rho: str, current: str, versi
     `rrhf-ray sample`, so the two build the same engines."""
     pools = {}
     if preset.policy == "initial":
-        pools["initial"] = start_pool(config, "initial", rho, 0, store=store, engines=engines)
+        pools["initial"] = start_pool(config, "initial", rho, 0, store=store, engines=engines, log_dir=log_dir)
     if preset.policy == "current" or with_current:
-        pools["current"] = start_pool(config, "policy", current, version, store=store, engines=engines)
+        pools["current"] = start_pool(config, "policy", current, version, store=store, engines=engines,
+                                      log_dir=log_dir)
     return pools
 
 

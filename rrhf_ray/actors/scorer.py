@@ -31,7 +31,7 @@ import ray
 from rrhf_ray import registry
 from rrhf_ray.actors.dispatch import dispatch_chunks
 from rrhf_ray.config import RewardConfig
-from rrhf_ray.logs import current_log_dir, redirect_process_output
+from rrhf_ray.logs import redirect_process_output
 from rrhf_ray.train.tokens import collate, encode
 from rrhf_ray.types import CandidateGroup, DataError, QueryGroup
 
@@ -165,8 +165,9 @@ def _score_task(workers: list[Any] | None, rule: str | None, num_workers: int,
 class RewardPool:
     """M reward workers: `RewardScorer` actors (kind=model) or rule tasks (kind=rule)."""
 
-    def __init__(self, config: RewardConfig, store: RunStore | None = None) -> None:
-        """`store`: the run's bucket mirror (its credentials go to the workers), None for a local run."""
+    def __init__(self, config: RewardConfig, store: RunStore | None = None, log_dir: str | None = None) -> None:
+        """`store`: the run's bucket mirror (its credentials go to the workers), None for a local
+        run; `log_dir`: where reward-model workers write their output (None: Ray's logs)."""
         self.config = config
         self.workers: list[Any] | None = None
         if config.kind == "rule":
@@ -179,7 +180,7 @@ class RewardPool:
 
         actor_cls = ray.remote(RewardScorer).options(
             num_cpus=config.cpus_per_worker, num_gpus=gpus, max_restarts=1, **actor_options(store))
-        self.workers = [actor_cls.remote(config.model, config, current_log_dir()) for _ in range(config.num_workers)]
+        self.workers = [actor_cls.remote(config.model, config, log_dir) for _ in range(config.num_workers)]
 
     def score_refs(self, groups: Sequence[CandidateGroup], *, progress: bool = True) -> ray.ObjectRef:
         """A ref to one scored QueryGroup per input group, in order (sources kept)."""

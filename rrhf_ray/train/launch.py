@@ -11,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rrhf_ray.logs import current_log_dir
 from rrhf_ray.train.checkpoints import install_checkpoint, is_finished_model
 from rrhf_ray.train.jobs import FitJob, PairJob
 
@@ -36,7 +35,7 @@ def torch_trainer(loop: Callable[[dict[str, Any]], Any], job: FitJob, *, name: s
                   max_failures: int, store: RunStore | None, **loop_config: Any) -> Any:
     """A `TorchTrainer` running `loop` on `job.train.num_workers` workers (a GPU each with
     `train.use_gpu`), `loop`'s config {"job": job as a dict, **loop_config}; the workers log to
-    `job.log_dir` (default: this run's log directory), Ray Train keeps the last reported
+    `job.log_dir` (None: Ray's logs), Ray Train keeps the last reported
     checkpoint under `storage_path/name` and restarts a failed group up to `max_failures` times."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -44,7 +43,6 @@ def torch_trainer(loop: Callable[[dict[str, Any]], Any], job: FitJob, *, name: s
     from rrhf_ray.mirror import actor_options
 
     cfg = job.train
-    job = job.model_copy(update={"log_dir": job.log_dir or current_log_dir()})
     poll_workers_often()
     return TorchTrainer(
         loop,

@@ -182,7 +182,8 @@ def pairwise_accuracy(model_path: str | Path, pairs: Sequence[PreferencePair | t
 # --------------------------------------------------------------------------- the workflow stage
 
 
-def run_reward_model_stage(run_config: Any, out_dir: str | Path, store: RunStore | None = None) -> Path:
+def run_reward_model_stage(run_config: Any, out_dir: str | Path, store: RunStore | None = None,
+                           log_dir: str | None = None) -> Path:
     """Train a reward model on `run_config.reward_model` into `out_dir/<output_subdir>`; the
     driver scores the rounds with the returned directory (reward.kind: model). A finished model
     already there is kept. Trains under Ray Train when Ray is connected, else in this process."""
@@ -193,7 +194,7 @@ def run_reward_model_stage(run_config: Any, out_dir: str | Path, store: RunStore
         model_path=stage.base_model or run_config.model.name_or_path, data_path=stage.data,
         output_dir=str(Path(out_dir) / stage.output_subdir), train=stage.train,
         data_format=stage.format, eval_path=stage.eval_data, eval_fraction=stage.eval_fraction,
-        trust_remote_code=run_config.model.trust_remote_code,
+        trust_remote_code=run_config.model.trust_remote_code, log_dir=log_dir,
     )
     return train_once(job, rm_loop_per_worker, fit_reward_model, what="reward-model",
                       name=f"{Path(out_dir).name}-reward-model", storage_path=run_config.output.storage_path,

@@ -143,7 +143,8 @@ def heldout_nll(model_path: str | Path, pairs: Sequence[SFTPair | tuple[str, str
 # --------------------------------------------------------------------------- the workflow stage
 
 
-def run_sft_stage(run_config: Any, out_dir: str | Path, store: RunStore | None = None) -> Path:
+def run_sft_stage(run_config: Any, out_dir: str | Path, store: RunStore | None = None,
+                  log_dir: str | None = None) -> Path:
     """Fine-tune `run_config.model` on `run_config.sft` into `out_dir/<sft.output_subdir>`; the
     driver starts RRHF from the returned directory. A finished model already there is kept (a
     resumed run never redoes the stage). Trains under Ray Train when Ray is connected, else here."""
@@ -155,7 +156,7 @@ def run_sft_stage(run_config: Any, out_dir: str | Path, store: RunStore | None =
         output_dir=str(Path(out_dir) / stage.output_subdir),
         train=stage.train, data_format=stage.format, eval_path=stage.eval_data,
         eval_fraction=stage.eval_fraction, tokenizer_path=run_config.model.tokenizer,
-        trust_remote_code=run_config.model.trust_remote_code,
+        trust_remote_code=run_config.model.trust_remote_code, log_dir=log_dir,
     )
     return train_once(job, sft_loop_per_worker, fit_sft, what="SFT", name=f"{Path(out_dir).name}-sft",
                       storage_path=run_config.output.storage_path, store=store)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from rrhf_ray import compare
-from rrhf_ray.compare import Plan, RunResult, Variant, aggregate, parse_seeds, parse_variant
+from rrhf_ray import compare, compare_table
+from rrhf_ray.compare import Plan, parse_seeds, parse_variant
+from rrhf_ray.compare_table import RunResult, Variant, aggregate
 from rrhf_ray.config import ConfigError, load_config
 from rrhf_ray.demo import DEMO_CONFIG
 from rrhf_ray.loss import LOSSES
@@ -160,7 +161,7 @@ def test_round_seconds_sum_each_rounds_stages():
               "round0/eval": {"seconds": 3.0}, "round1/sample": {"seconds": 1.5},
               "round1/reference": {"seconds": 0.5}, "round1/train": {"seconds": 2.0},
               "round1/eval": {"seconds": 3.0}}
-    assert compare.round_seconds(stages) == {0: 3.0, 1: 7.0}
+    assert compare_table.round_seconds(stages) == {0: 3.0, 1: 7.0}
 
 
 def test_aggregate_means_and_stds_over_seeds_per_variant_and_round():
@@ -191,14 +192,14 @@ def test_markdown_and_plot():
     results = [RunResult("rrhf", s, rows([0.0 + s / 10, 0.4 + s / 10]), {0: 3.0, 1: 10.0}) for s in (0, 1)]
     results.append(RunResult("shuffled", 0, rows([0.0, -0.3]), {0: 3.0, 1: 9.0}))
     out = aggregate(results)
-    md = compare.format_markdown(out, seeds=[0, 1], variants=[Variant("rrhf", ()),
+    md = compare_table.format_markdown(out, seeds=[0, 1], variants=[Variant("rrhf", ()),
                                                               Variant("shuffled", ("train.shuffle_rewards=true",))])
     assert "| variant | round | sampled reward | win vs r0 (greedy) | perplexity | seconds |" in md
     assert "| rrhf | 1 | +0.450 ± 0.071 | 0.70 ± 0.00 | 1.40 ± 0.00 | 10 ± 0 |" in md
     assert "| shuffled | 1 | -0.300 | 0.70 | 1.40 | 9 |" in md
     assert "reply length |" not in md  # no run reported it: the column is left out
     assert "- `shuffled`: `train.shuffle_rewards=true`" in md
-    png = compare.plot(out)
+    png = compare_table.plot(out)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
 
 

@@ -109,9 +109,12 @@ def test_there_is_no_import_cycle():
 
 MUTATORS = {"append", "extend", "insert", "update", "pop", "popitem", "clear", "setdefault", "add",
             "discard", "remove"}
-# The built-ins registry is filled when a package that registers built-ins is imported (the
-# entry-point mechanism of rrhf_ray/registry.py): a table of the installed packages, not a run's state.
-ALLOWED_STATE = {"rrhf_ray.registry": {"_REGISTRY"}}
+# Two tables that belong to the process, not to a run: the built-ins registry, filled when a
+# package that registers built-ins is imported (the entry-point mechanism of rrhf_ray/registry.py),
+# and the process's logging set-up (the console handler and its verbosity, the attached
+# driver.log, Ray's print hook: rrhf_ray/logs.py), which like the logging module's own state
+# exists once per process. What a run's actors need of it (its log directory) is passed to them.
+ALLOWED_STATE = {"rrhf_ray.registry": {"_REGISTRY"}, "rrhf_ray.logs": {"_state"}}
 
 
 def _root_name(node: ast.AST) -> str | None:

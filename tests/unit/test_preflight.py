@@ -525,19 +525,50 @@ def test_a_pydantic_error_from_job_construction_is_one_line(tmp_path: Path, mode
     (FileNotFoundError(2, "No such file or directory", "/data/x.jsonl"),
      "No such file or directory: /data/x.jsonl"),
     (IsADirectoryError(21, "Is a directory", "/data"), "Is a directory: /data"),
-    (KeyError("x"), None),  # not a user's mistake: a traceback, as for any bug
-], ids=["FileNotFoundError", "IsADirectoryError", "KeyError"])
-def test_os_errors_on_user_paths_are_one_line(raised, message, monkeypatch, capsys) -> None:
+], ids=["FileNotFoundError", "IsADirectoryError"])
+def test_os_errors_while_the_inputs_are_read_are_one_line(raised, message, monkeypatch, capsys) -> None:
+    """A user's path that is missing or of the wrong kind, met while the config is read: exit 2."""
+    def fail(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(cli, "load_config", fail)
+    assert main(["validate"]) == 2
+    assert error_line(capsys) == f"error: {message}"
+
+
+@pytest.mark.parametrize("raised", [FileNotFoundError(2, "No such file or directory", "/data/x.jsonl"),
+                                    KeyError("x")], ids=["FileNotFoundError", "KeyError"])
+def test_an_error_inside_the_work_is_a_fault_with_its_traceback(raised, monkeypatch, capsys) -> None:
+    """Past the reading of its inputs, an error is not the user's input (a missing file there is
+    a file the work expected): exit 1, the traceback on the console when there is no run log."""
     def fail(args):
         raise raised
 
     monkeypatch.setattr(cli, "_cmd_validate", fail)
-    if message is None:
-        with pytest.raises(KeyError):
-            main(["validate"])
-        return
-    assert main(["validate"]) == 2
-    assert error_line(capsys) == f"error: {message}"
+    assert main(["validate"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "raise raised" in err
+    assert err.strip().splitlines()[-1] == f"error: {cli.error_line(raised)}"
+
+
+def test_an_error_inside_a_run_goes_to_driver_log_and_one_line_to_the_console(tmp_path, monkeypatch,
+                                                                              capsys) -> None:
+    from rrhf_ray import logs
+
+    def fail(args):
+        logs.start_run_logs(tmp_path / "logs")
+        raise RuntimeError("every worker died; 1 of 1 chunks not done")
+
+    monkeypatch.setattr(cli, "_cmd_validate", fail)
+    assert main(["validate"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    log = tmp_path / "logs" / "driver.log"
+    assert err.strip().splitlines()[-1] == (f"error: every worker died; 1 of 1 chunks not done "
+                                            f"(traceback in {log.resolve()})")
+    text = log.read_text()
+    assert "rrhf-ray validate failed" in text and "Traceback (most recent call last)" in text
+    assert 'raise RuntimeError("every worker died' in text
 
 
 def test_an_unknown_builtin_from_anywhere_is_one_line(monkeypatch, capsys) -> None:

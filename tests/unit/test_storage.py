@@ -14,7 +14,6 @@ import pytest
 
 from rrhf_ray.config import ConfigError, load_config
 from rrhf_ray.demo import DEMO_CONFIG
-from rrhf_ray.state import RunState, config_fingerprint, timed_stage
 from rrhf_ray.mirror import RunStore, actor_options, driver_file, hand_off, mirror_dir, mirrored
 from rrhf_ray.remote import (
     STORAGE_ENV_VARS,
@@ -25,10 +24,13 @@ from rrhf_ray.remote import (
     filesystem,
     is_remote,
     materialize,
-    read_object as read_bucket_object,
     storage_env,
     upload_dir,
 )
+from rrhf_ray.remote import (
+    read_object as read_bucket_object,
+)
+from rrhf_ray.state import RunState, config_fingerprint, timed_stage
 from rrhf_ray.types import atomic_path, atomic_write
 from tests.object_store import bucket_files, create_bucket, moto_s3, read_object
 

@@ -17,8 +17,8 @@ from rrhf_ray.actors.sampler import query_seed, round_seed
 from rrhf_ray.config import EvalConfig, SamplingConfig
 from rrhf_ray.data.candidates import get_preset
 from rrhf_ray.evaluation import eval_sampling
-from rrhf_ray.types import Candidate, read_groups
 from rrhf_ray.stages import round_sampling, sample_candidates
+from rrhf_ray.types import Candidate, read_groups
 
 QUERIES = [f"\n\nHuman: question {i}?\n\nAssistant:" for i in range(5)]
 

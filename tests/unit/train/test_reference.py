@@ -5,23 +5,24 @@ from __future__ import annotations
 
 import json
 import math
-from functools import partial
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rrhf_ray import stages
 from rrhf_ray.cli import main
 from rrhf_ray.config import TrainConfig, load_config
+from rrhf_ray.context import RunContext
+from rrhf_ray.data.candidates import get_preset
 from rrhf_ray.demo import DEMO_CONFIG
-from rrhf_ray.state import RunState, timed_stage
+from rrhf_ray.state import RunState
 from rrhf_ray.train import reference
 from rrhf_ray.train.encoding import Encoder
 from rrhf_ray.train.loop import MicroBatch
 from rrhf_ray.train.rrhf import encoded_logprobs, micro_batch_loss, use_prefix_sharing
 from rrhf_ray.train.tokens import tokenizer_fingerprint
 from rrhf_ray.types import QueryGroup, read_groups, write_groups
-from rrhf_ray.workflow import reference_stage
 from tests.helpers import ranked_rows, write_ranked
 
 DPO = TrainConfig(queries_per_step=8, micro_batch_queries=8, max_length=96, loss={"name": "dpo"})
@@ -90,16 +91,17 @@ def test_the_reference_stage_runs_once_and_a_resumed_run_does_not_recompute(tiny
     records itself in state.json; started again, it is skipped: no forward runs."""
     out = tmp_path / "run"
     config = load_config(DEMO_CONFIG, ["train.loss.name=dpo", f"output.dir={out}"])
-    pool = write_ranked(tmp_path / "pool.jsonl", 6)
     rd = out / "rounds" / "1"
+    pool = write_ranked(tmp_path / "pool.jsonl", 6)
+    write_groups(read_groups(pool), rd / "pool.parquet")
     calls = []
     compute = reference.compute_reference
     monkeypatch.setattr(reference, "compute_reference", lambda *a, **k: calls.append(1) or compute(*a, **k))
 
     def stage(state: RunState) -> bool:
-        return timed_stage(state, "round1/reference", [rd / "pool_ref.parquet"],
-                           partial(reference_stage, config, str(tiny_model_dir), str(tiny_model_dir), pool,
-                                   rd / "pool_ref.parquet"))
+        ctx = RunContext(config=config, state=state, preset=get_preset("IP"), external=[], tracker=None,
+                         rho=str(tiny_model_dir))
+        return ctx.run_stage(1, "reference", stages.reference)
 
     assert stage(RunState(out, config)) and calls == [1]
     groups = read_groups(rd / "pool_ref.parquet")
