@@ -65,6 +65,7 @@ class RunContext:
     external: list[dict]  # `sampling.external` files, read by the preflight
     tracker: Tracker
     store: RunStore | None = None  # the bucket mirror of a run on object storage
+    log_dir: str | None = None  # the run's logs/, where the actors and trainers write their output
     engines: EngineCache | None = None  # engines shared with the previous / next run of this process
     rho: str = ""  # ρ: the model the rounds start from (after SFT)
     reward: RewardConfig | None = None  # pointing at the trained reward model when there is one
@@ -74,6 +75,7 @@ class RunContext:
     rewards: RewardPool | None = None
     trainer: WarmTrainer | None = None  # None when every round is trained already
     judge: str = ""  # the fixed model whose perplexity of the greedy replies is reported
+    served_dtype: str = "bfloat16"  # the samplers' weights dtype (the trainer saves checkpoints in it)
     last_trained: int = 0  # the last round whose checkpoint existed when the run (re)started
     round0: tuple[list[float], list[list[float]]] | None = None  # round 0's eval, for comparisons
 

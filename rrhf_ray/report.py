@@ -72,7 +72,9 @@ def round_row(stages: dict[str, Any], r: int) -> dict[str, Any] | None:
     # Overhead: the round's stage wall time minus the compute its workers reported (trainer
     # steps, engine generation / probes / weight loads, evaluation forwards); docs/metrics.md.
     infos = [stages.get(f"round{r}/{stage}", {}) for stage in STAGES]
-    row["refresh_logprob_gap"] = stages.get(f"round{r}/refresh", {}).get("logprob_gap")
+    refresh = stages.get(f"round{r}/refresh", {})
+    row["refresh_logprob_gap"] = refresh.get("logprob_gap")
+    row["refresh_logprob_separation"] = refresh.get("logprob_separation")
     row["seconds_round"] = sum(i.get("seconds", 0.0) for i in infos)
     row["seconds_compute"] = sum(i.get("seconds_compute", 0.0) for i in infos)
     row["seconds_overhead"] = row["seconds_round"] - row["seconds_compute"]

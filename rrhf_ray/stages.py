@@ -114,8 +114,8 @@ def reference(ctx: RunContext, r: int) -> dict:
     ref_model = ctx.rho if ctx.config.train.reference == "initial" else start
     return write_reference_pool(read_groups(ctx.round_dir(r) / "pool.parquet"), ctx.hand_off(ref_model),
                                 ctx.config.train, ctx.outputs(r, "reference")[0],
-                                tokenizer_path=ctx.hand_off(start),
-                                trust_remote_code=ctx.config.model.trust_remote_code, store=ctx.store)
+                                tokenizer_path=ctx.hand_off(start), trust_remote_code=ctx.config.model.trust_remote_code,
+                                dtype=ctx.config.model.dtype, store=ctx.store)
 
 
 # --------------------------------------------------------------------------- train, refresh
@@ -132,7 +132,7 @@ def train(ctx: RunContext, r: int) -> dict:
     policy; install its checkpoint and the per-step history (`train_history.jsonl`) beside it.
     The refresh probe's log-probabilities under the new weights are recorded for `refresh`."""
     from rrhf_ray.refresh import probe_sequences
-    from rrhf_ray.train.warm import install_checkpoint
+    from rrhf_ray.train.checkpoints import install_checkpoint
 
     probe = probe_sequences(ctx.round_dir(r) / "pool.parquet", ctx.tokenizer)
     result = ctx.trainer.train(r, [ctx.hand_off(train_pool(ctx, r))], probe)
@@ -140,7 +140,7 @@ def train(ctx: RunContext, r: int) -> dict:
     write_jsonl(result["history"], ctx.round_dir(r) / "train_history.jsonl")
     install_checkpoint(result["checkpoint"], ctx.checkpoint(r), metrics)
     return {"train": metrics, "seconds_compute": metrics.get("seconds_compute", 0.0),
-            "probe_logprobs": result["probe"]}
+            "probe_logprobs": result["probe"], "probe_start_logprobs": result["probe_start"]}
 
 
 def refresh(ctx: RunContext, r: int) -> dict:
@@ -150,16 +150,19 @@ def refresh(ctx: RunContext, r: int) -> dict:
     (`checkpoint_download_bytes` / `_seconds` in the round's row)."""
     import ray
 
-    from rrhf_ray.refresh import probe_sequences, verify_refresh
+    from rrhf_ray.refresh import probe_sequences, tolerance_for, verify_refresh
 
     pool = ctx.pools["current"]
     probe = probe_sequences(ctx.round_dir(r) / "pool.parquet", ctx.tokenizer)
-    expected = ctx.state.data["stages"][f"round{r}/train"].get("probe_logprobs", [])
+    trained = ctx.state.data["stages"][f"round{r}/train"]
+    tolerance = tolerance_for(ctx.served_dtype, ctx.config.sampling.refresh_tolerance)
     with pool.engine_seconds() as engine:
         ray.get(pool.load_weights_refs(ctx.hand_off(ctx.checkpoint(r)), r))
-        gap = verify_refresh(pool, probe, expected, ctx.config.sampling.refresh_tolerance, r)
-    logger.info("samplers now serve round %d's policy (log-prob gap to the trainer %.4f nats/token)", r, gap)
-    info = {"logprob_gap": gap, "seconds_compute": engine.seconds}
+        check = verify_refresh(pool, probe, trained.get("probe_logprobs", []),
+                               trained.get("probe_start_logprobs"), tolerance, r)
+    logger.info("samplers now serve round %d's policy (log-prob gap to the trainer %.4f nats/token; "
+                "the round moved the probe by %.4f)", r, check["logprob_gap"], check["logprob_separation"])
+    info = {**check, "seconds_compute": engine.seconds}
     if downloads := [d for d in pool.downloads() if d is not None]:
         info["checkpoint_download"] = {"bytes": sum(d["bytes"] for d in downloads), "replicas": len(downloads),
                                        "seconds": round(sum(d["seconds"] for d in downloads), 3)}

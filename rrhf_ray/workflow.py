@@ -57,13 +57,13 @@ def drive(config: RunConfig, store: RunStore | None, engines: EngineCache | None
     checked = check_run(config)
     state = RunState(Path(config.output.dir), config)  # the config as given: its fingerprint
     config = checked.config  # local paths absolute (with_absolute_paths)
-    connect_ray(config)
+    log_dir = connect_ray(config)
     logger.info("output directory: %s", Path(config.output.dir).resolve())
     # One tracking run per output directory: a resumed run continues it (ids kept in state.json).
     tracker = open_tracking(config.tracking, Path(config.output.dir), state.data.get("tracking"))
     state.data["tracking"] = tracker.ids
     ctx = RunContext(config=config, state=state, preset=checked.preset, external=checked.external,
-                     tracker=tracker, store=store, engines=engines)
+                     tracker=tracker, store=store, log_dir=log_dir, engines=engines)
     with tracker:
         tracker.log_params(config)
         finished = False
@@ -102,7 +102,8 @@ def base_model(config: RunConfig, out: Path, state: RunState) -> str:
     return path
 
 
-def sft_model(config: RunConfig, out: Path, state: RunState, base: str, store: RunStore | None) -> str:
+def sft_model(config: RunConfig, out: Path, state: RunState, base: str, store: RunStore | None,
+              log_dir: str | None = None) -> str:
     """ρ: the SFT stage's model from `base` when `sft` is configured, else `base`."""
     if config.sft is None:
         return base
@@ -111,17 +112,18 @@ def sft_model(config: RunConfig, out: Path, state: RunState, base: str, store: R
 
     # The SFT workers read the base model from the bucket with output.dir on object storage.
     with_base = config.model_copy(update={"model": config.model.model_copy(update={"name_or_path": hand_off(base, store)})})
-    return path_stage(state, "sft", run_sft_stage, with_base, out, store)
+    return path_stage(state, "sft", run_sft_stage, with_base, out, store, log_dir)
 
 
-def reward_config(config: RunConfig, out: Path, state: RunState, store: RunStore | None) -> RewardConfig:
+def reward_config(config: RunConfig, out: Path, state: RunState, store: RunStore | None,
+                  log_dir: str | None = None) -> RewardConfig:
     """The reward settings, pointing at the trained reward model when that stage is configured."""
     if config.reward_model is None:
         return config.reward
     from rrhf_ray.mirror import hand_off
     from rrhf_ray.train.reward_model import run_reward_model_stage
 
-    rm_dir = path_stage(state, "reward_model", run_reward_model_stage, config, out, store)
+    rm_dir = path_stage(state, "reward_model", run_reward_model_stage, config, out, store, log_dir)
     return config.reward.model_copy(update={"kind": "model", "model": hand_off(rm_dir, store)})
 
 
@@ -137,7 +139,7 @@ def start_engines_beside_sft(ctx: RunContext, base: str) -> None:
     warm_up_workers(rule=cfg.reward.rule if cfg.reward.kind == "rule" else None, store=ctx.store)
     weights = ctx.hand_off(base)
     ctx.pools = build_pools(cfg, ctx.preset, weights, weights, 0, store=ctx.store, engines=ctx.engines,
-                            with_current=True)
+                            log_dir=ctx.log_dir, with_current=True)
 
 
 def setup(ctx: RunContext) -> None:
@@ -158,8 +160,8 @@ def setup(ctx: RunContext) -> None:
     base = base_model(cfg, out, state)
     if cfg.sft is not None and "sft" not in state.data["stages"] and fits_beside_sft(cfg):
         start_engines_beside_sft(ctx, base)
-    ctx.rho = sft_model(cfg, out, state, base, ctx.store)
-    ctx.reward = reward_config(cfg, out, state, ctx.store)
+    ctx.rho = sft_model(cfg, out, state, base, ctx.store, ctx.log_dir)
+    ctx.reward = reward_config(cfg, out, state, ctx.store, ctx.log_dir)
     ctx.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or ctx.rho)
     data = load_data(cfg.data, ctx.tokenizer)
     ctx.data = RunData(train=data.train, queries=[r.query for r in data.train],
@@ -171,13 +173,14 @@ def setup(ctx: RunContext) -> None:
         ray.get([ref for pool in ctx.pools.values() for ref in pool.load_weights_refs(ctx.hand_off(ctx.rho), 0)])
     else:
         ctx.pools = build_pools(cfg, ctx.preset, ctx.hand_off(ctx.rho), ctx.hand_off(current), ctx.last_trained,
-                                store=ctx.store, engines=ctx.engines, with_current=True)
-    ctx.rewards = RewardPool(ctx.reward, store=ctx.store)
+                                store=ctx.store, engines=ctx.engines, log_dir=ctx.log_dir, with_current=True)
+    ctx.rewards = RewardPool(ctx.reward, store=ctx.store, log_dir=ctx.log_dir)
     ctx.judge = cfg.eval.judge_model or ctx.rho  # one fixed judge for every round (docs/metrics.md)
+    ctx.served_dtype = served_dtype(cfg.sampling.dtype, current, trust_remote_code=cfg.model.trust_remote_code)
     if ctx.last_trained < cfg.rounds:
         job = WarmJob(model_path=ctx.hand_off(current), output_dir=str(out / "rounds"), train=cfg.train,
                       trust_remote_code=cfg.model.trust_remote_code,
-                      save_dtype=served_dtype(cfg.sampling.dtype, current))  # what the samplers load
+                      save_dtype=ctx.served_dtype, log_dir=ctx.log_dir)  # saved as the samplers load
         ctx.trainer = WarmTrainer(job, ctx.last_trained, global_step=start_state(current), store=ctx.store,
                                   storage_path=cfg.output.storage_path or str((out / "ray_train").resolve()))
 

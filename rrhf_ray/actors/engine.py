@@ -221,21 +221,18 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ weights
 
-    def reply_logprobs(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[float]:
-        """Σ log p(reply token | prefix) of each (prompt ids, reply ids) under the weights the
-        engine serves: vLLM's prompt log-probabilities of prompt + reply (the weight refresh
-        check compares them with the trainer's)."""
+    def reply_logprobs(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[list[float]]:
+        """log p(reply token | prefix) of every reply token of each (prompt ids, reply ids) under
+        the weights the engine serves: vLLM's prompt log-probabilities of prompt + reply (the
+        weight refresh check compares them with the trainer's, token by token)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         prompts = [TokensPrompt(prompt_token_ids=list(p) + list(r)) for p, r in sequences]
         outs = self.llm.generate(prompts, params, use_tqdm=False)
-        sums = []
-        for out, (prompt, response) in zip(outs, sequences):
-            lps = out.prompt_logprobs
-            sums.append(sum(lps[len(prompt) + j][tok].logprob for j, tok in enumerate(response)))
-        return sums
+        return [[out.prompt_logprobs[len(prompt) + j][tok].logprob for j, tok in enumerate(response)]
+                for out, (prompt, response) in zip(outs, sequences)]
 
     def reload_weights(self, weights_path: str) -> None:
         """Swap in the HF checkpoint at `weights_path` (same architecture) without a restart."""

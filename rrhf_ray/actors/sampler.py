@@ -39,7 +39,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rrhf_ray.actors.dispatch import count_tokens, dispatch_chunks
 from rrhf_ray.actors.engine import VLLMEngine
 from rrhf_ray.config import SamplingConfig
-from rrhf_ray.logs import current_log_dir, redirect_process_output
+from rrhf_ray.logs import redirect_process_output
 from rrhf_ray.types import Candidate
 
 if TYPE_CHECKING:
@@ -151,8 +151,8 @@ class Sampler:
         self.version = version
         return version
 
-    def reply_logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[float]:
-        """Σ log-probs of the reply of each (prompt ids, reply ids) under the served weights."""
+    def reply_logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        """The log-prob of each reply token of each (prompt ids, reply ids) under the served weights."""
         start = time.perf_counter()
         try:
             return self.engine.reply_logprobs(sequences)
@@ -213,9 +213,10 @@ class SamplerPool:
 
     def __init__(self, model_path: str, config: SamplingConfig, *, tag: str = "policy",
                  tokenizer: str | None = None, trust_remote_code: bool = False,
-                 version: int = 0, store: RunStore | None = None) -> None:
+                 version: int = 0, store: RunStore | None = None, log_dir: str | None = None) -> None:
         """`version` labels the weights at `model_path` (0 = ρ; r = round r's checkpoint); `store`:
-        the run's bucket mirror (its credentials go to the replicas), None for a local run."""
+        the run's bucket mirror (its credentials go to the replicas), None for a local run;
+        `log_dir`: where the replicas write their output (the run's logs/; None: Ray's logs)."""
         self.config = config
         self.tag = tag
         self.version = version
@@ -238,7 +239,7 @@ class SamplerPool:
                 max_restarts=config.max_restarts,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True),
-            ).remote(str(model_path), config, tag, tokenizer, trust_remote_code, version, i, current_log_dir())
+            ).remote(str(model_path), config, tag, tokenizer, trust_remote_code, version, i, log_dir)
             for i, pg in enumerate(self._groups)
         ]
 
@@ -295,8 +296,8 @@ class SamplerPool:
         return self._ask_live("last_download")
 
     def reply_logprobs_refs(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[ray.ObjectRef]:
-        """Per replica, a ref to Σ log-probs of the reply of each (prompt ids, reply ids) under
-        its weights (`Sampler.reply_logprobs`)."""
+        """Per replica, a ref to the log-prob of each reply token of each (prompt ids, reply ids)
+        under its weights (`Sampler.reply_logprobs`)."""
         seqs = [(list(p), list(r)) for p, r in sequences]
         return [r.reply_logprobs.remote(seqs) for r in self.replicas]
 

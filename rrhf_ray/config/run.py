@@ -115,12 +115,13 @@ class SamplingConfig(Section):
         32, ge=1, description="Queries per request to a replica: the unit of balancing, retry and progress."
     )
     max_restarts: int = Field(1, ge=0, description="Ray restarts of a crashed replica.")
-    refresh_tolerance: float = Field(
-        0.05, gt=0,
-        description="After each weight refresh every replica's mean log-prob per token of a fixed "
-        "probe (a few of the round's prompts and replies) must be within this many nats of the "
-        "trainer's; a replica serving old or half-loaded weights fails the round. 0.05 allows "
-        "bf16 serving of fp32 weights (measured gap on the demo: see README).")
+    refresh_tolerance: float | None = Field(
+        None, gt=0,
+        description="After each weight refresh every replica's log-probs of a probe (the best and "
+        "the worst reply of a few of the round's queries) must be within this many nats per token "
+        "(mean absolute difference) of the trainer's, and nearer the new weights than the round's "
+        "starting ones; a replica serving old or half-loaded weights fails the round. None: set "
+        "from the served dtype (rrhf_ray/refresh.py DTYPE_TOLERANCE).")
     preset: str = Field(
         "IP", description="Candidate sources (docs/algorithm.md, sampling policies): BP, DP, D, P, or IP / IP-n."
     )

@@ -12,8 +12,9 @@ background thread of the driver for the whole run:
   fit (`train.seed`), so round r computes what a trainer built for round r alone would; then one
   `ray.train.report(metrics, checkpoint)` per round (`checkpoint_dir_name` `round_<r>`), which
   the driver copies to `rounds/<r>/checkpoint`;
-- rank 0 also returns the log-probabilities of a few probe sequences under the weights it just
-  saved: the driver compares them with what the refreshed samplers compute (`verify_refresh`);
+- rank 0 also returns the per-token log-probabilities of a few probe replies under the weights
+  the round started from and under those it just saved: the driver compares what the refreshed
+  samplers compute with both (`rrhf_ray.refresh.verify_refresh`);
 - a worker that dies is restarted by Ray Train (`FailureConfig`) from the last round's checkpoint;
   rank 0 then says `ready` and the driver sends the unfinished round again (a command for a round a
   worker already holds is skipped, so a repeated command is harmless);
@@ -66,10 +67,11 @@ class WarmJob(FitJob):
 
 @torch.no_grad()
 def policy_reply_logprobs(model: torch.nn.Module, sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
-                          device: torch.device) -> list[float]:
-    """The refresh probe under the trainer's weights: Σ log p(reply token | prefix) of each
-    (prompt ids, reply ids), one forward each (fp32 or the model's dtype; the probe is a handful
-    of short sequences). Not `rrhf_ray.loss.sequence_logprobs`, which scores padded batches."""
+                          device: torch.device) -> list[list[float]]:
+    """The refresh probe under the trainer's weights: log p(reply token | prefix) of every reply
+    token of each (prompt ids, reply ids), one forward each (fp32 or the model's dtype; the probe
+    is a handful of short sequences). Not `rrhf_ray.loss.sequence_logprobs`, which sums padded
+    batches."""
     was_training = model.training
     model.eval()
     out = []
@@ -78,7 +80,7 @@ def policy_reply_logprobs(model: torch.nn.Module, sequences: Sequence[tuple[Sequ
         logits = model(input_ids=ids).logits.float()
         logp = torch.log_softmax(logits[0, len(prompt) - 1 : -1], dim=-1)
         target = torch.tensor(list(response), device=device)
-        out.append(float(logp.gather(1, target[:, None]).sum()))
+        out.append(logp.gather(1, target[:, None])[:, 0].tolist())
     if was_training:
         model.train()
     return out
@@ -117,6 +119,8 @@ def warm_loop_per_worker(config: dict[str, Any]) -> None:
         if r != version + 1:
             raise RuntimeError(f"warm trainer holds round {version}'s policy, asked to train round {r}")
         start = time.perf_counter()
+        probe = cmd.get("probe") or []
+        probe_start = policy_reply_logprobs(w.model, probe, w.device) if rank == 0 else []
         torch.manual_seed(cfg.seed)
         # URIs (output.dir on object storage): the pools from this node's cache, downloaded once.
         data_paths = [fetch_file(p)[0] for p in cmd["data_paths"]]
@@ -125,7 +129,7 @@ def warm_loop_per_worker(config: dict[str, Any]) -> None:
         history: list[dict[str, float]] = []
         metrics = train_epochs(w, recipe, opt, global_step=global_step, history=history)
         global_step += int(metrics["step"])
-        probe = policy_reply_logprobs(w.model, cmd.get("probe") or [], w.device) if rank == 0 else []
+        probe_new = policy_reply_logprobs(w.model, probe, w.device) if rank == 0 else []
         with tempfile.TemporaryDirectory() as tmp:
             write_checkpoint(Path(tmp), w.ddp_model, w.tokenizer, cfg, epoch=cfg.epochs - 1, final=True,
                              dtype=job.save_dtype, round=r, global_step=global_step)
@@ -137,7 +141,7 @@ def warm_loop_per_worker(config: dict[str, Any]) -> None:
         version = r
         if rank == 0:  # report() returned after the (synchronous) upload: the directory is there
             results.put({"kind": "trained", "round": r, "metrics": metrics, "history": history,
-                         "checkpoint_dir": f"round_{r:04d}", "probe": probe})
+                         "checkpoint_dir": f"round_{r:04d}", "probe": probe_new, "probe_start": probe_start})
 
 
 class WarmTrainer:
@@ -187,8 +191,9 @@ class WarmTrainer:
         """Train round `r` (the workers must hold round r−1's policy) on `data_paths` (paths, or
         the bucket's URIs with output.dir on object storage: each worker reads them from its
         node's cache, `rrhf_ray.remote.fetch_file`); returns
-        {"metrics", "history", "checkpoint" (a ray.train.Checkpoint), "probe" (Σ log-probs of
-        each probe sequence under the new weights)}."""
+        {"metrics", "history", "checkpoint" (a ray.train.Checkpoint), "probe" and "probe_start"
+        (the per-token log-probs of each probe reply under the new weights, and under the
+        weights the round started from)}."""
         if r != self.version + 1:
             raise RuntimeError(f"the warm trainer holds round {self.version}'s policy, not round {r - 1}'s")
         from rrhf_ray.mirror import driver_file

@@ -1,5 +1,6 @@
-"""The embedded default, shortened (fewer prompts and epochs, 2 rounds), end to end on a real
-local Ray cluster: SFT → round 0 evaluation → 2 RRHF rounds, and the held-out reward rises."""
+"""The embedded default, shortened (fewer prompts and epochs, 3 rounds), end to end on a real
+local Ray cluster: SFT → round 0 evaluation → 3 RRHF rounds, the held-out reward rises, and the
+refresh check would have caught a sampler serving the previous round's weights in every round."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from rrhf_ray.cli import main
 
 pytestmark = pytest.mark.ray
 
-SHORT = ["rounds=2", "sft.train.epochs=3", "data.max_prompts=96", "data.max_eval_prompts=24",
+SHORT = ["rounds=3", "sft.train.epochs=3", "data.max_prompts=96", "data.max_eval_prompts=24",
          "eval.num_samples=2"]
 
 
@@ -52,13 +53,13 @@ def test_shortened_demo_raises_the_held_out_reward(ray_cluster, tmp_path, capfd,
         assert {str(st.get_tensor(k).dtype) for k in names} == {"torch.bfloat16"}
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
     for row in rows:
         for key in ("eval_reward_mean", "eval_reward_std", "reference_perplexity", "win_rate_vs_round0",
                     "train_loss", "seconds_sample", "seconds_score", "seconds_train", "seconds_eval"):
             assert key in row, key
     # Tracking (TensorBoard is on by default): the event files hold metrics.jsonl's values by
-    # round and every training step of both rounds on one increasing global step.
+    # round and every training step of every round on one increasing global step.
     from tests.helpers import tensorboard_scalars
 
     _, scalars = tensorboard_scalars(out / "tensorboard")
@@ -66,7 +67,7 @@ def test_shortened_demo_raises_the_held_out_reward(ray_cluster, tmp_path, capfd,
         logged = dict(scalars[key])
         want = {r["round"]: r[key] for r in rows if r.get(key) is not None}
         assert logged == pytest.approx(want, rel=1e-6), key
-    history = [json.loads(line) for r in (1, 2)
+    history = [json.loads(line) for r in (1, 2, 3)
                for line in (out / "rounds" / str(r) / "train_history.jsonl").read_text().splitlines()]
     assert [s for s, _ in scalars["train/loss"]] == [h["global_step"] for h in history] == list(
         range(1, len(history) + 1))
@@ -89,5 +90,38 @@ def test_shortened_demo_raises_the_held_out_reward(ray_cluster, tmp_path, capfd,
         pool = [json.loads(line) for line in (rd / "pool.jsonl").read_text().splitlines()]
         assert len(pool) == 96 and all(set(p) >= {"query", "responses", "scores"} for p in pool)
     assert (out / "report.png").stat().st_size > 1000
-    assert "| 2 |" in (out / "summary.md").read_text()
+    assert "| 3 |" in (out / "summary.md").read_text()
+    assert_the_refresh_check_catches_stale_weights(out, rows)
+
+
+def assert_the_refresh_check_catches_stale_weights(out, rows) -> None:
+    """In each round, one engine serving the round's checkpoint passes the run's own refresh
+    check, and serving the previous round's weights (round 1: ρ, the SFT model) fails it."""
+    import ray
+    from transformers import AutoTokenizer
+
+    from rrhf_ray.actors.sampler import SamplerPool
+    from rrhf_ray.config import load_config
+    from rrhf_ray.demo import DEMO_CONFIG
+    from rrhf_ray.refresh import StaleWeightsError, probe_sequences, tolerance_for, verify_refresh
+
+    stages = json.loads((out / "state.json").read_text())["stages"]
+    sampling = load_config(DEMO_CONFIG, SHORT).sampling.model_copy(update={"num_replicas": 1})
+    tolerance = tolerance_for("bfloat16", sampling.refresh_tolerance)  # the checkpoints' dtype
+    weights = [stages["sft"]["path"]] + [str(out / "rounds" / str(r) / "checkpoint") for r in (1, 2, 3)]
+    tok = AutoTokenizer.from_pretrained(weights[0])
+    for r in (1, 2, 3):
+        assert rows[r]["refresh_logprob_gap"] < tolerance < rows[r]["refresh_logprob_separation"]
+    pool = SamplerPool(weights[0], sampling, version=0)
+    try:
+        for r in (1, 2, 3):
+            probe = probe_sequences(out / "rounds" / str(r) / "pool.parquet", tok)
+            new, old = stages[f"round{r}/train"]["probe_logprobs"], stages[f"round{r}/train"]["probe_start_logprobs"]
+            ray.get(pool.load_weights_refs(weights[r - 1], r))  # the previous round's weights, labelled r
+            with pytest.raises(StaleWeightsError, match=f"does not serve round {r}'s weights"):
+                verify_refresh(pool, probe, new, old, tolerance, r)
+            ray.get(pool.load_weights_refs(weights[r], r))
+            assert verify_refresh(pool, probe, new, old, tolerance, r)["logprob_gap"] < tolerance
+    finally:
+        pool.shutdown()
 

@@ -36,6 +36,7 @@ def test_round_row_of_round0_has_the_eval_metrics_and_empty_training_columns() -
         "pool_stats": {},
         "seconds_sample": 0.0, "seconds_score": 0.0, "seconds_reference": 0.0, "seconds_train": 0.0,
         "seconds_refresh": 0.0, "seconds_eval": 3.0, "refresh_logprob_gap": None,
+        "refresh_logprob_separation": None,
         "seconds_round": 3.0, "seconds_compute": 0.0, "seconds_overhead": 3.0,
     }
 

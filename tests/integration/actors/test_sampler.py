@@ -11,6 +11,7 @@ answer a call then; the board can, which lets a test kill a replica while a chun
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -232,34 +233,47 @@ def test_load_weights_matches_hf_greedy_token_for_token(ray_cluster, pool, pertu
 
 
 def test_refresh_check_passes_the_served_weights_and_names_a_replica_with_old_ones(
-        ray_cluster, pool, tiny_model_dir: Path, perturbed_dir: Path) -> None:
-    """The weight-refresh check of the driver (`rrhf_ray.workflow.verify_refresh`): the trainer's
-    log-probs of a probe (here HF's, on the perturbed weights both replicas serve) match every
-    replica's; a replica left on the old weights fails the check, named."""
+        ray_cluster, pool, tiny_model_dir: Path, perturbed_dir: Path, caplog) -> None:
+    """The weight-refresh check of the driver (`rrhf_ray.refresh.verify_refresh`): the trainer's
+    per-token log-probs of a probe (here HF's, on the perturbed weights both replicas serve)
+    match every replica's; a replica left on the old weights fails the check, named, also under a
+    tolerance far too loose to catch it (it is nearer the old weights than the new); a probe that
+    cannot tell old from new weights is said to be so."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rrhf_ray.refresh import DTYPE_TOLERANCE, StaleWeightsError, verify_refresh
     from rrhf_ray.train.warm import policy_reply_logprobs
-    from rrhf_ray.workflow import StaleWeightsError, verify_refresh
 
     assert ray_cluster.get(pool.load_weights_refs(str(perturbed_dir), 1)) == [1, 1]
     tok = AutoTokenizer.from_pretrained(perturbed_dir)
     probe = [(tok(p)["input_ids"], tok(" Try restarting it, then check the cable.", add_special_tokens=False)["input_ids"])
              for p in PROMPTS[:3]]
-    model = AutoModelForCausalLM.from_pretrained(perturbed_dir, dtype=torch.float32).eval()
-    expected = policy_reply_logprobs(model, probe, torch.device("cpu"))
-    assert all(math.isfinite(x) and x < 0 for x in expected)
 
-    gap = verify_refresh(pool, probe, expected, tolerance=1e-3, r=1)
-    assert 0.0 <= gap < 1e-3  # float32 engine against float32 HF: the same weights
+    def trainer_logprobs(path: Path) -> list[list[float]]:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        return policy_reply_logprobs(model, probe, torch.device("cpu"))
+
+    new, old = trainer_logprobs(perturbed_dir), trainer_logprobs(tiny_model_dir)
+    assert [len(t) for t in new] == [len(r) for _, r in probe] and all(x < 0 for t in new for x in t)
+    tolerance = DTYPE_TOLERANCE["float32"]
+
+    check = verify_refresh(pool, probe, new, old, tolerance, r=1)
+    assert 0.0 <= check["logprob_gap"] < 1e-3  # float32 engine against float32 HF: the same weights
+    assert check["logprob_separation"] > 10 * tolerance  # the probe tells the two apart
 
     ray_cluster.get(pool.replicas[1].load_weights.remote(str(tiny_model_dir), 1))  # old weights, new label
     try:
-        with pytest.raises(StaleWeightsError, match=r"sampler replica 1 does not serve round 1's weights"):
-            verify_refresh(pool, probe, expected, tolerance=0.05, r=1)
+        for loose in (tolerance, 10.0):
+            with pytest.raises(StaleWeightsError, match=r"sampler replica 1 does not serve round 1's weights"):
+                verify_refresh(pool, probe, new, old, loose, r=1)
     finally:
         ray_cluster.get(pool.replicas[1].load_weights.remote(str(perturbed_dir), 1))
-    assert verify_refresh(pool, probe, expected, tolerance=1e-3, r=1) < 1e-3
+    assert verify_refresh(pool, probe, new, old, tolerance, r=1)["logprob_gap"] < 1e-3
+
+    with caplog.at_level(logging.WARNING, logger="rrhf_ray.refresh"):
+        assert verify_refresh(pool, probe, new, new, tolerance, r=1)["logprob_separation"] == 0.0
+    assert "barely separates" in caplog.text
 
 
 def test_mixed_versions_are_refused(ray_cluster, pool, tiny_model_dir: Path) -> None:
