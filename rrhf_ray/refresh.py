@@ -13,9 +13,11 @@ weights it just saved (new) and under the weights the round started from (old).
   probe (nats per token). Differences of opposite sign do not cancel, as they would in a
   difference of summed log-probs.
 - A replica passes when its gap to the new weights is within the tolerance (by default set
-  from the served dtype: `DTYPE_TOLERANCE`), and, when the old and new weights are told apart by
-  more than that tolerance, nearer the new weights than the old (below half their separation:
-  a replica serving the old weights has a gap of about the separation).
+  from the served dtype: `DTYPE_TOLERANCE`) and it is not clearly nearer the old weights than
+  the new (its gap to the old weights below half its gap to the new). The second rule needs no
+  threshold of its own: a replica on the new weights is about the round's change away from the
+  old ones, one on the old weights about that far from the new; a tolerance set too loose to
+  catch stale weights by itself still does not let them pass.
 - When the probe barely separates old from new (a round that moved the policy by less than
   twice the tolerance on the probe), the check cannot tell them apart; it says so in a warning.
 """
@@ -93,8 +95,9 @@ def verify_refresh(pool: SamplerPool, probe: Probe, new: Sequence[Sequence[float
                        "weights could pass", r, separation, tolerance)
     worst = 0.0
     for i, ref in enumerate(pool.reply_logprobs_refs(probe)):
-        gap = mean_abs_gap(ray.get(ref), new)
-        nearer_old = math.isfinite(separation) and separation > tolerance and gap > separation / 2
+        served = ray.get(ref)
+        gap = mean_abs_gap(served, new)
+        nearer_old = bool(old) and mean_abs_gap(served, old) < gap / 2
         if gap > tolerance or nearer_old:
             raise StaleWeightsError(
                 f"sampler replica {i} does not serve round {r}'s weights: its log-probs of the "
