@@ -265,6 +265,10 @@ def pro_loss(
     schedule) and applies it to the summed NLL −logp_sum_b, where L_ft here is per token, so their
     value is a starting point, not an equivalent. p_i is per token in the paper (α = 1).
 
+    The gaps are temperatures, so unlike RRHF's hinge the loss depends on the rewards' scale:
+    rewards × 0.01 give a nearly uniform softmax and a gradient about 100× smaller
+    (docs/algorithm.md).
+
     Args: as for `rrhf_loss`; sft_weight weighs L_ft; length_penalty: α.
     """
     g = _group(logp_sum, lengths, rewards, valid, length_penalty)

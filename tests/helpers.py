@@ -1,8 +1,15 @@
-"""Small ranked data sets written by tests (no hub)."""
+"""Helpers several test modules share: small ranked data sets written by tests (no hub), report
+and tracking fixtures, Ray Train worker processes, driver processes to kill."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 TOPICS = ["bake bread", "fix a bike", "plant tomatoes", "learn chess", "paint a wall", "tie a tie",
@@ -117,3 +124,33 @@ def wait_until(condition, timeout_s: float, what: str, poll_s: float = 0.1) -> N
     while not condition():
         assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
         time.sleep(poll_s)
+
+
+# --------------------------------------------------------------------------- driver processes
+# Shared by tests/integration/test_workflow.py and test_object_storage.py.
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A quick variant of the embedded default: no SFT stage (a random tiny base), few queries.
+QUICK = ["sft=null", "rounds=1", "data.max_prompts=16", "data.max_eval_prompts=8", "train.epochs=1",
+         "sampling.max_new_tokens=16", "eval.max_new_tokens=16", "eval.num_samples=2",
+         "sampling.chunk_prompts=8"]
+
+
+def kill_driver_when(overrides: list[str], env: dict, reached: Callable[[], bool], what: str,
+                     log: Path | None = None) -> None:
+    """Run `rrhf-ray run` with `overrides` as a driver process of its own (`env`: RAY_ADDRESS of
+    the session's cluster) and SIGKILL its process group as soon as `reached()` is true."""
+    with open(log or os.devnull, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "rrhf_ray", "run", *overrides], cwd=REPO, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not reached():
+            tail = log.read_text()[-3000:] if log else ""
+            assert proc.poll() is None, f"the driver ended before it could be killed:\n{tail}"
+            assert time.monotonic() < deadline, f"the driver did not reach {what} in time"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

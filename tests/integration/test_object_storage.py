@@ -17,7 +17,7 @@ from rrhf_ray.config import load_config
 from rrhf_ray.demo import DEMO_CONFIG
 from rrhf_ray.mirror import mirror_dir
 from rrhf_ray.workflow import run
-from tests.integration.test_workflow import QUICK, kill_driver_when  # its quick variant, its kill
+from tests.helpers import QUICK, kill_driver_when
 from tests.object_store import bucket_files, create_bucket, moto_s3, read_object
 
 pytestmark = pytest.mark.ray

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,38 +13,12 @@ from rrhf_ray.config import ConfigError, load_config
 from rrhf_ray.demo import DEMO_CONFIG
 from rrhf_ray.state import RunState
 from rrhf_ray.workflow import run
+from tests.helpers import QUICK, kill_driver_when
 
 pytestmark = pytest.mark.ray
 
-REPO = Path(__file__).resolve().parents[2]
-
-# A quick variant of the embedded default: no SFT stage (a random tiny base), few queries.
-QUICK = ["sft=null", "rounds=1", "data.max_prompts=16", "data.max_eval_prompts=8", "train.epochs=1",
-         "sampling.max_new_tokens=16", "eval.max_new_tokens=16", "eval.num_samples=2",
-         "sampling.chunk_prompts=8"]
-
-
 def stages(out: Path) -> dict:
     return json.loads((out / "state.json").read_text())["stages"]
-
-
-def kill_driver_when(overrides: list[str], env: dict, reached: Callable[[], bool], what: str,
-                     log: Path | None = None) -> None:
-    """Run `rrhf-ray run` with `overrides` as a driver process of its own (`env`: RAY_ADDRESS of
-    the session's cluster) and SIGKILL its process group as soon as `reached()` is true."""
-    with open(log or os.devnull, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "rrhf_ray", "run", *overrides], cwd=REPO, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not reached():
-            tail = log.read_text()[-3000:] if log else ""
-            assert proc.poll() is None, f"the driver ended before it could be killed:\n{tail}"
-            assert time.monotonic() < deadline, f"the driver did not reach {what} in time"
-            time.sleep(0.5)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def test_killed_driver_resumes_without_redoing_finished_stages(ray_cluster, tmp_path):

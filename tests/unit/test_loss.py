@@ -484,3 +484,25 @@ def test_family_stays_finite_for_extreme_scores(name):
     out = call(name, logp, lengths, rewards, ref=torch.tensor([[0.0, -1e4, 3e4, -1e4]]))
     out.loss.backward()
     assert torch.isfinite(out.loss) and torch.isfinite(logp.grad).all()
+
+
+def test_pro_depends_on_the_reward_scale_where_rrhf_does_not():
+    """PRO's temperatures are the reward gaps (docs/algorithm.md): the same ranking with rewards
+    × 0.01 gives a near-uniform softmax (loss → log of the terms' counts) and a gradient about a
+    hundred times smaller; RRHF's hinge reads only the order."""
+    torch.manual_seed(0)
+    logp = torch.randn(2, 4, dtype=torch.float64) * 5
+    lengths = torch.full((2, 4), 5.0, dtype=torch.float64)
+    rewards = torch.tensor([[1.0, -1.0, 0.5, 0.0], [0.2, 0.9, -0.4, 0.1]], dtype=torch.float64)
+
+    def grad(fn, scale, **kwargs):
+        x = logp.clone().requires_grad_(True)
+        out = fn(x, lengths, rewards * scale, **kwargs)
+        out.loss.backward()
+        return out.loss.item(), x.grad.abs().sum().item()
+
+    (pro1, g1), (pro001, g001) = grad(pro_loss, 1.0, sft_weight=0.0), grad(pro_loss, 0.01, sft_weight=0.0)
+    assert g1 / g001 > 50
+    # every position k with worse candidates after it: −log(1 / (1 + #worse)) at zero logits
+    assert pro001 == pytest.approx(2 * (math.log(4) + math.log(3) + math.log(2)) / 2, rel=0.05)
+    assert grad(rrhf_loss, 1.0) == pytest.approx(grad(rrhf_loss, 0.01))
