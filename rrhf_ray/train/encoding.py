@@ -70,7 +70,7 @@ class Encoder:
     max_length // 2))` of its P tokens, R_max the longest response with its EOS, cut from the left
     (its special prefix, e.g. BOS, kept); a response longer than the room the prompt leaves is cut
     from the right, without EOS. A run's prompts (at most `data.max_prompt_tokens`, which the
-    config holds to at most half of `train.max_length` when data-set or external responses join
+    preflight holds to at most half of `train.max_length` when data-set or external responses join
     the groups) are therefore never cut, nor is a sampled reply (`RunConfig` keeps
     `train.max_length ≥ data.max_prompt_tokens + sampling.max_new_tokens + 1`). With
     `truncated="drop"` a cut candidate, the sampler's or this encoder's, leaves the group (ranking
