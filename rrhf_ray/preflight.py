@@ -6,7 +6,9 @@ keys, types and cross-field rules (`rrhf_ray.config`):
 
 - the sampling preset, and the lengths: the longest prompt plus the longest reply (sampled or
   evaluated) must fit `sampling.max_model_len`, which must fit the model's
-  `max_position_embeddings` when its directory is local;
+  `max_position_embeddings` when its directory is local; when data-set or external responses
+  (of any length) join the groups, the longest prompt must be at most half of `train.max_length`,
+  so that the trainer cuts such a response and never the prompt;
 - every model a stage loads (`model.name_or_path`, `model.tokenizer`, `reward.model`,
   `reward_model.base_model`): a ``builtin:`` name must be registered; a local directory must
   exist and hold `config.json`, safetensors weights (the only format the project loads) and a
@@ -172,7 +174,8 @@ def _check_backbone(name: str, value: str, check: Preflight) -> None:
 
 
 def check_lengths(config: RunConfig, max_pos: int | None, check: Preflight, *, evaluation: bool = True) -> None:
-    """The longest prompt plus the longest reply fit the engine's context, which fits the model's."""
+    """The longest prompt plus the longest reply fit the engine's context, which fits the model's;
+    the longest prompt survives the trainer's cut of a long data-set or external response."""
     prompt, ctx = config.data.max_prompt_tokens, config.sampling.max_model_len
     replies = [("sampling.max_new_tokens", config.sampling.max_new_tokens)]
     if evaluation:
@@ -185,6 +188,16 @@ def check_lengths(config: RunConfig, max_pos: int | None, check: Preflight, *, e
     if max_pos is not None and ctx > max_pos:
         raise ConfigError(f"sampling.max_model_len {ctx} exceeds the model's max_position_embeddings "
                           f"{max_pos} ({config.model.name_or_path}/config.json)")
+    half = config.train.max_length // 2
+    unbounded = (check.preset is not None and check.preset.dataset) or config.sampling.external
+    if unbounded and prompt > half:
+        # The trainer cuts a long response from the right, but the shared prompt keeps only
+        # max(max_length − longest response, max_length // 2) (rrhf_ray.train.encoding.Encoder).
+        raise ConfigError(
+            f"data.max_prompt_tokens {prompt} > train.max_length // 2 = {half}: a data-set or "
+            f"sampling.external response longer than {config.train.max_length - half} tokens would "
+            "cut the prompt of its whole group below data.max_prompt_tokens; raise train.max_length "
+            f"to at least {2 * prompt} or lower data.max_prompt_tokens")
     check.ok(f"lengths: prompt {prompt} + reply {max(r for _, r in replies)} <= sampling.max_model_len {ctx}"
              + (f" <= max_position_embeddings {max_pos}" if max_pos is not None else ""))
 

@@ -115,7 +115,10 @@ class FitConfig(Section):
     micro_batch_queries: int = Field(
         1, ge=1, description="Queries per forward pass on one worker; the rest is accumulation."
     )
-    max_length: int = Field(192, ge=8, description="Query + response tokens; the query is cut from the left.")
+    max_length: int = Field(
+        192, ge=8, description="Query + response tokens. RRHF: a longer response is cut from the right "
+        "(no EOS) and the query kept (at least max_length // 2 of it); SFT / reward model: the query "
+        "is cut from the left.")
     bf16: bool | None = Field(
         None, description="bf16 autocast over float32 master weights (the trainer always loads and "
         "updates float32 weights; model.dtype does not apply to it); null = on when training on GPU.")

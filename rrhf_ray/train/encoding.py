@@ -15,6 +15,21 @@ from rrhf_ray.train.tokens import special_split, tokenizer_fingerprint
 from rrhf_ray.types import QueryGroup
 
 
+def fit_prompt(prompt: list[int], longest: int, max_length: int, n_prefix: int, n_suffix: int) -> list[int]:
+    """The prompt one group's candidates share: at most `max(max_length − longest, max_length // 2)`
+    tokens, so a long response is cut before the prompt is (`Encoder`). The cut is from the left,
+    the special prefix (`n_prefix` tokens, e.g. BOS) and suffix (`n_suffix`) kept, and at least one
+    token stays, to predict the first response token."""
+    keep = max(max_length - longest, max_length // 2)
+    if len(prompt) <= keep:
+        return prompt
+    end = len(prompt) - n_suffix
+    head, body, tail = prompt[:n_prefix], prompt[n_prefix:end], prompt[end:]
+    room = keep - len(head) - len(tail)
+    body = body[len(body) - room :] if room > 0 else []
+    return (head + body + tail) or prompt[-1:]
+
+
 @dataclass
 class EncodedGroup:
     """One query group as token ids: the prompt once, then each candidate's response (the EOS
@@ -46,19 +61,28 @@ class Encoder:
 
     Token ids a sampler recorded are used as they are when the group's tokenizer fingerprint is
     this tokenizer's; other candidates (data set responses, files, another tokenizer) are
-    tokenized from their text. EOS closes a response that stopped; a response cut off by the
-    sampler's length limit (`finish_reason: length`) gets none, so the fine-tuning term never
-    teaches the model to stop mid-sentence; with `truncated="drop"` such candidates leave the
-    group (ranking and fine-tuning alike). One prompt per group: when a group exceeds
-    `max_length`, responses longer than the budget are cut from the right, then the query is
-    cut from the left (its special prefix, e.g. BOS, kept) once for all k candidates, so every
-    candidate is scored against the same context.
+    tokenized from their text. EOS closes a response that stopped; a response cut off by a
+    length limit gets none, so the fine-tuning term never teaches the model to stop
+    mid-sentence: the sampler's (`finish_reason: length`) or this encoder's.
+
+    One prompt per group, so every candidate is scored against the same context. Long responses
+    give way before the prompt (`fit_prompt`): the prompt keeps `min(P, max(max_length − R_max,
+    max_length // 2))` of its P tokens, R_max the longest response with its EOS, cut from the left
+    (its special prefix, e.g. BOS, kept); a response longer than the room the prompt leaves is cut
+    from the right, without EOS. A run's prompts (at most `data.max_prompt_tokens`, which the
+    preflight holds to at most half of `train.max_length` when data-set or external responses join
+    the groups) are therefore never cut, nor is a sampled reply (`RunConfig` keeps
+    `train.max_length ≥ data.max_prompt_tokens + sampling.max_new_tokens + 1`). With
+    `truncated="drop"` a cut candidate, the sampler's or this encoder's, leaves the group (ranking
+    and fine-tuning alike). `cut` counts the responses this encoder cut, `dropped` the candidates
+    left out.
     """
 
     tokenizer: Any
     max_length: int
     truncated: str = "keep"
     dropped: int = 0  # candidates left out (truncated="drop")
+    cut: int = 0  # responses cut from the right to fit max_length
 
     def __post_init__(self) -> None:
         prefix, _, suffix = special_split(self.tokenizer, "x")
@@ -74,15 +98,30 @@ class Encoder:
             prompt = self.tokenizer(group.query)["input_ids"]
         token_ids = group.token_ids if own and group.token_ids else [None] * group.k
         finish = group.finish_reasons or [None] * group.k
-        responses, rewards, kept = [], [], []
+        replies = []  # (candidate index, token ids, stopped)
         for i, text in enumerate(group.responses):
-            truncated = finish[i] == "length"
-            if truncated and self.truncated == "drop":
+            stopped = finish[i] != "length"
+            if not stopped and self.truncated == "drop":
                 self.dropped += 1
                 continue
             ids = list(token_ids[i]) if token_ids[i] else self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if not truncated and (not ids or ids[-1] != self.eos):
+            if stopped and (not ids or ids[-1] != self.eos):
                 ids.append(self.eos)
+            replies.append((i, ids, stopped))
+        if not replies:
+            return None
+        prompt = fit_prompt(prompt, max(len(ids) for _, ids, _ in replies), self.max_length,
+                            self.n_prefix, self.n_suffix)
+        room = self.max_length - len(prompt)
+        responses, rewards, kept = [], [], []
+        for i, ids, stopped in replies:
+            if len(ids) > room:
+                del ids[room:]  # cut from the right: the EOS, if any, goes with the cut
+                stopped = False
+                self.cut += 1
+            if not stopped and self.truncated == "drop":
+                self.dropped += 1
+                continue
             responses.append(ids)
             rewards.append(group.scores[i])
             kept.append(i)
@@ -94,20 +133,7 @@ class Encoder:
             if any(r is None for r in refs):
                 raise ValueError(f"query {group.query[:60]!r}: ref_logprobs is null for a candidate the "
                                  "trainer scores (computed with another train.truncated?)")
-        return EncodedGroup(self._fit(prompt, responses), responses, rewards, kept, refs)
-
-    def _fit(self, prompt: list[int], responses: list[list[int]]) -> list[int]:
-        """Cut responses (in place) and the prompt so every candidate fits `max_length`."""
-        fixed = self.n_prefix + self.n_suffix
-        cap = max(1, self.max_length - max(fixed, 1))  # a response needs one token before it
-        for r in responses:
-            del r[cap:]
-        room = self.max_length - max(len(r) for r in responses) - fixed
-        body = prompt[self.n_prefix : len(prompt) - self.n_suffix]
-        if len(body) > room:
-            body = body[len(body) - max(room, 0):] if room > 0 else []
-            return prompt[: self.n_prefix] + body + prompt[len(prompt) - self.n_suffix :]
-        return prompt
+        return EncodedGroup(prompt, responses, rewards, kept, refs)
 
 
 @dataclass

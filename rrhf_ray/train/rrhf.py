@@ -247,6 +247,9 @@ def rrhf_recipe(cfg: TrainConfig, data_paths: Sequence[str], tokenizer: Any, dev
         groups = shuffled_rewards(groups, cfg.seed)
     encoder = Encoder(tokenizer, cfg.max_length, cfg.truncated)
     encoded = [e for e in map(encoder, groups) if e is not None]
+    if encoder.cut:
+        logger.info("train.max_length %d: cut %d response(s) from the right (no EOS) to fit after "
+                    "their prompt", cfg.max_length, encoder.cut)
     if encoder.dropped:
         logger.info("train.truncated=drop: left out %d truncated candidate(s), %d group(s) empty",
                     encoder.dropped, len(groups) - len(encoded))

@@ -356,6 +356,24 @@ def _(tmp, model):
                "lower data.max_prompt_tokens / sampling.max_new_tokens")
 
 
+@case("prompt over half of train.max_length with data-set responses")
+def _(tmp, model):
+    c = base(tmp, model)
+    c["data"]["max_prompt_tokens"] = 100  # 100 + 32 + 1 <= 192: every sampled reply fits
+    return c, ("data.max_prompt_tokens 100 > train.max_length // 2 = 96: a data-set or sampling.external "
+               "response longer than 96 tokens would cut the prompt of its whole group below "
+               "data.max_prompt_tokens; raise train.max_length to at least 200 or lower "
+               "data.max_prompt_tokens")
+
+
+def test_a_long_prompt_passes_when_only_sampled_replies_join_the_groups(tmp_path: Path, model: Path) -> None:
+    """Preset D: every candidate is sampled (at most max_new_tokens + EOS), so none is cut."""
+    c = base(tmp_path, model)
+    c["data"]["max_prompt_tokens"] = 100
+    c["sampling"]["preset"] = "D"
+    assert main(["validate", str(write_config(tmp_path, c))]) == 0
+
+
 @case("eval.judge_model directory missing")
 def _(tmp, model):
     c = base(tmp, model)

@@ -125,3 +125,22 @@ def test_train_command_with_dpo_computes_the_reference_first(tiny_model_dir, tmp
     assert all(g.ref_logprobs is not None for g in read_groups(ref_pool))
     metrics = json.loads((out / "train_metrics.json").read_text())
     assert metrics["queries"] == 8 and (out / "model.safetensors").exists()
+
+
+def test_a_long_data_set_response_is_scored_as_the_trainer_cuts_it(tiny_model_dir, tokenizer):
+    """A `chosen` longer than train.max_length: the reference scores the tokens the trainer keeps
+    (the whole prompt, the response cut from the right without EOS); with train.truncated: drop
+    the cut response is left out here as in the trainer (None)."""
+    row = ranked_rows(1)[0]
+    long = " and then you wipe the chain" * 40
+    group = QueryGroup(query=row["query"], responses=[long, *row["responses"][1:]], scores=row["scores"])
+    (refs,) = reference.reference_logprobs(str(tiny_model_dir), [group], DPO)
+    enc = Encoder(tokenizer, DPO.max_length)(group)
+    assert enc.prompt == tokenizer(row["query"])["input_ids"] and len(enc.ids[0]) == DPO.max_length
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    (own,) = encoded_logprobs(model, [enc], DPO, use_prefix_sharing(model, DPO.prefix_sharing))
+    assert refs == pytest.approx(own, abs=1e-4)
+
+    drop = DPO.model_copy(update={"truncated": "drop"})
+    (dropped,) = reference.reference_logprobs(str(tiny_model_dir), [group], drop)
+    assert dropped[0] is None and dropped[1:] == pytest.approx(refs[1:], abs=1e-4)

@@ -54,16 +54,22 @@ def test_encode_masks_the_prompt_and_closes_with_eos(tokenizer):
 
 
 def test_encode_truncates_the_query_from_the_left_once_per_group_keeping_bos(tokenizer):
+    """A prompt longer than max_length keeps what the longest response leaves, at least half of
+    max_length; a response longer than the other half is cut from the right (no EOS)."""
     g = QueryGroup(query="\n\nHuman: " + "very long question " * 40 + "\n\nAssistant:",
                    responses=[" short answer", " a somewhat longer answer than that"], scores=[0, 1])
-    enc = encode(tokenizer, g, max_length=40)
     resp = tokenizer(" short answer", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     longer = tokenizer(" a somewhat longer answer than that", add_special_tokens=False)["input_ids"]
-    assert len(enc.ids[1]) == 40 and len(enc.ids[0]) == 40 - len(longer) - 1 + len(resp)
-    assert enc.ids[0][-len(resp):] == resp
-    assert enc.starts[0] == enc.starts[1] == 40 - len(longer) - 1  # one context for all k
+    enc = encode(tokenizer, g, max_length=48)  # the longer answer fits whole: the prompt gives way
+    assert len(enc.ids[1]) == 48 and enc.responses == [resp, longer + [tokenizer.eos_token_id]]
+    assert enc.starts[0] == enc.starts[1] == 48 - len(longer) - 1  # one context for all k
     assert enc.prompt[0] == tokenizer.bos_token_id  # the cut keeps the special prefix
     assert tokenizer.decode(enc.prompt).endswith("\n\nAssistant:")
+
+    assert len(longer) + 1 > 40 // 2
+    enc = encode(tokenizer, g, max_length=40)  # it does not: both are cut, at half of max_length
+    assert len(enc.prompt) == 20 and enc.prompt[0] == tokenizer.bos_token_id
+    assert enc.responses == [resp, longer[:20]]  # cut from the right, no EOS
 
 
 def test_encode_uses_the_samplers_token_ids_and_closes_only_stopped_replies(tokenizer):
@@ -331,3 +337,49 @@ def test_ranking_metrics_load_the_policy_in_model_dtype(tiny_model_dir):
     assert auto["rank_accuracy"] * 12 == pytest.approx(round(auto["rank_accuracy"] * 12))
     bf16 = ranking_metrics(str(tiny_model_dir), groups, dtype="bfloat16")
     assert bf16["best_nll"] != auto["best_nll"] and bf16["best_nll"] == pytest.approx(auto["best_nll"], rel=0.05)
+
+
+def test_a_long_dataset_response_is_cut_from_the_right_and_the_prompt_kept_whole(tokenizer):
+    """HH's `chosen` has no length limit: a 260-token one with max_length 192 is cut to the room
+    the prompt leaves (192 − P), without EOS; the prompt (63 tokens, data.max_prompt_tokens of the
+    HH workflow) and the short candidates are untouched, for every candidate of the group."""
+    words = ("how do I fix my bike chain " * 30).split()
+    query = ""
+    for n in range(len(words), 0, -1):  # the longest question whose prompt has at most 63 tokens
+        query = "\n\nHuman: " + " ".join(words[:n]) + "\n\nAssistant:"
+        if len(tokenizer(query)["input_ids"]) <= 63:
+            break
+    prompt = tokenizer(query)["input_ids"]
+    assert 55 <= len(prompt) <= 63
+    words = " Oil it, then wipe it and check each link for rust before you ride again."
+    long_ids = tokenizer(words * 20, add_special_tokens=False)["input_ids"][:260]
+    chosen = tokenizer.decode(long_ids)
+    assert len(tokenizer(chosen, add_special_tokens=False)["input_ids"]) >= 260
+    short = [" Use oil.", " I cannot help with that."]
+    g = QueryGroup(query=query, responses=[chosen, *short], scores=[1.0, 0.5, 0.0],
+                   sources=["chosen", "rejected", "policy@0"])
+    encoder = Encoder(tokenizer, 192)
+    enc = encoder(g)
+    assert enc.prompt == prompt  # the whole prompt, for all k candidates
+    chosen_ids = tokenizer(chosen, add_special_tokens=False)["input_ids"]
+    assert enc.responses[0] == chosen_ids[: 192 - len(prompt)]  # cut from the right
+    assert enc.responses[0][-1] != tokenizer.eos_token_id and len(enc.ids[0]) == 192
+    for r, text in zip(enc.responses[1:], short):
+        assert r == tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert encoder.cut == 1
+
+    dropped = Encoder(tokenizer, 192, truncated="drop")(g)  # a cut reply is a truncated one
+    assert dropped.kept == [1, 2] and dropped.prompt == prompt
+
+
+def test_a_response_cut_by_the_encoder_loses_its_eos_even_from_the_samplers_ids(tokenizer):
+    """A stopped reply whose EOS falls past max_length is cut like any other: no EOS at the end."""
+    q = "\n\nHuman: hi\n\nAssistant:"
+    prompt = tokenizer(q)["input_ids"]
+    ids = tokenizer(" one two three four five six seven eight", add_special_tokens=False)["input_ids"]
+    max_length = len(prompt) + len(ids)  # the reply fits, its EOS is one over
+    g = QueryGroup(query=q, responses=["x"], scores=[1.0], token_ids=[ids + [tokenizer.eos_token_id]],
+                   finish_reasons=["stop"], prompt_ids=prompt, tokenizer=tokenizer_fingerprint(tokenizer))
+    enc = Encoder(tokenizer, max_length)(g)
+    assert enc.prompt == prompt and enc.responses == [ids]
+    assert Encoder(tokenizer, max_length + 1)(g).responses == [ids + [tokenizer.eos_token_id]]
