@@ -94,19 +94,40 @@ def tokens_before_stop(tokenizer: Any, prompt_ids: Sequence[int], reply_ids: Seq
     in vllm/v1/engine/detokenizer.py, skip_special_tokens on as our SamplingParams leave it), so
     the reply's first token decodes with the prompt as context: a SentencePiece / Metaspace
     tokenizer then keeps the leading space that decoding the reply alone strips. Here the same
-    stream is replayed, one step per token, stopping as soon as the text is reached or passed.
-    Tokenizers without the Rust backend (vLLM's slow path) are matched by decoding prompt and
-    reply together and cutting off the decoded prompt.
+    stream is replayed, one step per token, stopping as soon as the text is reached (special
+    tokens that follow it, which decode to nothing, kept) or passed.
+    Tokenizers without the Rust backend (vLLM's slow path), and replies the stream does not
+    match, are matched by decoding prompt and reply together and cutting off the decoded prompt.
     """
     backend = getattr(tokenizer, "_tokenizer", None)
     if backend is None or not hasattr(backend, "decode"):
         return _tokens_after_decoded_prompt(tokenizer, prompt_ids, reply_ids, text)
+    found = _tokens_of_stream(backend, prompt_ids, reply_ids, text)
+    if found or not text:
+        return found
+    # The stream holds back the bytes of an incomplete character, so a stop string that starts
+    # after an invalid byte starts inside the stream's piece; decoded whole, the byte is "\ufffd".
+    return _tokens_after_decoded_prompt(tokenizer, prompt_ids[-PROMPT_CONTEXT:], reply_ids, text)
+
+
+# Prompt tokens decoded before the reply by the fallback match: enough for the leading space of
+# the reply's first token (vLLM's slow detokenizer looks back 5).
+PROMPT_CONTEXT = 8
+
+
+def _tokens_of_stream(backend: Any, prompt_ids: Sequence[int], reply_ids: Sequence[int],
+                      text: str) -> tuple[int, ...]:
+    """`tokens_before_stop` by vLLM's decode stream (`backend`: a `tokenizers.Tokenizer`)."""
     from tokenizers import decoders
 
     stream = decoders.DecodeStream(ids=list(prompt_ids), skip_special_tokens=True)
     decoded = ""
     for end, token in enumerate(reply_ids):
         if decoded == text:
+            # Special tokens sampled right before the stop string add no text but were sampled.
+            special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+            while end < len(reply_ids) and reply_ids[end] in special:
+                end += 1
             return tuple(reply_ids[:end])
         if len(decoded) > len(text) or not text.startswith(decoded):
             return ()
@@ -123,17 +144,18 @@ def tokens_before_stop(tokenizer: Any, prompt_ids: Sequence[int], reply_ids: Seq
 
 def _tokens_after_decoded_prompt(tokenizer: Any, prompt_ids: Sequence[int], reply_ids: Sequence[int],
                                  text: str) -> tuple[int, ...]:
-    """`tokens_before_stop` for a tokenizer without the Rust backend: the shortest prefix whose
+    """`tokens_before_stop` for a tokenizer without the Rust backend: the longest prefix whose
     decoding after the prompt, less the decoded prompt, is `text`."""
     prompt, head = list(prompt_ids), tokenizer.decode(list(prompt_ids), skip_special_tokens=True)
+    found: tuple[int, ...] = ()
     for end in range(len(reply_ids) + 1):
         decoded = tokenizer.decode(prompt + list(reply_ids[:end]), skip_special_tokens=True)
         reply = decoded[len(head):] if decoded.startswith(head) else None
         if reply == text:
-            return tuple(reply_ids[:end])
-        if reply is not None and len(reply) > len(text):
+            found = tuple(reply_ids[:end])
+        elif reply is not None and len(reply) > len(text):
             break
-    return ()
+    return found
 
 
 class VLLMEngine:

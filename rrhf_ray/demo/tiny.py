@@ -66,7 +66,15 @@ def train_metaspace_tokenizer(texts: Iterable[str], vocab_size: int = 1000, *, l
     prepends "▁" and turns spaces into "▁", no pre-tokenizer, and a decoder that turns "▁" back
     into spaces and strips the first. Both drop the leading space of a decoded text.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     unk = "<unk>"

@@ -77,6 +77,14 @@ def test_a_stop_string_inside_a_token_keeps_no_ids(tokenizer) -> None:
     assert tokens_before_stop(tokenizer, prompt_ids(tokenizer), apart, text) == tuple(apart[:len(text)])
 
 
+def test_special_tokens_sampled_right_before_the_stop_string_are_kept(tokenizer) -> None:
+    """They add no text, but the policy sampled them (and decoding the reply alone keeps them too)."""
+    reply = char_ids(tokenizer, REPLY) + [tokenizer.pad_token_id, tokenizer.bos_token_id]
+    sampled = reply + char_ids(tokenizer, STOP)
+    assert tokens_before_stop(tokenizer, prompt_ids(tokenizer), sampled, REPLY) == tuple(reply)
+    assert tokens_before_stop(DecodeOnly(tokenizer), prompt_ids(tokenizer), sampled, REPLY) == tuple(reply)
+
+
 def test_a_stop_string_at_the_start_leaves_no_tokens_for_an_empty_reply(tokenizer) -> None:
     assert tokens_before_stop(tokenizer, prompt_ids(tokenizer), char_ids(tokenizer, STOP), "") == ()
 
@@ -110,7 +118,7 @@ def test_sampled_candidates_that_lost_their_ids_are_counted_into_the_rounds_row(
     class Preset:  # only what write_candidates reads
         policy, dataset = "policy", False
 
-    sampled = dict(tokenizer="fp", finish_reason="stop", source="policy@0")
+    sampled = {"tokenizer": "fp", "finish_reason": "stop", "source": "policy@0"}
     policy = [[Candidate(" Sure.", token_ids=(5, 6), **sampled), Candidate(" Sure!", **sampled),
                Candidate("", **sampled)],
               [Candidate(" No.", **sampled), Candidate(" No.", **sampled)]]  # merged: counted once
@@ -119,3 +127,13 @@ def test_sampled_candidates_that_lost_their_ids_are_counted_into_the_rounds_row(
     stages = {"round1/sample": info, "round1/eval": {"eval": {}}}
     assert round_row(stages, 1)["pool_retokenized"] == 2
     assert "pool_retokenized" not in round_row({"round1/eval": {"eval": {}}}, 1)
+
+
+def test_a_stop_string_after_an_invalid_byte_keeps_the_byte() -> None:
+    """Byte-level BPE: a lone continuation byte is held back by vLLM's stream until the next
+    token, so the stop string starts inside the stream's piece "\\ufffd\\n"; decoded with the
+    prompt, the byte is the reply's last character."""
+    tok = train_tokenizer(DEFAULT_CORPUS)
+    reply = char_ids(tok, " ok") + tok.convert_tokens_to_ids(["¡"])
+    sampled = reply + char_ids(tok, STOP)
+    assert tokens_before_stop(tok, prompt_ids(tok), sampled, " ok\ufffd") == tuple(reply)
