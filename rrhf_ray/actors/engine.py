@@ -83,6 +83,11 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
+# Prompt tokens decoded before the reply by the fallback match: enough for the leading space of
+# the reply's first token (vLLM's slow detokenizer looks back 5).
+PROMPT_CONTEXT = 8
+
+
 def tokens_before_stop(tokenizer: Any, prompt_ids: Sequence[int], reply_ids: Sequence[int],
                        text: str) -> tuple[int, ...]:
     """The prefix of `reply_ids` whose text, detokenized after `prompt_ids` as vLLM's
@@ -108,11 +113,6 @@ def tokens_before_stop(tokenizer: Any, prompt_ids: Sequence[int], reply_ids: Seq
     # The stream holds back the bytes of an incomplete character, so a stop string that starts
     # after an invalid byte starts inside the stream's piece; decoded whole, the byte is "\ufffd".
     return _tokens_after_decoded_prompt(tokenizer, prompt_ids[-PROMPT_CONTEXT:], reply_ids, text)
-
-
-# Prompt tokens decoded before the reply by the fallback match: enough for the leading space of
-# the reply's first token (vLLM's slow detokenizer looks back 5).
-PROMPT_CONTEXT = 8
 
 
 def _tokens_of_stream(backend: Any, prompt_ids: Sequence[int], reply_ids: Sequence[int],
