@@ -67,6 +67,9 @@ def round_row(stages: dict[str, Any], r: int) -> dict[str, Any] | None:
     row["pool_k_histogram"] = shape.get("k_histogram")
     row["pool_groups_without_pair"] = shape.get("groups_without_pair")
     row["pool_stats"] = pool
+    sample = stages.get(f"round{r}/sample", {})
+    if "retokenized" in sample:  # rrhf_ray/stages.py:write_candidates; absent in older state files
+        row["pool_retokenized"] = sample["retokenized"]
     for stage in STAGES:
         row[f"seconds_{stage}"] = stages.get(f"round{r}/{stage}", {}).get("seconds", 0.0)
     # Overhead: the round's stage wall time minus the compute its workers reported (trainer

@@ -74,7 +74,15 @@ def write_candidates(preset: Preset, records: Sequence[Any], queries: list[str],
         sources.append([dataset_candidates(r) for r in records])
     groups = combine(queries, sources + external)
     write_groups([g.to_group() for g in groups], path)
-    return {"groups": len(groups), "candidates": sum(len(g.candidates) for g in groups)}
+    # A sampled reply without token ids (its stop string starts inside a token, see
+    # rrhf_ray/actors/engine.py:tokens_before_stop) is re-tokenized from its text by the trainer:
+    # tokens the policy may not have sampled.
+    retokenized = sum(1 for g in groups for c in g.candidates if c.tokenizer and c.text and not c.token_ids)
+    if retokenized:
+        logger.warning("%d sampled candidates of %s lost their token ids at a stop string; the trainer "
+                       "re-tokenizes their text", retokenized, path)
+    return {"groups": len(groups), "candidates": sum(len(g.candidates) for g in groups),
+            "retokenized": retokenized}
 
 
 def sample(ctx: RunContext, r: int) -> dict:

@@ -83,6 +83,81 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
+# Prompt tokens decoded before the reply by the fallback match: enough for the leading space of
+# the reply's first token (vLLM's slow detokenizer looks back 5).
+PROMPT_CONTEXT = 8
+
+
+def tokens_before_stop(tokenizer: Any, prompt_ids: Sequence[int], reply_ids: Sequence[int],
+                       text: str) -> tuple[int, ...]:
+    """The prefix of `reply_ids` whose text, detokenized after `prompt_ids` as vLLM's
+    detokenizer does, is `text`: the sampled tokens of a reply that vLLM cut before a stop string
+    (it keeps the tokens up to the one that completed the stop string). () when no prefix is
+    `text` (the stop string starts inside a token): whoever trains on it re-tokenizes the text.
+
+    vLLM primes an incremental decode stream with the prompt ids (`FastIncrementalDetokenizer`
+    in vllm/v1/engine/detokenizer.py, skip_special_tokens on as our SamplingParams leave it), so
+    the reply's first token decodes with the prompt as context: a SentencePiece / Metaspace
+    tokenizer then keeps the leading space that decoding the reply alone strips. Here the same
+    stream is replayed, one step per token, stopping as soon as the text is reached (special
+    tokens that follow it, which decode to nothing, kept) or passed.
+    Tokenizers without the Rust backend (vLLM's slow path), and replies the stream does not
+    match, are matched by decoding prompt and reply together and cutting off the decoded prompt.
+    """
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not hasattr(backend, "decode"):
+        return _tokens_after_decoded_prompt(tokenizer, prompt_ids, reply_ids, text)
+    found = _tokens_of_stream(backend, prompt_ids, reply_ids, text)
+    if found or not text:
+        return found
+    # The stream holds back the bytes of an incomplete character, so a stop string that starts
+    # after an invalid byte starts inside the stream's piece; decoded whole, the byte is "\ufffd".
+    return _tokens_after_decoded_prompt(tokenizer, prompt_ids[-PROMPT_CONTEXT:], reply_ids, text)
+
+
+def _tokens_of_stream(backend: Any, prompt_ids: Sequence[int], reply_ids: Sequence[int],
+                      text: str) -> tuple[int, ...]:
+    """`tokens_before_stop` by vLLM's decode stream (`backend`: a `tokenizers.Tokenizer`)."""
+    from tokenizers import decoders
+
+    stream = decoders.DecodeStream(ids=list(prompt_ids), skip_special_tokens=True)
+    decoded = ""
+    for end, token in enumerate(reply_ids):
+        if decoded == text:
+            # Special tokens sampled right before the stop string add no text but were sampled.
+            special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+            while end < len(reply_ids) and reply_ids[end] in special:
+                end += 1
+            return tuple(reply_ids[:end])
+        if len(decoded) > len(text) or not text.startswith(decoded):
+            return ()
+        try:
+            piece = stream.step(backend, token)
+        except Exception as err:  # vLLM restarts the stream without context on this error
+            if not str(err).startswith("Invalid prefix encountered"):
+                raise
+            stream = decoders.DecodeStream(skip_special_tokens=True)
+            piece = stream.step(backend, token)
+        decoded += piece or ""
+    return tuple(reply_ids) if decoded == text else ()
+
+
+def _tokens_after_decoded_prompt(tokenizer: Any, prompt_ids: Sequence[int], reply_ids: Sequence[int],
+                                 text: str) -> tuple[int, ...]:
+    """`tokens_before_stop` for a tokenizer without the Rust backend: the longest prefix whose
+    decoding after the prompt, less the decoded prompt, is `text`."""
+    prompt, head = list(prompt_ids), tokenizer.decode(list(prompt_ids), skip_special_tokens=True)
+    found: tuple[int, ...] = ()
+    for end in range(len(reply_ids) + 1):
+        decoded = tokenizer.decode(prompt + list(reply_ids[:end]), skip_special_tokens=True)
+        reply = decoded[len(head):] if decoded.startswith(head) else None
+        if reply == text:
+            found = tuple(reply_ids[:end])
+        elif reply is not None and len(reply) > len(text):
+            break
+    return found
+
+
 class VLLMEngine:
     """A `vllm.LLM` built from a `SamplingConfig`, with the three calls the project needs."""
 
@@ -176,21 +251,13 @@ class VLLMEngine:
             for c in out.outputs:
                 ids, logprob = tuple(c.token_ids), c.cumulative_logprob if cfg.return_logprobs else None
                 if isinstance(c.stop_reason, str):  # a stop string: vLLM keeps its tokens, not its text
-                    ids, logprob = self._tokens_of(ids, c.text), None
+                    ids = tokens_before_stop(self.tokenizer, out.prompt_token_ids or (), ids, c.text)
+                    logprob = None
                 group.append(Completion(text=c.text, token_ids=ids, cumulative_logprob=logprob,
                                         finish_reason=c.finish_reason,
                                         prompt_token_ids=tuple(out.prompt_token_ids or ())))
             results.append(group)
         return results
-
-    def _tokens_of(self, ids: tuple[int, ...], text: str) -> tuple[int, ...]:
-        """The longest prefix of `ids` that decodes to `text` (the tokens before a stop string);
-        () when no prefix does (a stop string inside a token): the text is then re-tokenized by
-        whoever trains on it."""
-        for end in range(len(ids), max(-1, len(ids) - 64), -1):
-            if self.tokenizer.decode(list(ids[:end]), skip_special_tokens=True) == text:
-                return ids[:end]
-        return ()
 
     def beam_search(self, prompts: Sequence[str], config: SamplingConfig) -> list[list[Completion]]:
         """Beam search with beam width config.n (the paper's BP policy); deterministic, no seed."""

@@ -56,6 +56,49 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000):
     )
 
 
+def train_metaspace_tokenizer(texts: Iterable[str], vocab_size: int = 1000, *, legacy: bool = False):
+    """Train a SentencePiece-style BPE tokenizer (Llama-2's family: words start with "▁") on
+    `texts`; returns a transformers fast tokenizer with the same special tokens and <s> handling
+    as `train_tokenizer`.
+
+    Two `tokenizer.json` layouts of Llama-2 exist: the current one, a Metaspace pre-tokenizer
+    and decoder (prepend "▁" to the first word only); and the `legacy` one, a normalizer that
+    prepends "▁" and turns spaces into "▁", no pre-tokenizer, and a decoder that turns "▁" back
+    into spaces and strips the first. Both drop the leading space of a decoded text.
+    """
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import PreTrainedTokenizerFast
+
+    unk = "<unk>"
+    tok = Tokenizer(models.BPE(unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[unk, PAD, BOS, EOS],
+                                  show_progress=False)
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    if legacy:
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.pre_tokenizer = None
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                         decoders.Fuse(), decoders.Strip(content=" ", left=1)])
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=unk,
+        padding_side="right"
+    )
+
+
 def build_tiny_llama(
     out_dir: str | Path,
     texts: Iterable[str] | None = None,
@@ -67,10 +110,12 @@ def build_tiny_llama(
     intermediate_size: int | None = None,
     max_position_embeddings: int = 512,
     seed: int = 0,
+    tokenizer=None,
 ) -> Path:
     """Build a randomly initialised Llama with a locally trained tokenizer; save as an HF directory.
 
     The directory loads with `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer` and in vLLM.
+    `tokenizer` (e.g. `train_metaspace_tokenizer(...)`) replaces the byte-level one trained on `texts`.
     Written to a temporary name and renamed, so a half-built directory never looks finished.
     """
     import torch
@@ -79,7 +124,8 @@ def build_tiny_llama(
     out_dir = Path(out_dir)
     if hidden_size % num_heads:
         raise ValueError(f"hidden_size {hidden_size} is not a multiple of num_heads {num_heads}")
-    tokenizer = train_tokenizer(texts if texts is not None else DEFAULT_CORPUS, vocab_size)
+    if tokenizer is None:
+        tokenizer = train_tokenizer(texts if texts is not None else DEFAULT_CORPUS, vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
