@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from rrhf_ray.config import ConfigError, RunConfig
 from rrhf_ray.types import atomic_write
@@ -98,7 +98,7 @@ class StageTimer:
     def __init__(self, state: RunState, name: str) -> None:
         self.state, self.name, self.seconds = state, name, 0.0
 
-    def __enter__(self) -> StageTimer:
+    def __enter__(self) -> Self:
         logger.debug("%s: starting", self.name)  # driver.log only; the console gets the finish line
         self.state.start(self.name)
         self._start = time.perf_counter()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 from rrhf_ray.config import RunConfig
 
@@ -42,7 +42,7 @@ class EngineCache:
     def __init__(self) -> None:
         self._kept: dict[str, tuple[str, SamplerPool]] = {}
 
-    def __enter__(self) -> EngineCache:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -298,9 +298,9 @@ def test_a_pyarrow_without_s3_is_one_clear_error(monkeypatch):
 
 def test_a_missing_bucket_is_one_clear_error(bucket, tmp_path):
     config = load_config(DEMO_CONFIG, ["output.dir=s3://no-such-bucket-here/run"])
-    with pytest.raises(ConfigError, match=r"output.dir s3://no-such-bucket-here/run: cannot read it"):
-        with mirrored(config):
-            pytest.fail("ran without a bucket")
+    with pytest.raises(ConfigError, match=r"output.dir s3://no-such-bucket-here/run: cannot read it"), \
+            mirrored(config):
+        pytest.fail("ran without a bucket")
 
 
 def test_preflight_accepts_a_remote_output_dir(bucket):
@@ -350,18 +350,18 @@ def test_mirrored_syncs_while_running_and_resumes_from_the_bucket(bucket, tmp_pa
 
     # A fresh machine (another cache): the bucket's run is accepted, its stage not redone.
     fresh = tmp_path / "fresh-cache"
-    with pytest.raises(RuntimeError, match="stage failed"):
-        with mirrored(config, cache_dir=fresh, interval=0.1) as (local, _):
-            workflow(local, fail=True)
+    with pytest.raises(RuntimeError, match="stage failed"), \
+            mirrored(config, cache_dir=fresh, interval=0.1) as (local, _):
+        workflow(local, fail=True)
     again = json.loads(read_object(f"{uri}/state.json"))["stages"]
     assert again["base"]["finished"] == stages["base"]["finished"]
     assert "rounds/1/pool.parquet" in bucket_files(uri)  # the final sync ran on the error too
     assert mirror_dir(uri, fresh).is_relative_to(fresh)
 
-    with pytest.raises(ConfigError, match="different config"):
-        with mirrored(load_config(DEMO_CONFIG, ["sft=null", f"output.dir={uri}", "train.lr=0.5"]),
-                      cache_dir=tmp_path / "third") as (local, _):
-            workflow(local)
+    changed = load_config(DEMO_CONFIG, ["sft=null", f"output.dir={uri}", "train.lr=0.5"])
+    with pytest.raises(ConfigError, match="different config"), \
+            mirrored(changed, cache_dir=tmp_path / "third") as (local, _):
+        workflow(local)
 
 
 def test_the_object_storage_rayjob_is_rayjob_yaml_without_the_shared_volume():
