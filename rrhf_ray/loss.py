@@ -368,15 +368,15 @@ def slic_loss(
         L_cal = mean_{(i, b) selected} max(0, δ − logp_sum_b + logp_sum_i)
         L     = L_cal + sft_weight · L_ft
 
+    on sequence log-likelihoods, not length-normalised (as in the paper). Candidates tied with b
+    are not negatives. The paper's regulariser is the cross-entropy of the SFT target y_ref; here
+    the best candidate stands in for it, per token like every L_ft of this module.
+
     Eq. 1 is a hinge of a positive over a negative sequence; the paper's sample-and-rank variant
     draws candidates from the SFT model and ranks them with a ranking or reward model. The
     negatives by `pairs` (`_select_pairs`): "all" and "best_rest", every i with r_i < r_b (the
     same loss; under "all", `num_pairs` and `rank_accuracy` still count every strict pair, as for
     the other losses); "best_worst", the worst candidate alone.
-
-    on sequence log-likelihoods, not length-normalised (as in the paper). Candidates tied with b
-    are not negatives. The paper's regulariser is the cross-entropy of the SFT target y_ref; here
-    the best candidate stands in for it, per token like every L_ft of this module.
 
     Defaults: margin δ = 1.0, the paper's margin (eq. 1) at unit scale, the usual hinge choice;
     sft_weight λ = 0.5 is recalled from the paper's setting and not checked against its text here
