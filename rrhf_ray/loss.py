@@ -33,6 +33,13 @@ and the batch loss is the mean of L over the queries with at least one valid can
     dpo    DPO (Rafailov et al., arXiv:2305.18290, eq. 7): mean over pairs of −log σ(β(h_j − h_i)),
            h = logp_sum − ref_logp_sum.
 
+The pairwise losses (simpo, slic, dpo) take `pairs`, which strict pairs of a query they read
+(`_select_pairs`): "all" (default: every strict pair), "best_worst" (one pair: the worst candidate w,
+argmin_i r_i with the first index on ties, against b) or "best_rest" (b against every strictly
+worse candidate). Their `num_pairs` and `rank_accuracy` count the pairs selected. slic compares
+every negative with b alone, so "all" and "best_rest" give it the same loss (its diagnostics still
+differ). rrhf, raft and pro always read every strict pair.
+
 Every loss returns a `LossOutput`, so that a trainer and a metric meter read any of them the same
 way; `LOSSES` maps the names above to the functions. The run config picks one by name
 (`train.loss.name`, `rrhf_ray.config.LossConfig`: one settings class per loss, its fields this
@@ -51,7 +58,7 @@ This module imports nothing of Ray, vLLM or the rest of the project.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -61,6 +68,7 @@ from torch import Tensor
 __all__ = [
     "LOSSES",
     "LossOutput",
+    "Pairs",
     "dpo_loss",
     "pro_loss",
     "raft_loss",
@@ -85,8 +93,10 @@ class LossOutput:
     scores: [B, K] the length-normalised log-probabilities p_i (0 where invalid); α is the loss's
         length_penalty, 1 for the losses that have none (slic, dpo).
     best_index: [B] b = argmax_i r_i over valid candidates (first index on ties).
-    rank_accuracy: scalar, fraction of ordered pairs r_i < r_j with p_i < p_j (NaN if no pair).
-    num_pairs: scalar long, ordered pairs with a strict reward difference.
+    rank_accuracy: scalar, fraction of the loss's pairs (i, j), r_i < r_j, with p_i < p_j (NaN if
+        no pair).
+    num_pairs: scalar long, the loss's pairs: every ordered pair with a strict reward difference,
+        or those its `pairs` option selects (simpo, slic, dpo).
     """
 
     loss: Tensor
@@ -109,7 +119,7 @@ class _Group:
     length: Tensor  # [B, K] |y_i| ≥ 1, 1 where invalid
     rewards: Tensor  # [B, K] r_i in logp's dtype, 0 where invalid
     scores: Tensor  # [B, K] p_i
-    pair_mask: Tensor  # [B, K, K] [b, i, j]: r_i < r_j, both valid
+    pair_mask: Tensor  # [B, K, K] [b, i, j]: r_i < r_j, both valid (narrowed by _select_pairs)
     best: Tensor  # [B] long
     query_mask: Tensor  # [B] bool
 
@@ -143,6 +153,35 @@ def _group(
     # Best candidate: argmax over valid rewards; torch.argmax returns the first maximum.
     best = torch.where(valid, r, torch.full_like(r, float("-inf"))).argmax(dim=1)
     return _Group(valid, logp, length, r, scores, pair_mask, best, valid.any(dim=1))
+
+
+Pairs = Literal["all", "best_worst", "best_rest"]
+"""Which strict pairs of a query a pairwise loss reads (`_select_pairs`)."""
+
+
+def _select_pairs(g: _Group, pairs: Pairs) -> _Group:
+    """`g` with its pair mask narrowed to the pairs `pairs` names; its best b is unchanged.
+
+        all         every strict pair (i, j), r_i < r_j: `g` itself.
+        best_rest   (i, b) for every i with r_i < r_b.
+        best_worst  (w, b) alone, w = argmin_i r_i over valid candidates, the first index on ties
+                    (as b is the first on ties); none when r_w = r_b (all rewards equal, or one
+                    candidate).
+
+    A candidate tied with b is never paired with anything under best_rest or best_worst, and a
+    candidate tied with w is not the worst under best_worst.
+    """
+    if pairs not in ("all", "best_worst", "best_rest"):
+        raise ValueError(f"pairs must be 'all', 'best_worst' or 'best_rest', got {pairs!r}")
+    if pairs == "all":
+        return g
+    slots = torch.arange(g.valid.shape[1], device=g.valid.device)
+    keep = slots[None, None, :] == g.best[:, None, None]  # [B, 1, K]: j = b
+    if pairs == "best_worst":
+        # torch.argmin returns the first minimum.
+        worst = torch.where(g.valid, g.rewards, torch.full_like(g.rewards, float("inf"))).argmin(dim=1)
+        keep = keep & (slots[None, :, None] == worst[:, None, None])  # i = w
+    return replace(g, pair_mask=g.pair_mask & keep)
 
 
 def _best(g: _Group, x: Tensor) -> Tensor:
@@ -290,12 +329,17 @@ def simpo_loss(
     gamma: float = 1.0,
     sft_weight: float = 0.0,
     length_penalty: float = 1.0,
+    pairs: Pairs = "all",
 ) -> LossOutput:
-    """SimPO, Simple Preference Optimization (Meng et al., arXiv:2405.14734, eq. 6), over all the
-    strict pairs (i worse, j better) of each query:
+    """SimPO, Simple Preference Optimization (Meng et al., arXiv:2405.14734, eq. 6), over the
+    strict pairs (i worse, j better) of each query that `pairs` selects (`_select_pairs`):
 
-        L_SimPO = mean_{r_i < r_j} −log σ(β·(p_j − p_i) − γ)      (computed as softplus, stable)
+        L_SimPO = mean_{(i, j) selected} −log σ(β·(p_j − p_i) − γ)   (computed as softplus, stable)
         L       = L_SimPO + sft_weight · L_ft
+
+    The paper trains on (chosen, rejected) pairs; with several samples per prompt, its on-policy
+    recipe takes the highest- and lowest-scored as chosen and rejected: `pairs="best_worst"`. The
+    default "all" averages over every strict pair.
 
     The paper's reward is (β/|y|)·log π(y|x), i.e. β·p with α = 1, and γ is the absolute target
     margin (γ/β the margin in p units). Defaults β = 2.0, γ = 1.0: the paper's Llama-3-Base
@@ -303,9 +347,10 @@ def simpo_loss(
     that both want tuning per model). sft_weight = 0: SimPO has no SFT term (the authors' trainer's
     `sft_weight` defaults to 0).
 
-    Args: as for `rrhf_loss`; beta: β; gamma: γ; sft_weight weighs L_ft; length_penalty: α.
+    Args: as for `rrhf_loss`; beta: β; gamma: γ; sft_weight weighs L_ft; length_penalty: α;
+    pairs: "all", "best_worst" or "best_rest".
     """
-    g = _group(logp_sum, lengths, rewards, valid, length_penalty)
+    g = _select_pairs(_group(logp_sum, lengths, rewards, valid, length_penalty), pairs)
     diff = g.scores.unsqueeze(2) - g.scores.unsqueeze(1)  # [b, i, j] p_i − p_j
     rank = _pair_mean(g, F.softplus(beta * diff + gamma))  # −log σ(β(p_j − p_i) − γ)
     return _with_sft(g, rank, sft_weight)
@@ -315,26 +360,34 @@ def slic_loss(
     logp_sum: Tensor, lengths: Tensor, rewards: Tensor, valid: Tensor | None = None, *,
     margin: float = 1.0,
     sft_weight: float = 0.5,
+    pairs: Pairs = "all",
 ) -> LossOutput:
     """SLiC-HF rank calibration (Zhao et al., arXiv:2305.10425, eq. 1) with the best candidate b
-    as the positive and each strictly worse candidate as a negative:
+    as the positive and as negatives the strictly worse candidates i of the selected pairs (i, b):
 
-        L_cal = mean_{i: r_i < r_b} max(0, δ − logp_sum_b + logp_sum_i)
+        L_cal = mean_{(i, b) selected} max(0, δ − logp_sum_b + logp_sum_i)
         L     = L_cal + sft_weight · L_ft
 
     on sequence log-likelihoods, not length-normalised (as in the paper). Candidates tied with b
     are not negatives. The paper's regulariser is the cross-entropy of the SFT target y_ref; here
     the best candidate stands in for it, per token like every L_ft of this module.
 
+    Eq. 1 is a hinge of a positive over a negative sequence; the paper's sample-and-rank variant
+    draws candidates from the SFT model and ranks them with a ranking or reward model. The
+    negatives by `pairs` (`_select_pairs`): "all" and "best_rest", every i with r_i < r_b (the
+    same loss; under "all", `num_pairs` and `rank_accuracy` still count every strict pair, as for
+    the other losses); "best_worst", the worst candidate alone.
+
     Defaults: margin δ = 1.0, the paper's margin (eq. 1) at unit scale, the usual hinge choice;
     sft_weight λ = 0.5 is recalled from the paper's setting and not checked against its text here
     (and its λ weighs a summed cross-entropy, not a per-token one): tune it. `scores` and
     `rank_accuracy` use p_i with α = 1.
 
-    Args: as for `rrhf_loss`; margin: δ; sft_weight: λ.
+    Args: as for `rrhf_loss`; margin: δ; sft_weight: λ; pairs: "all", "best_worst" or
+    "best_rest".
     """
-    g = _group(logp_sum, lengths, rewards, valid, 1.0)
-    # The negatives of each query: valid, strictly worse than the best (pair (i, b)).
+    g = _select_pairs(_group(logp_sum, lengths, rewards, valid, 1.0), pairs)
+    # The negatives of each query: the selected pairs (i, b), i valid and strictly worse.
     negative = g.pair_mask.gather(2, g.best[:, None, None].expand(-1, g.valid.shape[1], 1))
     negative = negative.squeeze(2)
     hinge = (margin - _best(g, g.logp).unsqueeze(1) + g.logp).clamp_min(0.0)
@@ -348,12 +401,18 @@ def dpo_loss(
     ref_logp_sum: Tensor,
     beta: float = 0.1,
     sft_weight: float = 0.0,
+    pairs: Pairs = "all",
 ) -> LossOutput:
-    """DPO, Direct Preference Optimization (Rafailov et al., arXiv:2305.18290, eq. 7), over all
-    the strict pairs (i worse, j better) of each query, with h = logp_sum − ref_logp_sum:
+    """DPO, Direct Preference Optimization (Rafailov et al., arXiv:2305.18290, eq. 7), over the
+    strict pairs (i worse, j better) of each query that `pairs` selects (`_select_pairs`), with
+    h = logp_sum − ref_logp_sum:
 
-        L_DPO = mean_{r_i < r_j} −log σ(β·(h_j − h_i))             (computed as softplus, stable)
+        L_DPO = mean_{(i, j) selected} −log σ(β·(h_j − h_i))         (computed as softplus, stable)
         L     = L_DPO + sft_weight · L_ft
+
+    Eq. 7 is an expectation over a data set of (prompt, chosen, rejected) triples, one pair per
+    comparison; `pairs="best_worst"` reads one such pair per query, the default "all" every strict
+    pair.
 
     Default β = 0.1, the paper's value unless noted otherwise (its appendix B); sft_weight = 0,
     plain DPO (a positive weight gives the DPO + NLL mix of later work). The reference log-
@@ -361,14 +420,14 @@ def dpo_loss(
     `rank_accuracy` use the policy's p_i with α = 1, not h.
 
     Args: as for `rrhf_loss`; ref_logp_sum: [B, K] Σ_t log π_ref over the same tokens; beta: β;
-    sft_weight weighs L_ft.
+    sft_weight weighs L_ft; pairs: "all", "best_worst" or "best_rest".
     """
     if ref_logp_sum.shape != logp_sum.shape:
         raise ValueError(
             f"ref_logp_sum must have logp_sum's [B, K] shape {tuple(logp_sum.shape)}, "
             f"got {tuple(ref_logp_sum.shape)}"
         )
-    g = _group(logp_sum, lengths, rewards, valid, 1.0)
+    g = _select_pairs(_group(logp_sum, lengths, rewards, valid, 1.0), pairs)
     ref = torch.where(g.valid, ref_logp_sum.to(g.logp.dtype), torch.zeros_like(g.logp))
     h = g.logp - ref
     diff = h.unsqueeze(2) - h.unsqueeze(1)  # [b, i, j] h_i − h_j

@@ -30,6 +30,19 @@ class LoraConfig(Section):
 # `LossConfig` (tests/unit/test_config.py checks that the two cover the same names).
 
 
+Pairs = Literal["all", "best_worst", "best_rest"]
+
+
+def _pairs_field() -> Any:
+    # The pairwise losses' `pairs` (rrhf_ray/loss.py, `_select_pairs`); the values are
+    # `rrhf_ray.loss.Pairs`, repeated here because the config imports nothing of the project.
+    return Field(
+        "all", description="The strict pairs (worse i, better j) of a query the loss reads: all "
+        "(every pair), best_worst (the worst candidate against the best, one pair; the first index "
+        "on tied rewards; none when all rewards tie) or best_rest (the best against every strictly "
+        "worse one). SimPO's on-policy recipe is best_worst.")
+
+
 class RRHFLoss(Section):
     """RRHF, eq. 1-5 (docs/algorithm.md): w_rank · L_rank + L_ft."""
 
@@ -57,30 +70,34 @@ class PROLoss(Section):
 
 
 class SimPOLoss(Section):
-    """SimPO over all strict pairs: −log σ(β(p_j − p_i) − γ), + sft_weight · L_ft."""
+    """SimPO over the selected strict pairs: −log σ(β(p_j − p_i) − γ), + sft_weight · L_ft."""
 
     name: Literal["simpo"] = "simpo"
     beta: float = Field(2.0, gt=0.0)
     gamma: float = Field(1.0, ge=0.0)
     sft_weight: float = Field(0.0, ge=0.0)
     length_penalty: float = Field(1.0, ge=0.0)
+    pairs: Pairs = _pairs_field()
 
 
 class SLiCLoss(Section):
-    """SLiC-HF rank calibration: max(0, δ − logp_best + logp_i) over worse i, + sft_weight · L_ft."""
+    """SLiC-HF rank calibration: max(0, δ − logp_best + logp_i) over worse i, + sft_weight · L_ft
+    (pairs all and best_rest: every strictly worse i, the same loss; best_worst: the worst alone)."""
 
     name: Literal["slic"] = "slic"
     margin: float = Field(1.0, ge=0.0, description="δ, on sequence log-likelihoods.")
     sft_weight: float = Field(0.5, ge=0.0)
+    pairs: Pairs = _pairs_field()
 
 
 class DPOLoss(Section):
-    """DPO over all strict pairs: −log σ(β(h_j − h_i)), h = logp − logp_ref, + sft_weight · L_ft.
-    The reference log-probabilities come from `train.reference` (a stage of the workflow)."""
+    """DPO over the selected strict pairs: −log σ(β(h_j − h_i)), h = logp − logp_ref, + sft_weight ·
+    L_ft. The reference log-probabilities come from `train.reference` (a stage of the workflow)."""
 
     name: Literal["dpo"] = "dpo"
     beta: float = Field(0.1, gt=0.0)
     sft_weight: float = Field(0.0, ge=0.0)
+    pairs: Pairs = _pairs_field()
 
 
 LossConfig = Annotated[

@@ -184,6 +184,28 @@ def test_loss_mistakes_are_named(tmp_path):
         load_config(path, ["train.rank_weight=0"])
 
 
+@pytest.mark.parametrize("loss", ["simpo", "slic", "dpo"])
+def test_the_pairwise_losses_take_pairs(tmp_path, loss):
+    """`pairs` (rrhf_ray/loss.py, `_select_pairs`): all by default, best_worst or best_rest, and it
+    reaches the loss function's keyword options."""
+    path = write(tmp_path, f"train:\n  loss: {{name: {loss}, pairs: best_worst}}\n")
+    assert load_config(path).train.loss.pairs == "best_worst"
+    plain = write(tmp_path, "")
+    assert load_config(plain, [f"train.loss.name={loss}"]).train.loss.pairs == "all"
+    cfg = load_config(plain, [f"train.loss.name={loss}", "train.loss.pairs=best_rest"])
+    assert cfg.train.loss.model_dump(exclude={"name"})["pairs"] == "best_rest"
+    with pytest.raises(ConfigError, match=rf"train\.loss\.{loss}\.pairs: Input should be 'all', "
+                                          r"'best_worst' or 'best_rest'"):
+        load_config(plain, [f"train.loss.name={loss}", "train.loss.pairs=worst"])
+
+
+@pytest.mark.parametrize("loss", ["rrhf", "pro", "raft"])
+def test_the_losses_without_pairs_refuse_the_key(tmp_path, loss):
+    """RRHF, PRO and RAFT always read every strict pair: `pairs` there is an unknown key."""
+    with pytest.raises(ConfigError, match=rf"train\.loss\.{loss}\.pairs: unknown key"):
+        load_config(write(tmp_path, ""), [f"train.loss.name={loss}", "train.loss.pairs=best_worst"])
+
+
 def test_prefix_sharing_reads_yaml_on_and_off(tmp_path):
     """YAML 1.1 reads a bare on / off as booleans; the setting still means what was written."""
     assert load_config(write(tmp_path, "train:\n  prefix_sharing: off\n")).train.prefix_sharing == "off"

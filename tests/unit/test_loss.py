@@ -328,15 +328,28 @@ def call(name, logp, lengths, rewards, valid=None, ref=None, **overrides):
     return LOSSES[name](logp, lengths, rewards, valid, **kwargs)
 
 
-def reference_query(name, cands):
+def reference_pairs(r, selection="all"):
+    """The (worse, better) pairs of one query's rewards {slot: r} that `selection` names."""
+    best = max(r, key=lambda i: (r[i], -i))  # the first index on ties
+    worst = min(r, key=lambda i: (r[i], i))
+    pairs = [(i, j) for i in r for j in r if r[i] < r[j]]
+    if selection == "best_rest":
+        return [(i, j) for i, j in pairs if j == best]
+    if selection == "best_worst":
+        return [(i, j) for i, j in pairs if (i, j) == (worst, best)]
+    return pairs
+
+
+def reference_query(name, cands, selection="all"):
     """(preference part, L_ft, per-query loss) of one query in plain float64 Python.
-    cands: [(slot, logp, length, reward, ref_logp)] of its valid candidates, in slot order."""
+    cands: [(slot, logp, length, reward, ref_logp)] of its valid candidates, in slot order;
+    selection: the `pairs` option of simpo, slic and dpo."""
     o = OPTIONS[name]
     alpha = o.get("length_penalty", 1.0)
     p = {c[0]: c[1] / c[2] ** alpha for c in cands}
     logp = {c[0]: c[1] for c in cands}
     r = {c[0]: c[3] for c in cands}
-    pairs = [(i, j) for i in p for j in p if r[i] < r[j]]
+    pairs = reference_pairs(r, selection)
     best = max(p, key=lambda i: (r[i], -i))
     ft = -logp[best] / next(c[2] for c in cands if c[0] == best)
     if name in ("rrhf", "raft"):
@@ -355,7 +368,7 @@ def reference_query(name, cands):
         z = [o["beta"] * (p[j] - p[i]) - o["gamma"] for i, j in pairs]
         pref = sum(math.log1p(math.exp(-x)) for x in z) / len(z) if z else 0.0
     elif name == "slic":
-        worse = [i for i in p if r[i] < r[best]]
+        worse = [i for i, j in pairs if j == best]
         hinge = [max(0.0, o["margin"] - logp[best] + logp[i]) for i in worse]
         pref = sum(hinge) / len(hinge) if hinge else 0.0
     elif name == "dpo":
@@ -506,3 +519,155 @@ def test_pro_depends_on_the_reward_scale_where_rrhf_does_not():
     # every position k with worse candidates after it: −log(1 / (1 + #worse)) at zero logits
     assert pro001 == pytest.approx(2 * (math.log(4) + math.log(3) + math.log(2)) / 2, rel=0.05)
     assert grad(rrhf_loss, 1.0) == pytest.approx(grad(rrhf_loss, 0.01))
+
+
+# ---------------------------------------------------------------------------------------------
+# `pairs` of the pairwise losses (simpo, slic, dpo): all (default) | best_worst | best_rest.
+# ---------------------------------------------------------------------------------------------
+
+PAIRWISE = ("simpo", "slic", "dpo")
+
+
+def sp(x):
+    """−log σ(x) = log(1 + e^{-x})."""
+    return math.log1p(math.exp(-x))
+
+
+def test_pairs_best_worst_hand_worked():
+    """The three-candidate case: b = 0 (r 1), w = 1 (r 0): the one pair (1, 0); candidate 2
+    (r 0.5) is left out.  p = [-1, -2, -3], logp = [-2, -6, -3].
+
+    SimPO, β = 2, γ = 1:  z = 2·(-1 - -2) - 1 = 1:  L = log(1 + e^{-1}) = 0.313262.
+    DPO, ref = [-3, -5, -3] (h = [1, -1, 0]), β = 0.5:  0.5·(1 - -1) = 1:  L = 0.313262.
+    SLiC, δ = 2:  max(0, 2 - -2 + -6) = 0:  L_cal = 0 (all pairs: 0.5, from candidate 2).
+    One pair, p_1 = -2 < p_0 = -1: num_pairs 1, rank_accuracy 1 (all pairs: 3 and 2/3).
+    """
+    one = math.log1p(math.exp(-1))
+    simpo = simpo_loss(LOGP3, LEN3, R3, pairs="best_worst")
+    dpo = dpo_loss(LOGP3, LEN3, R3, ref_logp_sum=t([-3, -5, -3]), beta=0.5, pairs="best_worst")
+    slic = slic_loss(LOGP3, LEN3, R3, margin=2.0, sft_weight=0.0, pairs="best_worst")
+    assert simpo.rank_loss.item() == pytest.approx(one, abs=1e-12)
+    assert dpo.rank_loss.item() == pytest.approx(one, abs=1e-12)
+    assert slic.rank_loss.item() == 0.0
+    for out in (simpo, dpo, slic):
+        assert out.num_pairs.item() == 1 and out.rank_accuracy.item() == 1.0
+        assert out.best_index.tolist() == [0] and out.sft_loss.item() == pytest.approx(1.0)
+
+
+def test_pairs_best_rest_hand_worked():
+    """The three-candidate case: b = 0 against the strictly worse 1 and 2: pairs (1, 0), (2, 0);
+    the pair (1, 2) of the all-pairs mean is left out.
+
+    SimPO:  z = 1 and 2·(-1 - -3) - 1 = 3:  (0.313262 + 0.048587) / 2 = 0.180925.
+    DPO (h = [1, -1, 0], β = 0.5):  1 and 0.5·(1 - 0) = 0.5:  (0.313262 + 0.474077) / 2 = 0.393670.
+    SLiC, δ = 2:  0 and max(0, 2 - -2 + -3) = 1:  L_cal = 0.5, as with all pairs (b is SLiC's
+    positive either way), but num_pairs 2 and rank_accuracy 1 (p_1, p_2 < p_0) instead of 3, 2/3.
+    """
+    simpo = simpo_loss(LOGP3, LEN3, R3, pairs="best_rest")
+    dpo = dpo_loss(LOGP3, LEN3, R3, ref_logp_sum=t([-3, -5, -3]), beta=0.5, pairs="best_rest")
+    slic = slic_loss(LOGP3, LEN3, R3, margin=2.0, sft_weight=0.0, pairs="best_rest")
+    assert simpo.rank_loss.item() == pytest.approx((sp(1) + sp(3)) / 2, abs=1e-12)
+    assert dpo.rank_loss.item() == pytest.approx((sp(1) + sp(0.5)) / 2, abs=1e-12)
+    assert slic.rank_loss.item() == pytest.approx(0.5)
+    for out in (simpo, dpo, slic):
+        assert out.num_pairs.item() == 2 and out.rank_accuracy.item() == 1.0
+    every = slic_loss(LOGP3, LEN3, R3, margin=2.0, sft_weight=0.0)
+    assert every.rank_loss.item() == pytest.approx(0.5) and every.num_pairs.item() == 3
+
+
+def test_pairs_ties_pick_the_first_index():
+    """logp = [-1, -4, -1, -2], |y| = 1 (p = logp), r = [1, 1, 0, 0]: 0 and 1 tie for best,
+    2 and 3 for worst.  b = 0 and w = 2, the first of each; candidate 1 is never paired.
+    SimPO (β = 2, γ = 1), z = 2·(p_0 − p_i) − 1:
+      best_worst: (2, 0): z = -1:  log(1 + e) = 1.313262  (it would be 0.313262 with w = 3);
+      best_rest:  (2, 0), (3, 0): z = -1, 1:  (1.313262 + 0.313262) / 2 = 0.813262;
+      all:        (2, 0), (3, 0), (2, 1), (3, 1): 4 pairs.
+    Swapping slots 2 and 3 makes w = 2 the candidate with p = -2: 0.313262.
+    """
+    logp, lengths, rewards = t([-1, -4, -1, -2]), t([1, 1, 1, 1]), t([1, 1, 0, 0])
+    worst = simpo_loss(logp, lengths, rewards, pairs="best_worst")
+    assert worst.rank_loss.item() == pytest.approx(sp(-1), abs=1e-12) and worst.num_pairs.item() == 1
+    rest = simpo_loss(logp, lengths, rewards, pairs="best_rest")
+    assert rest.rank_loss.item() == pytest.approx((sp(-1) + sp(1)) / 2, abs=1e-12)
+    assert rest.num_pairs.item() == 2
+    assert simpo_loss(logp, lengths, rewards).num_pairs.item() == 4
+    swapped = simpo_loss(t([-1, -4, -2, -1]), lengths, rewards, pairs="best_worst")
+    assert swapped.rank_loss.item() == pytest.approx(sp(1), abs=1e-12)
+
+
+def test_pairs_best_worst_skips_a_missing_slot_as_the_worst():
+    """A missing slot holding reward -100 is not the worst: r = [0, 1, (-100)], w = 0, b = 1."""
+    out = simpo_loss(t([-1, -2, float("nan")]), t([1, 1, 0]), t([0, 1, -100]),
+                     torch.tensor([[True, True, False]]), pairs="best_worst")
+    assert out.num_pairs.item() == 1
+    assert out.rank_loss.item() == pytest.approx(math.log1p(math.exp(-(2 * (-2 - -1) - 1))))
+
+
+@pytest.mark.parametrize("selection", ["best_worst", "best_rest"])
+@pytest.mark.parametrize("name", PAIRWISE)
+def test_pairs_query_without_strict_pair_contributes_only_its_fine_tuning_term(name, selection):
+    """All rewards equal (query 0) or one candidate (query 1): no pair under any selection."""
+    logp = t([-3, -1, -2], [-4, 0, 0])
+    lengths = t([2, 1, 1], [2, 1, 1])
+    rewards = t([0.5, 0.5, 0.5], [0.3, 0, 0])
+    valid = torch.tensor([[True, True, True], [True, False, False]])
+    out = call(name, logp, lengths, rewards, valid, ref=t([-9, 0, 5], [3, 0, 0]), pairs=selection)
+    w = SFT_WEIGHT[name]
+    assert out.per_query_loss.tolist() == pytest.approx([w * 1.5, w * 2.0])
+    assert out.rank_loss.item() == 0.0 and out.num_pairs.item() == 0
+    assert math.isnan(out.rank_accuracy.item())
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("selection", ["all", "best_worst", "best_rest"])
+@pytest.mark.parametrize("name", PAIRWISE)
+def test_pairs_match_float64_reference(name, selection, seed):
+    logp, lengths, rewards, valid, ref = random_batch(seed)
+    out = call(name, logp, lengths, rewards, valid, ref, pairs=selection)
+    per_query, n_pairs, n_correct = [], 0, 0
+    alpha = OPTIONS[name].get("length_penalty", 1.0)
+    for b in range(logp.shape[0]):
+        cands = [(i, float(logp[b, i]), float(lengths[b, i]), float(rewards[b, i]),
+                  float(ref[b, i])) for i in range(logp.shape[1]) if valid[b, i]]
+        if not cands:
+            continue
+        _, _, loss = reference_query(name, cands, selection)
+        assert out.per_query_loss[b].item() == pytest.approx(loss, abs=1e-6)
+        per_query.append(loss)
+        p = {i: lp / ln**alpha for i, lp, ln, _, _ in cands}
+        for i, j in reference_pairs({i: rw for i, _, _, rw, _ in cands}, selection):
+            n_pairs += 1
+            n_correct += p[i] < p[j]
+    assert out.loss.item() == pytest.approx(sum(per_query) / len(per_query), abs=1e-6)
+    assert out.num_pairs.item() == n_pairs
+    assert out.rank_accuracy.item() == pytest.approx(n_correct / n_pairs)
+
+
+# The all-pairs losses' output on random_batch(3) with OPTIONS, recorded from loss.py at commit
+# 8a10516 (before `pairs`): (loss, rank_loss, num_pairs, rank_accuracy), float64 as float.hex.
+ALL_PAIRS_RECORDED = {
+    "simpo": ("0x1.868378b702c08p+1", "0x1.5fde0ddcd1ebcp+1", 22, "0x1.0000000000000p-1"),
+    "slic": ("0x1.9dd103fae3fdbp+1", "0x1.50862e4682543p+1", 22, "0x1.1745d1745d174p-1"),
+    "dpo": ("0x1.110cdf6aa2500p+1", "0x1.c17c33b3ca8c3p+0", 22, "0x1.1745d1745d174p-1"),
+}
+
+
+@pytest.mark.parametrize("name", PAIRWISE)
+def test_pairs_default_is_all_and_gives_the_recorded_numbers_bit_for_bit(name):
+    logp, lengths, rewards, valid, ref = random_batch(3)
+    default = call(name, logp, lengths, rewards, valid, ref)
+    loss, rank, n, accuracy = ALL_PAIRS_RECORDED[name]
+    assert default.loss.item() == float.fromhex(loss)
+    assert default.rank_loss.item() == float.fromhex(rank)
+    assert default.num_pairs.item() == n
+    assert default.rank_accuracy.item() == float.fromhex(accuracy)
+    explicit = call(name, logp, lengths, rewards, valid, ref, pairs="all")
+    for field in LossOutput.__dataclass_fields__:
+        a, b = getattr(default, field), getattr(explicit, field)
+        assert torch.equal(a, b), field
+
+
+@pytest.mark.parametrize("name", PAIRWISE)
+def test_pairs_unknown_value_is_refused(name):
+    with pytest.raises(ValueError, match="pairs must be 'all', 'best_worst' or 'best_rest'"):
+        call(name, LOGP3, LEN3, R3, pairs="best")
