@@ -131,10 +131,11 @@ class RunStore:
     """
 
     def __init__(self, uri: str, mirror: str | os.PathLike | None = None,
-                 fingerprints: tuple[str, str] | None = None) -> None:
+                 fingerprints: tuple[str, str] | None = None, earlier: frozenset[str] = frozenset()) -> None:
         self.uri = check_uri(uri)
         self.mirror = Path(mirror).resolve() if mirror is not None else mirror_dir(self.uri)
         self.fingerprints = fingerprints
+        self.earlier = earlier  # the remote config's fingerprints under the earlier schema (accepted)
         self.fs, self.root = filesystem(self.uri)
         self.pulled = Transfer()
         self.pushed = Transfer()
@@ -205,7 +206,7 @@ class RunStore:
         except (TypeError, ValueError) as err:
             raise ConfigError(f"{self.uri}/{STATE_FILE} is not a run's state ({err})") from None
         if self.fingerprints:
-            if data.get("fingerprint") != self.fingerprints[0]:
+            if data.get("fingerprint") not in {self.fingerprints[0], *self.earlier}:
                 raise ConfigError(
                     f"output directory {self.uri} holds a run with a different config (see "
                     f"{self.uri}/{STATE_FILE}); use another output.dir, or the same config "
@@ -410,12 +411,13 @@ def mirrored(config: Any, *, cache_dir: str | os.PathLike | None = None,
     config's run is refused), yield (the config with `output.dir` set to the mirror, the store)
     while syncing in the background, then a final sync, also when the run fails. Held under the
     mirror's lock: one driver per mirror on a machine."""
-    from rrhf_ray.state import config_fingerprint
+    from rrhf_ray.state import config_fingerprint, earlier_fingerprints
 
     uri = check_uri(config.output.dir)
     mirror = mirror_dir(uri, cache_dir)
     local = config.model_copy(update={"output": config.output.model_copy(update={"dir": str(mirror)})})
-    store = RunStore(uri, mirror, (config_fingerprint(config), config_fingerprint(local)))
+    store = RunStore(uri, mirror, (config_fingerprint(config), config_fingerprint(local)),
+                     frozenset(earlier_fingerprints(config)))
     with store.lock():
         try:
             store.pull()

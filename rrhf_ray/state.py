@@ -24,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from rrhf_ray.config import ConfigError, RunConfig
+from rrhf_ray.config import ConfigError, RunConfig, TrainConfig
 from rrhf_ray.types import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -32,11 +32,35 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "state.json"
 
 
+def _fingerprint_data(config: RunConfig) -> dict[str, Any]:
+    return config.model_dump(mode="json", exclude={"rounds": True, "ray": True, "tracking": True})
+
+
+def _hash(data: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def config_fingerprint(config: RunConfig) -> str:
     """What must not change within one output directory: everything but the round count,
     the Ray connection and progress display."""
-    data = config.model_dump(mode="json", exclude={"rounds": True, "ray": True, "tracking": True})
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return _hash(_fingerprint_data(config))
+
+
+def earlier_fingerprints(config: RunConfig) -> set[str]:
+    """The fingerprints the same config had under the earlier schema, so that a run started
+    then still resumes: the SFT and reward-model stages' `train` was the RRHF `TrainConfig` (its
+    RRHF-only keys at their defaults), the pairwise losses had no `pairs` (today's default
+    `all` is what they did), and `sampling.refresh_tolerance` defaulted to 0.05 (now None: set
+    from the served dtype). Empty when the config reads the same either way."""
+    data = _fingerprint_data(config)
+    for stage in ("sft", "reward_model"):
+        if data.get(stage) is not None:
+            data[stage]["train"] = TrainConfig.model_validate(data[stage]["train"]).model_dump(mode="json")
+    if data["train"]["loss"].get("pairs") == "all":
+        del data["train"]["loss"]["pairs"]
+    if data["sampling"].get("refresh_tolerance") is None:
+        data["sampling"]["refresh_tolerance"] = 0.05
+    return {_hash(data)} - {config_fingerprint(config)}
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -51,6 +75,8 @@ class RunState:
         fingerprint = config_fingerprint(config)
         if self.path.exists():
             self.data = json.loads(self.path.read_text())
+            if self.data["fingerprint"] in earlier_fingerprints(config):
+                self.data["fingerprint"] = fingerprint  # the same config, in today's schema
             if self.data["fingerprint"] != fingerprint:
                 raise ConfigError(
                     f"output directory {out} holds a run with a different config "

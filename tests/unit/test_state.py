@@ -1,0 +1,46 @@
+"""The run state's fingerprint across a schema change: an output directory started before the
+SFT / reward-model stages got their own settings class, the pairwise losses got `pairs` and the
+refresh tolerance its dtype default still resumes, and is refused as before when its config
+really differs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rrhf_ray.config import ConfigError, load_config
+from rrhf_ray.demo import DEMO_CONFIG
+from rrhf_ray.state import RunState, config_fingerprint, earlier_fingerprints
+
+# Written by the schema before this change (config_fingerprint of the same configs there).
+EARLIER = {(): "5cad2796a464faf8", ("train.loss.name=dpo",): "041968175aea82fa"}
+
+
+@pytest.mark.parametrize("overrides", list(EARLIER), ids=["demo", "demo-dpo"])
+def test_a_run_started_under_the_earlier_schema_resumes_and_is_rewritten(overrides, tmp_path):
+    config = load_config(DEMO_CONFIG, ["output.dir=/tmp/fp-run", *overrides])
+    assert config_fingerprint(config) != EARLIER[overrides]
+    assert earlier_fingerprints(config) == {EARLIER[overrides]}
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "state.json").write_text(json.dumps({"fingerprint": EARLIER[overrides], "stages": {"base": {}}}))
+
+    state = RunState(out, config)
+
+    assert state.data["stages"] == {"base": {}}
+    assert json.loads((out / "state.json").read_text())["fingerprint"] == config_fingerprint(config)
+
+
+def test_another_config_is_still_refused(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "state.json").write_text(json.dumps({"fingerprint": EARLIER[()], "stages": {}}))
+    with pytest.raises(ConfigError, match="different config"):
+        RunState(out, load_config(DEMO_CONFIG, ["output.dir=/tmp/fp-run", "train.lr=0.5"]))
+
+
+def test_a_config_that_reads_the_same_in_both_schemas_has_no_earlier_fingerprint():
+    # no stage settings, the rrhf loss, the tolerance set
+    config = load_config(DEMO_CONFIG, ["sft=null", "sampling.refresh_tolerance=0.05"])
+    assert earlier_fingerprints(config) == set()
