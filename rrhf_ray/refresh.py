@@ -77,6 +77,17 @@ def tolerance_for(dtype: str, configured: float | None) -> float:
     return configured if configured is not None else DTYPE_TOLERANCE.get(dtype, DTYPE_TOLERANCE["bfloat16"])
 
 
+def recorded_probe(trained: dict[str, Any], probe: Probe) -> tuple[list, list | None] | None:
+    """The trainer's per-token log-probs of `probe` that a round's train stage recorded: (under
+    the new weights, under the starting ones or None). None when the stage recorded another
+    probe: a round trained by a run started before the per-token check kept one sum per best
+    reply, which this check cannot compare."""
+    new, old = trained.get("probe_logprobs", []), trained.get("probe_start_logprobs")
+    matches = len(new) == len(probe) and all(
+        isinstance(t, list) and len(t) == len(reply) for t, (_, reply) in zip(new, probe))
+    return (new, old) if matches else None
+
+
 def verify_refresh(pool: SamplerPool, probe: Probe, new: Sequence[Sequence[float]],
                    old: Sequence[Sequence[float]] | None, tolerance: float, r: int) -> dict[str, float]:
     """Check that every replica serves round r's weights: its per-token log-probs of `probe`

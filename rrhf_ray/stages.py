@@ -158,16 +158,20 @@ def refresh(ctx: RunContext, r: int) -> dict:
     (`checkpoint_download_bytes` / `_seconds` in the round's row)."""
     import ray
 
-    from rrhf_ray.refresh import probe_sequences, tolerance_for, verify_refresh
+    from rrhf_ray.refresh import probe_sequences, recorded_probe, tolerance_for, verify_refresh
 
     pool = ctx.pools["current"]
     probe = probe_sequences(ctx.round_dir(r) / "pool.parquet", ctx.tokenizer)
-    trained = ctx.state.data["stages"][f"round{r}/train"]
+    recorded = recorded_probe(ctx.state.data["stages"][f"round{r}/train"], probe)
     tolerance = tolerance_for(ctx.served_dtype, ctx.config.sampling.refresh_tolerance)
     with pool.engine_seconds() as engine:
         ray.get(pool.load_weights_refs(ctx.hand_off(ctx.checkpoint(r)), r))
-        check = verify_refresh(pool, probe, trained.get("probe_logprobs", []),
-                               trained.get("probe_start_logprobs"), tolerance, r)
+        if recorded is None:
+            logger.warning("round %d was trained before the refresh check compared per-token "
+                           "log-probs: its refresh is not verified", r)
+            check = {"logprob_gap": float("nan"), "logprob_separation": float("nan")}
+        else:
+            check = verify_refresh(pool, probe, *recorded, tolerance, r)
     logger.info("samplers now serve round %d's policy (log-prob gap to the trainer %.4f nats/token; "
                 "the round moved the probe by %.4f)", r, check["logprob_gap"], check["logprob_separation"])
     info = {**check, "seconds_compute": engine.seconds}

@@ -7,7 +7,13 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from rrhf_ray.refresh import DTYPE_TOLERANCE, mean_abs_gap, probe_sequences, tolerance_for
+from rrhf_ray.refresh import (
+    DTYPE_TOLERANCE,
+    mean_abs_gap,
+    probe_sequences,
+    recorded_probe,
+    tolerance_for,
+)
 from rrhf_ray.types import QueryGroup, read_groups, write_groups
 from tests.helpers import ranked_rows
 
@@ -44,3 +50,15 @@ def test_the_gap_is_a_mean_of_absolute_per_token_differences():
 def test_the_tolerance_follows_the_served_dtype_unless_configured():
     assert tolerance_for("float32", None) == DTYPE_TOLERANCE["float32"] < tolerance_for("bfloat16", None)
     assert tolerance_for("bfloat16", 0.5) == 0.5
+
+
+def test_a_probe_recorded_by_a_round_of_the_earlier_check_is_not_compared():
+    """A run resumed from before the per-token check (state.earlier_fingerprints lets it) may
+    hold a trained round whose probe is one summed log-prob per best reply: not comparable."""
+    probe = [([1, 2], [3, 4]), ([1], [5])]
+    new, old = [[-1.0, -2.0], [-0.5]], [[-1.5, -2.5], [-0.7]]
+    assert recorded_probe({"probe_logprobs": new, "probe_start_logprobs": old}, probe) == (new, old)
+    assert recorded_probe({"probe_logprobs": new}, probe) == (new, None)
+    assert recorded_probe({"probe_logprobs": [-3.0, -0.5]}, probe) is None  # sums
+    assert recorded_probe({"probe_logprobs": [[-1.0, -2.0]]}, probe) is None  # a best-only probe
+    assert recorded_probe({}, []) == ([], None)  # nothing to probe: verify_refresh says NaN
