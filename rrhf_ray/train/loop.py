@@ -19,6 +19,7 @@ of the mean over the step (per example, or per token for SFT), however it was sp
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import time
@@ -148,6 +149,17 @@ def plan_steps(n: int, queries_per_step: int, num_workers: int, seed: int) -> li
     return steps
 
 
+def round_train_seed(seed: int, round_index: int) -> int:
+    """The training seed of round `round_index` of a run (`train.seed` mixed with the round): the
+    seed of its batch order (`plan_steps`) and of its torch RNG. Round 1 (and a one-off
+    `rrhf-ray train`, a round 1 of its own) uses `seed` as it is; later rounds draw a new order,
+    so no two rounds feed their pools in the same sequence of positions."""
+    if round_index <= 1:
+        return seed
+    digest = hashlib.blake2b(f"{seed}:train-round:{round_index}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x3FFFFFFF
+
+
 def micro_batches(indices: Sequence[int], size: int, tokens: Callable[[int], int] | None = None,
                   budget: int | None = None) -> list[list[int]]:
     """A worker's share of one step cut into micro-batches: `size` examples each, or, with a
@@ -210,6 +222,7 @@ def train_epochs(
     w: Worker, recipe: Recipe, opt: Optimizer, *, start_epoch: int = 0, global_step: int = 0,
     history: list[dict[str, float]] | None = None,
     on_epoch_end: Callable[[int, bool, dict[str, float]], None] | None = None,
+    seed: int | None = None,
 ) -> dict[str, float]:
     """Epochs `start_epoch` … `cfg.epochs − 1` of `recipe` on worker `w`: steps of
     `queries_per_step` examples over all workers, micro-batches with `no_sync`, clipping, AdamW,
@@ -217,8 +230,10 @@ def train_epochs(
     numbers the steps (it keeps increasing across a warm trainer's rounds); `history`, when
     given, receives one row per optimizer step on rank 0 (loss, rank / SFT loss, ranking
     accuracy, lr, grad norm, tokens/s). `on_epoch_end(epoch, final, metrics)` reports or
-    checkpoints. Returns the last epoch's metrics."""
+    checkpoints. `seed` (default `cfg.seed`) seeds the batch order, epoch e with `seed + e`
+    (`round_train_seed` gives a round's). Returns the last epoch's metrics."""
     cfg = w.cfg
+    base_seed = cfg.seed if seed is None else seed
     per_epoch = steps_per_epoch(recipe, cfg, w.world)
     total_steps = per_epoch * cfg.epochs
     first_step = global_step - start_epoch * per_epoch  # the fit's step 0 on the global axis
@@ -233,7 +248,7 @@ def train_epochs(
         if w.rank == 0 else None
     for epoch in range(start_epoch, cfg.epochs):
         meter = Meter()
-        for step in plan_steps(recipe.num_examples, cfg.queries_per_step, w.world, cfg.seed + epoch):
+        for step in plan_steps(recipe.num_examples, cfg.queries_per_step, w.world, base_seed + epoch):
             if recipe.example_length is not None:
                 step = sorted(step, key=recipe.example_length, reverse=True)
             mine = step[w.rank :: w.world]

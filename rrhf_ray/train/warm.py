@@ -9,7 +9,9 @@ background thread of the driver for the whole run:
 - a `train` command carries round r's pool paths (the bucket's URIs with output.dir on object
   storage: the workers read them from their node's cache, and load the start model likewise);
   every rank trains `train.epochs` on it with a fresh AdamW and schedule and the seeds of a fresh
-  fit (`train.seed`), so round r computes what a trainer built for round r alone would; then one
+  fit, `train.seed` mixed with the round (`rrhf_ray.train.loop.round_train_seed`: each round
+  its own batch order; round 1 the one-off trainer's), so round r computes what a trainer built
+  for round r alone with that seed would; then one
   `ray.train.report(metrics, checkpoint)` per round (`checkpoint_dir_name` `round_<r>`), which
   the driver copies to `rounds/<r>/checkpoint`;
 - rank 0 also returns the per-token log-probabilities of a few probe replies under the weights
@@ -45,7 +47,7 @@ from rrhf_ray.logs import redirect_process_output
 from rrhf_ray.train.checkpoints import read_train_state, resume_checkpoint, write_checkpoint
 from rrhf_ray.train.jobs import FitJob
 from rrhf_ray.train.launch import torch_trainer
-from rrhf_ray.train.loop import Optimizer, steps_per_epoch, train_epochs
+from rrhf_ray.train.loop import Optimizer, round_train_seed, steps_per_epoch, train_epochs
 from rrhf_ray.train.rrhf import check_pools, rrhf_recipe
 from rrhf_ray.train.worker import Worker, load_policy, rank_world
 
@@ -121,13 +123,14 @@ def warm_loop_per_worker(config: dict[str, Any]) -> None:
         start = time.perf_counter()
         probe = cmd.get("probe") or []
         probe_start = policy_reply_logprobs(w.model, probe, w.device) if rank == 0 else []
-        torch.manual_seed(cfg.seed)
+        seed = round_train_seed(cfg.seed, r)
+        torch.manual_seed(seed)
         # URIs (output.dir on object storage): the pools from this node's cache, downloaded once.
         data_paths = [fetch_file(p)[0] for p in cmd["data_paths"]]
         recipe = rrhf_recipe(cfg, data_paths, w.tokenizer, w.device, w.model)
         opt = Optimizer.build(w.ddp_model, cfg, steps_per_epoch(recipe, cfg, w.world) * cfg.epochs)
         history: list[dict[str, float]] = []
-        metrics = train_epochs(w, recipe, opt, global_step=global_step, history=history)
+        metrics = train_epochs(w, recipe, opt, global_step=global_step, history=history, seed=seed)
         global_step += int(metrics["step"])
         probe_new = policy_reply_logprobs(w.model, probe, w.device) if rank == 0 else []
         with tempfile.TemporaryDirectory() as tmp:

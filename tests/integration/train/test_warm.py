@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from rrhf_ray.config import TrainConfig
 from rrhf_ray.train.checkpoints import install_checkpoint
+from rrhf_ray.train.loop import round_train_seed
 from rrhf_ray.train.rrhf import TrainJob, train_loop_per_worker
 from rrhf_ray.train.warm import WarmJob, WarmTrainer
 from tests.helpers import kill_the_train_worker, wait_until, write_ranked
@@ -25,9 +26,11 @@ pytestmark = pytest.mark.ray
 CFG = TrainConfig(epochs=2, lr=3e-4, queries_per_step=4, micro_batch_queries=2, seed=7)
 
 
-def cold_fit(start: Path, pool: Path, out: Path) -> Path:
-    """A fresh fit of one round in this process (no Ray): what a trainer rebuilt per round does."""
-    job = TrainJob(model_path=str(start), data_paths=[str(pool)], output_dir=str(out), train=CFG)
+def cold_fit(start: Path, pool: Path, out: Path, round_index: int) -> Path:
+    """A fresh fit of one round in this process (no Ray): what a trainer rebuilt per round does,
+    with the round's seed."""
+    cfg = CFG.model_copy(update={"seed": round_train_seed(CFG.seed, round_index)})
+    job = TrainJob(model_path=str(start), data_paths=[str(pool)], output_dir=str(out), train=cfg)
     train_loop_per_worker({"job": job.model_dump(mode="json")})
     return out
 
@@ -60,8 +63,8 @@ def test_the_step_count_goes_on_across_rounds_with_a_fresh_schedule_each(warm) -
 
 
 def test_each_warm_round_equals_a_fresh_fit_from_the_last_rounds_model(warm, tiny_model_dir: Path) -> None:
-    cold1 = cold_fit(tiny_model_dir, warm.pools[0], warm.dir / "cold1")
-    cold2 = cold_fit(cold1, warm.pools[1], warm.dir / "cold2")
+    cold1 = cold_fit(tiny_model_dir, warm.pools[0], warm.dir / "cold1", 1)
+    cold2 = cold_fit(cold1, warm.pools[1], warm.dir / "cold2", 2)
     for w, c in ((warm.dir / "warm1", cold1), (warm.dir / "warm2", cold2)):
         a, b = load_file(w / "model.safetensors"), load_file(c / "model.safetensors")
         assert a.keys() == b.keys()
