@@ -4,7 +4,7 @@ then each candidate's response), and a batch of groups as the [B, K] tensors the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,15 @@ def fit_prompt(prompt: list[int], longest: int, max_length: int, n_prefix: int, 
     room = keep - len(head) - len(tail)
     body = body[len(body) - room :] if room > 0 else []
     return (head + body + tail) or prompt[-1:]
+
+
+def end_token_ids(model: Any) -> frozenset[int]:
+    """The ids that end a turn by the model's generation config (`eos_token_id`, an int or a
+    list): vLLM stops sampling on each of them and keeps it as the reply's last token."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if ids is None:
+        return frozenset()
+    return frozenset([ids] if isinstance(ids, int) else ids)
 
 
 @dataclass
@@ -61,7 +70,10 @@ class Encoder:
 
     Token ids a sampler recorded are used as they are when the group's tokenizer fingerprint is
     this tokenizer's; other candidates (data set responses, files, another tokenizer) are
-    tokenized from their text. EOS closes a response that stopped; a response cut off by a
+    tokenized from their text. EOS closes a response that stopped, unless its recorded ids already
+    end with a token that ends a turn (`ends`: the model's `generation_config.eos_token_id`, which
+    vLLM stops on too, e.g. Llama-3's `<|eot_id|>`; `end_token_ids`): that token is its
+    terminator, and a second one would teach the model to emit two. A response cut off by a
     length limit gets none, so the fine-tuning term never teaches the model to stop
     mid-sentence: the sampler's (`finish_reason: length`) or this encoder's.
 
@@ -83,12 +95,14 @@ class Encoder:
     truncated: str = "keep"
     dropped: int = 0  # candidates left out (truncated="drop")
     cut: int = 0  # responses cut from the right to fit max_length
+    ends: Collection[int] = ()  # turn-ending ids besides the tokenizer's EOS
 
     def __post_init__(self) -> None:
         prefix, _, suffix = special_split(self.tokenizer, "x")
         self.n_prefix, self.n_suffix = len(prefix), len(suffix)
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         self.eos = self.tokenizer.eos_token_id
+        self.terminators = {self.eos, *self.ends}
 
     def __call__(self, group: QueryGroup) -> EncodedGroup | None:
         own = group.tokenizer == self.fingerprint
@@ -105,7 +119,7 @@ class Encoder:
                 self.dropped += 1
                 continue
             ids = list(token_ids[i]) if token_ids[i] else self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if stopped and (not ids or ids[-1] != self.eos):
+            if stopped and (not ids or ids[-1] not in self.terminators):
                 ids.append(self.eos)
             replies.append((i, ids, stopped))
         if not replies:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from rrhf_ray.loss import rrhf_loss
-from rrhf_ray.train.encoding import Encoder, group_tensors
+from rrhf_ray.train.encoding import Encoder, end_token_ids, group_tensors
 from rrhf_ray.train.prefix import supports_prefix_sharing
 from rrhf_ray.train.rrhf import candidate_logprobs
 from rrhf_ray.train.worker import inference_dtype, load_tokenizer
@@ -28,7 +28,7 @@ def ranking_metrics(model_path: str, groups: Sequence[QueryGroup], max_length: i
     tokenizer = load_tokenizer(model_path, False)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=inference_dtype(dtype, "cpu"),
                                                  use_safetensors=True).eval()
-    encoder = Encoder(tokenizer, max_length)
+    encoder = Encoder(tokenizer, max_length, ends=end_token_ids(model))
     encoded = [encoder(g) for g in groups]
     shared = supports_prefix_sharing(model)
     pairs = correct = 0

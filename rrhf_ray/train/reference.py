@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from rrhf_ray.config import TrainConfig
-from rrhf_ray.train.encoding import Encoder
+from rrhf_ray.train.encoding import Encoder, end_token_ids
 from rrhf_ray.train.rrhf import encoded_logprobs, use_prefix_sharing
 from rrhf_ray.train.worker import bf16_autocast, inference_dtype, load_tokenizer
 from rrhf_ray.types import QueryGroup, write_groups
@@ -65,7 +65,7 @@ def reference_logprobs(ref_model: str, groups: Sequence[QueryGroup], cfg: TrainC
     ).to(device).eval()
     autocast = functools.partial(bf16_autocast, cfg, device)
 
-    encoder = Encoder(tokenizer, cfg.max_length, cfg.truncated)
+    encoder = Encoder(tokenizer, cfg.max_length, cfg.truncated, ends=end_token_ids(model))
     encoded = [encoder(g) for g in groups]
     present = [e for e in encoded if e is not None]
     values = iter(encoded_logprobs(model, present, cfg, use_prefix_sharing(model, cfg.prefix_sharing),

@@ -34,7 +34,14 @@ from pydantic import Field
 
 from rrhf_ray.config import TrainConfig
 from rrhf_ray.loss import LOSSES, LossOutput
-from rrhf_ray.train.encoding import EncodedGroup, Encoder, GroupTensors, group_tensors, per_group
+from rrhf_ray.train.encoding import (
+    EncodedGroup,
+    Encoder,
+    GroupTensors,
+    end_token_ids,
+    group_tensors,
+    per_group,
+)
 from rrhf_ray.train.jobs import FitJob
 from rrhf_ray.train.launch import fit_job
 from rrhf_ray.train.loop import Measured, MicroBatch, Recipe, run_worker
@@ -245,7 +252,7 @@ def rrhf_recipe(cfg: TrainConfig, data_paths: Sequence[str], tokenizer: Any, dev
     if cfg.shuffle_rewards:
         logger.info("train.shuffle_rewards: the rewards are shuffled within each group (a control)")
         groups = shuffled_rewards(groups, cfg.seed)
-    encoder = Encoder(tokenizer, cfg.max_length, cfg.truncated)
+    encoder = Encoder(tokenizer, cfg.max_length, cfg.truncated, ends=end_token_ids(model))
     encoded = [e for e in map(encoder, groups) if e is not None]
     if encoder.cut:
         logger.info("train.max_length %d: cut %d response(s) from the right (no EOS) to fit after "

@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rrhf_ray.config import LoraConfig, TrainConfig
 from rrhf_ray.train.checkpoints import save_hf_checkpoint
-from rrhf_ray.train.encoding import Encoder, group_tensors
-from rrhf_ray.train.loop import MicroBatch, micro_batches, plan_steps
+from rrhf_ray.train.encoding import Encoder, end_token_ids, group_tensors
+from rrhf_ray.train.loop import MicroBatch, micro_batches, plan_steps, round_train_seed
 from rrhf_ray.train.rrhf import (
     TrainJob,
     candidate_logprobs,
@@ -98,6 +98,26 @@ def test_encode_uses_the_samplers_token_ids_and_closes_only_stopped_replies(toke
     assert other.responses[0] == tokenizer(" Hi", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
+def test_a_reply_stopped_by_an_end_of_turn_token_other_than_eos_gets_no_second_terminator(tiny_model_dir,
+                                                                                           tokenizer):
+    """vLLM stops on every id of the model's `generation_config.eos_token_id` and keeps the one
+    that stopped it (its int `stop_reason`); that token closes the reply, EOS is not added after it.
+    A stopped reply whose ids end otherwise (a stop string was cut off) still gets EOS."""
+    turn_end = tokenizer.convert_tokens_to_ids("Ċ")  # stands in for an <|eot_id|>
+    model = load(tiny_model_dir)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, turn_end]
+    assert end_token_ids(model) == {tokenizer.eos_token_id, turn_end}
+    q = "\n\nHuman: hi\n\nAssistant:"
+    hi = tokenizer(" Hi", add_special_tokens=False)["input_ids"]
+    g = QueryGroup(query=q, responses=[" Hi", " Hi"], scores=[1, 0], token_ids=[hi + [turn_end], hi],
+                   finish_reasons=["stop", "stop"], prompt_ids=tokenizer(q)["input_ids"],
+                   tokenizer=tokenizer_fingerprint(tokenizer))
+    enc = Encoder(tokenizer, 64, ends=end_token_ids(model))(g)
+    assert enc.responses == [hi + [turn_end], hi + [tokenizer.eos_token_id]]
+    # Without the model's end-of-turn ids the turn end is taken for text and closed again.
+    assert Encoder(tokenizer, 64)(g).responses[0] == hi + [turn_end, tokenizer.eos_token_id]
+
+
 def test_padding_does_not_change_a_candidates_log_probability(tiny_model_dir, tokenizer):
     """The reference code's bug class: a candidate's p_i must not depend on its batch-mates."""
     model = load(tiny_model_dir).eval()
@@ -183,6 +203,15 @@ def test_plan_steps_covers_every_group_once():
     assert sorted(i for s in steps for i in s) == list(range(10))
     assert [len(s) for s in steps] == [4, 6]  # a last step of 2 < 3 workers joins the one before
     assert steps == plan_steps(10, 4, 3, seed=1)
+
+
+def test_each_round_feeds_its_pool_in_a_new_order_and_round_1_keeps_the_seed():
+    assert round_train_seed(7, 1) == 7  # a one-off `rrhf-ray train` is a round 1
+    seeds = [round_train_seed(7, r) for r in (1, 2, 3, 4)]
+    assert len(set(seeds)) == 4 and seeds == [round_train_seed(7, r) for r in (1, 2, 3, 4)]
+    orders = [[i for s in plan_steps(32, 8, 1, seed) for i in s] for seed in seeds]
+    assert all(sorted(o) == list(range(32)) for o in orders)
+    assert len({tuple(o) for o in orders}) == 4  # the same positions no longer come first every round
 
 
 def test_lora_checkpoint_is_merged_and_reloads_to_the_same_logits(tiny_model_dir, tokenizer, tmp_path):
