@@ -214,9 +214,10 @@ def warm_up_workers(n: int = 4, rule: str | None = None, store: RunStore | None 
 
 
 @ray.remote(num_cpus=1)
-def perplexity_task(model_path: str, pairs: list[tuple[str, str]], max_length: int,
+def perplexity_task(model_path: str, pairs: list[tuple[str, str] | tuple[str, str, bool]], max_length: int,
                     dtype: str = "auto") -> tuple[float, float]:
-    """(perplexity, seconds): exp(mean NLL per response token, the closing EOS included) of the model at `model_path`
+    """(perplexity, seconds): exp(mean NLL per response token, the closing EOS included where the
+    response ended: (query, response, False) is one cut off, scored without) of the model at `model_path`
     on (query, response) pairs: the policy on reference responses (`reference_perplexity`), or
     the judge on the policy's greedy replies (`judge_perplexity`). `dtype`: `model.dtype`."""
     from rrhf_ray.remote import materialize
@@ -284,9 +285,11 @@ def evaluate(
     greedy = get_samples(sampler, queries, greedy_cfg, progress=False)
     judge_ref = None
     if judge is not None and queries:
-        # The judge reads prompt + reply in its own tokens: the engine's context bounds both.
+        # The judge reads prompt + reply in its own tokens: the engine's context bounds both. A
+        # reply cut off at max_new_tokens is scored without the EOS its policy never emitted.
         judge_ref = perplexity_task.options(num_gpus=gpus, **remote).remote(
-            judge, [(q, c[0].text) for q, c in zip(queries, greedy)], sampling.max_model_len, model_dtype)
+            judge, [(q, c[0].text, not c[0].truncated) for q, c in zip(queries, greedy)],
+            sampling.max_model_len, model_dtype)
     sampled, *extra = get_samples_many(sampler, [(queries, sampled_cfg), *also], progress=bool(also))
     scored = ray.get(rewards.score_refs(
         [_group(q, c) for q, c in zip(queries, greedy)] + [_group(q, c) for q, c in zip(queries, sampled)],

@@ -123,11 +123,12 @@ def fit_sft(job: SFTJob, *, name: str, storage_path: str | None = None, max_fail
 
 
 @torch.no_grad()
-def heldout_nll(model_path: str | Path, pairs: Sequence[SFTPair | tuple[str, str]], max_length: int = 192,
-                batch_size: int = 8, dtype: str = "auto") -> float:
+def heldout_nll(model_path: str | Path, pairs: Sequence[SFTPair | tuple[str, str] | tuple[str, str, bool]],
+                max_length: int = 192, batch_size: int = 8, dtype: str = "auto") -> float:
     """Mean per-token NLL of the responses (+ EOS) of `pairs` under the model at `model_path`, on
     a GPU when there is one, its weights in `dtype` (`model.dtype`: auto = float32 on a CPU,
-    bfloat16 on a GPU)."""
+    bfloat16 on a GPU). A pair (query, response, False) is a response that did not end (cut off
+    at a length limit): its tokens are scored without an EOS."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(str(model_path), False)
@@ -136,7 +137,9 @@ def heldout_nll(model_path: str | Path, pairs: Sequence[SFTPair | tuple[str, str
                                                  use_safetensors=True)
     model = model.to(device).eval()
     device = next(model.parameters()).device
-    encoded = [encode_pair(tokenizer, p if isinstance(p, SFTPair) else SFTPair(*p), max_length) for p in pairs]
+    encoded = [encode_pair(tokenizer, p, max_length) if isinstance(p, SFTPair)
+               else encode(tokenizer, p[0], p[1], max_length, closed=p[2] if len(p) > 2 else True)
+               for p in pairs]
     return _mean_nll(model, encoded, tokenizer.pad_token_id, device, batch_size)
 
 

@@ -48,16 +48,19 @@ def special_split(tokenizer: Any, query: str) -> tuple[list[int], list[int], lis
     return full[:start], body, full[start + len(body) :]
 
 
-def encode(tokenizer: Any, query: str, response: str, max_length: int, *, policy: bool = True) -> tuple[list[int], int]:
+def encode(tokenizer: Any, query: str, response: str, max_length: int, *, policy: bool = True,
+           closed: bool = True) -> tuple[list[int], int]:
     """(token ids, index of the first response token) of query + response within `max_length`.
 
     `policy=True`: a policy sequence closed with the tokenizer's EOS; `policy=False`: a reward
-    sequence (module docstring).
+    sequence (module docstring). `closed=False`: a policy response that did not end (a sampled
+    reply cut off at `max_new_tokens`) gets no EOS, so a perplexity does not score a terminator
+    its generator never emitted.
     """
     prefix, body, suffix = special_split(tokenizer, query)
     reply = tokenizer(response, add_special_tokens=False)["input_ids"]
     if policy:
-        reply = reply + [tokenizer.eos_token_id]
+        reply = reply + [tokenizer.eos_token_id] if closed else reply
         prompt_end, end = suffix, []
     else:
         prompt_end, end = [], suffix

@@ -13,7 +13,7 @@ from rrhf_ray.config import TrainConfig
 from rrhf_ray.data.pairs import SFTPair, read_sft_pairs
 from rrhf_ray.train.prefix import PackedQueries, candidate_logprobs_padded
 from rrhf_ray.train.sft import SFTJob, encode_pair, heldout_nll, nll_sum, sft_loop_per_worker
-from rrhf_ray.train.tokens import IGNORE, Batch, collate
+from rrhf_ray.train.tokens import IGNORE, Batch, collate, encode
 from rrhf_ray.types import DataError
 from tests.stage_data import preference_rows, sft_rows, write_jsonl
 
@@ -153,3 +153,22 @@ def test_model_dtype_sets_the_weights_of_the_heldout_nll_model(tiny_model_dir):
     assert auto == heldout_nll(tiny_model_dir, held, dtype="float32")
     bf16 = heldout_nll(tiny_model_dir, held, dtype="bfloat16")
     assert bf16 != auto and bf16 == pytest.approx(auto, rel=0.05)
+
+
+def test_a_reply_cut_off_at_the_length_limit_is_scored_without_an_eos(tiny_model_dir, tokenizer):
+    """The judge's perplexity of a greedy reply that hit max_new_tokens: the reply's own tokens,
+    no terminator its policy never emitted; a reply that ended keeps its EOS."""
+    q, r = "\n\nHuman: hi\n\nAssistant:", " Hello there, how are"
+    ids, start = encode(tokenizer, q, r, 64, closed=False)
+    reply = tokenizer(r, add_special_tokens=False)["input_ids"]
+    assert ids[start:] == reply and ids[:start] == tokenizer(q)["input_ids"]
+    assert encode(tokenizer, q, r, 64)[0][start:] == reply + [tokenizer.eos_token_id]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    closed = encode(tokenizer, q, r, 64)
+    with torch.no_grad():
+        total, n = nll_sum(model, collate([(ids, start)], tokenizer.pad_token_id), torch.device("cpu"))
+        with_eos, m = nll_sum(model, collate([closed], tokenizer.pad_token_id), torch.device("cpu"))
+    assert (n, m) == (len(reply), len(reply) + 1)
+    assert heldout_nll(tiny_model_dir, [(q, r, False)]) == pytest.approx(float(total) / n, rel=1e-5)
+    assert heldout_nll(tiny_model_dir, [(q, r)]) == pytest.approx(float(with_eos) / m, rel=1e-5)
+    assert float(with_eos) / m != pytest.approx(float(total) / n, rel=1e-5)
