@@ -158,6 +158,28 @@ def _tokens_after_decoded_prompt(tokenizer: Any, prompt_ids: Sequence[int], repl
     return found
 
 
+def reply_text(tokenizer: Any, prompt_ids: Sequence[int], reply_ids: Sequence[int]) -> str:
+    """The text of `reply_ids` decoded after the prompt, as vLLM's detokenizer gives a sampled
+    reply (the last `PROMPT_CONTEXT` prompt ids decoded with it, then cut off): a SentencePiece /
+    Metaspace reply keeps the leading space that decoding its ids alone strips."""
+    context = list(prompt_ids[-PROMPT_CONTEXT:])
+    head = tokenizer.decode(context, skip_special_tokens=True)
+    whole = tokenizer.decode(context + list(reply_ids), skip_special_tokens=True)
+    return whole[len(head):] if whole.startswith(head) else tokenizer.decode(list(reply_ids), skip_special_tokens=True)
+
+
+def beam_reply(tokenizer: Any, prompt_ids: Sequence[int], reply_ids: Sequence[int],
+               stop: Sequence[str]) -> tuple[str, tuple[int, ...], bool]:
+    """(text, token ids, ended at a stop string) of one beam's reply. vLLM's beam search returns
+    the beam's tokens and leaves stop strings to us: the text is decoded after the prompt
+    (`reply_text`) and cut before the first stop string, and the ids are the beam's up to that
+    point (`tokens_before_stop`); () when no prefix of them is the cut text, so the trainer
+    re-tokenizes it and the pool counts it in `retokenized`."""
+    text, stopped = cut_at_stop(reply_text(tokenizer, prompt_ids, reply_ids), stop)
+    ids = tokens_before_stop(tokenizer, prompt_ids, reply_ids, text) if stopped else tuple(reply_ids)
+    return text, ids, stopped
+
+
 class VLLMEngine:
     """A `vllm.LLM` built from a `SamplingConfig`, with the three calls the project needs."""
 
@@ -272,13 +294,9 @@ class VLLMEngine:
             n_prompt = len(prompt_ids)
             group = []
             for seq in out.sequences:
-                ids = list(seq.tokens[n_prompt:])
-                text, stopped = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True),
-                                            config.stop)
-                if stopped:  # re-tokenise so token_ids match the cut text
-                    ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-                ended = stopped or (ids and ids[-1] == self.tokenizer.eos_token_id)
-                group.append(Completion(text=text, token_ids=tuple(ids),
+                text, ids, stopped = beam_reply(self.tokenizer, prompt_ids, seq.tokens[n_prompt:], config.stop)
+                ended = stopped or bool(ids and ids[-1] == self.tokenizer.eos_token_id)
+                group.append(Completion(text=text, token_ids=ids,
                                         # after a cut the beam's sum covers tokens we dropped
                                         cumulative_logprob=None if stopped else seq.cum_logprob,
                                         finish_reason="stop" if ended else "length",

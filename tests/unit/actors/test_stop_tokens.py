@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from rrhf_ray.actors.engine import tokens_before_stop
+from rrhf_ray.actors.engine import beam_reply, tokens_before_stop
 from rrhf_ray.demo.tiny import DEFAULT_CORPUS, train_metaspace_tokenizer, train_tokenizer
 from rrhf_ray.types import Candidate
 
@@ -104,6 +104,22 @@ def test_a_tokenizer_without_the_rust_backend_matches_the_same_tokens(tokenizer)
     reply = char_ids(tokenizer, REPLY)
     sampled = reply + char_ids(tokenizer, STOP)
     assert tokens_before_stop(DecodeOnly(tokenizer), prompt_ids(tokenizer), sampled, REPLY) == tuple(reply)
+
+
+# --------------------------------------------------------------------------- beam search
+
+
+def test_a_beam_reply_is_decoded_after_the_prompt_and_keeps_its_ids_up_to_the_stop(tokenizer) -> None:
+    """vLLM's beam search leaves decoding and stop strings to the engine adapter: the text keeps
+    the leading space a Metaspace reply loses when decoded alone, and the beam's ids up to the
+    stop string are kept (they used to be re-tokenized from the text, with the space dropped)."""
+    reply = char_ids(tokenizer, REPLY)
+    beam = reply + char_ids(tokenizer, STOP + " thanks")
+    text, ids, stopped = beam_reply(tokenizer, prompt_ids(tokenizer), beam, [STOP])
+    assert (text, ids, stopped) == (REPLY, tuple(reply), True)
+    # No stop string: the whole beam, its text with the space.
+    text, ids, stopped = beam_reply(tokenizer, prompt_ids(tokenizer), reply, [STOP])
+    assert (text, ids, stopped) == (REPLY, tuple(reply), False)
 
 
 # --------------------------------------------------------------------------- the pool's count
