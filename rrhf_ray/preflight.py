@@ -189,7 +189,9 @@ def check_lengths(config: RunConfig, max_pos: int | None, check: Preflight, *, e
         raise ConfigError(f"sampling.max_model_len {ctx} exceeds the model's max_position_embeddings "
                           f"{max_pos} ({config.model.name_or_path}/config.json)")
     half = config.train.max_length // 2
-    unbounded = (check.preset is not None and check.preset.dataset) or config.sampling.external
+    cap = config.data.max_response_tokens
+    capped = cap is not None and prompt + cap + 1 <= config.train.max_length  # + EOS: never cut
+    unbounded = (check.preset is not None and check.preset.dataset and not capped) or config.sampling.external
     if unbounded and prompt > half:
         # The trainer cuts a long response from the right, but the shared prompt keeps only
         # max(max_length − longest response, max_length // 2) (rrhf_ray.train.encoding.Encoder).
@@ -197,7 +199,8 @@ def check_lengths(config: RunConfig, max_pos: int | None, check: Preflight, *, e
             f"data.max_prompt_tokens {prompt} > train.max_length // 2 = {half}: a data-set or "
             f"sampling.external response longer than {config.train.max_length - half} tokens would "
             "cut the prompt of its whole group below data.max_prompt_tokens; raise train.max_length "
-            f"to at least {2 * prompt} or lower data.max_prompt_tokens")
+            f"to at least {2 * prompt}, lower data.max_prompt_tokens or cap the data set's responses "
+            f"(data.max_response_tokens ≤ {config.train.max_length - prompt - 1})")
     check.ok(f"lengths: prompt {prompt} + reply {max(r for _, r in replies)} <= sampling.max_model_len {ctx}"
              + (f" <= max_position_embeddings {max_pos}" if max_pos is not None else ""))
 

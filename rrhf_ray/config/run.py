@@ -74,6 +74,13 @@ class DataConfig(Section):
         "Default 63: with sampling.max_new_tokens 128 and the EOS, the paper's 192 tokens "
         "(train.max_length) hold the longest prompt and reply whole.",
     )
+    max_response_tokens: int | None = Field(
+        None, ge=1,
+        description="Cap the data set's own responses of the training queries (HH chosen/rejected, "
+        "the reference format's responses: the D candidates) at this many policy tokens when they "
+        "load, cut from the right and marked cut off (no EOS). null: no cap (the trainer then cuts "
+        "a response that does not fit train.max_length, its prompt kept at max_length // 2 at least).",
+    )
     seed: int = Field(0, description="Shuffling and split seed.")
 
 

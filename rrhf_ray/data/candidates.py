@@ -73,8 +73,10 @@ def get_preset(name: str) -> Preset:
 
 
 def dataset_candidates(record: Any) -> list[Candidate]:
-    """The data set's own responses of a `rrhf_ray.data.QueryRecord`, best first, tagged."""
-    return [Candidate(text=r, source=s) for r, s in zip(record.responses, record.sources)]
+    """The data set's own responses of a `rrhf_ray.data.QueryRecord`, best first, tagged; one
+    cut to `data.max_response_tokens` is marked cut off (finish reason "length": no EOS)."""
+    finish = record.finish_reasons or [None] * len(record.responses)
+    return [Candidate(text=r, source=s, finish_reason=f) for r, s, f in zip(record.responses, record.sources, finish)]
 
 
 def read_external(path: str | Path) -> dict[str, list[Candidate]]:

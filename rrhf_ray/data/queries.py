@@ -52,6 +52,7 @@ class QueryRecord:
     responses: tuple[str, ...] = ()
     scores: tuple[float, ...] = ()
     sources: tuple[str, ...] = ()
+    cut: tuple[bool, ...] = ()  # responses cut to data.max_response_tokens (no EOS); () = none
 
     def __post_init__(self) -> None:
         # Builtin loaders build records by hand; a lopsided record would mis-rank silently later.
@@ -66,6 +67,14 @@ class QueryRecord:
                 f"{len(self.responses)} responses, {len(self.scores)} scores and "
                 f"{len(self.sources)} sources: the three must be the same length"
             )
+        object.__setattr__(self, "cut", tuple(self.cut))
+        if self.cut and len(self.cut) != len(self.responses):
+            raise ValueError(f"{len(self.responses)} responses but {len(self.cut)} cut flags")
+
+    @property
+    def finish_reasons(self) -> list[str] | None:
+        """"length" for each response cut at load time, "stop" for the others; None when none was cut."""
+        return ["length" if c else "stop" for c in self.cut] if any(self.cut) else None
 
     def to_group(self) -> QueryGroup:
         """The data set's responses as a scored group (the paper's candidate source D)."""
@@ -74,6 +83,7 @@ class QueryRecord:
             responses=list(self.responses),
             scores=list(self.scores),
             sources=list(self.sources),
+            finish_reasons=self.finish_reasons,
         )
 
 
@@ -89,6 +99,7 @@ class SourceStats:
     read: int = 0
     kept: int = 0
     truncated: int = 0
+    responses_cut: int = 0  # data-set responses of kept rows cut to data.max_response_tokens
     dropped: int = 0  # longer than max_prompt_tokens even after cutting at a turn
     duplicates: int = 0  # a query seen before (in this split or the eval split), as read or as cut
     split: str = ""
@@ -102,6 +113,7 @@ class SourceStats:
             f"truncated {self.truncated}, dropped {self.dropped} (too long), "
             f"duplicates {self.duplicates}, diverged {self.diverged}, "
             f"held out {self.held_out}, over the cap {self.capped}"
+            + (f"; {self.responses_cut} response(s) cut to data.max_response_tokens" if self.responses_cut else "")
         )
 
 
@@ -388,6 +400,19 @@ def truncate_query(query: str, tokenizer: Any, max_tokens: int) -> str | None:
     return None
 
 
+def cap_responses(record: QueryRecord, tokenizer: Any, max_tokens: int) -> tuple[QueryRecord, int]:
+    """(`record` with each response over `max_tokens` policy tokens cut from the right to its
+    first `max_tokens` tokens and flagged `cut`, how many were cut)."""
+    texts, cut = [], []
+    for text in record.responses:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        cut.append(len(ids) > max_tokens)
+        texts.append(tokenizer.decode(ids[:max_tokens], skip_special_tokens=True) if cut[-1] else text)
+    if not any(cut):
+        return record, 0
+    return replace(record, responses=tuple(texts), cut=tuple(cut)), sum(cut)
+
+
 def _select(
     records: list[QueryRecord],
     limit: int | None,
@@ -436,7 +461,9 @@ def load_data(cfg: DataConfig, tokenizer: Any = None) -> LoadedData:
     kept whole. The eval split is the source's own (`eval_split`) when it has one, else a seeded
     `eval_fraction` of the training queries. A training query equal to an eval query is dropped
     from training (counted as a duplicate) so the held-out set stays held out: compared as read,
-    and again as fitted to the budget, held-out queries first.
+    and again as fitted to the budget, held-out queries first. With a tokenizer and
+    `max_response_tokens`, the training rows' own responses are capped (`cap_responses`); the
+    held-out references stay whole (the perplexity reads them within train.max_length).
     """
     train_raw, eval_raw = open_source(cfg)
     layout = detect_layout(train_raw, cfg.format)
@@ -461,6 +488,10 @@ def load_data(cfg: DataConfig, tokenizer: Any = None) -> LoadedData:
     claimed: set[str] = set()
     held = _select(held, cfg.max_eval_prompts, random.Random(f"{cfg.seed}:eval"), fit, eval_stats, claimed)
     train = _select(train, cfg.max_prompts, random.Random(f"{cfg.seed}:train"), fit, train_stats, claimed)
+    if tokenizer is not None and cfg.max_response_tokens is not None:
+        for i, record in enumerate(train):
+            train[i], n = cap_responses(record, tokenizer, cfg.max_response_tokens)
+            train_stats.responses_cut += n
     for stats in (train_stats, eval_stats):
         log.info(stats.summary())
     if not train:

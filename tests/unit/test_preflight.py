@@ -362,8 +362,17 @@ def _(tmp, model):
     c["data"]["max_prompt_tokens"] = 100  # 100 + 32 + 1 <= 192: every sampled reply fits
     return c, ("data.max_prompt_tokens 100 > train.max_length // 2 = 96: a data-set or sampling.external "
                "response longer than 96 tokens would cut the prompt of its whole group below "
-               "data.max_prompt_tokens; raise train.max_length to at least 200 or lower "
-               "data.max_prompt_tokens")
+               "data.max_prompt_tokens; raise train.max_length to at least 200, lower "
+               "data.max_prompt_tokens or cap the data set's responses (data.max_response_tokens ≤ 91)")
+
+
+def test_a_long_prompt_passes_when_the_data_sets_responses_are_capped_to_fit(tmp_path: Path, model: Path) -> None:
+    """data.max_response_tokens 91: prompt 100 + response 91 + EOS = 192, nothing is ever cut."""
+    c = base(tmp_path, model)
+    c["data"]["max_prompt_tokens"], c["data"]["max_response_tokens"] = 100, 91
+    assert main(["validate", str(write_config(tmp_path, c))]) == 0
+    c["data"]["max_response_tokens"] = 92
+    assert main(["validate", str(write_config(tmp_path, c))]) == 2
 
 
 def test_a_long_prompt_passes_when_only_sampled_replies_join_the_groups(tmp_path: Path, model: Path) -> None:

@@ -516,3 +516,30 @@ def test_dialogues_that_truncate_to_a_held_out_query_leave_training(tokenizer, t
     data = load_data(cfg(path, max_prompt_tokens=budget, eval_fraction=0.0), tokenizer=tokenizer)
     assert [r.query for r in data.train] == [last]
     assert (data.stats[0].truncated, data.stats[0].duplicates) == (1, 6)
+
+
+def test_max_response_tokens_caps_the_data_sets_responses_at_load_and_marks_them_cut(tokenizer,
+                                                                                      tmp_path: Path) -> None:
+    """A 260-token `chosen` capped at load time: cut from the right to 40 policy tokens, marked
+    cut off, so it joins the pool without EOS and the trainer keeps the group's prompt whole."""
+    from rrhf_ray.data.candidates import dataset_candidates
+    from rrhf_ray.train.encoding import Encoder
+
+    long = " " + " ".join(["please help me with the bread and the tea"] * 26)
+    assert len(tokenizer(long, add_special_tokens=False)["input_ids"]) >= 260
+    q = f"{H} How do I bake bread?{A}"
+    path = write_jsonl(tmp_path / "ranked.jsonl", [{"query": q, "responses": [long, " Bake it."], "scores": [1, 0]}])
+    data = load_data(cfg(path, eval_fraction=0.0, max_response_tokens=40), tokenizer=tokenizer)
+    (record,) = data.train
+    assert record.cut == (True, False) and record.finish_reasons == ["length", "stop"]
+    capped = tokenizer(record.responses[0], add_special_tokens=False)["input_ids"]
+    assert len(capped) <= 40 and long.startswith(record.responses[0]) and record.responses[1] == " Bake it."
+    assert data.stats[0].responses_cut == 1 and "1 response(s) cut" in data.stats[0].summary()
+    assert [c.finish_reason for c in dataset_candidates(record)] == ["length", "stop"]
+
+    enc = Encoder(tokenizer, 96)(record.to_group())
+    assert enc.prompt == tokenizer(q)["input_ids"]  # not cut: the long response gave way at load
+    assert enc.responses[0][-1] != tokenizer.eos_token_id and enc.responses[1][-1] == tokenizer.eos_token_id
+    # Uncapped, the same row leaves the prompt only max_length // 2 and its response is cut later.
+    whole = load_data(cfg(path, eval_fraction=0.0), tokenizer=tokenizer).train[0]
+    assert whole.cut == () and whole.responses[0] == long
