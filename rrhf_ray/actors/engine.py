@@ -193,7 +193,7 @@ class VLLMEngine:
         if on_cpu:
             # The engine core runs in this process: no EngineCore and Worker processes to spawn,
             # each re-importing vLLM and competing for the few cores with the sampler itself, and
-            # the same tokens for seeded requests (README gives the measured start-up and speed).
+            # the same tokens for seeded requests (docs/running.md gives the measured start-up and speed).
             # On GPUs the separate core process overlaps scheduling with the GPU's work.
             # VLLM_ENABLE_V1_MULTIPROCESSING=1 in the environment keeps vLLM's own layout.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

@@ -20,10 +20,14 @@ in `_refs` returns Ray ObjectRefs and does not wait (`score_refs`); every other 
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -66,17 +70,40 @@ def load_rule(spec: str) -> Callable[[list[str], list[str]], list[float]]:
             return registry.lookup("reward", spec)
         except registry.UnknownBuiltinError as err:
             raise DataError(f"reward.rule: {err}") from None
-    module_name, sep, attr = spec.partition(":")
+    module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
-        raise DataError(f"reward.rule {spec!r} is not of the form package.module:function")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise DataError(f"reward.rule {spec!r}: cannot import {module_name!r} ({err})") from None
+        raise DataError(f"reward.rule {spec!r} is not of the form package.module:function or path/to/file.py:function")
+    if module_name.endswith(".py"):
+        module = _module_from_file(spec, module_name)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise DataError(f"reward.rule {spec!r}: cannot import {module_name!r} ({err})") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise DataError(f"reward.rule {spec!r}: {module_name} has no function {attr!r}")
     return fn
+
+
+def _module_from_file(spec: str, path: str) -> Any:
+    """The Python file at `path` (absolute once the config is loaded: `RunConfig`'s paths) as a
+    module, loaded once per process under a name of its own."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"reward.rule {spec!r}: file not found: {file}")
+    name = f"rrhf_ray_rule_{file.stem}_{hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:8]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    loader = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(loader)
+    sys.modules[name] = module
+    try:
+        loader.loader.exec_module(module)
+    except BaseException:  # the preflight names what importing it raised
+        del sys.modules[name]
+        raise
+    return module
 
 
 @ray.remote(max_retries=2)

@@ -150,7 +150,8 @@ class RewardConfig(Section):
     kind: Literal["model", "rule"] = "rule"
     model: str | None = Field(None, description="AutoModelForSequenceClassification path (kind=model).")
     rule: str | None = Field(
-        None, description="`package.module:function(queries, responses)` or builtin:<name> (kind=rule)."
+        None, description="`package.module:function(queries, responses)`, `path/to/file.py:function` "
+        "(relative to the working directory) or builtin:<name> (kind=rule).",
     )
     num_workers: int = Field(1, ge=1)
     batch_size: int = Field(16, ge=1)
@@ -404,6 +405,15 @@ def absolute_path(value: str | None) -> str | None:
     return value
 
 
+def absolute_rule(rule: str | None) -> str | None:
+    """A rule `path/to/file.py:function` with its file made absolute (`absolute_path`)."""
+    if rule and not rule.startswith(BUILTIN_PREFIX):
+        path, sep, fn = rule.rpartition(":")
+        if sep and path.endswith(".py"):
+            return f"{absolute_path(path)}:{fn}"
+    return rule
+
+
 def with_absolute_paths(config: RunConfig) -> RunConfig:
     """The config with every local input path absolute, and output.dir absolute (a URI as it is)."""
     update: dict[str, Any] = {
@@ -411,7 +421,8 @@ def with_absolute_paths(config: RunConfig) -> RunConfig:
             "name_or_path": absolute_path(config.model.name_or_path),
             "tokenizer": absolute_path(config.model.tokenizer)}),
         "data": config.data.model_copy(update={"source": absolute_path(config.data.source)}),
-        "reward": config.reward.model_copy(update={"model": absolute_path(config.reward.model)}),
+        "reward": config.reward.model_copy(update={"model": absolute_path(config.reward.model),
+                                                   "rule": absolute_rule(config.reward.rule)}),
         "eval": config.eval.model_copy(update={"judge_model": absolute_path(config.eval.judge_model)}),
         "sampling": config.sampling.model_copy(update={
             "external": [absolute_path(p) for p in config.sampling.external]}),

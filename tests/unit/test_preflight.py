@@ -2,7 +2,7 @@
 `rrhf-ray validate` (and `run`, `sample`, `score`) exits 2 with one `error: ...` line that names
 the field, the file and the row, and never a traceback.
 
-The table of README.md, "Bad input, and the error it gets", lists these messages.
+The table of docs/errors.md, "Bad input, and the error it gets", lists these messages.
 """
 
 from __future__ import annotations
@@ -280,7 +280,7 @@ def _(tmp, model):
 def _(tmp, model):
     c = base(tmp, model)
     c["reward"]["rule"] = "my_reward"
-    return c, "reward.rule 'my_reward' is not of the form package.module:function"
+    return c, "reward.rule 'my_reward' is not of the form package.module:function or path/to/file.py:function"
 
 
 @case("unknown builtin reward")

@@ -137,7 +137,7 @@ def test_a_wrong_rule_fails_before_any_work() -> None:
     with pytest.raises(DataError) as info:
         RewardPool(RewardConfig(kind="rule", rule=f"{__name__}.length_reward"))
     assert str(info.value) == (f"reward.rule '{__name__}.length_reward' is not of the form "
-                               "package.module:function")
+                               "package.module:function or path/to/file.py:function")
 
 
 def test_sample_and_score_commands_write_the_reference_format(ray_cluster, tiny_model_dir: Path,
