@@ -36,7 +36,7 @@ from typing import Any
 from rrhf_ray import registry
 from rrhf_ray.config import ConfigError, DataConfig, RewardConfig, RunConfig, with_absolute_paths
 from rrhf_ray.data.candidates import Preset, get_preset, read_external
-from rrhf_ray.state import STATE_FILE, config_fingerprint
+from rrhf_ray.state import STATE_FILE, config_fingerprint, earlier_fingerprints
 from rrhf_ray.types import DataError
 
 logger = logging.getLogger(__name__)
@@ -294,7 +294,7 @@ def finished_stages(config: RunConfig) -> set[str]:
     state_file = Path(config.output.dir) / STATE_FILE  # a URI: none here (run_mirrored pulls it first)
     try:
         state = json.loads(state_file.read_text())
-        if state.get("fingerprint") != config_fingerprint(config):
+        if state.get("fingerprint") not in {config_fingerprint(config), *earlier_fingerprints(config)}:
             return set()  # RunState refuses it, after these checks
         return {name for name, info in state.get("stages", {}).items()
                 if isinstance(info, dict) and info.get("path") and Path(info["path"]).exists()}
