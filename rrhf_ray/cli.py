@@ -279,8 +279,10 @@ def _stage_train(stage_cls: type, args: argparse.Namespace) -> object:
 
 
 def _check_model_arg(model: str) -> None:
-    if not Path(model).exists() and model.startswith((".", "/")):
-        raise ConfigError(f"--model: directory not found: {model}")
+    """`--model` checked as `run` checks model.name_or_path (`rrhf_ray.preflight`)."""
+    from rrhf_ray.preflight import check_model_arg
+
+    check_model_arg("--model", model)
 
 
 def _train(args: argparse.Namespace, job: Any, loop: Callable, fit: Callable) -> dict:

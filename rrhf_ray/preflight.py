@@ -121,6 +121,15 @@ def check_model_dir(name: str, value: str, *, tokenizer: bool = True) -> dict[st
     return model_config
 
 
+def check_model_arg(name: str, value: str) -> None:
+    """A model a training command (`train`, `sft`, `train-rm`) starts from, checked as `run`
+    checks its models: a local directory must hold config.json, safetensors weights and a
+    tokenizer; a built-in name is refused (only `run` builds one); a hub id loads later."""
+    _not_builtin(name, value)
+    if is_local(value):
+        check_model_dir(name, value)
+
+
 def _not_builtin(name: str, value: str | None) -> None:
     """Only `model.name_or_path` may be a built-in model: the run builds it into output.dir/base."""
     if registry.is_builtin(value):
