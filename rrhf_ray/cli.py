@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import re
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from rrhf_ray.types import DataError
 logger = logging.getLogger("rrhf_ray")
 
 DEFAULT_CONFIG = "builtin:demo"  # `rrhf-ray run` with no config: the embedded default
+_DOTTED_KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")  # `train.epochs`: a key, not a file name
 # Errors that are the user's input by their type, wherever they are raised (exit 2).
 INPUT_ERRORS = (ConfigError, DataError, registry.UnknownBuiltinError)
 
@@ -60,7 +62,7 @@ def _load_run_config(args: argparse.Namespace) -> tuple[str, Any]:
         args.overrides.insert(0, args.config)
         args.config = None
     with user_input():
-        path = _config_path(args.config)
+        path = _config_path(args.config, args.overrides)
         return path, load_config(path, args.overrides)
 
 
@@ -134,7 +136,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from rrhf_ray.preflight import check_sample
 
     with user_input():
-        checked = check_sample(load_config(_config_path(args.config), args.overrides))  # model, lengths, files
+        checked = check_sample(load_config(_config_path(args.config, args.overrides), args.overrides))  # model, lengths, files
         config, preset, external = checked.config, checked.preset, checked.external
         queries, records = _sample_queries(config)  # every row validated before engines start
     pools = {}
@@ -169,7 +171,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from rrhf_ray.types import CandidateGroup, read_groups, reward_stats, write_groups
 
     with user_input():
-        config = check_score(load_config(_config_path(args.config), args.overrides)).config  # rule or model
+        config = check_score(load_config(_config_path(args.config, args.overrides), args.overrides)).config  # rule or model
         groups = [CandidateGroup.from_group(g) for g in read_groups(args.pool, scored=False)]
     pool = RewardPool(config.reward, log_dir=connect_ray(config))
     try:
@@ -191,7 +193,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config_path(config: str | None) -> str:
+def _config_path(config: str | None, overrides: Sequence[str] = ()) -> str:
     """A run config's path: the file named, a packaged ``builtin:<name>`` config, or (none
     given) the embedded default."""
     from rrhf_ray import registry
@@ -202,6 +204,11 @@ def _config_path(config: str | None) -> str:
             return str(registry.lookup("config", name))
         except registry.UnknownBuiltinError as err:
             raise ConfigError(str(err)) from None
+    if (not Path(name).exists() and _DOTTED_KEY.fullmatch(name)
+            and Path(name).suffix not in (".yaml", ".yml", ".json")):  # `validate train.epochs 2`
+        value = next((o for o in overrides if "=" not in o), "VALUE")
+        raise ConfigError(f"config file not found: {name}; an override is written key=value, "
+                          f"e.g. {name}={value}")
     return name
 
 
@@ -235,7 +242,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from rrhf_ray.compare import Plan, format_markdown, parse_seeds, parse_variant, run_compare
 
-    path = _config_path(args.config)
+    path = _config_path(args.config, args.overrides)
     variants = [parse_variant(v) for v in args.variant]
     plan = Plan(path, list(args.overrides), variants, parse_seeds(args.seeds),
                 Path(args.out) if args.out else Path(load_config(path, args.overrides).output.dir + "-compare"))
@@ -428,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-fraction", type=float, default=None,
                    help="without --eval-data: share of the pairs held out (default 0.05)")
     p.set_defaults(func=_cmd_train_rm)
+    for p in sub.choices.values():  # `-v` after the subcommand too (rrhf-ray run -v, run rounds=2 -v)
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     return parser
 
 

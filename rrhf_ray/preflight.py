@@ -42,6 +42,8 @@ from rrhf_ray.types import DataError
 logger = logging.getLogger(__name__)
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")  # read as a file by rrhf_ray.data.queries
+DATA_DIR_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")  # in a directory: datasets.load_dataset
+SAVED_DATASET_FILES = ("dataset_dict.json", "state.json")  # datasets.save_to_disk's directory
 WEIGHTS_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -62,6 +64,11 @@ class Preflight:
     def skipped(self, line: str) -> None:
         logger.info("preflight skipped %s", line)
         self.lines.append(f"skipped: {line}")
+
+    def warn(self, line: str) -> None:
+        """A config that runs but cannot learn, or not as written: a warning (once), not an error."""
+        logger.warning("%s", line)
+        self.lines.append(f"warning: {line}")
 
 
 # --------------------------------------------------------------------------- what a name is
@@ -253,15 +260,33 @@ def _data_source(name: str, value: str, check: Preflight) -> bool:
     if _is_local_data(value):
         if not Path(value).expanduser().exists():
             raise DataError(f"{name}: data file not found: {value}")
+        if Path(value).expanduser().is_dir():
+            check_data_dir(name, Path(value).expanduser())
         return True
     check.skipped(f"{name} {value}: a hub data set, read when the run starts")
     return False
 
 
-def check_queries(data: DataConfig, check: Preflight) -> None:
-    """Every row of data.source converted (no tokenizer: the max_prompt_tokens fit comes later)."""
-    if not _data_source("data.source", data.source, check):
+def check_data_dir(name: str, path: Path) -> None:
+    """A directory named as data is a saved data set (`datasets.save_to_disk`) or holds data
+    files `datasets.load_dataset` reads into rows with fields (a model directory does not)."""
+    if any((path / f).is_file() for f in SAVED_DATASET_FILES):
         return
+    usage = (f"name a {', '.join(DATA_SUFFIXES)} file, a directory of {', '.join(DATA_DIR_SUFFIXES)} "
+             "files, a saved data set, a hub id or builtin:<name>")
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        raise DataError(f"{name}: {path} is a model directory, not a data set: {usage}")
+    files = [p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_DIR_SUFFIXES
+             and p.name not in ("config.json", *TOKENIZER_FILES)]
+    if not files:
+        raise DataError(f"{name}: {path} is a directory without data files, not a data set: {usage}")
+
+
+def check_queries(data: DataConfig, check: Preflight) -> int | None:
+    """Every row of data.source converted (no tokenizer: the max_prompt_tokens fit comes later);
+    returns how many training queries carry the data set's own responses (None: not read here)."""
+    if not _data_source("data.source", data.source, check):
+        return None
     from rrhf_ray.data.queries import load_data
 
     try:
@@ -270,6 +295,40 @@ def check_queries(data: DataConfig, check: Preflight) -> None:
         raise DataError(_named("data.source", err)) from None
     check.ok(f"data.source {data.source}: {len(loaded.train)} training queries, {len(loaded.eval)} held-out "
              "(before the max_prompt_tokens fit)")
+    return sum(1 for r in loaded.train if r.responses)
+
+
+# --------------------------------------------------------------------------- configs that cannot learn
+
+
+def check_learnable(config: RunConfig, with_responses: int | None, check: Preflight) -> None:
+    """Warnings for a config that runs but cannot learn, or not as written: one candidate per
+    query and no other source (no pair to rank), greedy sampling of several candidates (the same
+    reply k times), and steps that do not split into whole micro-batches."""
+    sampling, preset = config.sampling, check.preset
+    samples = preset is not None and preset.policy is not None
+    dataset = preset is not None and preset.dataset and with_responses != 0
+    if sampling.n == 1 and samples and not dataset and not sampling.external:
+        check.warn("sampling.n 1 with no other candidate source (data-set responses, sampling.external): "
+                   "one candidate per query has no pair to rank, so the update only fine-tunes on "
+                   "each query's one reply, whatever its reward; set sampling.n to 2 or more")
+    if sampling.temperature == 0 and sampling.n > 1 and samples and not sampling.use_beam_search:
+        check.warn(f"sampling.temperature 0 with sampling.n {sampling.n}: greedy decoding draws the same "
+                   f"reply {sampling.n} times (merged into one candidate); raise sampling.temperature "
+                   "(e.g. 1.0) or use sampling.use_beam_search")
+    fits = [("train", config.train)]
+    fits += [(f"{s}.train", getattr(config, s).train) for s in ("sft", "reward_model") if getattr(config, s)]
+    for name, fit in fits:
+        if getattr(fit, "micro_batch_tokens", None) is not None:
+            continue  # packed by tokens: micro_batch_queries does not cut the step
+        per_step = fit.micro_batch_queries * fit.num_workers
+        if fit.queries_per_step % per_step:
+            share = -(-fit.queries_per_step // fit.num_workers)
+            check.warn(f"{name}.queries_per_step {fit.queries_per_step} is not a multiple of "
+                       f"{name}.micro_batch_queries × {name}.num_workers = {per_step}: a worker's share of "
+                       f"a step (up to {share} queries) ends in a smaller micro-batch of "
+                       f"{share % fit.micro_batch_queries or fit.micro_batch_queries}; set "
+                       f"{name}.queries_per_step to a multiple of {per_step} for even micro-batches")
 
 
 def check_pairs(name: str, value: str | None, fmt: str, read: Callable[..., list], what: str,
@@ -357,7 +416,7 @@ def check_run(config: RunConfig) -> Preflight:
     else:
         check.ok("reward: the reward model the reward_model stage trains")
 
-    check_queries(config.data, check)
+    check_learnable(config, check_queries(config.data, check), check)
     from rrhf_ray.data.pairs import read_preference_pairs, read_sft_pairs
 
     if config.sft is not None and not sft_done:

@@ -92,7 +92,7 @@ def case(name: str) -> Callable[[Case], Case]:
 def _(tmp, model):
     c = base(tmp, model)
     c["sampling"]["temprature"] = 0.7
-    return c, "invalid config in P/run.yaml: sampling.temprature: unknown key"
+    return c, "invalid config in P/run.yaml: sampling.temprature: unknown key (did you mean sampling.temperature?)"
 
 
 @case("wrong type")

@@ -10,8 +10,6 @@ import re
 import shlex
 from pathlib import Path
 
-import pytest
-
 from rrhf_ray.config import load_config
 from rrhf_ray.demo import DEMO_CONFIG
 from rrhf_ray.state import RunState, config_fingerprint, earlier_fingerprints
