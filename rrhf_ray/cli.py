@@ -87,25 +87,12 @@ def _train_overrides(overrides: list[str]) -> TrainConfig:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from rrhf_ray.train.rrhf import TrainJob, fit, train_loop_per_worker
-    from rrhf_ray.types import read_groups
+    from rrhf_ray.api import ranked_train_job
+    from rrhf_ray.train.rrhf import fit, train_loop_per_worker
 
     train_cfg = _train_overrides(args.overrides)
-    _check_model_arg(args.model)
-    with user_input():
-        groups = read_groups(args.data)  # validates every line before anything starts
-    logger.info("read %d query groups (%d candidates) from %s",
-                len(groups), sum(g.k for g in groups), args.data)
-    data = args.data
-    if train_cfg.loss.name == "dpo" and any(g.ref_logprobs is None for g in groups):
-        # DPO's reference is the model training starts from: its log-probabilities, computed once.
-        from rrhf_ray.train.reference import write_reference_pool
-
-        data = str(Path(args.output).with_name(Path(args.output).name + ".pool_ref.parquet"))
-        write_reference_pool(groups, args.model, train_cfg, Path(data), trust_remote_code=args.trust_remote_code)
-    with user_input():
-        job = TrainJob(model_path=args.model, data_paths=[data], output_dir=args.output, train=train_cfg,
-                       trust_remote_code=args.trust_remote_code)
+    job = ranked_train_job(args.data, args.model, args.output, train_cfg,  # model and rows checked
+                           trust_remote_code=args.trust_remote_code, name="--model")
     _print_result("trained model", args.output, _train(args, job, train_loop_per_worker, fit))
     return 0
 

@@ -88,6 +88,9 @@ def suggest(model: type[BaseModel], where: Located) -> str:
         owners = [t for t, cls in (tagged_at(model, upath) or {}).items() if key in cls.model_fields]
         valid = ", ".join(where.holder.model_fields)
         hint = f"{upath}.{disc} {tag} takes {valid}"
+        close = difflib.get_close_matches(key, list(where.holder.model_fields), n=1, cutoff=0.7)
+        if close and not owners:
+            hint = f"did you mean {parent}.{close[0]}? {hint}"
         if owners:
             hint += f"; {key} is a key of {upath}.{disc} {', '.join(owners)}"
         return f" ({hint})"
