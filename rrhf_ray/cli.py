@@ -200,7 +200,7 @@ def _config_path(config: str | None, overrides: Sequence[str] = ()) -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from rrhf_ray.report import format_table
+    from rrhf_ray.report import format_console_table
     from rrhf_ray.workflow import run
 
     # Config errors stop here; `run` checks models, data and reward (rrhf_ray.preflight) before Ray starts.
@@ -208,8 +208,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     logger.info("run config %s%s; outputs go to %s", path, " (the embedded default)" if not args.config else "",
                 Path(config.output.dir).resolve())
     rows = run(config)
-    print(f"\nRRHF rounds ({config.output.dir}/metrics.jsonl, summary.md, report.png):\n")
-    print(format_table(rows))
+    print("\nRRHF rounds (held-out queries; [lo, hi]: 95 % interval):\n")
+    print(format_console_table(rows))
+    print(f"\nEvery column: {config.output.dir}/summary.md (also metrics.jsonl, report.png)")
     return 0
 
 
