@@ -273,11 +273,14 @@ def _stage_train(stage_cls: type, args: argparse.Namespace) -> object:
         return build(stage_cls, data, f"(train overrides {' '.join(args.overrides)})").train
 
 
-def _check_model_arg(model: str) -> None:
-    """`--model` checked as `run` checks model.name_or_path (`rrhf_ray.preflight`)."""
-    from rrhf_ray.preflight import check_model_arg
+def _check_model_arg(model: str, data: str | None = None) -> None:
+    """`--model` checked as `run` checks model.name_or_path, and a `--data` directory as a data
+    set (`rrhf_ray.preflight`)."""
+    from rrhf_ray.preflight import check_data_dir, check_model_arg
 
     check_model_arg("--model", model)
+    if data and Path(data).is_dir():
+        check_data_dir("--data", Path(data))
 
 
 def _train(args: argparse.Namespace, job: Any, loop: Callable, fit: Callable) -> dict:
@@ -300,7 +303,7 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     from rrhf_ray.train.sft import SFTJob, fit_sft, load_job_pairs, sft_loop_per_worker
 
     train_cfg = _stage_train(SFTStageConfig, args)
-    _check_model_arg(args.model)
+    _check_model_arg(args.model, args.data)
     with user_input():
         job = SFTJob(model_path=args.model, data_path=args.data, output_dir=args.output, train=train_cfg,
                      eval_path=args.eval_data, trust_remote_code=args.trust_remote_code)
@@ -320,7 +323,7 @@ def _cmd_train_rm(args: argparse.Namespace) -> int:
     )
 
     train_cfg = _stage_train(RewardModelStageConfig, args)
-    _check_model_arg(args.model)
+    _check_model_arg(args.model, args.data)
     with user_input():
         job = RewardModelJob(model_path=args.model, data_path=args.data, output_dir=args.output,
                              train=train_cfg, eval_path=args.eval_data, trust_remote_code=args.trust_remote_code)

@@ -457,6 +457,7 @@ def check_sample(config: RunConfig) -> Preflight:
             check.ok(f"{name} {value}: tokenizer")
         else:
             check.skipped(f"{name} {value}: a hub id, checked when it loads")
+    _data_source("data.source", config.data.source, check)  # a directory that is not a data set: one line
     check_external(config.sampling.external, check)
     return check
 

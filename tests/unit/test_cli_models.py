@@ -70,3 +70,18 @@ def test_sample_and_score_take_builtin_configs(tmp_path, capsys):
     assert main(["score", "builtin:demo", "--pool", str(tmp_path / "none.jsonl"),
                  "--out", str(tmp_path / "scored.jsonl")]) == 2
     assert _only_line(capsys) == f"error: data file not found: {tmp_path}/none.jsonl"
+
+
+def test_a_data_directory_that_is_not_a_data_set_is_one_line_in_every_command(model, tmp_path, capsys):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "readme.txt").write_text("not rows\n")
+    expected = f"{notes} is a directory without data files, not a data set: name a .jsonl, .json, .parquet file"
+    for command in ("sft", "train-rm"):
+        assert main([command, "--data", str(notes), "--model", str(model), "--output", str(tmp_path / "o"),
+                     "--no-ray"]) == 2
+        assert _only_line(capsys).startswith(f"error: --data: {expected}")
+    assert main(["sample", "builtin:demo", "--out", str(tmp_path / "pool.jsonl"), f"model.name_or_path={model}",
+                 f"data.source={notes}"]) == 2
+    assert _only_line(capsys).startswith(f"error: data.source: {expected}")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "pool.jsonl").exists()
