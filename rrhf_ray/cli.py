@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import re
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from rrhf_ray.types import DataError
 logger = logging.getLogger("rrhf_ray")
 
 DEFAULT_CONFIG = "builtin:demo"  # `rrhf-ray run` with no config: the embedded default
+_DOTTED_KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")  # `train.epochs`: a key, not a file name
 # Errors that are the user's input by their type, wherever they are raised (exit 2).
 INPUT_ERRORS = (ConfigError, DataError, registry.UnknownBuiltinError)
 
@@ -60,7 +62,7 @@ def _load_run_config(args: argparse.Namespace) -> tuple[str, Any]:
         args.overrides.insert(0, args.config)
         args.config = None
     with user_input():
-        path = _config_path(args.config)
+        path = _config_path(args.config, args.overrides)
         return path, load_config(path, args.overrides)
 
 
@@ -85,25 +87,12 @@ def _train_overrides(overrides: list[str]) -> TrainConfig:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from rrhf_ray.train.rrhf import TrainJob, fit, train_loop_per_worker
-    from rrhf_ray.types import read_groups
+    from rrhf_ray.api import ranked_train_job
+    from rrhf_ray.train.rrhf import fit, train_loop_per_worker
 
     train_cfg = _train_overrides(args.overrides)
-    _check_model_arg(args.model)
-    with user_input():
-        groups = read_groups(args.data)  # validates every line before anything starts
-    logger.info("read %d query groups (%d candidates) from %s",
-                len(groups), sum(g.k for g in groups), args.data)
-    data = args.data
-    if train_cfg.loss.name == "dpo" and any(g.ref_logprobs is None for g in groups):
-        # DPO's reference is the model training starts from: its log-probabilities, computed once.
-        from rrhf_ray.train.reference import write_reference_pool
-
-        data = str(Path(args.output).with_name(Path(args.output).name + ".pool_ref.parquet"))
-        write_reference_pool(groups, args.model, train_cfg, Path(data), trust_remote_code=args.trust_remote_code)
-    with user_input():
-        job = TrainJob(model_path=args.model, data_paths=[data], output_dir=args.output, train=train_cfg,
-                       trust_remote_code=args.trust_remote_code)
+    job = ranked_train_job(args.data, args.model, args.output, train_cfg,  # model and rows checked
+                           trust_remote_code=args.trust_remote_code, name="--model")
     _print_result("trained model", args.output, _train(args, job, train_loop_per_worker, fit))
     return 0
 
@@ -134,7 +123,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from rrhf_ray.preflight import check_sample
 
     with user_input():
-        checked = check_sample(load_config(_config_path(args.config), args.overrides))  # model, lengths, files
+        checked = check_sample(load_config(_config_path(args.config, args.overrides), args.overrides))  # model, lengths, files
         config, preset, external = checked.config, checked.preset, checked.external
         queries, records = _sample_queries(config)  # every row validated before engines start
     pools = {}
@@ -169,7 +158,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from rrhf_ray.types import CandidateGroup, read_groups, reward_stats, write_groups
 
     with user_input():
-        config = check_score(load_config(_config_path(args.config), args.overrides)).config  # rule or model
+        config = check_score(load_config(_config_path(args.config, args.overrides), args.overrides)).config  # rule or model
         groups = [CandidateGroup.from_group(g) for g in read_groups(args.pool, scored=False)]
     pool = RewardPool(config.reward, log_dir=connect_ray(config))
     try:
@@ -191,7 +180,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config_path(config: str | None) -> str:
+def _config_path(config: str | None, overrides: Sequence[str] = ()) -> str:
     """A run config's path: the file named, a packaged ``builtin:<name>`` config, or (none
     given) the embedded default."""
     from rrhf_ray import registry
@@ -202,11 +191,16 @@ def _config_path(config: str | None) -> str:
             return str(registry.lookup("config", name))
         except registry.UnknownBuiltinError as err:
             raise ConfigError(str(err)) from None
+    if (not Path(name).exists() and _DOTTED_KEY.fullmatch(name)
+            and Path(name).suffix not in (".yaml", ".yml", ".json")):  # `validate train.epochs 2`
+        value = next((o for o in overrides if "=" not in o), "VALUE")
+        raise ConfigError(f"config file not found: {name}; an override is written key=value, "
+                          f"e.g. {name}={value}")
     return name
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from rrhf_ray.report import format_table
+    from rrhf_ray.report import format_console_table
     from rrhf_ray.workflow import run
 
     # Config errors stop here; `run` checks models, data and reward (rrhf_ray.preflight) before Ray starts.
@@ -214,8 +208,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     logger.info("run config %s%s; outputs go to %s", path, " (the embedded default)" if not args.config else "",
                 Path(config.output.dir).resolve())
     rows = run(config)
-    print(f"\nRRHF rounds ({config.output.dir}/metrics.jsonl, summary.md, report.png):\n")
-    print(format_table(rows))
+    print("\nRRHF rounds (held-out queries; [lo, hi]: 95 % interval):\n")
+    print(format_console_table(rows))
+    print(f"\nEvery column: {config.output.dir}/summary.md (also metrics.jsonl, report.png)")
     return 0
 
 
@@ -235,7 +230,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from rrhf_ray.compare import Plan, format_markdown, parse_seeds, parse_variant, run_compare
 
-    path = _config_path(args.config)
+    path = _config_path(args.config, args.overrides)
     variants = [parse_variant(v) for v in args.variant]
     plan = Plan(path, list(args.overrides), variants, parse_seeds(args.seeds),
                 Path(args.out) if args.out else Path(load_config(path, args.overrides).output.dir + "-compare"))
@@ -278,9 +273,14 @@ def _stage_train(stage_cls: type, args: argparse.Namespace) -> object:
         return build(stage_cls, data, f"(train overrides {' '.join(args.overrides)})").train
 
 
-def _check_model_arg(model: str) -> None:
-    if not Path(model).exists() and model.startswith((".", "/")):
-        raise ConfigError(f"--model: directory not found: {model}")
+def _check_model_arg(model: str, data: str | None = None) -> None:
+    """`--model` checked as `run` checks model.name_or_path, and a `--data` directory as a data
+    set (`rrhf_ray.preflight`)."""
+    from rrhf_ray.preflight import check_data_dir, check_model_arg
+
+    check_model_arg("--model", model)
+    if data and Path(data).is_dir():
+        check_data_dir("--data", Path(data))
 
 
 def _train(args: argparse.Namespace, job: Any, loop: Callable, fit: Callable) -> dict:
@@ -303,7 +303,7 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     from rrhf_ray.train.sft import SFTJob, fit_sft, load_job_pairs, sft_loop_per_worker
 
     train_cfg = _stage_train(SFTStageConfig, args)
-    _check_model_arg(args.model)
+    _check_model_arg(args.model, args.data)
     with user_input():
         job = SFTJob(model_path=args.model, data_path=args.data, output_dir=args.output, train=train_cfg,
                      eval_path=args.eval_data, trust_remote_code=args.trust_remote_code)
@@ -323,7 +323,7 @@ def _cmd_train_rm(args: argparse.Namespace) -> int:
     )
 
     train_cfg = _stage_train(RewardModelStageConfig, args)
-    _check_model_arg(args.model)
+    _check_model_arg(args.model, args.data)
     with user_input():
         job = RewardModelJob(model_path=args.model, data_path=args.data, output_dir=args.output,
                              train=train_cfg, eval_path=args.eval_data, trust_remote_code=args.trust_remote_code)
@@ -426,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-fraction", type=float, default=None,
                    help="without --eval-data: share of the pairs held out (default 0.05)")
     p.set_defaults(func=_cmd_train_rm)
+    for p in sub.choices.values():  # `-v` after the subcommand too (rrhf-ray run -v, run rounds=2 -v)
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     return parser
 
 

@@ -285,7 +285,9 @@ def run_compare(plan: Plan, parallel: int = 1) -> list[dict[str, Any]]:
     if todo:
         from rrhf_ray.connection import connect_ray
 
-        connect_ray(plan.base)
+        # The comparison's own driver log goes to <out>/logs, never to the base config's output.dir.
+        own_logs = plan.base.output.model_copy(update={"dir": str(plan.out)})
+        connect_ray(plan.base.model_copy(update={"output": own_logs}))
         if plan.has_shared_stages():
             for seed in sorted({j.seed for j in todo}):
                 shared_cfg = plan.shared_config(seed)

@@ -270,12 +270,20 @@ def route_worker_output() -> None:
 
     dispatcher = ray_worker.global_worker_stdstream_dispatcher
     original = _state.get("ray_printer") or ray_worker.print_to_stdstream  # Ray's own
+    # Not a terminal (a file, `ray job logs`, CI): tqdm's redraws would land as lines of their
+    # own, twice per update, with float counts and rates from the first flush; plain lines instead.
+    plain = None if _isatty(sys.stderr) else PlainProgress()
 
     def handle(data: dict[str, Any]) -> None:
         lines = data.get("lines") or []
         bars = [line for line in lines if RAY_TQDM_MAGIC in line]
         rest = [line for line in lines if RAY_TQDM_MAGIC not in line]
-        if bars:
+        if bars and plain is not None:
+            for line in bars:
+                text = plain.line_for(line)
+                if text is not None:
+                    print(text, file=sys.stderr, flush=True)
+        elif bars:
             original({**data, "lines": bars}, ignore_prefix=False)
         if rest and _state["log_dir"] is not None:
             who = data.get("actor_name") or data.get("task_name") or "worker"
@@ -312,6 +320,50 @@ def route_worker_output() -> None:
         printer(data, ignore_prefix=ignore_prefix)
 
     ray_worker.print_to_stdstream = print_raylet
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+class PlainProgress:
+    """Progress-bar updates of `ray.experimental.tqdm_ray` (one JSON state per line) as plain
+    lines for a console that is not a terminal: one line per update that moved the count or
+    closed the bar, integer counts, and a rate in the bar's unit per second measured from the
+    bar's first update seen here (none until a second has passed)."""
+
+    def __init__(self, clock: Any = time.monotonic) -> None:
+        self.clock = clock
+        self.bars: dict[str, dict[str, Any]] = {}  # uuid → first seen (time, count), last printed
+
+    def line_for(self, raw: str) -> str | None:
+        import json
+
+        try:
+            state = json.loads(raw[raw.index("{"):])
+            x, total = int(state.get("x") or 0), state.get("total")
+        except (ValueError, TypeError):
+            return None
+        now, closed = self.clock(), bool(state.get("closed"))
+        bar = self.bars.setdefault(str(state.get("uuid")), {"t0": now, "x0": x, "printed": None})
+        if bar["printed"] == (x, closed):
+            return None
+        bar["printed"] = (x, closed)
+        if closed:
+            self.bars.pop(str(state.get("uuid")), None)
+        unit = state.get("unit") or "it"
+        text = f"{state.get('desc') or 'progress'}: {x}"
+        if isinstance(total, (int, float)) and total > 0:
+            text += f"/{int(total)} {unit} ({100 * x // int(total)} %)"
+        else:
+            text += f" {unit}"
+        elapsed = now - bar["t0"]
+        if elapsed >= 1.0 and x > bar["x0"]:
+            text += f", {(x - bar['x0']) / elapsed:.1f} {unit}/s"
+        return text + (", done" if closed else "")
 
 
 def ray_log_to_driver() -> bool:

@@ -36,12 +36,14 @@ from typing import Any
 from rrhf_ray import registry
 from rrhf_ray.config import ConfigError, DataConfig, RewardConfig, RunConfig, with_absolute_paths
 from rrhf_ray.data.candidates import Preset, get_preset, read_external
-from rrhf_ray.state import STATE_FILE, config_fingerprint
+from rrhf_ray.state import STATE_FILE, config_fingerprint, earlier_fingerprints
 from rrhf_ray.types import DataError
 
 logger = logging.getLogger(__name__)
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")  # read as a file by rrhf_ray.data.queries
+DATA_DIR_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")  # in a directory: datasets.load_dataset
+SAVED_DATASET_FILES = ("dataset_dict.json", "state.json")  # datasets.save_to_disk's directory
 WEIGHTS_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -62,6 +64,11 @@ class Preflight:
     def skipped(self, line: str) -> None:
         logger.info("preflight skipped %s", line)
         self.lines.append(f"skipped: {line}")
+
+    def warn(self, line: str) -> None:
+        """A config that runs but cannot learn, or not as written: a warning (once), not an error."""
+        logger.warning("%s", line)
+        self.lines.append(f"warning: {line}")
 
 
 # --------------------------------------------------------------------------- what a name is
@@ -119,6 +126,15 @@ def check_model_dir(name: str, value: str, *, tokenizer: bool = True) -> dict[st
     if tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise ConfigError(f"{name}: {value} holds no tokenizer ({' or '.join(TOKENIZER_FILES)})")
     return model_config
+
+
+def check_model_arg(name: str, value: str) -> None:
+    """A model a training command (`train`, `sft`, `train-rm`) starts from, checked as `run`
+    checks its models: a local directory must hold config.json, safetensors weights and a
+    tokenizer; a built-in name is refused (only `run` builds one); a hub id loads later."""
+    _not_builtin(name, value)
+    if is_local(value):
+        check_model_dir(name, value)
 
 
 def _not_builtin(name: str, value: str | None) -> None:
@@ -247,15 +263,33 @@ def _data_source(name: str, value: str, check: Preflight) -> bool:
     if _is_local_data(value):
         if not Path(value).expanduser().exists():
             raise DataError(f"{name}: data file not found: {value}")
+        if Path(value).expanduser().is_dir():
+            check_data_dir(name, Path(value).expanduser())
         return True
     check.skipped(f"{name} {value}: a hub data set, read when the run starts")
     return False
 
 
-def check_queries(data: DataConfig, check: Preflight) -> None:
-    """Every row of data.source converted (no tokenizer: the max_prompt_tokens fit comes later)."""
-    if not _data_source("data.source", data.source, check):
+def check_data_dir(name: str, path: Path) -> None:
+    """A directory named as data is a saved data set (`datasets.save_to_disk`) or holds data
+    files `datasets.load_dataset` reads into rows with fields (a model directory does not)."""
+    if any((path / f).is_file() for f in SAVED_DATASET_FILES):
         return
+    usage = (f"name a {', '.join(DATA_SUFFIXES)} file, a directory of {', '.join(DATA_DIR_SUFFIXES)} "
+             "files, a saved data set, a hub id or builtin:<name>")
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        raise DataError(f"{name}: {path} is a model directory, not a data set: {usage}")
+    files = [p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_DIR_SUFFIXES
+             and p.name not in ("config.json", *TOKENIZER_FILES)]
+    if not files:
+        raise DataError(f"{name}: {path} is a directory without data files, not a data set: {usage}")
+
+
+def check_queries(data: DataConfig, check: Preflight) -> int | None:
+    """Every row of data.source converted (no tokenizer: the max_prompt_tokens fit comes later);
+    returns how many training queries carry the data set's own responses (None: not read here)."""
+    if not _data_source("data.source", data.source, check):
+        return None
     from rrhf_ray.data.queries import load_data
 
     try:
@@ -264,6 +298,40 @@ def check_queries(data: DataConfig, check: Preflight) -> None:
         raise DataError(_named("data.source", err)) from None
     check.ok(f"data.source {data.source}: {len(loaded.train)} training queries, {len(loaded.eval)} held-out "
              "(before the max_prompt_tokens fit)")
+    return sum(1 for r in loaded.train if r.responses)
+
+
+# --------------------------------------------------------------------------- configs that cannot learn
+
+
+def check_learnable(config: RunConfig, with_responses: int | None, check: Preflight) -> None:
+    """Warnings for a config that runs but cannot learn, or not as written: one candidate per
+    query and no other source (no pair to rank), greedy sampling of several candidates (the same
+    reply k times), and steps that do not split into whole micro-batches."""
+    sampling, preset = config.sampling, check.preset
+    samples = preset is not None and preset.policy is not None
+    dataset = preset is not None and preset.dataset and with_responses != 0
+    if sampling.n == 1 and samples and not dataset and not sampling.external:
+        check.warn("sampling.n 1 with no other candidate source (data-set responses, sampling.external): "
+                   "one candidate per query has no pair to rank, so the update only fine-tunes on "
+                   "each query's one reply, whatever its reward; set sampling.n to 2 or more")
+    if sampling.temperature == 0 and sampling.n > 1 and samples and not sampling.use_beam_search:
+        check.warn(f"sampling.temperature 0 with sampling.n {sampling.n}: greedy decoding draws the same "
+                   f"reply {sampling.n} times (merged into one candidate); raise sampling.temperature "
+                   "(e.g. 1.0) or use sampling.use_beam_search")
+    fits = [("train", config.train)]
+    fits += [(f"{s}.train", getattr(config, s).train) for s in ("sft", "reward_model") if getattr(config, s)]
+    for name, fit in fits:
+        if getattr(fit, "micro_batch_tokens", None) is not None:
+            continue  # packed by tokens: micro_batch_queries does not cut the step
+        per_step = fit.micro_batch_queries * fit.num_workers
+        if fit.queries_per_step % per_step:
+            share = -(-fit.queries_per_step // fit.num_workers)
+            check.warn(f"{name}.queries_per_step {fit.queries_per_step} is not a multiple of "
+                       f"{name}.micro_batch_queries × {name}.num_workers = {per_step}: a worker's share of "
+                       f"a step (up to {share} queries) ends in a smaller micro-batch of "
+                       f"{share % fit.micro_batch_queries or fit.micro_batch_queries}; set "
+                       f"{name}.queries_per_step to a multiple of {per_step} for even micro-batches")
 
 
 def check_pairs(name: str, value: str | None, fmt: str, read: Callable[..., list], what: str,
@@ -297,7 +365,7 @@ def finished_stages(config: RunConfig) -> set[str]:
     state_file = Path(config.output.dir) / STATE_FILE  # a URI: none here (run_mirrored pulls it first)
     try:
         state = json.loads(state_file.read_text())
-        if state.get("fingerprint") != config_fingerprint(config):
+        if state.get("fingerprint") not in {config_fingerprint(config), *earlier_fingerprints(config)}:
             return set()  # RunState refuses it, after these checks
         return {name for name, info in state.get("stages", {}).items()
                 if isinstance(info, dict) and info.get("path") and Path(info["path"]).exists()}
@@ -351,7 +419,7 @@ def check_run(config: RunConfig) -> Preflight:
     else:
         check.ok("reward: the reward model the reward_model stage trains")
 
-    check_queries(config.data, check)
+    check_learnable(config, check_queries(config.data, check), check)
     from rrhf_ray.data.pairs import read_preference_pairs, read_sft_pairs
 
     if config.sft is not None and not sft_done:
@@ -392,6 +460,7 @@ def check_sample(config: RunConfig) -> Preflight:
             check.ok(f"{name} {value}: tokenizer")
         else:
             check.skipped(f"{name} {value}: a hub id, checked when it loads")
+    _data_source("data.source", config.data.source, check)  # a directory that is not a data set: one line
     check_external(config.sampling.external, check)
     return check
 

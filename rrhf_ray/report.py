@@ -36,6 +36,18 @@ COLUMNS = (  # (key, header, format); a key with a "<key>_ci95" [lo, hi] shows i
     ("train_fit_rank_accuracy", "fit rank acc", "{:.2f}"),
 )
 
+# The end-of-run table on the console: the headline columns only, to fit 80 columns (summary.md
+# keeps every column of COLUMNS). (key, header, format, whether its "<key>_ci95" is shown.)
+CONSOLE_COLUMNS = (
+    ("round", "round", "{:d}", False),
+    ("sampled_reward_mean", "sampled reward [95 % CI]", "{:+.3f}", True),
+    ("sampled_reward_delta_vs_round0", "Δ vs r0", "{:+.3f}", False),
+    ("eval_reward_mean", "greedy", "{:+.3f}", False),
+    ("sampled_reply_length_mean", "reply len", "{:.1f}", False),
+    ("reference_perplexity", "ref ppl", "{:.2f}", False),
+)
+CONSOLE_WIDTH = 80
+
 
 def round_row(stages: dict[str, Any], r: int) -> dict[str, Any] | None:
     """The metrics of round r from the run state's stages, or None while its evaluation is unfinished."""
@@ -131,6 +143,22 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append("| " + " | ".join(_cell(row.get(k), f, row.get(f"{k}_ci95")) for k, _, f in COLUMNS)
                      + " |")
     return "\n".join(lines)
+
+
+def format_console_table(rows: list[dict[str, Any]]) -> str:
+    """The table the run prints at its end: `CONSOLE_COLUMNS` (round, sampled reward with its
+    interval, Δ vs round 0, greedy reward, sampled reply length, reference perplexity) as an
+    aligned Markdown table that fits `CONSOLE_WIDTH` columns for rewards in [−10, 10]."""
+    cells = [[h for _, h, _, _ in CONSOLE_COLUMNS]]
+    cells += [[_cell(row.get(k), f, row.get(f"{k}_ci95") if ci else None) for k, _, f, ci in CONSOLE_COLUMNS]
+              for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(CONSOLE_COLUMNS))]
+
+    def line(values: list[str]) -> str:
+        return "| " + " | ".join(v.rjust(w) for v, w in zip(values, widths)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
+    return "\n".join([line(cells[0]), rule, *(line(c) for c in cells[1:])])
 
 
 def _pool_line(row: dict[str, Any]) -> str:

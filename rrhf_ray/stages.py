@@ -108,7 +108,21 @@ def score(ctx: RunContext, r: int) -> dict:
     scored = ray.get(ctx.rewards.score_refs(groups))
     for path in ctx.outputs(r, "score"):
         write_groups(scored, path)
-    return {"pool_stats": reward_stats(scored), "pool": pool_summary(scored)}
+    pool = pool_summary(scored)
+    if (warning := no_pair_warning(r, pool)) is not None:
+        logger.warning("%s", warning)  # once per round: the score stage runs once
+    return {"pool_stats": reward_stats(scored), "pool": pool}
+
+
+def no_pair_warning(r: int, pool: dict) -> str | None:
+    """The warning for a round none of whose groups has a strict pair (`pool_summary`): the
+    ranking term has nothing to rank; None while at least one group has a pair."""
+    groups, without = pool.get("groups", 0), pool.get("groups_without_pair", 0)
+    if not groups or without < groups:
+        return None
+    return (f"round {r}: {without} of {groups} groups have no strict pair (k = 1, or every candidate's "
+            "reward tied): nothing to rank, the update only fine-tunes; check that the reward varies "
+            "across a query's candidates, and sampling.n / sampling.temperature")
 
 
 def reference(ctx: RunContext, r: int) -> dict:

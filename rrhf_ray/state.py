@@ -32,8 +32,13 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "state.json"
 
 
-def _fingerprint_data(config: RunConfig) -> dict[str, Any]:
-    return config.model_dump(mode="json", exclude={"rounds": True, "ray": True, "tracking": True})
+def _fingerprint_data(config: RunConfig, *, as_typed: bool = False) -> dict[str, Any]:
+    data = config.model_dump(mode="json", exclude={"rounds": True, "ray": True, "tracking": True})
+    out = data["output"]["dir"]
+    if not as_typed and "://" not in out:
+        # By meaning, not spelling: `outputs/demo`, `$PWD/outputs/demo` and `outputs/demo/` are one run.
+        data["output"]["dir"] = str(Path(out).resolve())
+    return data
 
 
 def _hash(data: dict[str, Any]) -> str:
@@ -42,17 +47,21 @@ def _hash(data: dict[str, Any]) -> str:
 
 def config_fingerprint(config: RunConfig) -> str:
     """What must not change within one output directory: everything but the round count,
-    the Ray connection and progress display."""
+    the Ray connection and progress display; a local `output.dir` counts as its resolved
+    absolute path, however it is spelled."""
     return _hash(_fingerprint_data(config))
 
 
 def earlier_fingerprints(config: RunConfig) -> set[str]:
-    """The fingerprints the same config had under the earlier schema, so that a run started
-    then still resumes: the SFT and reward-model stages' `train` was the RRHF `TrainConfig` (its
-    RRHF-only keys at their defaults), the pairwise losses had no `pairs` (today's default
-    `all` is what they did), and `sampling.refresh_tolerance` defaulted to 0.05 (now None: set
-    from the served dtype). Empty when the config reads the same either way."""
-    data = _fingerprint_data(config)
+    """The fingerprints the same config had under earlier code, so that a run started then
+    still resumes: `output.dir` as typed (before it counted as its resolved path; the same
+    spelling as then is needed to match), and under the earlier schema: the SFT and
+    reward-model stages' `train` was the RRHF `TrainConfig` (its RRHF-only keys at their
+    defaults), the pairwise losses had no `pairs` (today's default `all` is what they did),
+    and `sampling.refresh_tolerance` defaulted to 0.05 (now None: set from the served dtype).
+    Empty when the config reads the same every way."""
+    data = _fingerprint_data(config, as_typed=True)
+    found = {_hash(data)}
     for stage in ("sft", "reward_model"):
         if data.get(stage) is not None:
             data[stage]["train"] = TrainConfig.model_validate(data[stage]["train"]).model_dump(mode="json")
@@ -60,7 +69,8 @@ def earlier_fingerprints(config: RunConfig) -> set[str]:
         del data["train"]["loss"]["pairs"]
     if data["sampling"].get("refresh_tolerance") is None:
         data["sampling"]["refresh_tolerance"] = 0.05
-    return {_hash(data)} - {config_fingerprint(config)}
+    found.add(_hash(data))
+    return found - {config_fingerprint(config)}
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -50,3 +50,27 @@ def ray_cluster(node_cache: Path):
                 os.environ["RRHF_RAY_CACHE"] = before
     yield ray
     ray.shutdown()
+
+
+REPO_OUTPUTS = Path(__file__).resolve().parents[1] / "outputs"
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]] | None:
+    """Every file under `root` with its size and modification time (None: no such directory)."""
+    if not root.exists():
+        return None
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_outputs_untouched():
+    """Tests write only into their tmp dirs: the checkout's `outputs/` (a user's demo run lands
+    there) is the same after the session as before it, file for file."""
+    before = _tree(REPO_OUTPUTS)
+    yield
+    after = _tree(REPO_OUTPUTS)
+    if after != before:
+        changed = sorted(set(before or {}) ^ set(after or {})
+                         | {k for k in set(before or {}) & set(after or {}) if before[k] != after[k]})
+        pytest.fail(f"the suite wrote into {REPO_OUTPUTS}: {', '.join(changed) or 'the directory itself'}")

@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from rrhf_ray.config.base import ConfigError
+from rrhf_ray.config.keys import locate, suggest, tagged_at
 from rrhf_ray.config.run import RunConfig
 
 _FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
@@ -42,16 +43,21 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def _format_errors(err: ValidationError, origin: str) -> str:
+def _format_errors(err: ValidationError, origin: str, model: type[BaseModel]) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        where = locate(model, e["loc"])
+        loc = ".".join(where.path) or "(top level)"
         if not e["loc"] and e["type"] == "value_error":  # a cross-section rule: its message names the keys
             lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
         elif e["type"] == "extra_forbidden":
-            lines.append(f"  {loc}: unknown key")
+            lines.append(f"  {loc}: unknown key{suggest(model, where)}")
         elif e["type"] == "missing":
             lines.append(f"  {loc}: required, not set")
+        elif e["type"] == "union_tag_invalid":  # `train.loss.name=foo`: plain words, the valid names
+            tags = ", ".join(tagged_at(model, loc) or {}) or e["ctx"]["expected_tags"]
+            disc = e["ctx"]["discriminator"].strip("'")
+            lines.append(f"  {loc}.{disc}: {e['ctx']['tag']!r} is not one of {tags}")
         else:
             lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
     return f"invalid config {origin}:\n" + "\n".join(lines)
@@ -62,7 +68,7 @@ def build(model: type[BaseModel], data: dict[str, Any], origin: str) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, origin)) from None
+        raise ConfigError(_format_errors(err, origin, model)) from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

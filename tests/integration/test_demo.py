@@ -22,7 +22,10 @@ def test_shortened_demo_raises_the_held_out_reward(ray_cluster, tmp_path, capfd,
     assert main(["run", *SHORT, "output.dir=demo"]) == 0
     captured = capfd.readouterr()  # file-descriptor level: what a user's terminal would show
     printed = captured.out
-    assert "| round | greedy reward" in printed  # the per-round table ends the run
+    table = [line for line in printed.splitlines() if line.startswith("|")]  # the table that ends the run
+    assert table[0].startswith("| round | sampled reward [95 % CI] |") and len(table) == 2 + 4
+    assert max(len(line) for line in table) <= 80  # an 80-column terminal does not wrap it
+    assert "Every column: demo/summary.md" in printed  # where every other column is
 
     # A quiet console: one line per stage with its numbers; vLLM, Ray and transformers in logs/.
     console = (captured.out + captured.err).splitlines()

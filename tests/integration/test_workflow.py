@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+import rrhf_ray
 from rrhf_ray.cli import main
 from rrhf_ray.config import ConfigError, load_config
 from rrhf_ray.demo import DEMO_CONFIG
 from rrhf_ray.state import RunState
-from rrhf_ray.workflow import run
 from tests.helpers import QUICK, kill_driver_when
 
 pytestmark = pytest.mark.ray
@@ -34,7 +34,8 @@ def test_killed_driver_resumes_without_redoing_finished_stages(ray_cluster, tmp_
 
     # Resumed asking for one more round than the killed run had: it finishes round 1 where it
     # stopped and continues with round 2 (only `rounds` may change within an output directory).
-    rows = run(load_config(DEMO_CONFIG, [*overrides, "rounds=2"]))  # the last key=value wins
+    # Through the Python API (rrhf_ray.api.run): a RunConfig plus a keyword override.
+    rows = rrhf_ray.run(load_config(DEMO_CONFIG, overrides), rounds=2)
 
     after = stages(out)
     for name in ("base", "round0/eval", "round1/sample", "round1/score"):

@@ -170,12 +170,13 @@ def test_the_default_loss_is_rrhf_and_overrides_pick_another(tmp_path):
 
 def test_loss_mistakes_are_named(tmp_path):
     path = write(tmp_path, "")
-    with pytest.raises(ConfigError, match=r"train\.loss: Input tag 'ppo' .* expected tags: 'rrhf', 'raft', "
-                                          r"'pro', 'simpo', 'slic', 'dpo'"):
+    with pytest.raises(ConfigError, match=r"train\.loss\.name: 'ppo' is not one of rrhf, raft, pro, simpo, "
+                                          r"slic, dpo$"):
         load_config(path, ["train.loss.name=ppo"])
-    with pytest.raises(ConfigError, match=r"train\.loss\.pro\.rank_weight: unknown key"):
+    with pytest.raises(ConfigError, match=r"train\.loss\.rank_weight: unknown key \(train\.loss\.name pro takes "
+                       r"name, sft_weight, length_penalty; rank_weight is a key of train\.loss\.name rrhf\)"):
         load_config(path, ["train.loss.name=pro", "train.loss.rank_weight=1"])
-    with pytest.raises(ConfigError, match=r"train\.loss\.dpo\.beta: Input should be greater than 0"):
+    with pytest.raises(ConfigError, match=r"train\.loss\.beta: Input should be greater than 0"):
         load_config(path, ["train.loss.name=dpo", "train.loss.beta=0"])
     with pytest.raises(ConfigError, match=r"train\.reference: Input should be 'initial' or 'previous_round'"):
         load_config(path, ["train.reference=ref"])
@@ -194,7 +195,7 @@ def test_the_pairwise_losses_take_pairs(tmp_path, loss):
     assert load_config(plain, [f"train.loss.name={loss}"]).train.loss.pairs == "all"
     cfg = load_config(plain, [f"train.loss.name={loss}", "train.loss.pairs=best_rest"])
     assert cfg.train.loss.model_dump(exclude={"name"})["pairs"] == "best_rest"
-    with pytest.raises(ConfigError, match=rf"train\.loss\.{loss}\.pairs: Input should be 'all', "
+    with pytest.raises(ConfigError, match=r"train\.loss\.pairs: Input should be 'all', "
                                           r"'best_worst' or 'best_rest'"):
         load_config(plain, [f"train.loss.name={loss}", "train.loss.pairs=worst"])
 
@@ -202,7 +203,8 @@ def test_the_pairwise_losses_take_pairs(tmp_path, loss):
 @pytest.mark.parametrize("loss", ["rrhf", "pro", "raft"])
 def test_the_losses_without_pairs_refuse_the_key(tmp_path, loss):
     """RRHF, PRO and RAFT always read every strict pair: `pairs` there is an unknown key."""
-    with pytest.raises(ConfigError, match=rf"train\.loss\.{loss}\.pairs: unknown key"):
+    with pytest.raises(ConfigError, match=rf"train\.loss\.pairs: unknown key \(train\.loss\.name {loss} takes .*; pairs is a "
+                       r"key of train\.loss\.name simpo, slic, dpo\)"):
         load_config(write(tmp_path, ""), [f"train.loss.name={loss}", "train.loss.pairs=best_worst"])
 
 

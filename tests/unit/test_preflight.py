@@ -75,7 +75,7 @@ def error_line(capsys: pytest.CaptureFixture) -> str:
 
 # --------------------------------------------------------------------------- the cases
 # Each builds (config, expected message) from (tmp_path, model); `P` is a placeholder for tmp_path
-# in the messages, filled in by the test (so the table in README.md can show them as written).
+# in the messages, filled in by the test (so the table in docs/errors.md can show them as written).
 
 Case = Callable[[Path, Path], tuple[dict | str, str]]
 CASES: dict[str, Case] = {}
@@ -92,7 +92,7 @@ def case(name: str) -> Callable[[Case], Case]:
 def _(tmp, model):
     c = base(tmp, model)
     c["sampling"]["temprature"] = 0.7
-    return c, "invalid config in P/run.yaml: sampling.temprature: unknown key"
+    return c, "invalid config in P/run.yaml: sampling.temprature: unknown key (did you mean sampling.temperature?)"
 
 
 @case("wrong type")

@@ -42,5 +42,5 @@ def test_another_config_is_still_refused(tmp_path):
 
 def test_a_config_that_reads_the_same_in_both_schemas_has_no_earlier_fingerprint():
     # no stage settings, the rrhf loss, the tolerance set
-    config = load_config(DEMO_CONFIG, ["sft=null", "sampling.refresh_tolerance=0.05"])
+    config = load_config(DEMO_CONFIG, ["sft=null", "sampling.refresh_tolerance=0.05", "output.dir=/tmp/fp-run"])
     assert earlier_fingerprints(config) == set()

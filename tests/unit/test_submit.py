@@ -77,7 +77,7 @@ def test_a_bad_key_exits_2_with_one_line_and_submits_nothing(server, tmp_path):
     assert res.returncode == 2
     lines = res.stderr.splitlines()
     assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("error: invalid config in ") and lines[0].endswith("train.epochz: unknown key")
+    assert lines[0].startswith("error: invalid config in ") and lines[0].endswith("train.epochz: unknown key (did you mean train.epochs?)")
     assert res.stdout == ""
     assert server.connections() == 0  # the job server never heard of it
     assert not (tmp_path / "run").exists()
