@@ -32,8 +32,23 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "state.json"
 
 
+# Config keys added after runs were written, with the value that means "as before": at that
+# value a key is left out of the fingerprint, so that adding a setting does not make every
+# earlier run's state.json a "different config". A run that sets the key to anything else is one.
+ADDED_LATER: tuple[tuple[tuple[str, ...], Any], ...] = (
+    (("data", "max_response_tokens"), None),
+)
+
+
 def _fingerprint_data(config: RunConfig, *, as_typed: bool = False) -> dict[str, Any]:
     data = config.model_dump(mode="json", exclude={"rounds": True, "ray": True, "tracking": True})
+    for path, before in ADDED_LATER:
+        *parents, key = path
+        section = data
+        for name in parents:
+            section = section.get(name) if isinstance(section, dict) else None
+        if isinstance(section, dict) and key in section and section[key] == before:
+            del section[key]
     out = data["output"]["dir"]
     if not as_typed and "://" not in out:
         # By meaning, not spelling: `outputs/demo`, `$PWD/outputs/demo` and `outputs/demo/` are one run.
