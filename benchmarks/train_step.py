@@ -18,7 +18,19 @@ mark of that process minus that of a fresh process that only loads the model and
 AdamW step (`peak MB`: the working memory of training, activations and logits; the model,
 optimizer state and runtime are the same for every trainer and are printed once as `base MB`).
 
+MFU: the workload's model FLOPs (`flops.py`: what the update has to compute, the prompt once per
+query, attention included) over each trainer's training seconds, as a fraction of this machine's
+`torch.mm` rate at the model's weight shapes in the trainer's dtype with the same threads (also
+measured in a fresh process). The same numerator for every trainer, so a trainer that pads or
+computes the prompt k times shows it as a lower fraction.
+
     .venv/bin/python benchmarks/train_step.py [--workload hh|short|both] [--hidden 512] [--layers 4]
+
+On a GPU (`--device cuda --dtype bfloat16`: bf16 autocast over float32 weights, the trainer's
+`use_gpu` / `bf16`, the ceiling a bf16 `torch.mm`), e.g. a ~1B Llama-shaped model built from a
+config, no downloads: `--device cuda --dtype bfloat16 --workload hh --hidden 2048 --layers 16
+--intermediate 5632 --max-length 640` (its vocabulary is the tiny tokenizer's ~1,000 tokens, so
+the LM head is cheaper than a real model's).
 """
 
 from __future__ import annotations
@@ -93,32 +105,55 @@ def make_hh(path: Path, tokenizer, n: int = 32, k: int = 6, seed: int = 0) -> Pa
 # --------------------------------------------------------------------------- trainers (child)
 
 
-def reference_loop(model_dir: str, data: str, max_length: int) -> dict:
+def reference_loop(model_dir: str, data: str, max_length: int, device: str = "cpu", dtype: str = "float32") -> dict:
     """One query per step, its k candidates as padded rows: (tokens/s, tokens, wall s)."""
+    import contextlib
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rrhf_ray.loss import rrhf_loss
-    from rrhf_ray.train.prefix import PackedQueries, candidate_logprobs_padded
     from rrhf_ray.train.encoding import Encoder
+    from rrhf_ray.train.prefix import PackedQueries, candidate_logprobs_padded
     from rrhf_ray.types import read_groups
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
     encoder = Encoder(tok, max_length)
     groups = [encoder(g) for g in read_groups(data)]
+    autocast = (torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if dtype == "bfloat16"
+                else contextlib.nullcontext())
+    _sync(device)
     start, tokens = time.perf_counter(), 0
     for g in groups:
-        logp, lengths = candidate_logprobs_padded(model, PackedQueries([g.prompt], [g.responses]))
-        out = rrhf_loss(logp[None], lengths[None], torch.tensor([g.rewards]))
+        with autocast:
+            logp, lengths = candidate_logprobs_padded(model, PackedQueries([g.prompt], [g.responses]))
+        out = rrhf_loss(logp[None].float(), lengths[None].to(logp.device), torch.tensor([g.rewards], device=logp.device))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens += int(lengths.sum())
+    _sync(device)
     wall = time.perf_counter() - start
-    return {"tokens_per_s": tokens / wall, "tokens": tokens, "wall": wall, "rss_mb": _rss_mb()}
+    return {"tokens_per_s": tokens / wall, "tokens": tokens, "wall": wall, "seconds": wall, "rss_mb": _rss_mb()}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def ceiling_process(model_dir: str, dtype: str, device: str, tokens: int) -> dict:
+    """This machine's `torch.mm` FLOP/s at the model's shapes (`flops.matmul_ceiling`)."""
+    from transformers import AutoConfig
+
+    from flops import Shapes, matmul_ceiling
+
+    return {"flops_per_s": matmul_ceiling(Shapes.of(AutoConfig.from_pretrained(model_dir)), tokens, dtype, device)}
 
 
 def base_process(model_dir: str) -> dict:
@@ -141,13 +176,14 @@ def _warm_up(model, optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def ours(model_dir: str, data: str, max_length: int, train: dict) -> dict:
+def ours(model_dir: str, data: str, max_length: int, train: dict, device: str = "cpu", dtype: str = "float32") -> dict:
     """The project's trainer, one epoch in this process."""
     from rrhf_ray.config import TrainConfig
     from rrhf_ray.train.rrhf import TrainJob, train_loop_per_worker
 
+    gpu = {"use_gpu": True, "bf16": dtype == "bfloat16"} if device.startswith("cuda") else {}
     cfg = TrainConfig(epochs=1, lr=1e-5, warmup_ratio=0.0, log_every=10_000, max_length=max_length,
-                      checkpoint_every_epoch=False, **train)
+                      checkpoint_every_epoch=False, **gpu, **train)
     with tempfile.TemporaryDirectory() as out:
         job = TrainJob(model_path=model_dir, data_paths=[data], output_dir=out + "/m", train=cfg)
         start = time.perf_counter()
@@ -156,7 +192,7 @@ def ours(model_dir: str, data: str, max_length: int, train: dict) -> dict:
     # Our wall includes loading the model and saving it once at the end; tokens/s is the
     # trainer's own measure over its steps.
     return {"tokens_per_s": metrics["tokens_per_s"], "tokens": metrics["response_tokens"], "wall": wall,
-            "rss_mb": _rss_mb()}
+            "seconds": metrics["response_tokens"] / metrics["tokens_per_s"], "rss_mb": _rss_mb()}
 
 
 # --------------------------------------------------------------------------- driver (parent)
@@ -189,7 +225,8 @@ def trainers(workload: str) -> list[tuple[str, dict | None]]:
 
 def run_child(args: argparse.Namespace, model: Path, data: Path | None, train: dict | str | None) -> dict:
     cmd = [sys.executable, __file__, "--child", json.dumps({"model": str(model), "data": str(data),
-                                                            "max_length": args.max_length, "train": train})]
+                                                            "max_length": args.max_length, "train": train,
+                                                            "device": args.device, "dtype": args.dtype})]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -199,13 +236,32 @@ def child(spec: str) -> None:
 
     s = json.loads(spec)
     torch.manual_seed(0)
+    device, dtype = s["device"], s["dtype"]
     if s["train"] == "base":
         result = base_process(s["model"])
+    elif s["train"] == "ceiling":
+        result = ceiling_process(s["model"], dtype, device, s["max_length"])
     elif s["train"] is None:
-        result = reference_loop(s["model"], s["data"], s["max_length"])
+        result = reference_loop(s["model"], s["data"], s["max_length"], device, dtype)
     else:
-        result = ours(s["model"], s["data"], s["max_length"], s["train"])
+        result = ours(s["model"], s["data"], s["max_length"], s["train"], device, dtype)
     print(json.dumps(result))
+
+
+def workload_flops(model: Path, data: Path, max_length: int) -> tuple[float, int]:
+    """(model FLOPs of one epoch over `data`, the tokens it has to compute: Σ P + ΣR), from the
+    groups as the trainers encode them."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from flops import Shapes, query_flops
+    from rrhf_ray.train.encoding import Encoder
+    from rrhf_ray.types import read_groups
+
+    shapes = Shapes.of(AutoConfig.from_pretrained(model))
+    encoder = Encoder(AutoTokenizer.from_pretrained(model), max_length)
+    groups = [encoder(g) for g in read_groups(data)]
+    total = sum(query_flops(shapes, len(g.prompt), [len(r) for r in g.responses]) for g in groups)
+    return total, sum(len(g.prompt) + sum(len(r) for r in g.responses) for g in groups)
 
 
 def main() -> None:
@@ -213,7 +269,11 @@ def main() -> None:
     parser.add_argument("--workload", choices=["hh", "short", "both"], default="both")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--intermediate", type=int, default=None, help="MLP width (default 2 × hidden)")
     parser.add_argument("--max-length", type=int, default=640, help="query + response tokens")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="the trainers' compute dtype (bfloat16: autocast over float32 weights) and the ceiling's")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -231,30 +291,39 @@ def main() -> None:
         tmp = Path(tmp)
         texts = DEFAULT_CORPUS + [" ".join(WORDS)] * 4
         model = build_tiny_llama(tmp / "model", texts, hidden_size=args.hidden, num_layers=args.layers,
-                                 num_heads=args.hidden // 64, max_position_embeddings=1024)
+                                 num_heads=args.hidden // 64, intermediate_size=args.intermediate,
+                                 max_position_embeddings=1024)
         tok = AutoTokenizer.from_pretrained(model)
         n_params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM
                        .from_pretrained(model).parameters())
         base = run_child(args, model, None, "base")["rss_mb"]
+        ceiling = run_child(args, model, None, "ceiling")["flops_per_s"]
+        print(f"matmul ceiling: {ceiling / 1e9:.1f} GFLOP/s (torch.mm at the model's shapes, {args.dtype}, "
+              f"{args.device}, {torch.get_num_threads()} threads)")
         for workload in workloads:
             make = make_hh if workload == "hh" else make_short
             data = make(tmp / f"{workload}.jsonl", tok)
+            flops, needed = workload_flops(model, data, args.max_length)
             results = [(name, run_child(args, model, data, train)) for name, train in trainers(workload)]
             for _, r in results:
                 r["peak_mb"] = r["rss_mb"] - base
+                r["mfu"] = flops / r["seconds"] / ceiling
             ref = results[0][1]
             print(f"\nworkload {workload}: Llama {n_params / 1e6:.1f}M params (hidden {args.hidden} × "
-                  f"{args.layers} layers), fp32, {torch.get_num_threads()} threads, 1 epoch; "
-                  f"base {base:.0f} MB (model + AdamW + runtime)")
-            print(f"{'trainer':<48} {'resp tok/s':>10} {'× ref':>6} {'peak MB':>8} {'× ref':>6} {'wall s':>7}")
+                  f"{args.layers} layers), {args.dtype}, {args.device}, {torch.get_num_threads()} threads, 1 epoch; "
+                  f"base {base:.0f} MB (model + AdamW + runtime); {flops / 1e12:.2f} TFLOP of model work "
+                  f"({needed:,} tokens to compute)")
+            print(f"{'trainer':<48} {'resp tok/s':>10} {'× ref':>6} {'MFU':>5} {'peak MB':>8} {'× ref':>6} {'wall s':>7}")
             for name, r in results:
                 print(f"{name:<48} {r['tokens_per_s']:>10.0f} {r['tokens_per_s'] / ref['tokens_per_s']:>6.2f} "
-                      f"{r['peak_mb']:>8.0f} {r['peak_mb'] / ref['peak_mb']:>6.2f} {r['wall']:>7.1f}")
-            summary[workload] = (results[-1][1]["tokens_per_s"] / ref["tokens_per_s"],
-                                 results[-1][1]["peak_mb"] / ref["peak_mb"])
+                      f"{r['mfu']:>5.2f} {r['peak_mb']:>8.0f} {r['peak_mb'] / ref['peak_mb']:>6.2f} {r['wall']:>7.1f}")
+            best = results[-1][1]  # the setting docs/benchmarks.md quotes
+            summary[workload] = (best["tokens_per_s"] / ref["tokens_per_s"], best["peak_mb"] / ref["peak_mb"],
+                                 best["mfu"], ref["mfu"])
     if "hh" in summary:
-        speed, memory = summary["hh"]
-        print(f"\nhh-shaped speedup vs reference: {speed:.2f}× (peak memory {memory:.2f}× the reference's)")
+        speed, memory, mfu, ref_mfu = summary["hh"]
+        print(f"\nhh-shaped speedup vs reference: {speed:.2f}× (peak memory {memory:.2f}× the reference's); "
+              f"MFU {mfu:.2f} of the matmul ceiling (the reference loop: {ref_mfu:.2f})")
 
 
 if __name__ == "__main__":
