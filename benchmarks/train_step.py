@@ -149,9 +149,8 @@ def _sync(device: str) -> None:
 
 def ceiling_process(model_dir: str, dtype: str, device: str, tokens: int) -> dict:
     """This machine's `torch.mm` FLOP/s at the model's shapes (`flops.matmul_ceiling`)."""
-    from transformers import AutoConfig
-
     from flops import Shapes, matmul_ceiling
+    from transformers import AutoConfig
 
     return {"flops_per_s": matmul_ceiling(Shapes.of(AutoConfig.from_pretrained(model_dir)), tokens, dtype, device)}
 
@@ -251,9 +250,9 @@ def child(spec: str) -> None:
 def workload_flops(model: Path, data: Path, max_length: int) -> tuple[float, int]:
     """(model FLOPs of one epoch over `data`, the tokens it has to compute: Σ P + ΣR), from the
     groups as the trainers encode them."""
+    from flops import Shapes, query_flops
     from transformers import AutoConfig, AutoTokenizer
 
-    from flops import Shapes, query_flops
     from rrhf_ray.train.encoding import Encoder
     from rrhf_ray.types import read_groups
 
