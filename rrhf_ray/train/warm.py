@@ -256,8 +256,12 @@ class WarmTrainer:
             self._send({"kind": "stop"})
             self._thread.join(timeout=timeout_s)
         if self._thread.is_alive():
-            logger.error("the warm trainer's fit %s did not stop within %.0f s of the stop command",
-                         self.name, timeout_s)
+            if self._pending is not None:  # a round the driver stopped waiting for (a stop signal)
+                logger.warning("the warm trainer's fit %s was training round %s and did not stop within "
+                               "%.0f s; it ends with the driver", self.name, self._pending["round"], timeout_s)
+            else:
+                logger.error("the warm trainer's fit %s did not stop within %.0f s of the stop command",
+                             self.name, timeout_s)
             return False
         for q in [*self.commands, self.results]:
             q.shutdown()
