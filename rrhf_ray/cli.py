@@ -456,6 +456,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
+    except KeyboardInterrupt as err:  # SIGINT / SIGTERM (rrhf_ray.workflow.stop_signals)
+        sig = str(err) or "SIGINT"
+        stage = getattr(err, "stage", None)
+        where = f" in stage {stage}" if stage else ""
+        print(f"error: stopped by {sig}{where}; the same command resumes the run there", file=sys.stderr)
+        return 143 if sig == "SIGTERM" else 130
     except INPUT_ERRORS as err:  # a bad input: one line, never a traceback
         print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
@@ -475,8 +481,8 @@ def main(argv: list[str] | None = None) -> int:
 def error_line(err: BaseException) -> str:
     """One line for a user: pydantic's errors joined, an OS error's path, a Ray task's own error
     without Ray's traceback, several lines joined with '; '."""
-    cause = getattr(err, "cause", None)  # ray.exceptions.RayTaskError wraps the task's error
-    if isinstance(cause, BaseException) and cause is not err:
+    # ray.exceptions.RayTaskError wraps the task's error, once per task between it and the driver
+    while isinstance(cause := getattr(err, "cause", None), BaseException) and cause is not err:
         err = cause
     if isinstance(err, ValidationError):
         text = f"invalid {err.title}: " + "; ".join(

@@ -9,8 +9,8 @@ when it ends (or fails):
 
 1. take a snapshot of ``state.json``'s bytes;
 2. upload every file that is new or changed since it was last uploaded or pulled (size, mtime,
-   inode), skipping the temporary names of `rrhf_ray.types.atomic_path` and Ray Train's scratch
-   directory ``ray_train/``;
+   inode), skipping the temporary names of `rrhf_ray.types.atomic_path`, Ray Train's scratch
+   directory ``ray_train/`` and the local driver's lock ``driver.lock``;
 3. upload the snapshot of ``state.json`` last.
 
 Every local output is written under a temporary name and renamed when whole, and a stage is
@@ -67,6 +67,7 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"  # rrhf_ray.state.STATE_FILE (not imported: state imports nothing of this)
 SKIP_DIRS = ("ray_train",)  # Ray Train's scratch (output.storage_path's default), never synced
+SKIP_FILES = ("driver.lock",)  # rrhf_ray.state.LOCK_FILE: the lock of this machine's driver, never synced
 SYNC_SECONDS = 5.0  # default interval of the background sync (env RRHF_RAY_SYNC_SECONDS)
 _TEMP_NAME = re.compile(r"^\..+\.(tmp|old)-\d+$")  # atomic_path / install_dir's temporary siblings
 
@@ -160,7 +161,7 @@ class RunStore:
 
     def _skipped(self, rel: str) -> bool:
         parts = rel.split("/")
-        return parts[0] in SKIP_DIRS or any(_TEMP_NAME.match(p) for p in parts)
+        return parts[0] in SKIP_DIRS or rel in SKIP_FILES or any(_TEMP_NAME.match(p) for p in parts)
 
     # ---- the manifest: what was last uploaded or pulled, per file
 

@@ -105,9 +105,12 @@ def score(ctx: RunContext, r: int) -> dict:
     from rrhf_ray.types import CandidateGroup, read_groups, reward_stats, write_groups
 
     groups = [CandidateGroup.from_group(g) for g in read_groups(ctx.outputs(r, "sample")[0], scored=False)]
+    from rrhf_ray.state import no_space
+
     scored = ray.get(ctx.rewards.score_refs(groups))
     for path in ctx.outputs(r, "score"):
-        write_groups(scored, path)
+        with no_space(path):  # a full disk: "no space left" and the pool's path
+            write_groups(scored, path)
     pool = pool_summary(scored)
     if (warning := no_pair_warning(r, pool)) is not None:
         logger.warning("%s", warning)  # once per round: the score stage runs once
@@ -173,7 +176,11 @@ def refresh(ctx: RunContext, r: int) -> dict:
     import ray
 
     from rrhf_ray.refresh import probe_sequences, recorded_probe, tolerance_for, verify_refresh
+    from rrhf_ray.train.checkpoints import check_checkpoint
 
+    # Whole by its manifest (names and sizes: the driver checksummed it when it installed it the
+    # moment before), or no engine loads it.
+    check_checkpoint(ctx.checkpoint(r), checksums=False)
     pool = ctx.pools["current"]
     probe = probe_sequences(ctx.round_dir(r) / "pool.parquet", ctx.tokenizer)
     recorded = recorded_probe(ctx.state.data["stages"][f"round{r}/train"], probe)

@@ -8,28 +8,38 @@ output directory.
 While a stage runs, `state.json` also names it under `running` (stage, wall-clock start, the
 driver's pid, host and process start time), so that `rrhf-ray status` can tell a live run from a
 killed one (`driver_alive`); a stage that raised leaves `failed` (stage, seconds, the error)
-instead, until the next stage starts.
+instead, until the next stage starts (with `interrupted: true` for a stage a stop signal ended).
+
+One driver per output directory: `DriverLock` holds `driver.lock` (an exclusive `flock`, which
+the kernel drops when its process dies, plus the driver's pid, host and start) for the whole run;
+a second driver is refused naming the first, and the lock of a driver that is gone is taken over.
+`state.json` is written to a temporary name, flushed to disk and renamed (`write_json_atomic`),
+so a full disk or a crash leaves the previous version whole; a full disk is reported with the
+path that could not be written (`no_space`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 from rrhf_ray.config import ConfigError, RunConfig, TrainConfig
-from rrhf_ray.types import atomic_write
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
+LOCK_FILE = "driver.lock"
 
 
 # Config keys added after runs were written, with the value that means "as before": at that
@@ -88,8 +98,34 @@ def earlier_fingerprints(config: RunConfig) -> set[str]:
     return found - {config_fingerprint(config)}
 
 
+@contextlib.contextmanager
+def no_space(path: str | Path) -> Iterator[None]:
+    """Around a write of `path`: a full disk (ENOSPC, EDQUOT) raises an OSError that says
+    "no space left" and names `path` (a write into an open file names no file of its own)."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT) or err.filename:
+            raise
+        raise OSError(err.errno, "no space left on device", str(path)) from err
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
-    atomic_write(path, json.dumps(data, indent=2, default=str))
+    """`data` as JSON at `path`: written to a temporary sibling, flushed to disk, renamed. A
+    failed write (a full disk) leaves the previous file whole and no temporary behind."""
+    text = json.dumps(data, indent=2, default=str).encode()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with no_space(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 class RunState:
@@ -113,6 +149,9 @@ class RunState:
         self.data["rounds"] = config.rounds
         write_json_atomic(self.path, self.data)
 
+    def save(self) -> None:
+        write_json_atomic(self.path, self.data)
+
     def done(self, stage: str, *outputs: Path) -> bool:
         return stage in self.data["stages"] and all(p.exists() for p in outputs)
 
@@ -131,9 +170,15 @@ class RunState:
     def fail(self, stage: str, seconds: float, error: BaseException) -> None:
         """Record that `stage` raised `error` (the run stops; started again, it redoes the stage)."""
         running = self.data.pop("running", None) or {}
-        self.data["failed"] = {"stage": stage, "seconds": round(seconds, 2), "finished": time.time(),
-                               "error": f"{type(error).__name__}: {error}"[:500],
-                               **{k: running[k] for k in ("pid", "host") if k in running}}
+        # A Ray task's error wraps the task's own (once per task on the way): record that one.
+        while isinstance(cause := getattr(error, "cause", None), BaseException) and cause is not error:
+            error = cause
+        record = {"stage": stage, "seconds": round(seconds, 2), "finished": time.time(),
+                  "error": f"{type(error).__name__}: {error}"[:500],
+                  **{k: running[k] for k in ("pid", "host") if k in running}}
+        if isinstance(error, KeyboardInterrupt):  # SIGINT, or SIGTERM (`StopSignal`): not a fault
+            record["interrupted"] = True
+        self.data["failed"] = record
         write_json_atomic(self.path, self.data)
 
     def seconds(self, stage: str) -> float:
@@ -158,6 +203,8 @@ class StageTimer:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.seconds = time.perf_counter() - self._start
+        if isinstance(error, KeyboardInterrupt) and not getattr(error, "stage", None):
+            error.stage = self.name  # the console's last line names it (rrhf_ray.cli)
         if error is not None:
             try:
                 self.state.fail(self.name, self.seconds, error)
@@ -238,3 +285,66 @@ def driver_alive(running: dict[str, Any]) -> bool | None:
         pass
     recorded, now = running.get("pid_started"), process_start_ticks(pid)
     return not (recorded is not None and now is not None and recorded != now)
+
+
+class DriverBusyError(ConfigError):
+    """Another driver, alive, holds the output directory."""
+
+
+class DriverLock:
+    """`with DriverLock(out):` around a driver's work on output directory `out`: at most one
+    driver at a time. The lock is an exclusive `flock` on `out/driver.lock` (dropped by the
+    kernel when the holding process dies, however it dies) and the file names the holder
+    (pid, host, process start, wall-clock start). A live holder refuses the second driver with
+    `DriverBusyError` naming it; the lock of a driver that is gone is taken over (logged)."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = Path(out) / LOCK_FILE
+        self._fd: int | None = None
+
+    def holder(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def __enter__(self) -> Self:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise self._busy(self.holder()) from None
+        before = self.holder()
+        # A file system without working flock (some network mounts): the record still tells.
+        if before.get("pid") not in (None, os.getpid()) and driver_alive(before):
+            os.close(fd)
+            raise self._busy(before)
+        if before.get("pid") not in (None, os.getpid()):
+            logger.warning("%s: taking over the lock of driver pid %s on host %s, which is gone",
+                           self.path.parent, before.get("pid"), before.get("host"), extra={"console": True})
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+                  "pid_started": process_start_ticks(os.getpid())}
+        with no_space(self.path):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode(), 0)
+            os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def _busy(self, holder: dict[str, Any]) -> DriverBusyError:
+        since = holder.get("started")
+        when = time.strftime(" since %Y-%m-%d %H:%M:%S UTC", time.gmtime(since)) if since else ""
+        return DriverBusyError(
+            f"output directory {self.path.parent} is in use by a running driver (pid {holder.get('pid', '?')} "
+            f"on host {holder.get('host', '?')}{when}); wait for it to end, stop it, or use another output.dir")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)  # an empty record: nobody holds it
+            os.close(self._fd)  # drops the flock
+            self._fd = None

@@ -11,12 +11,22 @@ the same output directory, the driver skips every finished stage whose output ex
 continues at the first unfinished one. Every output is written under a temporary name and
 renamed when whole. More `rounds` than a finished run had continues from its last round; any
 other config change is refused.
+
+Faults during a run (docs/faults.md): one driver per output directory (`DriverLock`); SIGTERM
+and SIGINT stop the run between two Python steps of the driver (`stop_signals`): the running
+stage is recorded as interrupted, the trainer and the actors are shut down, and the next start
+resumes at that stage; a finished round's checkpoint is verified against its manifest before
+anything loads it (`drop_damaged_checkpoints`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,13 +34,16 @@ from rrhf_ray import registry, stages
 from rrhf_ray.config import RewardConfig, RunConfig
 from rrhf_ray.connection import connect_ray
 from rrhf_ray.context import RunContext, RunData
-from rrhf_ray.state import RunState, timed_stage, timed_stages
+from rrhf_ray.state import DriverLock, RunState, timed_stage, timed_stages
 
 if TYPE_CHECKING:
     from rrhf_ray.actors.pools import EngineCache
     from rrhf_ray.mirror import RunStore
+    from rrhf_ray.preflight import Preflight
 
 logger = logging.getLogger(__name__)
+
+INTERRUPT_CLOSE_SECONDS = 5.0  # a stop signal: what the warm trainer gets to end its fit
 
 
 def run(config: RunConfig, engines: EngineCache | None = None) -> list[dict]:
@@ -48,16 +61,27 @@ def run(config: RunConfig, engines: EngineCache | None = None) -> list[dict]:
 
 
 def drive(config: RunConfig, store: RunStore | None, engines: EngineCache | None) -> list[dict]:
-    """Check everything static, connect, set up, run the rounds, release, report."""
+    """Check everything static, take the output directory's lock (one driver per directory:
+    `DriverLock`), connect, set up, run the rounds, release, report."""
     from rrhf_ray.preflight import check_run
-    from rrhf_ray.tracking import open_tracking
 
     # Every static mistake (models, data rows, reward rule, lengths) stops here: before Ray
     # starts, before anything trains, before output.dir is written.
     checked = check_run(config)
-    state = RunState(Path(config.output.dir), config)  # the config as given: its fingerprint
+    with DriverLock(Path(config.output.dir)):
+        state = RunState(Path(config.output.dir), config)  # the config as given: its fingerprint
+        log_dir = connect_ray(checked.config)
+        # After ray.init, which installs a crash handler of its own for SIGTERM (it would abort).
+        with stop_signals():
+            return _run(checked, state, store, engines, log_dir)
+
+
+def _run(checked: Preflight, state: RunState, store: RunStore | None, engines: EngineCache | None,
+         log_dir: str | None) -> list[dict]:
+    """The run itself, once the driver holds the output directory and is connected."""
+    from rrhf_ray.tracking import open_tracking
+
     config = checked.config  # local paths absolute (with_absolute_paths)
-    log_dir = connect_ray(config)
     logger.info("output directory: %s", Path(config.output.dir).resolve())
     # One tracking run per output directory: a resumed run continues it (ids kept in state.json).
     tracker = open_tracking(config.tracking, Path(config.output.dir), state.data.get("tracking"))
@@ -66,14 +90,47 @@ def drive(config: RunConfig, store: RunStore | None, engines: EngineCache | None
                      tracker=tracker, store=store, log_dir=log_dir, engines=engines)
     with tracker:
         tracker.log_params(config)
-        finished = False
+        finished = interrupted = False
         try:
             setup(ctx)
             run_rounds(ctx)
             finished = True
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
         finally:
-            release(ctx, keep=finished)
+            release(ctx, keep=finished, interrupted=interrupted)
         return report(ctx)
+
+
+class StopSignal(KeyboardInterrupt):
+    """SIGTERM (`ray job stop`, Kubernetes) raised in the driver's main thread, as Ctrl-C's
+    SIGINT raises KeyboardInterrupt: the running stage is recorded with `interrupted: true`."""
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[None]:
+    """While the driver runs: SIGTERM and SIGINT raise `StopSignal` / KeyboardInterrupt in the
+    main thread (Ray's `ray.get` and the trainer's queue polls wake up for it). Once one has
+    arrived, a repeated SIGTERM is ignored while the driver shuts the run down (a second Ctrl-C
+    still interrupts). Nothing changes outside the main thread (a notebook's worker thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        logger.warning("%s received: stopping the run", name, extra={"console": True})
+        raise StopSignal(name) if signum == signal.SIGTERM else KeyboardInterrupt(name)
+
+    before = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 # --------------------------------------------------------------------------- setup
@@ -167,6 +224,7 @@ def setup(ctx: RunContext) -> None:
     ctx.data = RunData(train=data.train, queries=[r.query for r in data.train],
                        eval_queries=[r.query for r in data.eval],
                        references=[(r.query, r.responses[0]) for r in data.eval if r.responses])
+    drop_damaged_checkpoints(ctx)
     ctx.last_trained = max([r for r in range(1, cfg.rounds + 1) if ctx.done(r, "train")], default=0)
     current = ctx.policy(ctx.last_trained)
     if ctx.pools:  # started beside SFT from the base model: ρ everywhere now, version 0
@@ -183,6 +241,43 @@ def setup(ctx: RunContext) -> None:
                       save_dtype=ctx.served_dtype, log_dir=ctx.log_dir)  # saved as the samplers load
         ctx.trainer = WarmTrainer(job, ctx.last_trained, global_step=start_state(current), store=ctx.store,
                                   storage_path=cfg.output.storage_path or str((out / "ray_train").resolve()))
+
+
+def drop_damaged_checkpoints(ctx: RunContext) -> None:
+    """Verify the checkpoint the run continues from (the last trained round's) by its manifest
+    (`rrhf_ray.train.checkpoints.checkpoint_problem`) before the trainer or an engine loads it.
+    A damaged one is named, removed, and its round's training and every stage after it are
+    forgotten, so they are redone; the round before is verified in turn. A checkpoint without a
+    manifest that an earlier version installed (no manifest, but its model files) is used as it is."""
+    import shutil
+
+    from rrhf_ray.train.checkpoints import MANIFEST_FILE, checkpoint_problem, is_finished_model
+
+    stages = ctx.state.data["stages"]
+    for r in range(ctx.config.rounds, 0, -1):
+        if not ctx.done(r, "train"):
+            continue
+        path = ctx.checkpoint(r)
+        if not (path / MANIFEST_FILE).exists() and is_finished_model(path):
+            logger.warning("round %d's checkpoint %s has no manifest (installed by an earlier version): "
+                           "not verified", r, path)
+            return
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return
+        redone = [name for name in stages if _round_of(name) > r
+                  or name in (f"round{r}/train", f"round{r}/refresh", f"round{r}/eval")]
+        logger.warning("round %d's checkpoint is damaged: %s; it is removed, and %s are redone", r, problem,
+                       ", ".join(redone), extra={"console": True})
+        for name in redone:
+            del stages[name]
+        ctx.state.save()
+        shutil.rmtree(path)
+
+
+def _round_of(stage: str) -> int:
+    head = stage.split("/", 1)[0]
+    return int(head[5:]) if head.startswith("round") and head[5:].isdigit() else -1
 
 
 # --------------------------------------------------------------------------- the rounds
@@ -259,14 +354,16 @@ def track_round(ctx: RunContext, rows: list[dict], r: int) -> None:
 # --------------------------------------------------------------------------- the end
 
 
-def release(ctx: RunContext, *, keep: bool) -> None:
+def release(ctx: RunContext, *, keep: bool, interrupted: bool = False) -> None:
     """Stop the trainer, the engines (or leave them in `ctx.engines` for the next run, when this
-    one finished: `keep`) and the reward workers."""
+    one finished: `keep`) and the reward workers. After a stop signal (`interrupted`) the trainer
+    gets a few seconds to stop (a round it trains ends with the driver process, which owns its
+    worker group)."""
     from rrhf_ray.actors.pools import release_pools
 
     started = time.perf_counter()
     if ctx.trainer is not None:
-        ctx.trainer.close()
+        ctx.trainer.close(**({"timeout_s": INTERRUPT_CLOSE_SECONDS} if interrupted else {}))
     closed = time.perf_counter()
     release_pools(ctx.config, ctx.pools, ctx.engines, keep=keep)
     if ctx.rewards is not None:

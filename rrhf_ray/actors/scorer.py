@@ -11,7 +11,9 @@ Rule: any `package.module:function(queries, responses) -> list[float]`, importab
 or a registered ``builtin:<name>`` (`rrhf_ray.registry`).
 
 A NaN or infinite reward stops scoring with `RewardError`, which names the query and carries the
-groups scored before it (`err.scored`), so nothing finished is lost.
+groups scored before it (`err.scored`), so nothing finished is lost. A rule that raises, returns
+another number of rewards or something that is not a number stops it with a `DataError` naming
+the rule, the fault and the query (`rule_scores`): refused, never dropped (docs/faults.md).
 
 `RewardPool` follows the rule of `rrhf_ray.actors.sampler.SamplerPool`: a method whose name ends
 in `_refs` returns Ray ObjectRefs and does not wait (`score_refs`); every other method blocks
@@ -106,12 +108,43 @@ def _module_from_file(spec: str, path: str) -> Any:
     return module
 
 
+def rule_scores(rule: Callable[[list[str], list[str]], Any], spec: str, queries: list[str],
+                responses: list[str]) -> list[float]:
+    """The rule's rewards of (query, response) pairs, or a `DataError` that names the fault and
+    the query: the rule raised (the first pair it raises on alone is named), returned another
+    number of rewards, or something that is not a number (a string, None). A NaN or infinite
+    reward passes here and is refused with its query by the scoring task (`RewardError`)."""
+    def _pair(i: int) -> str:
+        return f"response {responses[i][:80]!r} of query {queries[i][-120:]!r}"
+
+    try:
+        raw = list(rule(queries, responses))
+    except Exception as err:  # noqa: BLE001 - the user's rule: named, with the query, in one line
+        for i in range(len(queries)):
+            try:
+                rule(queries[i:i + 1], responses[i:i + 1])
+            except Exception as one:  # noqa: BLE001
+                raise DataError(f"reward.rule {spec} raised {type(one).__name__}: {one} on {_pair(i)}") from None
+        raise DataError(f"reward.rule {spec} raised {type(err).__name__}: {err} on a chunk of "
+                        f"{len(queries)} responses (on none of them alone), the first {_pair(0)}") from None
+    if len(raw) != len(responses):
+        raise DataError(f"reward.rule {spec} returned {len(raw)} rewards for {len(responses)} responses "
+                        f"(a chunk whose first is {_pair(0)})")
+    scores = []
+    for i, value in enumerate(raw):
+        if isinstance(value, (str, bytes, bool)) or value is None:
+            raise DataError(f"reward.rule {spec} returned {value!r} for {_pair(i)}: not a number")
+        try:
+            scores.append(float(value))
+        except (TypeError, ValueError):
+            raise DataError(f"reward.rule {spec} returned {value!r} ({type(value).__name__}) for {_pair(i)}: "
+                            "not a number") from None
+    return scores
+
+
 @ray.remote(max_retries=2)
 def _rule_task(spec: str, queries: list[str], responses: list[str]) -> ScoredChunk:
-    scores = [float(s) for s in load_rule(spec)(queries, responses)]
-    if len(scores) != len(responses):
-        raise DataError(f"reward.rule {spec} returned {len(scores)} rewards for {len(responses)} responses")
-    return ScoredChunk(scores)
+    return ScoredChunk(rule_scores(load_rule(spec), spec, queries, responses))
 
 
 class RewardScorer:

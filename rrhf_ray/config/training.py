@@ -150,6 +150,13 @@ class FitConfig(Section):
     checkpoint_every_epoch: bool = Field(
         True, description="Report a resumable checkpoint after each epoch (else only at the end)."
     )
+    # Left out of the dump while off, so that the fingerprint of a config that does not set it
+    # is what it was before this key existed (runs started then still resume).
+    skip_nonfinite: bool = Field(
+        False, exclude_if=lambda on: not on,
+        description="An optimizer step whose loss or gradient is not finite: skipped (not "
+        "applied, counted as `nonfinite_steps_skipped`) instead of stopping the fit naming the step "
+        "(docs/faults.md).")
 
     @model_validator(mode="after")
     def _batching(self) -> FitConfig:

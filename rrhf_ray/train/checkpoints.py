@@ -2,12 +2,17 @@
 merged, FSDP gathered) plus the train state (`STATE_FILE`: the epoch reached, whether the fit
 finished, and for the warm trainer its round and global step), and, only in a checkpoint a fit
 may resume from, the optimizer and schedule (`OPTIMIZER_FILE`). The one writer of a checkpoint is
-`write_checkpoint`; `install_checkpoint` copies a reported one to where the driver keeps it."""
+`write_checkpoint`; `install_checkpoint` copies a reported one to where the driver keeps it.
+
+An installed checkpoint is whole or absent: `MANIFEST_FILE` (every other file's name, size and
+SHA-256) is written last into it, and `checkpoint_problem` tells a whole one from one cut short
+or damaged later (a crashed node, a full disk, a partial copy), naming the file."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import shutil
 import tempfile
@@ -23,6 +28,55 @@ from rrhf_ray.types import atomic_path
 STATE_FILE = "rrhf_train_state.json"  # epoch reached; present in every checkpoint we write
 OPTIMIZER_FILE = "optimizer.pt"  # optimizer + scheduler; only in non-final (resumable) checkpoints
 METRICS_FILE = "train_metrics.json"
+MANIFEST_FILE = "rrhf_manifest.json"  # written last: {"files": {name: {"bytes", "sha256"}}}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is not whole; the message names the directory and the file."""
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(directory: str | Path) -> None:
+    """The manifest of every file under `directory` (sizes and checksums), written last."""
+    d = Path(directory)
+    files = {str(p.relative_to(d)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(d.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE}
+    (d / MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=1, sort_keys=True))
+
+
+def checkpoint_problem(directory: str | Path, *, checksums: bool = True) -> str | None:
+    """None when `directory` is whole by its manifest; else what is wrong, naming the file (a
+    missing manifest included: an installed checkpoint always has one). `checksums=False` checks
+    names and sizes only."""
+    d = Path(directory)
+    manifest = d / MANIFEST_FILE
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except FileNotFoundError:
+        return f"{manifest} is missing (the checkpoint was not installed whole)"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{manifest} is unreadable ({err})"
+    for name, want in files.items():
+        path = d / name
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            return f"{path} has {size} bytes, its manifest says {want['bytes']}"
+        if checksums and _sha256(path) != want["sha256"]:
+            return f"{path} does not match its checksum in {manifest}"
+    return None
+
+
+def check_checkpoint(directory: str | Path, *, checksums: bool = True) -> None:
+    """Raise `CheckpointError` naming the file unless `directory` is whole (`checkpoint_problem`)."""
+    problem = checkpoint_problem(directory, checksums=checksums)
+    if problem is not None:
+        raise CheckpointError(f"damaged checkpoint {directory}: {problem}")
 
 
 def save_hf_checkpoint(model: torch.nn.Module, tokenizer: Any, directory: Path, cfg: FitConfig,
@@ -146,14 +200,18 @@ def save_final_local(model: torch.nn.Module, tokenizer: Any, out: Path, cfg: Fit
         tmp.mkdir(parents=True)
         write_checkpoint(tmp, model, tokenizer, cfg, epoch=cfg.epochs - 1, final=True)
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+        write_manifest(tmp)
 
 
 def install_checkpoint(checkpoint: Any, out: Path, metrics: dict[str, Any]) -> None:
     """Copy a reported checkpoint (a `ray.train.Checkpoint`, local or remote storage) to `out`
-    with its metrics, whole or not at all."""
-    with atomic_path(out) as tmp, checkpoint.as_directory() as d:
+    with its metrics and its manifest (last), whole or not at all; a full disk names `out`."""
+    from rrhf_ray.state import no_space
+
+    with no_space(out), atomic_path(out) as tmp, checkpoint.as_directory() as d:
         shutil.copytree(d, tmp)
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+        write_manifest(tmp)
 
 
 def is_finished_model(directory: str | Path) -> bool:

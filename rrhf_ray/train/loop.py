@@ -46,6 +46,24 @@ from rrhf_ray.types import DataError
 logger = logging.getLogger(__name__)
 
 
+class NonFiniteTraining(RuntimeError):
+    """An optimizer step whose loss or gradient is not finite (with `train.skip_nonfinite` off);
+    the message names the step, the loss parts and the learning rate. The step was not applied."""
+
+
+def _step_is_finite(loss_parts: dict[str, float], grad_norm: float, device: torch.device) -> bool:
+    """Whether the step's loss (this worker's part) and gradient norm are finite, agreed by every
+    worker (so that all of them skip or stop at the same step)."""
+    import torch.distributed as dist
+
+    finite = math.isfinite(grad_norm) and all(math.isfinite(v) for v in loss_parts.values())
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([0.0 if finite else 1.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        finite = flag.item() == 0.0
+    return finite
+
+
 @dataclass
 class MicroBatch:
     """What the loop hands a recipe for one micro-batch: the example indices and how to run them.
@@ -244,6 +262,7 @@ def train_epochs(
             recipe.name, recipe.num_examples, cfg.epochs, per_epoch, cfg.queries_per_step, w.world, w.device,
         )
     metrics: dict[str, float] = {}
+    skipped = 0  # steps not applied for a non-finite loss or gradient (train.skip_nonfinite)
     bar = worker_progress(per_epoch * (cfg.epochs - start_epoch), f"{recipe.name} training", "step") \
         if w.rank == 0 else None
     for epoch in range(start_epoch, cfg.epochs):
@@ -254,26 +273,46 @@ def train_epochs(
             mine = step[w.rank :: w.world]
             micro = micro_batches(mine, cfg.micro_batch_queries, recipe.example_tokens, recipe.token_budget)
             scale = w.world / recipe.step_weight(step)
-            step_meter = Meter()
+            step_meter, step_measured = Meter(), []
             for m, idx in enumerate(micro):
                 mb = MicroBatch(idx, scale, w.device, no_sync, m == len(micro) - 1, w.autocast)
-                measured = recipe.micro_batch(w.ddp_model, mb)
-                meter.add(measured)
-                step_meter.add(measured)
-            grad_norm = float("nan")
-            if cfg.max_grad_norm is not None:
-                if hasattr(w.ddp_model, "clip_grad_norm_"):
-                    grad_norm = float(w.ddp_model.clip_grad_norm_(cfg.max_grad_norm))
-                else:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(opt.params, cfg.max_grad_norm))
+                step_measured.append(recipe.micro_batch(w.ddp_model, mb))
+                step_meter.add(step_measured[-1])
+            # The norm is measured without clipping too (an infinite bound clips nothing): a step
+            # whose gradient is not finite is never applied.
+            bound = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+            if hasattr(w.ddp_model, "clip_grad_norm_"):
+                grad_norm = float(w.ddp_model.clip_grad_norm_(bound))
+            else:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(opt.params, bound))
             lr = opt.scheduler.get_last_lr()[0]
-            opt.optimizer.step()
+            summary = step_meter.summary()
+            parts = {k: v for k, v in summary.items() if k.endswith("loss")}
+            finite = _step_is_finite(parts, grad_norm, w.device)
+            if not finite and not cfg.skip_nonfinite:
+                shown = ", ".join(f"{k} {v:.4g}" for k, v in parts.items())
+                raise NonFiniteTraining(
+                    f"{recipe.name} training: step {global_step - first_step + 1} of {total_steps} (global step "
+                    f"{global_step + 1}, epoch {epoch + 1}) is not finite: {shown}, grad norm {grad_norm:.4g}, "
+                    f"lr {lr:.3g}; the step was not applied (lower train.lr, or set "
+                    "train.skip_nonfinite=true to skip such steps)")
+            if finite:
+                opt.optimizer.step()
+                for measured in step_measured:  # a skipped step is left out of the epoch's means
+                    meter.add(measured)
+            else:
+                skipped += 1
+                for measured in step_measured:  # its names, without weight (NaN if nothing else)
+                    meter.add(Measured(dict.fromkeys(measured.values, (0.0, 0.0))))
+                if w.rank == 0:
+                    logger.warning("%s training: step %d skipped, not finite (grad norm %.4g, lr %.3g)",
+                                   recipe.name, global_step - first_step + 1, grad_norm, lr)
             opt.scheduler.step()
             opt.optimizer.zero_grad(set_to_none=True)
             global_step += 1
             if history is not None and w.rank == 0:
                 history.append({"global_step": float(global_step), "lr": lr, "grad_norm": grad_norm,
-                                **step_meter.summary()})
+                                "skipped": 0.0 if finite else 1.0, **summary})
             done = global_step - first_step
             if bar is not None:
                 bar.update(1)
@@ -284,6 +323,8 @@ def train_epochs(
                 )
         metrics = {"epoch": float(epoch + 1), "step": float(global_step - first_step),
                    "resumed_at_epoch": float(start_epoch), **meter.summary()}
+        if cfg.skip_nonfinite:
+            metrics["nonfinite_steps_skipped"] = float(skipped)
         if recipe.evaluate is not None:
             w.ddp_model.eval()
             with torch.no_grad(), w.autocast():

@@ -17,6 +17,9 @@ background thread of the driver for the whole run:
 - rank 0 also returns the per-token log-probabilities of a few probe replies under the weights
   the round started from and under those it just saved: the driver compares what the refreshed
   samplers compute with both (`rrhf_ray.refresh.verify_refresh`);
+- a round whose loss or gradient turns non-finite (`rrhf_ray.train.loop.NonFiniteTraining`, with
+  `train.skip_nonfinite` off) or whose weights end non-finite is not reported: rank 0 answers
+  `failed` naming the step, the fit ends, and the driver raises the same error;
 - a worker that dies is restarted by Ray Train (`FailureConfig`) from the last round's checkpoint;
   rank 0 then says `ready` and the driver sends the unfinished round again (a command for a round a
   worker already holds is skipped, so a repeated command is harmless);
@@ -47,7 +50,13 @@ from rrhf_ray.logs import redirect_process_output
 from rrhf_ray.train.checkpoints import read_train_state, resume_checkpoint, write_checkpoint
 from rrhf_ray.train.jobs import FitJob
 from rrhf_ray.train.launch import torch_trainer
-from rrhf_ray.train.loop import Optimizer, round_train_seed, steps_per_epoch, train_epochs
+from rrhf_ray.train.loop import (
+    NonFiniteTraining,
+    Optimizer,
+    round_train_seed,
+    steps_per_epoch,
+    train_epochs,
+)
 from rrhf_ray.train.rrhf import check_pools, rrhf_recipe
 from rrhf_ray.train.worker import Worker, load_policy, rank_world
 
@@ -130,7 +139,18 @@ def warm_loop_per_worker(config: dict[str, Any]) -> None:
         recipe = rrhf_recipe(cfg, data_paths, w.tokenizer, w.device, w.model)
         opt = Optimizer.build(w.ddp_model, cfg, steps_per_epoch(recipe, cfg, w.world) * cfg.epochs)
         history: list[dict[str, float]] = []
-        metrics = train_epochs(w, recipe, opt, global_step=global_step, history=history, seed=seed)
+        try:
+            metrics = train_epochs(w, recipe, opt, global_step=global_step, history=history, seed=seed)
+            bad = [name for name, p in w.model.named_parameters() if not torch.isfinite(p).all()]
+            if bad:  # never saved, installed or served
+                raise NonFiniteTraining(f"round {r}'s trained weights are not finite ({bad[0]} and "
+                                        f"{len(bad) - 1} more tensors); lower train.lr")
+        except NonFiniteTraining as err:
+            # Every rank stops at the same step (`train_epochs` agrees on it); rank 0 tells the
+            # driver, and the fit ends: the weights in memory are half a round's.
+            if rank == 0:
+                results.put({"kind": "failed", "round": r, "error": f"round {r}: {err}"})
+            return
         global_step += int(metrics["step"])
         probe_new = policy_reply_logprobs(w.model, probe, w.device) if rank == 0 else []
         with tempfile.TemporaryDirectory() as tmp:
@@ -212,6 +232,9 @@ class WarmTrainer:
                 self.starts += 1
                 logger.info("warm trainer (re)started holding round %d; sending round %d", msg["version"], r)
                 self._send(self._pending)
+            elif msg["kind"] == "failed" and msg["round"] == r:  # the fit has ended
+                self._pending = None
+                raise NonFiniteTraining(msg["error"])
             elif msg["kind"] == "trained" and msg["round"] == r:
                 from ray.train import Checkpoint
 
@@ -242,8 +265,12 @@ class WarmTrainer:
             self._send({"kind": "stop"})
             self._thread.join(timeout=timeout_s)
         if self._thread.is_alive():
-            logger.error("the warm trainer's fit %s did not stop within %.0f s of the stop command",
-                         self.name, timeout_s)
+            if self._pending is not None:  # a round the driver stopped waiting for (a stop signal)
+                logger.warning("the warm trainer's fit %s was training round %s and did not stop within "
+                               "%.0f s; it ends with the driver", self.name, self._pending["round"], timeout_s)
+            else:
+                logger.error("the warm trainer's fit %s did not stop within %.0f s of the stop command",
+                             self.name, timeout_s)
             return False
         for q in [*self.commands, self.results]:
             q.shutdown()
