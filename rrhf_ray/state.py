@@ -47,6 +47,9 @@ LOCK_FILE = "driver.lock"
 # earlier run's state.json a "different config". A run that sets the key to anything else is one.
 ADDED_LATER: tuple[tuple[tuple[str, ...], Any], ...] = (
     (("data", "max_response_tokens"), None),
+    (("train", "skip_nonfinite"), False),
+    (("sft", "train", "skip_nonfinite"), False),
+    (("reward_model", "train", "skip_nonfinite"), False),
 )
 
 

@@ -150,10 +150,9 @@ class FitConfig(Section):
     checkpoint_every_epoch: bool = Field(
         True, description="Report a resumable checkpoint after each epoch (else only at the end)."
     )
-    # Left out of the dump while off, so that the fingerprint of a config that does not set it
-    # is what it was before this key existed (runs started then still resume).
+    # Added later: off, it is left out of the run's fingerprint (rrhf_ray.state.ADDED_LATER).
     skip_nonfinite: bool = Field(
-        False, exclude_if=lambda on: not on,
+        False,
         description="An optimizer step whose loss or gradient is not finite: skipped (not "
         "applied, counted as `nonfinite_steps_skipped`) instead of stopping the fit naming the step "
         "(docs/faults.md).")
