@@ -53,15 +53,20 @@ ADDED_LATER: tuple[tuple[tuple[str, ...], Any], ...] = (
 )
 
 
-def _fingerprint_data(config: RunConfig, *, as_typed: bool = False) -> dict[str, Any]:
-    data = config.model_dump(mode="json", exclude={"rounds": True, "ray": True, "tracking": True})
+def _drop_added_later(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` (a config's dump) without the `ADDED_LATER` keys that hold their "as before" value."""
     for path, before in ADDED_LATER:
         *parents, key = path
-        section = data
+        section: Any = data
         for name in parents:
             section = section.get(name) if isinstance(section, dict) else None
         if isinstance(section, dict) and key in section and section[key] == before:
             del section[key]
+    return data
+
+
+def _fingerprint_data(config: RunConfig, *, as_typed: bool = False) -> dict[str, Any]:
+    data = _drop_added_later(config.model_dump(mode="json", exclude={"rounds": True, "ray": True, "tracking": True}))
     out = data["output"]["dir"]
     if not as_typed and "://" not in out:
         # By meaning, not spelling: `outputs/demo`, `$PWD/outputs/demo` and `outputs/demo/` are one run.
@@ -97,7 +102,7 @@ def earlier_fingerprints(config: RunConfig) -> set[str]:
         del data["train"]["loss"]["pairs"]
     if data["sampling"].get("refresh_tolerance") is None:
         data["sampling"]["refresh_tolerance"] = 0.05
-    found.add(_hash(data))
+    found.add(_hash(_drop_added_later(data)))
     return found - {config_fingerprint(config)}
 
 
