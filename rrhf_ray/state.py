@@ -32,8 +32,16 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "state.json"
 
 
+# Where each role runs (the sections' Ray custom `resources`) changes no result, and may change
+# when a run resumes on another cluster: like the Ray connection, it is not fingerprinted.
+_PLACEMENT = frozenset({"resources"})
+
+
 def _fingerprint_data(config: RunConfig) -> dict[str, Any]:
-    return config.model_dump(mode="json", exclude={"rounds": True, "ray": True, "tracking": True})
+    return config.model_dump(mode="json", exclude={
+        "rounds": True, "ray": True, "tracking": True, "sampling": _PLACEMENT, "reward": _PLACEMENT,
+        "train": _PLACEMENT, "eval": _PLACEMENT, "sft": {"train": _PLACEMENT},
+        "reward_model": {"train": _PLACEMENT}})
 
 
 def _hash(data: dict[str, Any]) -> str:
@@ -55,7 +63,8 @@ def earlier_fingerprints(config: RunConfig) -> set[str]:
     data = _fingerprint_data(config)
     for stage in ("sft", "reward_model"):
         if data.get(stage) is not None:
-            data[stage]["train"] = TrainConfig.model_validate(data[stage]["train"]).model_dump(mode="json")
+            data[stage]["train"] = TrainConfig.model_validate(data[stage]["train"]).model_dump(
+                mode="json", exclude=_PLACEMENT)
     if data["train"]["loss"].get("pairs") == "all":
         del data["train"]["loss"]["pairs"]
     if data["sampling"].get("refresh_tolerance") is None:

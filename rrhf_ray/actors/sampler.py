@@ -224,7 +224,9 @@ class SamplerPool:
         use_gpu = config.use_gpu
         if use_gpu is None:
             use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        bundle = {"CPU": config.cpus_per_replica}
+        # The role's custom resources (sampling.resources) are in the bundle too, so the group is
+        # placed only on a node that declares them.
+        bundle = {"CPU": config.cpus_per_replica, **config.resources}
         if use_gpu:
             bundle["GPU"] = config.tensor_parallel_size
         self._groups = [placement_group([bundle]) for _ in range(config.num_replicas)]
@@ -236,6 +238,7 @@ class SamplerPool:
                 **actor_options(store),  # the bucket's credentials when model_path is a URI
                 num_cpus=config.cpus_per_replica,
                 num_gpus=config.tensor_parallel_size if use_gpu else 0,
+                resources=dict(config.resources),
                 max_restarts=config.max_restarts,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True),
