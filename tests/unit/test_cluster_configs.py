@@ -401,3 +401,28 @@ def test_no_yaml_holds_a_secret(path):
             if isinstance(value, str) and key in ("value",) and SECRET_VALUES.search(value):
                 pytest.fail(f"{path}: {where} holds a credential")
 
+
+
+# --------------------------------------------------------------------------- many nodes on one machine
+
+AUTOSCALER_KEYS = ("file_mounts", "cluster_synced_files", "file_mounts_sync_continuously", "rsync_exclude",
+                   "rsync_filter", "initialization_commands", "setup_commands", "head_setup_commands",
+                   "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands", "auth")
+
+
+def test_the_local_autoscale_yaml_has_a_driving_head_and_a_node_type_per_role():
+    """cluster/local-autoscale.yaml (tests/integration/test_autoscale.py starts it): Ray's schema,
+    every key the autoscaler reads, a head without role resources, worker node types that start
+    at 0 and declare the roles' resources."""
+    import jsonschema
+
+    cfg = yaml.safe_load((REPO / "cluster" / "local-autoscale.yaml").read_text())
+    jsonschema.validate(cfg, ray_schema())
+    assert cfg["provider"]["type"] == "fake_multinode"
+    assert all(key in cfg for key in AUTOSCALER_KEYS)
+    head, workers = launcher_node_types(cfg)
+    assert set(head) == {"CPU"}
+    assert {r for res, _ in workers.values() for r in res if r != "CPU"} == {"sampler_node", "trainer_node"}
+    types = cfg["available_node_types"]
+    assert all(types[k]["min_workers"] == 0 for k in workers)
+    assert 0 < cfg["idle_timeout_minutes"] <= 1
