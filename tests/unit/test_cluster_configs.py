@@ -403,7 +403,41 @@ def test_no_yaml_holds_a_secret(path):
 
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    ("sampling.resources.sampler_node=-1", "sampling.resources: Value error, resource 'sampler_node': amount -1.0 must be a positive number"),
+    ("train.resources.trainer_node=0", "train.resources: Value error, resource 'trainer_node': amount 0.0 must be a positive number"),
+    ("reward.resources.sampler_node=lots", "reward.resources.sampler_node: Input should be a valid number"),
+    ("eval.resources.GPU=1", "eval.resources: Value error, 'GPU' is one of Ray's own resources"),
+])
+def test_a_bad_placement_is_refused_up_front_naming_the_field(override, message):
+    from rrhf_ray.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "workflows" / "hh_llama7b.yaml", [override])
+    assert message in str(err.value)
+
+
+def test_placement_is_not_part_of_the_runs_fingerprint():
+    """The same run resumes on a cluster whose node types are named otherwise."""
+    from rrhf_ray.state import config_fingerprint
+
+    config = load_config(REPO / "workflows" / "hh_llama7b.yaml")
+    moved = load_config(REPO / "workflows" / "hh_llama7b.yaml", ["train.resources.other_node=2"])
+    assert moved.train.resources == {"trainer_node": 1.0, "other_node": 2.0}
+    assert config_fingerprint(moved) == config_fingerprint(config)
+    assert config_fingerprint(load_config(REPO / "workflows" / "hh_llama7b.yaml", ["train.epochs=2"])) != \
+        config_fingerprint(config)
+
+
 # --------------------------------------------------------------------------- many nodes on one machine
+
+
+def test_a_node_id_in_the_cache_path_is_this_processs_node(monkeypatch, tmp_path):
+    from rrhf_ray.remote import cache_root
+
+    monkeypatch.setenv("RRHF_RAY_CACHE", str(tmp_path / "cache" / "{node_id}"))
+    assert cache_root() == tmp_path / "cache" / "local"  # outside Ray (the driver before it connects)
+    assert cache_root(tmp_path / "given") == tmp_path / "given"
 
 AUTOSCALER_KEYS = ("file_mounts", "cluster_synced_files", "file_mounts_sync_continuously", "rsync_exclude",
                    "rsync_filter", "initialization_commands", "setup_commands", "head_setup_commands",
