@@ -36,7 +36,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rrhf_ray.actors.dispatch import count_tokens, dispatch_chunks
+from rrhf_ray.actors.dispatch import count_tokens, dispatch_chunks, on_callers_node
 from rrhf_ray.actors.engine import VLLMEngine
 from rrhf_ray.config import SamplingConfig
 from rrhf_ray.logs import redirect_process_output
@@ -341,7 +341,8 @@ class SamplerPool:
         no more than an equal share per replica."""
         chunk = max(1, min(chunk_prompts, -(-len(prompts) // len(self.replicas)) or 1))
         desc = f"sampling ({self.tag}@{self.version})" if progress else None
-        return _sample_task.remote(self.replicas, prompts, seeds, self.version, config, chunk, desc, configs)
+        return _sample_task.options(**on_callers_node()).remote(self.replicas, prompts, seeds, self.version, config,
+                                                                chunk, desc, configs)
 
     def shutdown(self) -> None:
         for r in self.replicas:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from rrhf_ray import registry
-from rrhf_ray.actors.dispatch import dispatch_chunks
+from rrhf_ray.actors.dispatch import dispatch_chunks, on_callers_node
 from rrhf_ray.config import RewardConfig
 from rrhf_ray.logs import redirect_process_output
 from rrhf_ray.train.tokens import collate, encode
@@ -189,7 +189,7 @@ class RewardPool:
         n = self.config.num_workers
         chunk = max(1, min(self.config.chunk_queries, -(-len(groups) // n)))
         desc = "scoring" if progress else None
-        return _score_task.remote(self.workers, self.config.rule, n, list(groups), chunk, desc,
+        return _score_task.options(**on_callers_node()).remote(self.workers, self.config.rule, n, list(groups), chunk, desc,
                                   dict(self.config.resources))
 
     def shutdown(self) -> None:
