@@ -200,16 +200,18 @@ def _warm_up_task(rule: str | None) -> None:
         load_rule(rule)
 
 
-def warm_up_workers(n: int = 4, rule: str | None = None, store: RunStore | None = None) -> list[ray.ObjectRef]:
+def warm_up_workers(n: int = 4, rule: str | None = None, store: RunStore | None = None,
+                    resources: dict[str, float] | None = None) -> list[ray.ObjectRef]:
     """Start `n` Ray worker processes with the imports of the evaluation's tasks (torch,
     transformers, the samplers' and scorers' dispatch, the reward rule) done, so that round 0's
     tasks do not each pay a Python start-up: Ray hands a task an idle worker process. Fire and
     forget; the driver calls it while the SFT stage runs. Ray keeps idle workers per runtime env:
     these take the evaluation tasks' options (`rrhf_ray.mirror.actor_options`, the bucket's
-    credentials with output.dir on object storage), or round 0 would start new processes anyway."""
+    credentials with output.dir on object storage), or round 0 would start new processes anyway;
+    `resources` (`eval.resources`) puts them on the evaluation's nodes."""
     from rrhf_ray.mirror import actor_options
 
-    task = _warm_up_task.options(**actor_options(store))
+    task = _warm_up_task.options(resources=dict(resources or {}), **actor_options(store))
     return [task.remote(rule) for _ in range(n)]
 
 
@@ -272,7 +274,8 @@ def evaluate(
     a GPU)."""
     from rrhf_ray.mirror import actor_options
 
-    remote = actor_options(store)  # the same options as warm_up_workers: its processes are reused
+    # The same options as warm_up_workers (its processes are reused), on eval.resources' nodes.
+    remote = {**actor_options(store), "resources": dict(cfg.resources)}
     # On a GPU cluster the forwards go to a free GPU; when the warm trainer and the samplers hold
     # every GPU they run on a CPU rather than wait for a GPU that no one frees during the run.
     gpus = 1 if ray.available_resources().get("GPU", 0) >= 1 else 0

@@ -137,11 +137,24 @@ def read_object(uri: str, name: str = "URI") -> bytes | None:
                           "environment (AWS_* / GOOGLE_APPLICATION_CREDENTIALS)") from None
 
 
+NODE_ID_FIELD = "{node_id}"  # in RRHF_RAY_CACHE: this process's Ray node id
+
+
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """Where mirrors and materialized checkpoints live: `cache_dir`, else ``$RRHF_RAY_CACHE``,
-    else ``~/.cache/rrhf_ray``."""
-    root = cache_dir or os.environ.get("RRHF_RAY_CACHE") or Path.home() / ".cache" / "rrhf_ray"
+    else ``~/.cache/rrhf_ray``. A ``{node_id}`` in it is the Ray node id of this process ("local"
+    before it joins Ray): one cache per node where nodes share a disk and an environment, such
+    as the many nodes on one machine of cluster/local-autoscale.yaml (docs/cluster.md)."""
+    root = str(cache_dir or os.environ.get("RRHF_RAY_CACHE") or Path.home() / ".cache" / "rrhf_ray")
+    if NODE_ID_FIELD in root:
+        root = root.replace(NODE_ID_FIELD, _ray_node_id())
     return Path(root).expanduser().resolve()
+
+
+def _ray_node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
 def cache_key(uri: str) -> str:

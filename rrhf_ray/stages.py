@@ -140,7 +140,7 @@ def reference(ctx: RunContext, r: int) -> dict:
     return write_reference_pool(read_groups(ctx.round_dir(r) / "pool.parquet"), ctx.hand_off(ref_model),
                                 ctx.config.train, ctx.outputs(r, "reference")[0],
                                 tokenizer_path=ctx.hand_off(start), trust_remote_code=ctx.config.model.trust_remote_code,
-                                dtype=ctx.config.model.dtype, store=ctx.store)
+                                dtype=ctx.config.model.dtype, store=ctx.store, resources=ctx.config.eval.resources)
 
 
 # --------------------------------------------------------------------------- train, refresh

@@ -65,8 +65,16 @@ def _drop_added_later(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+# Where each role runs (the sections' Ray custom `resources`) changes no result, and may change
+# when a run resumes on another cluster: like the Ray connection, it is not fingerprinted.
+_PLACEMENT = frozenset({"resources"})
+
+
 def _fingerprint_data(config: RunConfig, *, as_typed: bool = False) -> dict[str, Any]:
-    data = _drop_added_later(config.model_dump(mode="json", exclude={"rounds": True, "ray": True, "tracking": True}))
+    data = _drop_added_later(config.model_dump(mode="json", exclude={
+        "rounds": True, "ray": True, "tracking": True, "sampling": _PLACEMENT, "reward": _PLACEMENT,
+        "train": _PLACEMENT, "eval": _PLACEMENT, "sft": {"train": _PLACEMENT},
+        "reward_model": {"train": _PLACEMENT}}))
     out = data["output"]["dir"]
     if not as_typed and "://" not in out:
         # By meaning, not spelling: `outputs/demo`, `$PWD/outputs/demo` and `outputs/demo/` are one run.
@@ -97,7 +105,8 @@ def earlier_fingerprints(config: RunConfig) -> set[str]:
     found = {_hash(data)}
     for stage in ("sft", "reward_model"):
         if data.get(stage) is not None:
-            data[stage]["train"] = TrainConfig.model_validate(data[stage]["train"]).model_dump(mode="json")
+            data[stage]["train"] = TrainConfig.model_validate(data[stage]["train"]).model_dump(
+                mode="json", exclude=_PLACEMENT)
     if data["train"]["loss"].get("pairs") == "all":
         del data["train"]["loss"]["pairs"]
     if data["sampling"].get("refresh_tolerance") is None:

@@ -193,7 +193,8 @@ def start_engines_beside_sft(ctx: RunContext, base: str) -> None:
 
     logger.info("sampler engines start beside the SFT stage (from %s)", base)
     cfg = ctx.config
-    warm_up_workers(rule=cfg.reward.rule if cfg.reward.kind == "rule" else None, store=ctx.store)
+    warm_up_workers(rule=cfg.reward.rule if cfg.reward.kind == "rule" else None, store=ctx.store,
+                    resources=cfg.eval.resources)
     weights = ctx.hand_off(base)
     ctx.pools = build_pools(cfg, ctx.preset, weights, weights, 0, store=ctx.store, engines=ctx.engines,
                             log_dir=ctx.log_dir, with_current=True)
@@ -207,7 +208,13 @@ def setup(ctx: RunContext) -> None:
     from transformers import AutoTokenizer
 
     from rrhf_ray.actors.engine import served_dtype
-    from rrhf_ray.actors.pools import build_pools, fits_beside_sft
+    from rrhf_ray.actors.pools import (
+        actor_nodes,
+        build_pools,
+        fits_beside_sft,
+        role_actors,
+        this_node,
+    )
     from rrhf_ray.actors.scorer import RewardPool
     from rrhf_ray.data.queries import load_data
     from rrhf_ray.train.checkpoints import start_state
@@ -241,6 +248,17 @@ def setup(ctx: RunContext) -> None:
                       save_dtype=ctx.served_dtype, log_dir=ctx.log_dir)  # saved as the samplers load
         ctx.trainer = WarmTrainer(job, ctx.last_trained, global_step=start_state(current), store=ctx.store,
                                   storage_path=cfg.output.storage_path or str((out / "ray_train").resolve()))
+    record_placement(ctx, {"driver": this_node(), **actor_nodes(role_actors(ctx.pools, ctx.rewards))})
+
+
+def record_placement(ctx: RunContext, nodes: dict[str, dict[str, str]]) -> None:
+    """The node the driver and each actor run on ({name: {"node_id", "ip"}}) into driver.log and state.json's
+    `placement` (saved with the next stage); a name seen on another node before is replaced."""
+    placement = ctx.state.data.setdefault("placement", {})
+    for name, where in nodes.items():
+        if placement.get(name) != where:
+            logger.info("%s runs on node %s (%s)", name, where["node_id"], where["ip"])
+        placement[name] = where
 
 
 def drop_damaged_checkpoints(ctx: RunContext) -> None:
@@ -301,6 +319,8 @@ def run_rounds(ctx: RunContext) -> None:
         if ctx.config.train.loss.name == "dpo":  # π_ref of each candidate, once: pool_ref.parquet
             ctx.run_stage(r, "reference", stages.reference)
         ctx.run_stage(r, "train", stages.train)
+        if ctx.trainer is not None:
+            record_placement(ctx, {f"train{rank}": where for rank, where in ctx.trainer.nodes.seen().items()})
         publish_checkpoint(ctx, r)
         if ctx.pools["current"].version < r:  # refresh ρ* in place: no engine restart
             ctx.run_stage(r, "refresh", stages.refresh)

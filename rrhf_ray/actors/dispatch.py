@@ -19,6 +19,15 @@ import ray
 _IN_FLIGHT_PER_WORKER = 2
 
 
+def on_callers_node() -> dict[str, Any]:
+    """Options for a coordinating task (it runs `dispatch_chunks`): on the caller's node (the
+    driver's) while that node lives, so that losing a worker's node loses only that worker's
+    chunks, never the coordinator of the whole call."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)}
+
+
 def count_tokens(result: Sequence[Sequence[Any]]) -> int:
     """Response tokens in a chunk of candidate lists (objects with `token_ids`)."""
     return sum(len(c.token_ids) for group in result for c in group)

@@ -128,3 +128,36 @@ def fits_beside_sft(config: RunConfig) -> bool:
         need_gpu = s.num_replicas * s.tensor_parallel_size + (t.num_workers if t.use_gpu else 0)
         return free.get("GPU", 0) >= need_gpu and free.get("CPU", 0) >= need_cpu
     return free.get("CPU", 0) >= need_cpu
+
+
+def this_node(_actor: object = None) -> dict[str, str]:
+    """The node this process runs on: {"node_id", "ip"}."""
+    import ray
+
+    return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address()}
+
+
+def actor_nodes(actors: dict[str, object]) -> dict[str, dict[str, str]]:
+    """The node each actor (by name) runs on: {"node_id", "ip"}, asked of the actor itself
+    (Ray's built-in `__ray_call__`, so any actor class answers), after whatever it was already
+    asked to do (a sampler: building its engine). An actor that died is left out."""
+    import ray
+
+    refs = {name: actor.__ray_call__.remote(this_node) for name, actor in actors.items()}  # type: ignore[attr-defined]
+    out = {}
+    for name, ref in refs.items():
+        try:
+            out[name] = ray.get(ref)
+        except ray.exceptions.RayActorError:
+            continue
+    return out
+
+
+def role_actors(pools: dict[str, SamplerPool], rewards: object | None) -> dict[str, object]:
+    """The run's long-lived actors by name: `sampler-<tag><i>` per replica, `reward<i>` per reward
+    model worker (a rule reward has none: its tasks come and go)."""
+    actors: dict[str, object] = {}
+    for pool in pools.values():
+        actors.update({f"sampler-{pool.tag}{i}": r for i, r in enumerate(pool.replicas)})
+    actors.update({f"reward{i}": w for i, w in enumerate(getattr(rewards, "workers", None) or [])})
+    return actors

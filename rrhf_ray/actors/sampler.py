@@ -36,7 +36,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rrhf_ray.actors.dispatch import count_tokens, dispatch_chunks
+from rrhf_ray.actors.dispatch import count_tokens, dispatch_chunks, on_callers_node
 from rrhf_ray.actors.engine import VLLMEngine
 from rrhf_ray.config import SamplingConfig
 from rrhf_ray.logs import redirect_process_output
@@ -224,7 +224,9 @@ class SamplerPool:
         use_gpu = config.use_gpu
         if use_gpu is None:
             use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        bundle = {"CPU": config.cpus_per_replica}
+        # The role's custom resources (sampling.resources) are in the bundle too, so the group is
+        # placed only on a node that declares them.
+        bundle = {"CPU": config.cpus_per_replica, **config.resources}
         if use_gpu:
             bundle["GPU"] = config.tensor_parallel_size
         self._groups = [placement_group([bundle]) for _ in range(config.num_replicas)]
@@ -236,6 +238,7 @@ class SamplerPool:
                 **actor_options(store),  # the bucket's credentials when model_path is a URI
                 num_cpus=config.cpus_per_replica,
                 num_gpus=config.tensor_parallel_size if use_gpu else 0,
+                resources=dict(config.resources),
                 max_restarts=config.max_restarts,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True),
@@ -338,7 +341,8 @@ class SamplerPool:
         no more than an equal share per replica."""
         chunk = max(1, min(chunk_prompts, -(-len(prompts) // len(self.replicas)) or 1))
         desc = f"sampling ({self.tag}@{self.version})" if progress else None
-        return _sample_task.remote(self.replicas, prompts, seeds, self.version, config, chunk, desc, configs)
+        return _sample_task.options(**on_callers_node()).remote(self.replicas, prompts, seeds, self.version, config,
+                                                                chunk, desc, configs)
 
     def shutdown(self) -> None:
         for r in self.replicas:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from rrhf_ray import registry
-from rrhf_ray.actors.dispatch import dispatch_chunks
+from rrhf_ray.actors.dispatch import dispatch_chunks, on_callers_node
 from rrhf_ray.config import RewardConfig
 from rrhf_ray.logs import redirect_process_output
 from rrhf_ray.train.tokens import collate, encode
@@ -193,7 +193,8 @@ class RewardScorer:
 
 @ray.remote(num_cpus=0, max_retries=0)
 def _score_task(workers: list[Any] | None, rule: str | None, num_workers: int,
-                groups: list[CandidateGroup], chunk: int, desc: str | None) -> list[QueryGroup]:
+                groups: list[CandidateGroup], chunk: int, desc: str | None,
+                resources: dict[str, float] | None = None) -> list[QueryGroup]:
     chunks = []
     for s in range(0, len(groups), chunk):
         part = groups[s:s + chunk]
@@ -204,7 +205,7 @@ def _score_task(workers: list[Any] | None, rule: str | None, num_workers: int,
             return workers[w].score.remote(*c)
     else:  # M "workers" = at most M rule tasks at a time
         def submit(w: int, c: tuple) -> ray.ObjectRef:
-            return _rule_task.remote(rule, *c)
+            return _rule_task.options(resources=resources or {}).remote(rule, *c)
     sizes = [min(chunk, len(groups) - s) for s in range(0, len(groups), chunk)]
     done = dispatch_chunks(num_workers, submit, chunks, sizes, desc,
                            (lambda r: r.tokens) if workers is not None else None)
@@ -239,7 +240,8 @@ class RewardPool:
         from rrhf_ray.mirror import actor_options
 
         actor_cls = ray.remote(RewardScorer).options(
-            num_cpus=config.cpus_per_worker, num_gpus=gpus, max_restarts=1, **actor_options(store))
+            num_cpus=config.cpus_per_worker, num_gpus=gpus, resources=dict(config.resources), max_restarts=1,
+            **actor_options(store))
         self.workers = [actor_cls.remote(config.model, config, log_dir) for _ in range(config.num_workers)]
 
     def score_refs(self, groups: Sequence[CandidateGroup], *, progress: bool = True) -> ray.ObjectRef:
@@ -247,7 +249,8 @@ class RewardPool:
         n = self.config.num_workers
         chunk = max(1, min(self.config.chunk_queries, -(-len(groups) // n)))
         desc = "scoring" if progress else None
-        return _score_task.remote(self.workers, self.config.rule, n, list(groups), chunk, desc)
+        return _score_task.options(**on_callers_node()).remote(self.workers, self.config.rule, n, list(groups), chunk, desc,
+                                  dict(self.config.resources))
 
     def shutdown(self) -> None:
         for w in self.workers or []:

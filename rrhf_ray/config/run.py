@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from rrhf_ray.config.base import Section
+from rrhf_ray.config.base import Resources, Section
 from rrhf_ray.config.training import FitConfig, TrainConfig
 
 BUILTIN_PREFIX = "builtin:"  # a name `rrhf_ray.registry` resolves, never a path
@@ -122,6 +122,9 @@ class SamplingConfig(Section):
         32, ge=1, description="Queries per request to a replica: the unit of balancing, retry and progress."
     )
     max_restarts: int = Field(1, ge=0, description="Ray restarts of a crashed replica.")
+    resources: Resources = Field(
+        default_factory=dict, description="Ray custom resources each replica asks for beside its CPUs / "
+        "GPUs ({name: amount}): it runs only on a node that declares them (docs/cluster.md, Placement).")
     refresh_tolerance: float | None = Field(
         None, gt=0,
         description="After each weight refresh every replica's log-probs of a probe (the best and "
@@ -166,6 +169,9 @@ class RewardConfig(Section):
     chunk_queries: int = Field(
         16, ge=1, description="Queries per request to a worker: the unit of balancing and progress."
     )
+    resources: Resources = Field(
+        default_factory=dict, description="Ray custom resources each reward actor (or rule task) asks "
+        "for ({name: amount}; docs/cluster.md, Placement).")
 
     @model_validator(mode="after")
     def _source_named(self) -> RewardConfig:
@@ -197,6 +203,10 @@ class EvalConfig(Section):
         "seed, so the replies and candidates are those of two passes; false: two passes. Applies "
         "where the round samples from ρ* without beam search (presets IP / IP-n).",
     )
+    resources: Resources = Field(
+        default_factory=dict, description="Ray custom resources of the driver's model tasks: the "
+        "evaluation's perplexity and ranking tasks and DPO's reference log-probabilities "
+        "({name: amount}; docs/cluster.md, Placement).")
 
 
 class RayConfig(Section):

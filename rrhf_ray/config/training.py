@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from rrhf_ray.config.base import Section
+from rrhf_ray.config.base import Resources, Section
 
 
 class LoraConfig(Section):
@@ -145,6 +145,9 @@ class FitConfig(Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers.")
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1)
+    resources: Resources = Field(
+        default_factory=dict, description="Ray custom resources each Ray Train worker asks for "
+        "({name: amount}; docs/cluster.md, Placement).")
     seed: int = 0
     log_every: int = Field(10, ge=1, description="Log training metrics every this many optimizer steps.")
     checkpoint_every_epoch: bool = Field(

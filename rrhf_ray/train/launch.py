@@ -31,12 +31,56 @@ def poll_workers_often() -> None:
     os.environ.setdefault(*HEALTH_CHECK_INTERVAL)
 
 
+class WorkerNodes:
+    """Where a fit's Ray Train workers run: each worker, as it starts (a restarted group's too),
+    puts {"rank", "node_id", "ip"} on a queue (a Ray actor of no CPU) that `seen` reads in the
+    driver; the latest start of each rank wins."""
+
+    def __init__(self) -> None:
+        from ray.util.queue import Queue
+
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self._seen: dict[int, dict[str, Any]] = {}
+
+    def seen(self) -> dict[int, dict[str, Any]]:
+        """{rank: {"node_id", "ip"}} of every worker started so far."""
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                where = self.queue.get_nowait()
+            except Empty:
+                return dict(sorted(self._seen.items()))
+            self._seen[where.pop("rank")] = where
+
+    def shutdown(self) -> None:
+        self.queue.shutdown()
+
+
+def _recording_node(loop: Callable[[dict[str, Any]], Any], queue: Any) -> Callable[[dict[str, Any]], Any]:
+    """`loop` preceded by the worker's node on `queue` (`WorkerNodes`) and in its log."""
+
+    def train_loop_per_worker(config: dict[str, Any]) -> Any:
+        import ray
+        import ray.train
+
+        rank = ray.train.get_context().get_world_rank()
+        where = {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address()}
+        logger.info("Ray Train worker %d on node %s (%s)", rank, where["node_id"], where["ip"])
+        queue.put({"rank": rank, **where})
+        return loop(config)
+
+    return train_loop_per_worker
+
+
 def torch_trainer(loop: Callable[[dict[str, Any]], Any], job: FitJob, *, name: str, storage_path: str,
-                  max_failures: int, store: RunStore | None, **loop_config: Any) -> Any:
+                  max_failures: int, store: RunStore | None, nodes: WorkerNodes | None = None,
+                  **loop_config: Any) -> Any:
     """A `TorchTrainer` running `loop` on `job.train.num_workers` workers (a GPU each with
-    `train.use_gpu`), `loop`'s config {"job": job as a dict, **loop_config}; the workers log to
+    `train.use_gpu`, and `train.resources`, the node type's custom resources), `loop`'s config {"job": job as a dict, **loop_config}; the workers log to
     `job.log_dir` (None: Ray's logs), Ray Train keeps the last reported
-    checkpoint under `storage_path/name` and restarts a failed group up to `max_failures` times."""
+    checkpoint under `storage_path/name` and restarts a failed group up to `max_failures` times.
+    `nodes`: where each worker records its node (`WorkerNodes`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -45,12 +89,13 @@ def torch_trainer(loop: Callable[[dict[str, Any]], Any], job: FitJob, *, name: s
     cfg = job.train
     poll_workers_often()
     return TorchTrainer(
-        loop,
+        _recording_node(loop, nodes.queue) if nodes is not None else loop,
         train_loop_config={"job": job.model_dump(mode="json"), **loop_config},
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {}),
+                                  **cfg.resources},
         ),
         run_config=RunConfig(
             name=name,

@@ -82,9 +82,11 @@ def reference_logprobs(ref_model: str, groups: Sequence[QueryGroup], cfg: TrainC
 
 def compute_reference(ref_model: str, groups: Sequence[QueryGroup], cfg: TrainConfig, *,
                       tokenizer_path: str | None = None, trust_remote_code: bool = False,
-                      dtype: str = "auto", store: RunStore | None = None) -> list[list[float | None]]:
+                      dtype: str = "auto", store: RunStore | None = None,
+                      resources: dict[str, float] | None = None) -> list[list[float | None]]:
     """`reference_logprobs` as a Ray task (num_cpus=1; num_gpus=1 when the cluster has a GPU;
-    the options of `store`, the run's bucket mirror) when Ray is connected, else in this process."""
+    the custom `resources` of `eval.resources`; the options of `store`, the run's bucket mirror)
+    when Ray is connected, else in this process."""
     import ray
 
     kwargs = {"tokenizer_path": tokenizer_path, "trust_remote_code": trust_remote_code, "dtype": dtype}
@@ -93,7 +95,8 @@ def compute_reference(ref_model: str, groups: Sequence[QueryGroup], cfg: TrainCo
     from rrhf_ray.mirror import actor_options
 
     gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    task = ray.remote(num_cpus=1, num_gpus=gpus, **actor_options(store))(reference_logprobs)
+    task = ray.remote(num_cpus=1, num_gpus=gpus, resources=dict(resources or {}),
+                      **actor_options(store))(reference_logprobs)
     return ray.get(task.remote(ref_model, list(groups), cfg, **kwargs))
 
 
@@ -105,11 +108,12 @@ def with_reference(groups: Sequence[QueryGroup], refs: Sequence[Sequence[float |
 
 def write_reference_pool(groups: Sequence[QueryGroup], ref_model: str, cfg: TrainConfig, out: Path, *,
                          tokenizer_path: str | None = None, trust_remote_code: bool = False,
-                         dtype: str = "auto", store: RunStore | None = None) -> dict:
+                         dtype: str = "auto", store: RunStore | None = None,
+                         resources: dict[str, float] | None = None) -> dict:
     """Compute the reference log-probabilities of `groups` and write the groups with them to
     `out` (Parquet or JSONL, atomically); returns what the run state records."""
     refs = compute_reference(ref_model, groups, cfg, tokenizer_path=tokenizer_path,
-                             trust_remote_code=trust_remote_code, dtype=dtype, store=store)
+                             trust_remote_code=trust_remote_code, dtype=dtype, store=store, resources=resources)
     write_groups(with_reference(groups, refs), out)
     n = sum(r is not None for rs in refs for r in rs)
     logger.info("reference log-probabilities of %d candidates under %s written to %s", n, ref_model, out)

@@ -49,7 +49,7 @@ from rrhf_ray.config import TrainConfig
 from rrhf_ray.logs import redirect_process_output
 from rrhf_ray.train.checkpoints import read_train_state, resume_checkpoint, write_checkpoint
 from rrhf_ray.train.jobs import FitJob
-from rrhf_ray.train.launch import torch_trainer
+from rrhf_ray.train.launch import WorkerNodes, torch_trainer
 from rrhf_ray.train.loop import (
     NonFiniteTraining,
     Optimizer,
@@ -188,8 +188,9 @@ class WarmTrainer:
         self._pending: dict[str, Any] | None = None
         self.starts = 0  # worker group (re)starts seen (a `ready` each)
         self._error: BaseException | None = None
+        self.nodes = WorkerNodes()  # where each worker runs (the driver records it)
         trainer = torch_trainer(warm_loop_per_worker, job, name=self.name, storage_path=storage_path,
-                                max_failures=max_failures, store=store, version=version,
+                                max_failures=max_failures, store=store, nodes=self.nodes, version=version,
                                 global_step=global_step, commands=self.commands, results=self.results)
         self._thread = threading.Thread(target=self._fit, args=(trainer,), name="warm-trainer", daemon=True)
         self._thread.start()
@@ -274,6 +275,7 @@ class WarmTrainer:
             return False
         for q in [*self.commands, self.results]:
             q.shutdown()
+        self.nodes.shutdown()
         local = Path(self.storage_path) / self.name
         if "://" not in self.storage_path and local.is_dir():
             shutil.rmtree(local, ignore_errors=True)

@@ -154,21 +154,38 @@ def head_commands(cfg: dict) -> list[str]:
     return [c for c in cfg["head_start_ray_commands"] if "ray start" in c]
 
 
+def launcher_node_types(cfg: dict) -> tuple[dict, dict[str, tuple[dict, int]]]:
+    """(the head's resources, {worker type: (its resources, max_workers)}). The local provider
+    has no node types (Ray refuses them there): the head's are its `ray start` flags, the
+    workers' the `--resources` JSON its worker start command picks per machine (one machine each)."""
+    if cfg["provider"]["type"] != "local":
+        types = cfg["available_node_types"]
+        workers = {k: (t["resources"], t["max_workers"]) for k, t in types.items() if k != cfg["head_node_type"]}
+        return types[cfg["head_node_type"]]["resources"], workers
+    assert "available_node_types" not in cfg and "head_node_type" not in cfg
+    (start,) = head_commands(cfg)
+    head = {"CPU": int(re.search(r"--num-cpus=(\d+)", start).group(1)),
+            "GPU": int(re.search(r"--num-gpus=(\d+)", start).group(1))}
+    assert "--resources" not in start
+    worker_start = " ".join(cfg["worker_start_ray_commands"])
+    roles = [json.loads(m) for m in re.findall(r"ROLE='(\{.*?\})'", worker_start)]
+    assert '--resources="$ROLE"' in worker_start and len(roles) == len(cfg["provider"]["worker_ips"])
+    return head, {f"worker{i}": ({"GPU": 8, **r}, 1) for i, r in enumerate(roles)}
+
+
 @pytest.mark.parametrize("name", sorted(LAUNCHER))
 def test_launcher_yaml_invariants(name):
     cfg = yaml.safe_load(LAUNCHER[name].read_text())
-    types = cfg["available_node_types"]
-    head = types[cfg["head_node_type"]]
+    head, workers = launcher_node_types(cfg)
     # The head drives only: no GPU resource, so no sampler / reward / trainer is placed there.
-    assert head["resources"].get("GPU", 0) == 0
+    assert head.get("GPU", 0) == 0
     (start,) = head_commands(cfg)
     assert "--num-gpus=0" in start
     # Dashboard and job server on loopback: reached through an SSH tunnel only.
     assert "--dashboard-host=127.0.0.1" in start
     assert "0.0.0.0" not in LAUNCHER[name].read_text()
-    workers = {k: v for k, v in types.items() if k != cfg["head_node_type"]}
-    assert workers and all(w["resources"]["GPU"] == 8 for w in workers.values())  # the paper's 8 GPUs
-    assert all(w["max_workers"] <= cfg["max_workers"] for w in workers.values())
+    assert workers and all(r["GPU"] == 8 for r, _ in workers.values())  # the paper's 8 GPUs
+    assert all(n <= cfg["max_workers"] for _, n in workers.values())
     assert cfg["idle_timeout_minutes"] > 0
     # Images: the CPU image on the head, the GPU image on the workers, both as built from docker/.
     assert cfg["docker"]["head_image"] == image_of("cpu")
@@ -183,12 +200,13 @@ def test_launcher_yaml_invariants(name):
 @pytest.mark.parametrize("name", ["aws", "gcp"])
 def test_cloud_gpu_workers_are_the_papers_8_gpu_machines(name):
     cfg = yaml.safe_load(LAUNCHER[name].read_text())
-    node = cfg["available_node_types"]["gpu_8x_a100"]["node_config"]
-    if name == "aws":
-        assert node["InstanceType"] == "p4d.24xlarge"
-    else:
-        assert node["machineType"] == "a2-highgpu-8g"
-        assert node["guestAccelerators"][0]["acceleratorCount"] == 8
+    for kind in ("gpu_trainer", "gpu_sampler"):
+        node = cfg["available_node_types"][kind]["node_config"]
+        if name == "aws":
+            assert node["InstanceType"] == "p4d.24xlarge"
+        else:
+            assert node["machineType"] == "a2-highgpu-8g"
+            assert node["guestAccelerators"][0]["acceleratorCount"] == 8
 
 
 def gpus_needed(config) -> float:
@@ -204,8 +222,8 @@ def test_the_7b_workflow_fits_each_cluster(name):
 
     config = load_config(REPO / "workflows" / "hh_llama7b.yaml")
     cfg = yaml.safe_load(LAUNCHER[name].read_text())
-    gpus = sum(t["max_workers"] * t["resources"].get("GPU", 0)
-               for k, t in cfg["available_node_types"].items() if k != cfg["head_node_type"])
+    _, workers = launcher_node_types(cfg)
+    gpus = sum(n * r.get("GPU", 0) for r, n in workers.values())
     assert gpus_needed(config) <= gpus
     # Replicas must fit on one node: a replica's tensor-parallel GPUs and the trainer's share.
     assert 8 % config.sampling.tensor_parallel_size == 0
@@ -233,6 +251,22 @@ def container(group: dict) -> dict:
     return c
 
 
+def kuberay_node_types(name: str) -> tuple[dict, dict[str, tuple[dict, int]]]:
+    """`launcher_node_types` of a KubeRay manifest: a group's resources are its pod's GPUs and
+    the custom resources of its `rayStartParams.resources` (KubeRay's quoted JSON)."""
+    spec = cluster_spec(name)
+
+    def custom(group: dict) -> dict:
+        raw = group["rayStartParams"].get("resources")
+        return json.loads(json.loads(raw)) if raw else {}
+
+    head = spec["headGroupSpec"]
+    head_res = {"GPU": int(head["rayStartParams"]["num-gpus"]), **custom(head)}
+    workers = {g["groupName"]: ({"GPU": int(container(g)["resources"]["limits"]["nvidia.com/gpu"]), **custom(g)},
+                                g["maxReplicas"]) for g in spec["workerGroupSpecs"]}
+    return head_res, workers
+
+
 @pytest.mark.parametrize("name", ["raycluster", "rayjob"])
 def test_kuberay_manifest_agrees_with_the_launcher_yamls(name):
     import ray
@@ -247,19 +281,62 @@ def test_kuberay_manifest_agrees_with_the_launcher_yamls(name):
     assert str(head["rayStartParams"]["num-gpus"]) == "0"
     for section in ("requests", "limits"):
         assert "nvidia.com/gpu" not in container(head)["resources"].get(section, {})
-    (gpu_group,) = spec["workerGroupSpecs"]
-    c = container(gpu_group)
-    assert c["image"] == aws["docker"]["worker_image"] == image_of("gpu")
-    aws_gpu = aws["available_node_types"]["gpu_8x_a100"]
-    assert int(c["resources"]["limits"]["nvidia.com/gpu"]) == aws_gpu["resources"]["GPU"]
-    assert gpu_group["minReplicas"] == aws_gpu["min_workers"]
-    assert gpu_group["maxReplicas"] == aws_gpu["max_workers"]
-    for group in (head, gpu_group):
+    # One worker group per node type of aws.yaml (gpu_trainer ↔ gpu-trainer), the same resources.
+    _, groups = kuberay_node_types(name)
+    _, aws_types = launcher_node_types(aws)
+    assert {g.replace("-", "_") for g in groups} == set(aws_types)
+    for gpu_group in spec["workerGroupSpecs"]:
+        c = container(gpu_group)
+        assert c["image"] == aws["docker"]["worker_image"] == image_of("gpu")
+        aws_gpu = aws["available_node_types"][gpu_group["groupName"].replace("-", "_")]
+        assert groups[gpu_group["groupName"]][0] == {k: v for k, v in aws_gpu["resources"].items() if k != "CPU"}
+        assert gpu_group["minReplicas"] == aws_gpu["min_workers"]
+        assert gpu_group["maxReplicas"] == aws_gpu["max_workers"]
+    for group in (head, *spec["workerGroupSpecs"]):
         for c in group["template"]["spec"]["containers"]:
             assert c["securityContext"]["runAsNonRoot"] is True
             assert c["securityContext"].get("allowPrivilegeEscalation") is False
             mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
             assert SHARED_MOUNT in mounts, f"{name}: {c['name']} lacks the shared volume"
+
+
+# --------------------------------------------------------------------------- placement (docs/cluster.md)
+
+ROLES = ("sampling", "reward", "train", "eval")
+
+
+def node_types_of(name: str) -> tuple[dict, dict[str, tuple[dict, int]]]:
+    if name in LAUNCHER:
+        return launcher_node_types(yaml.safe_load(LAUNCHER[name].read_text()))
+    return kuberay_node_types(name)
+
+
+@pytest.mark.parametrize("name", [*sorted(LAUNCHER), "raycluster", "rayjob", "rayjob-s3"])
+def test_every_resource_the_7b_workflow_asks_for_is_a_worker_node_types(name):
+    """Each role's `resources` in workflows/hh_llama7b.yaml is declared by a worker node type of
+    the cluster file, together with the GPUs one actor of the role needs, in the amount all of the
+    role's actors need; the head declares no role resource, so no role lands there."""
+    config = load_config(REPO / "workflows" / "hh_llama7b.yaml")
+    head, workers = node_types_of(name)
+    role_resources = {r for role in ROLES for r in getattr(config, role).resources}
+    assert role_resources == {"sampler_node", "trainer_node"}
+    assert not role_resources & set(head), f"{name}: the head declares {role_resources & set(head)}"
+    # (role, actors of it, GPUs of one) for the long-lived ones; the evaluation's up to 3 tasks.
+    gpus = {"sampling": config.sampling.tensor_parallel_size, "reward": config.reward.gpus_per_worker,
+            "train": 1, "eval": 0}
+    count = {"sampling": config.sampling.num_replicas, "reward": config.reward.num_workers,
+             "train": config.train.num_workers, "eval": 3}
+    for role in ROLES:
+        wanted = getattr(config, role).resources
+        assert wanted, f"{role}.resources is empty: that role could land on the head"
+        fits = [k for k, (res, _) in workers.items()
+                if all(res.get(r, 0) >= a for r, a in wanted.items()) and res.get("GPU", 0) >= gpus[role]]
+        assert fits, f"{name}: no worker node type holds one {role} actor ({wanted}, {gpus[role]} GPUs)"
+    # Together: the roles asking for one resource fit in what the node types declare of it.
+    for resource in role_resources:
+        needed = sum(count[role] * getattr(config, role).resources.get(resource, 0) for role in ROLES)
+        declared = sum(n * res.get(resource, 0) for res, n in workers.values())
+        assert needed <= declared, f"{name}: {resource} {needed} needed, {declared} declared"
 
 
 def test_raycluster_dashboard_is_loopback_only():
@@ -324,3 +401,62 @@ def test_no_yaml_holds_a_secret(path):
             if isinstance(value, str) and key in ("value",) and SECRET_VALUES.search(value):
                 pytest.fail(f"{path}: {where} holds a credential")
 
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("sampling.resources.sampler_node=-1", "sampling.resources: Value error, resource 'sampler_node': amount -1.0 must be a positive number"),
+    ("train.resources.trainer_node=0", "train.resources: Value error, resource 'trainer_node': amount 0.0 must be a positive number"),
+    ("reward.resources.sampler_node=lots", "reward.resources.sampler_node: Input should be a valid number"),
+    ("eval.resources.GPU=1", "eval.resources: Value error, 'GPU' is one of Ray's own resources"),
+])
+def test_a_bad_placement_is_refused_up_front_naming_the_field(override, message):
+    from rrhf_ray.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "workflows" / "hh_llama7b.yaml", [override])
+    assert message in str(err.value)
+
+
+def test_placement_is_not_part_of_the_runs_fingerprint():
+    """The same run resumes on a cluster whose node types are named otherwise."""
+    from rrhf_ray.state import config_fingerprint
+
+    config = load_config(REPO / "workflows" / "hh_llama7b.yaml")
+    moved = load_config(REPO / "workflows" / "hh_llama7b.yaml", ["train.resources.other_node=2"])
+    assert moved.train.resources == {"trainer_node": 1.0, "other_node": 2.0}
+    assert config_fingerprint(moved) == config_fingerprint(config)
+    assert config_fingerprint(load_config(REPO / "workflows" / "hh_llama7b.yaml", ["train.epochs=2"])) != \
+        config_fingerprint(config)
+
+
+# --------------------------------------------------------------------------- many nodes on one machine
+
+
+def test_a_node_id_in_the_cache_path_is_this_processs_node(monkeypatch, tmp_path):
+    from rrhf_ray.remote import cache_root
+
+    monkeypatch.setenv("RRHF_RAY_CACHE", str(tmp_path / "cache" / "{node_id}"))
+    assert cache_root() == tmp_path / "cache" / "local"  # outside Ray (the driver before it connects)
+    assert cache_root(tmp_path / "given") == tmp_path / "given"
+
+AUTOSCALER_KEYS = ("file_mounts", "cluster_synced_files", "file_mounts_sync_continuously", "rsync_exclude",
+                   "rsync_filter", "initialization_commands", "setup_commands", "head_setup_commands",
+                   "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands", "auth")
+
+
+def test_the_local_autoscale_yaml_has_a_driving_head_and_a_node_type_per_role():
+    """cluster/local-autoscale.yaml (tests/integration/test_autoscale.py starts it): Ray's schema,
+    every key the autoscaler reads, a head without role resources, worker node types that start
+    at 0 and declare the roles' resources."""
+    import jsonschema
+
+    cfg = yaml.safe_load((REPO / "cluster" / "local-autoscale.yaml").read_text())
+    jsonschema.validate(cfg, ray_schema())
+    assert cfg["provider"]["type"] == "fake_multinode"
+    assert all(key in cfg for key in AUTOSCALER_KEYS)
+    head, workers = launcher_node_types(cfg)
+    assert set(head) == {"CPU"}
+    assert {r for res, _ in workers.values() for r in res if r != "CPU"} == {"sampler_node", "trainer_node"}
+    types = cfg["available_node_types"]
+    assert all(types[k]["min_workers"] == 0 for k in workers)
+    assert 0 < cfg["idle_timeout_minutes"] <= 1
