@@ -66,15 +66,17 @@ def _drop_added_later(data: dict[str, Any]) -> dict[str, Any]:
 
 
 # Where each role runs (the sections' Ray custom `resources`) changes no result, and may change
-# when a run resumes on another cluster: like the Ray connection, it is not fingerprinted.
+# when a run resumes on another cluster: like the Ray connection, it is not fingerprinted. Nor is
+# how SFT lays out its rows (`packing`: the same loss and gradients up to float rounding).
 _PLACEMENT = frozenset({"resources"})
+_FIT_LAYOUT = frozenset({"resources", "packing"})
 
 
 def _fingerprint_data(config: RunConfig, *, as_typed: bool = False) -> dict[str, Any]:
     data = _drop_added_later(config.model_dump(mode="json", exclude={
         "rounds": True, "ray": True, "tracking": True, "sampling": _PLACEMENT, "reward": _PLACEMENT,
-        "train": _PLACEMENT, "eval": _PLACEMENT, "sft": {"train": _PLACEMENT},
-        "reward_model": {"train": _PLACEMENT}}))
+        "train": _FIT_LAYOUT, "eval": _PLACEMENT, "sft": {"train": _FIT_LAYOUT},
+        "reward_model": {"train": _FIT_LAYOUT}}))
     out = data["output"]["dir"]
     if not as_typed and "://" not in out:
         # By meaning, not spelling: `outputs/demo`, `$PWD/outputs/demo` and `outputs/demo/` are one run.
@@ -106,7 +108,7 @@ def earlier_fingerprints(config: RunConfig) -> set[str]:
     for stage in ("sft", "reward_model"):
         if data.get(stage) is not None:
             data[stage]["train"] = TrainConfig.model_validate(data[stage]["train"]).model_dump(
-                mode="json", exclude=_PLACEMENT)
+                mode="json", exclude=_FIT_LAYOUT)
     if data["train"]["loss"].get("pairs") == "all":
         del data["train"]["loss"]["pairs"]
     if data["sampling"].get("refresh_tolerance") is None:

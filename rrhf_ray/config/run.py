@@ -321,7 +321,8 @@ class SFTStageConfig(PairStageConfig):
 
     # Alpaca-style SFT: 3 epochs, lr 2e-5, warm-up 3 % then cosine, 128 pairs a step.
     TRAIN_DEFAULTS: ClassVar[dict[str, Any]] = {
-        "epochs": 3, "lr": 2e-5, "queries_per_step": 128, "micro_batch_queries": 4, "max_length": 512}
+        "epochs": 3, "lr": 2e-5, "queries_per_step": 128, "micro_batch_queries": 4, "max_length": 512,
+        "packing": "auto"}  # pairs packed into rows without padding where the model supports it
 
     data: str = Field(
         description="Pairs JSONL/Parquet {query, response}, or an HH-layout source (rm-static, "

@@ -153,6 +153,13 @@ class FitConfig(Section):
     checkpoint_every_epoch: bool = Field(
         True, description="Report a resumable checkpoint after each epoch (else only at the end)."
     )
+    packing: Literal["auto", "on", "off"] = Field(
+        "off", description="SFT: pack a micro-batch's pairs into rows of up to max_length tokens, each "
+        "attending only to itself with positions restarting per pair, and compute only the logits "
+        "that predict a response token (the same loss and gradients as padded rows; "
+        "rrhf_ray.train.prefix.packed_nll_sum). auto = where the model supports the packed "
+        "attention (as train.prefix_sharing); off = one padded row per pair. The RRHF update and "
+        "the reward model ignore it.")
     # Added later: off, it is left out of the run's fingerprint (rrhf_ray.state.ADDED_LATER).
     skip_nonfinite: bool = Field(
         False,

@@ -394,7 +394,7 @@ def run_pair_worker(
     config: dict[str, Any],
     job_type: type[PairJob],
     read_pairs: Callable[..., list[Any]],
-    build_recipe: Callable[[FitConfig, list[Any], list[Any], Any, torch.device], Recipe],
+    build_recipe: Callable[[FitConfig, list[Any], list[Any], Any, torch.device, torch.nn.Module], Recipe],
     load_model: Callable[[str, FitConfig, bool, Any], torch.nn.Module],
     *,
     require_eos: bool = True,
@@ -402,11 +402,11 @@ def run_pair_worker(
     """`run_worker` for a fit on pairs (SFT, reward model): the job `config["job"]` (a dict;
     `config.get("ray")`: under Ray Train), its pairs read by `read_pairs` and split into training
     and held-out pairs on the worker, and the recipe
-    `build_recipe(train_config, train_pairs, held_pairs, tokenizer, device)`."""
+    `build_recipe(train_config, train_pairs, held_pairs, tokenizer, device, model)`."""
     job = job_type.model_validate(config["job"])
 
     def recipe(tokenizer: Any, device: torch.device, model: torch.nn.Module) -> Recipe:
         train_pairs, held_pairs = job.split_pairs(read_pairs)
-        return build_recipe(job.train, train_pairs, held_pairs, tokenizer, device)
+        return build_recipe(job.train, train_pairs, held_pairs, tokenizer, device, model)
 
     return run_worker(job, bool(config.get("ray")), load_model, recipe, require_eos=require_eos)

@@ -45,6 +45,8 @@ __all__ = [
     "PackedQueries",
     "candidate_logprobs_padded",
     "candidate_logprobs_shared",
+    "pack_rows",
+    "packed_nll_sum",
     "supports_prefix_sharing",
     "tokens_computed",
 ]
@@ -161,7 +163,8 @@ layout when a forward passes `prefix_layout` (without it, exactly SDPA)."""
 
 def _prefix_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                  attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                 prefix_layout: tuple | None = None, **kwargs) -> tuple[Tensor, None]:
+                 prefix_layout: tuple | None = None, segment_mask: Tensor | None = None,
+                 **kwargs) -> tuple[Tensor, None]:
     """SDPA over packed rows without computing the masked blocks.
 
     `prefix_layout[b] = (P, ((s_1, e_1), …))`: row b holds a prompt of P tokens, then the
@@ -173,6 +176,9 @@ def _prefix_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if segment_mask is not None:  # packed independent sequences: one SDPA call, a block-diagonal mask
+        return sdpa_attention_forward(module, query, key, value, segment_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=False)
     if prefix_layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
@@ -284,3 +290,71 @@ def candidate_logprobs_shared(model: nn.Module, batch: PackedQueries) -> tuple[T
     cand = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths_t)
     logp_sum = torch.zeros(len(lengths), dtype=token_logp.dtype, device=device).index_add(0, cand, token_logp)
     return logp_sum, lengths_t
+
+
+# --------------------------------------------------------------------------- packed sequences (SFT)
+
+
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of sequences of `lengths` packed into rows of at most `capacity` tokens (first fit,
+    longest first; a sequence longer than `capacity` gets a row of its own). Few rows of nearly
+    equal width: the padding left is what the last row of each width class lacks."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
+
+
+def packed_nll_sum(model: nn.Module, examples: Sequence[tuple[list[int], int]], capacity: int) -> tuple[Tensor, int]:
+    """(Σ −log π over the response tokens, their number) of (ids, response start) examples, the
+    SFT loss of `rrhf_ray.train.sft.nll_sum` without padding: the examples are packed into rows of
+    at most `capacity` tokens (`pack_rows`), each attending only to itself (`PREFIX_ATTENTION`
+    with a block-diagonal causal `segment_mask`: one SDPA call per layer; a padding position
+    attends to itself alone, so nothing is undefined) with positions restarting at 0, and only the
+    logits that predict a response token are computed. Equal to the padded loss and gradients up
+    to float rounding (tested)."""
+    device = _device(model)
+    inner = _unwrap(model)
+    use_prefix_attention(inner)
+    rows, positions, segments, predictors, owners, targets = [], [], [], [], [], []
+    for b, members in enumerate(pack_rows([len(ids) for ids, _ in examples], capacity)):
+        row: list[int] = []
+        pos: list[int] = []
+        seg: list[int] = []
+        for n, i in enumerate(members):
+            ids, start = examples[i]
+            begin = len(row)
+            row += ids
+            pos += range(len(ids))
+            seg += [n] * len(ids)
+            predictors += range(begin + start - 1, begin + len(ids) - 1)
+            targets += ids[start:]
+            owners += [b] * (len(ids) - start)
+        rows.append(row)
+        positions.append(pos)
+        segments.append(seg)
+    ids, pad_mask = _right_pad(rows, device)
+    width = ids.shape[1]
+    pos_t = torch.zeros_like(ids)
+    seg_t = torch.full_like(ids, -1)  # padding: a segment of its own per position (below)
+    for i, (pos, seg) in enumerate(zip(positions, segments)):
+        pos_t[i, : len(pos)] = torch.tensor(pos, device=device)
+        seg_t[i, : len(seg)] = torch.tensor(seg, device=device)
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    same = (seg_t[:, :, None] == seg_t[:, None, :]) & (seg_t[:, :, None] >= 0)
+    eye = torch.eye(width, dtype=torch.bool, device=device)
+    mask = ((same & causal) | eye)[:, None]  # [B, 1, T, T]
+    keep, column = torch.unique(torch.tensor(predictors, device=device), sorted=True, return_inverse=True)
+    logits = model(input_ids=ids, attention_mask=pad_mask, position_ids=pos_t, use_cache=False,
+                   logits_to_keep=keep, segment_mask=mask).logits  # [B, |keep|, V]
+    picked = logits[torch.tensor(owners, device=device), column].float()  # one row per response token
+    loss = torch.nn.functional.cross_entropy(picked, torch.tensor(targets, device=device), reduction="sum")
+    return loss, len(targets)

@@ -105,7 +105,8 @@ def _accuracy(model: torch.nn.Module, encoded: Sequence[tuple[list[int], list[in
 
 
 def reward_model_recipe(cfg: FitConfig, train_pairs: Sequence[PreferencePair],
-                        eval_pairs: Sequence[PreferencePair], tokenizer: Any, device: torch.device) -> Recipe:
+                        eval_pairs: Sequence[PreferencePair], tokenizer: Any, device: torch.device,
+                        model: torch.nn.Module | None = None) -> Recipe:
     """The reward-model recipe for `run_worker`: the Bradley-Terry loss of each pair, chosen and
     rejected in one forward; held-out pairwise accuracy and margin each epoch."""
 

@@ -14,6 +14,7 @@ tokens of the step's pairs, whatever the split over workers and micro-batches.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,11 +26,14 @@ from rrhf_ray.data.pairs import SFTPair, read_sft_pairs
 from rrhf_ray.train.jobs import PairJob
 from rrhf_ray.train.launch import fit_pairs, train_once
 from rrhf_ray.train.loop import Measured, MicroBatch, Recipe, run_pair_worker
+from rrhf_ray.train.prefix import packed_nll_sum, supports_prefix_sharing
 from rrhf_ray.train.tokens import IGNORE, Batch, collate, encode
 from rrhf_ray.train.worker import inference_dtype, load_policy, load_tokenizer
 
 if TYPE_CHECKING:
     from rrhf_ray.mirror import RunStore
+
+logger = logging.getLogger(__name__)
 
 
 class SFTJob(PairJob):
@@ -75,19 +79,36 @@ def _mean_nll(model: torch.nn.Module, encoded: Sequence[tuple[list[int], int]], 
 # --------------------------------------------------------------------------- the worker loop
 
 
+def use_packing(model: torch.nn.Module | None, setting: str) -> bool:
+    """Whether SFT packs its pairs (`FitConfig.packing`) for `model`: `on` refuses a model the
+    packed attention is not tested with, `auto` falls back to padded rows (and says so)."""
+    if setting == "off" or model is None:
+        return False
+    if supports_prefix_sharing(model):
+        return True
+    if setting == "on":
+        raise ValueError(f"sft packing: not supported for this model "
+                         f"({getattr(getattr(model, 'config', None), 'model_type', '?')}); use packing: auto or off")
+    logger.info("sft packing: not supported by this model here; padded rows")
+    return False
+
+
 def sft_recipe(cfg: FitConfig, train_pairs: Sequence[SFTPair], eval_pairs: Sequence[SFTPair], tokenizer: Any,
-               device: torch.device) -> Recipe:
+               device: torch.device, model: torch.nn.Module | None = None) -> Recipe:
     """The SFT recipe for `run_worker`: the summed response NLL of a micro-batch, a step weighed
     by its response tokens (so its gradient is the per-token mean), the held-out NLL each epoch."""
     encoded = [encode_pair(tokenizer, p, cfg.max_length) for p in train_pairs]
     held = [encode_pair(tokenizer, p, cfg.max_length) for p in eval_pairs]
     pad_id = tokenizer.pad_token_id
+    packed = use_packing(model, cfg.packing)
 
     def micro_batch(model: torch.nn.Module, mb: MicroBatch) -> Measured:
-        batch = collate([encoded[i] for i in mb.indices], pad_id)
         with mb.sync_ctx():
             with mb.autocast():
-                loss, tokens = nll_sum(model, batch, mb.device)
+                if packed:
+                    loss, tokens = packed_nll_sum(model, [encoded[i] for i in mb.indices], cfg.max_length)
+                else:
+                    loss, tokens = nll_sum(model, collate([encoded[i] for i in mb.indices], pad_id), mb.device)
             (loss * mb.scale).backward()
         return Measured({"loss": (float(loss.detach()), tokens)}, tokens, {"pairs": len(mb.indices)})
 

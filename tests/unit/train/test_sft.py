@@ -11,7 +11,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rrhf_ray.config import TrainConfig
 from rrhf_ray.data.pairs import SFTPair, read_sft_pairs
-from rrhf_ray.train.prefix import PackedQueries, candidate_logprobs_padded
+from rrhf_ray.train.prefix import (
+    PackedQueries,
+    candidate_logprobs_padded,
+    pack_rows,
+    packed_nll_sum,
+)
 from rrhf_ray.train.sft import SFTJob, encode_pair, heldout_nll, nll_sum, sft_loop_per_worker
 from rrhf_ray.train.tokens import IGNORE, Batch, collate, encode
 from rrhf_ray.types import DataError
@@ -172,3 +177,49 @@ def test_a_reply_cut_off_at_the_length_limit_is_scored_without_an_eos(tiny_model
     assert heldout_nll(tiny_model_dir, [(q, r, False)]) == pytest.approx(float(total) / n, rel=1e-5)
     assert heldout_nll(tiny_model_dir, [(q, r)]) == pytest.approx(float(with_eos) / m, rel=1e-5)
     assert float(with_eos) / m != pytest.approx(float(total) / n, rel=1e-5)
+
+
+def test_rows_are_packed_first_fit_longest_first_within_the_capacity():
+    rows = pack_rows([5, 9, 3, 7, 2, 12], capacity=12)
+    assert sorted(i for r in rows for i in r) == list(range(6))
+    lengths = [5, 9, 3, 7, 2, 12]
+    assert all(sum(lengths[i] for i in r) <= 12 for r in rows)
+    assert rows == [[5], [1, 2], [3, 0], [4]]  # 12 | 9 + 3 | 7 + 5 | 2
+
+
+def test_packed_sft_equals_padded_rows_in_loss_and_every_gradient(tiny_model_dir, tokenizer):
+    """Pairs packed into rows of at most 160 tokens (two per row, each attending only to itself,
+    positions from 0): the summed response NLL and every parameter's gradient equal one padded
+    row per pair."""
+    pairs = [SFTPair(r["query"], r["response"]) for r in sft_rows(7)]
+    enc = [encode_pair(tokenizer, p, 160) for p in pairs]
+    assert len(pack_rows([len(ids) for ids, _ in enc], 160)) < len(enc)  # some rows hold several pairs
+    results = {}
+    for name in ("padded", "packed"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
+        if name == "padded":
+            loss, n = nll_sum(model, collate(enc, tokenizer.pad_token_id), torch.device("cpu"))
+        else:
+            loss, n = packed_nll_sum(model, enc, 160)
+        loss.backward()
+        results[name] = (float(loss), n, {k: p.grad.clone() for k, p in model.named_parameters()})
+    (l0, n0, g0), (l1, n1, g1) = results["padded"], results["packed"]
+    assert n1 == n0 == sum(len(ids) - start for ids, start in enc)
+    assert l1 == pytest.approx(l0, rel=1e-5)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_sft_with_packing_trains_to_the_same_heldout_nll(tiny_model_dir, tmp_path):
+    """The whole fit, packed (`train.packing: on`) and padded: the same steps, the same held-out
+    NLL to float rounding."""
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(16))
+    held_file = write_jsonl(tmp_path / "held.jsonl", sft_rows(4, held_out=True))
+    nll = {}
+    for packing in ("off", "on"):
+        cfg = TrainConfig(epochs=1, lr=2e-3, queries_per_step=8, micro_batch_queries=8, warmup_ratio=0.0,
+                          max_length=192, packing=packing)
+        job = SFTJob(model_path=str(tiny_model_dir), data_path=str(data), output_dir=str(tmp_path / packing),
+                     train=cfg, eval_path=str(held_file))
+        nll[packing] = sft_loop_per_worker({"job": job.model_dump()})["eval_nll"]
+    assert nll["on"] == pytest.approx(nll["off"], rel=1e-4)
