@@ -303,6 +303,7 @@ def _round_of(stage: str) -> int:
 
 def run_rounds(ctx: RunContext) -> None:
     """Round 0's evaluation, then the paper's round once per round."""
+    from rrhf_ray.actors.pools import actor_nodes, role_actors
     from rrhf_ray.report import write_metrics
 
     if ctx.last_trained == 0:  # else round 0 is evaluated already, and the pool serves ρ* now
@@ -319,8 +320,9 @@ def run_rounds(ctx: RunContext) -> None:
         if ctx.config.train.loss.name == "dpo":  # π_ref of each candidate, once: pool_ref.parquet
             ctx.run_stage(r, "reference", stages.reference)
         ctx.run_stage(r, "train", stages.train)
-        if ctx.trainer is not None:
-            record_placement(ctx, {f"train{rank}": where for rank, where in ctx.trainer.nodes.seen().items()})
+        if ctx.trainer is not None:  # where the trainer ran, and where restarted actors run now
+            record_placement(ctx, {**{f"train{rank}": where for rank, where in ctx.trainer.nodes.seen().items()},
+                                   **actor_nodes(role_actors(ctx.pools, ctx.rewards))})
         publish_checkpoint(ctx, r)
         if ctx.pools["current"].version < r:  # refresh ρ* in place: no engine restart
             ctx.run_stage(r, "refresh", stages.refresh)

@@ -77,7 +77,8 @@ def torch_trainer(loop: Callable[[dict[str, Any]], Any], job: FitJob, *, name: s
                   max_failures: int, store: RunStore | None, nodes: WorkerNodes | None = None,
                   **loop_config: Any) -> Any:
     """A `TorchTrainer` running `loop` on `job.train.num_workers` workers (a GPU each with
-    `train.use_gpu`, and `train.resources`, the node type's custom resources), `loop`'s config {"job": job as a dict, **loop_config}; the workers log to
+    `train.use_gpu`; `train.resources`, the custom resources of the node type they run on),
+    `loop`'s config {"job": job as a dict, **loop_config}; the workers log to
     `job.log_dir` (None: Ray's logs), Ray Train keeps the last reported
     checkpoint under `storage_path/name` and restarts a failed group up to `max_failures` times.
     `nodes`: where each worker records its node (`WorkerNodes`)."""
