@@ -8,12 +8,15 @@ worker, and retries a chunk whose worker died on another worker.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
+
+logger = logging.getLogger(__name__)
 
 # Two requests queued per replica keep it busy while the coordinator receives the last result.
 _IN_FLIGHT_PER_WORKER = 2
@@ -33,14 +36,43 @@ def count_tokens(result: Sequence[Sequence[Any]]) -> int:
     return sum(len(c.token_ids) for group in result for c in group)
 
 
+# A chunk's time limit when none is configured: 10× the slowest pace seen in this call (seconds
+# per query of a finished chunk) times its size, and never under 5 minutes; 30 minutes before any
+# chunk has finished (an engine's first call may compile or warm its caches).
+_PACE_FACTOR = 10.0
+_MIN_TIMEOUT_S = 300.0
+_FIRST_TIMEOUT_S = 1800.0
+
+
+def chunk_timeout(size: int, paces: Sequence[float], configured: float | None = None) -> float:
+    """Seconds a chunk of `size` queries may run on its worker (see `_PACE_FACTOR`): `configured`
+    when given, else derived from `paces` (seconds per query of the chunks finished so far)."""
+    if configured is not None:
+        return configured
+    if not paces:
+        return _FIRST_TIMEOUT_S
+    return max(_MIN_TIMEOUT_S, _PACE_FACTOR * max(paces) * size)
+
+
+class ChunkTimeout(RuntimeError):
+    """A chunk ran past its time limit and no worker was left to run it (or it has no worker to
+    replace: a rule task)."""
+
+
 def dispatch_chunks(num_workers: int, submit: Callable[[int, Any], ray.ObjectRef],
                     chunks: Sequence[Any], sizes: Sequence[int], desc: str | None = None,
-                    tokens: Callable[[Any], int] | None = None) -> list[Any]:
+                    tokens: Callable[[Any], int] | None = None, *, timeout: float | None = None,
+                    kill: Callable[[int], None] | None = None, what: str = "worker") -> list[Any]:
     """Run `submit(worker_index, chunk)` for every chunk on any live worker; results in chunk order.
 
     Shared by the sampler and reward pools. Runs inside a Ray task (it calls `ray.get`). A chunk
     whose worker died (RayActorError) goes to another worker, so a crashed replica costs one
     chunk's time, not the batch; any other error (bad data, mixed versions) is raised at once.
+    A chunk that runs past its time limit (`chunk_timeout`: `timeout`, or derived from the pace of
+    the call; its clock starts when its worker starts it, not while it waits in the worker's queue)
+    is a hung worker: `kill(worker_index)` kills it (Ray restarts an actor that may restart) and its
+    chunks go to the other workers; without `kill` (rule tasks) the chunk is cancelled and the call
+    fails, naming it. `what` names a worker in the messages ("replica", "scorer").
     `sizes[i]` is the number of queries of chunk i, for the progress bar; `tokens(result)`
     adds a tokens/s figure.
     """
@@ -51,6 +83,10 @@ def dispatch_chunks(num_workers: int, submit: Callable[[int, Any], ray.ObjectRef
     alive = set(range(num_workers))
     load = dict.fromkeys(alive, 0)
     inflight: dict[ray.ObjectRef, tuple[int, int]] = {}
+    queues: dict[int, deque[ray.ObjectRef]] = {w: deque() for w in alive}  # in submission order
+    began: dict[ray.ObjectRef, float] = {}  # when its worker started it (the head of its queue)
+    paces: list[float] = []
+    hung: list[str] = []
     bar = tqdm(total=sum(sizes), desc=desc, unit="query") if desc else None
     start, n_tokens = time.monotonic(), 0
     while pending or inflight:
@@ -59,17 +95,54 @@ def dispatch_chunks(num_workers: int, submit: Callable[[int, Any], ray.ObjectRef
             if load[w] >= _IN_FLIGHT_PER_WORKER:
                 break
             c = pending.popleft()
-            inflight[submit(w, chunks[c])] = (c, w)
+            ref = submit(w, chunks[c])
+            inflight[ref] = (c, w)
+            queues[w].append(ref)
+            if len(queues[w]) == 1:
+                began[ref] = time.monotonic()
             load[w] += 1
         if not inflight:
-            raise RuntimeError(f"every worker died; {len(pending)} of {len(chunks)} chunks not done")
-        [ref], _ = ray.wait(list(inflight), num_returns=1)
+            raise ChunkTimeout(f"every {what} died or hung ({'; '.join(hung)}); {len(pending)} of "
+                               f"{len(chunks)} chunks not done") if hung else \
+                RuntimeError(f"every worker died; {len(pending)} of {len(chunks)} chunks not done")
+        now = time.monotonic()
+        limits = {ref: began[ref] + chunk_timeout(sizes[inflight[ref][0]], paces, timeout)
+                  for ref in began if ref in inflight}
+        wait = max(0.0, min(limits.values()) - now) if limits else None
+        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=wait)
+        if not ready:
+            now = time.monotonic()
+            for ref in [r for r, limit in limits.items() if limit <= now]:
+                c, w = inflight[ref]
+                message = (f"{what} {w} ran chunk {c} ({sizes[c]} queries) for {now - began[ref]:.0f} s, "
+                           f"past its limit of {chunk_timeout(sizes[c], paces, timeout):.0f} s")
+                if kill is None:
+                    ray.cancel(ref, force=True)
+                    raise ChunkTimeout(f"{message}; cancelled (raise the timeout if the work is that slow)")
+                logger.warning("%s: killed, its chunks go to the other %ss", message, what)
+                hung.append(message)
+                kill(w)
+                alive.discard(w)
+                for queued in queues.pop(w):
+                    pending.appendleft(inflight.pop(queued)[0])
+                    began.pop(queued, None)
+                load[w] = 0
+            continue
+        [ref] = ready
         c, w = inflight.pop(ref)
         load[w] -= 1
+        queues[w].remove(ref)
+        if ref in began:
+            paces.append((time.monotonic() - began.pop(ref)) / max(sizes[c], 1))
+        if queues[w]:
+            began.setdefault(queues[w][0], time.monotonic())
         try:
             results[c] = ray.get(ref)
         except ray.exceptions.RayActorError:
             alive.discard(w)  # a restarted actor comes back with ρ's weights: not for this call
+            for queued in queues.pop(w, deque()):
+                pending.appendleft(inflight.pop(queued)[0])
+                began.pop(queued, None)
             pending.appendleft(c)
             continue
         if bar is not None:

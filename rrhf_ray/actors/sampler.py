@@ -203,8 +203,11 @@ def _sample_task(replicas: list[Any], prompts: list[str], seeds: list[int], expe
     starts = range(0, len(prompts), chunk)
     chunks = [(prompts[s:s + chunk], seeds[s:s + chunk], expected_version, config,
                configs[s:s + chunk] if configs is not None else None) for s in starts]
+    limit = (config or (configs[0] if configs else None))
     out = dispatch_chunks(len(live), lambda w, c: live[w].generate.remote(*c), chunks,
-                          [len(c[0]) for c in chunks], desc, count_tokens)
+                          [len(c[0]) for c in chunks], desc, count_tokens,
+                          timeout=limit.chunk_timeout_s if limit is not None else None,
+                          kill=lambda w: ray.kill(live[w], no_restart=False), what="sampler replica")
     return [group for part in out for group in part]
 
 

@@ -194,7 +194,7 @@ class RewardScorer:
 @ray.remote(num_cpus=0, max_retries=0)
 def _score_task(workers: list[Any] | None, rule: str | None, num_workers: int,
                 groups: list[CandidateGroup], chunk: int, desc: str | None,
-                resources: dict[str, float] | None = None) -> list[QueryGroup]:
+                resources: dict[str, float] | None = None, timeout: float | None = None) -> list[QueryGroup]:
     chunks = []
     for s in range(0, len(groups), chunk):
         part = groups[s:s + chunk]
@@ -208,7 +208,9 @@ def _score_task(workers: list[Any] | None, rule: str | None, num_workers: int,
             return _rule_task.options(resources=resources or {}).remote(rule, *c)
     sizes = [min(chunk, len(groups) - s) for s in range(0, len(groups), chunk)]
     done = dispatch_chunks(num_workers, submit, chunks, sizes, desc,
-                           (lambda r: r.tokens) if workers is not None else None)
+                           (lambda r: r.tokens) if workers is not None else None, timeout=timeout,
+                           kill=(lambda w: ray.kill(workers[w], no_restart=False)) if workers is not None else None,
+                           what="reward scorer" if workers is not None else "reward rule task")
     flat = [s for part in done for s in part.scores]
     out: list[QueryGroup] = []
     for g in groups:
@@ -250,7 +252,7 @@ class RewardPool:
         chunk = max(1, min(self.config.chunk_queries, -(-len(groups) // n)))
         desc = "scoring" if progress else None
         return _score_task.options(**on_callers_node()).remote(self.workers, self.config.rule, n, list(groups), chunk, desc,
-                                  dict(self.config.resources))
+                                  dict(self.config.resources), self.config.chunk_timeout_s)
 
     def shutdown(self) -> None:
         for w in self.workers or []:

@@ -122,6 +122,11 @@ class SamplingConfig(Section):
         32, ge=1, description="Queries per request to a replica: the unit of balancing, retry and progress."
     )
     max_restarts: int = Field(1, ge=0, description="Ray restarts of a crashed replica.")
+    chunk_timeout_s: float | None = Field(
+        None, gt=0, description="Seconds a replica may spend on one request (chunk_prompts queries) "
+        "before it counts as hung: it is killed (Ray restarts it), its chunks go to the other replicas, "
+        "and the call fails naming it when none is left. null = derived from the work: 10× the slowest "
+        "pace of the call's finished chunks, at least 300 s (1,800 s before the first chunk ends).")
     resources: Resources = Field(
         default_factory=dict, description="Ray custom resources each replica asks for beside its CPUs / "
         "GPUs ({name: amount}): it runs only on a node that declares them (docs/cluster.md, Placement).")
@@ -169,6 +174,10 @@ class RewardConfig(Section):
     chunk_queries: int = Field(
         16, ge=1, description="Queries per request to a worker: the unit of balancing and progress."
     )
+    chunk_timeout_s: float | None = Field(
+        None, gt=0, description="Seconds a reward actor (or rule task) may spend on one request before "
+        "it counts as hung: an actor is killed and its chunks rescored by the others; a rule task is "
+        "cancelled and the stage fails naming it. null = derived as sampling.chunk_timeout_s.")
     resources: Resources = Field(
         default_factory=dict, description="Ray custom resources each reward actor (or rule task) asks "
         "for ({name: amount}; docs/cluster.md, Placement).")

@@ -13,7 +13,7 @@ import time
 import pytest
 import ray
 
-from rrhf_ray.actors.dispatch import dispatch_chunks
+from rrhf_ray.actors.dispatch import ChunkTimeout, chunk_timeout, dispatch_chunks
 
 pytestmark = pytest.mark.ray
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.ray
 class Worker:
     """Squares a chunk of numbers. A chunk is (numbers, seconds to take, action): action
     "die@<w>" kills the process of worker w half-way through the chunk, "die" kills any worker,
-    "raise" raises a ValueError."""
+    "raise" raises a ValueError, "hang@<w>" makes worker w take 300 s."""
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -36,6 +36,8 @@ class Worker:
             os._exit(1)  # mid-chunk: half the work done, no result
         if action == "raise":
             raise ValueError(f"bad chunk starting at {numbers[0]}")
+        if action == f"hang@{self.index}":
+            time.sleep(300)
         time.sleep(seconds / 2)
         return {"squares": [n * n for n in numbers], "worker": self.index, "finished": time.time()}
 
@@ -44,10 +46,11 @@ class Worker:
 
 
 @ray.remote(num_cpus=0, max_retries=0)
-def dispatch(workers: list, chunks: list, desc: str | None = None) -> list:
+def dispatch(workers: list, chunks: list, desc: str | None = None, timeout: float | None = None) -> list:
     return dispatch_chunks(len(workers), lambda w, c: workers[w].run.remote(c), chunks,
                            [len(c[0]) for c in chunks], desc,
-                           (lambda r: len(r["squares"])) if desc else None)
+                           (lambda r: len(r["squares"])) if desc else None,
+                           timeout=timeout, kill=lambda w: ray.kill(workers[w]), what="replica")
 
 
 @pytest.fixture
@@ -145,3 +148,31 @@ def test_every_worker_dead_is_a_runtime_error(ray_cluster, workers) -> None:
 def test_no_workers_is_a_runtime_error(ray_cluster) -> None:
     with pytest.raises(RuntimeError, match=r"every worker died; 2 of 2 chunks not done"):
         ray_cluster.get(dispatch.remote([], [chunk(0), chunk(1)]))
+
+
+def test_a_hung_worker_is_killed_past_the_chunk_timeout_and_its_chunks_rerun(ray_cluster, workers) -> None:
+    """Chunk 1 hangs on worker 1 (300 s); with a 3 s limit per chunk, worker 1 is killed and its
+    chunks (the hung one and the one queued behind it) run on worker 0: every result, long before
+    the hang would have ended. The clock of a queued chunk starts when its worker starts it."""
+    group = workers(2)
+    chunks = [chunk(i, seconds=0.4, action="hang@1" if i == 1 else "") for i in range(6)]
+    start = time.monotonic()
+    out = ray_cluster.get(dispatch.remote(group, chunks, timeout=3.0))
+    assert time.monotonic() - start < 60
+    assert [r["squares"] for r in out] == [squares(i) for i in range(6)]
+    assert out[1]["worker"] == 0 and is_dead(ray_cluster, group[1])
+    assert {r["worker"] for r in out} == {0}  # worker 1 finished nothing: it hung on its first chunk
+
+
+def test_every_worker_hung_names_them(ray_cluster, workers) -> None:
+    [only] = workers(1)
+    with pytest.raises(ChunkTimeout, match=r"every replica died or hung \(replica 0 ran chunk 0 \(3 queries\) "
+                                           r"for \d+ s, past its limit of 2 s\); 2 of 2 chunks not done"):
+        ray_cluster.get(dispatch.remote([only], [chunk(0, action="hang@0"), chunk(1)], timeout=2.0))
+
+
+def test_chunk_timeout_is_derived_from_the_pace_of_the_call() -> None:
+    assert chunk_timeout(32, []) == 1800.0  # nothing finished yet: an engine's first call may be slow
+    assert chunk_timeout(32, [0.5, 2.0]) == 10 * 2.0 * 32  # 10× the slowest pace
+    assert chunk_timeout(4, [0.5]) == 300.0  # never under 5 minutes
+    assert chunk_timeout(4, [0.5], configured=12.0) == 12.0
