@@ -396,6 +396,6 @@ def format_status(state: dict[str, Any], output_dir: str, now: float | None = No
     if not live:
         lines.append(f"next: {pending[0]}" if pending else "finished")
     rows = rows_upto(stages, rounds)
-    if rows:
-        lines.append(format_table(rows))
+    if rows:  # the run's end-of-run table: 80 columns; summary.md has every column
+        lines += [format_console_table(rows), f"every column: {output_dir.rstrip('/')}/summary.md"]
     return "\n".join(lines)

@@ -17,7 +17,7 @@ import pytest
 from rrhf_ray.cli import main
 from rrhf_ray.config import load_config
 from rrhf_ray.demo import DEMO_CONFIG
-from rrhf_ray.report import format_status, format_table, rows_upto
+from rrhf_ray.report import format_console_table, format_status, rows_upto
 from rrhf_ray.state import RunState, driver_alive, process_start_ticks, timed_stage, timed_stages
 from tests.helpers import state_stages
 
@@ -226,8 +226,11 @@ def test_status_command_of_a_running_run_shows_the_stage_the_finished_stages_and
     assert re.fullmatch(rf"round2/train: running for 4[12] s \(driver pid {os.getpid()} on {re.escape(HOST)}\)",
                         lines[8]), lines[8]
     assert "next:" not in text and "stopped" not in text
-    assert "\n".join(lines[9:]) == format_table(rows_upto(state_stages(), 3))  # rounds 0 and 1 so far
-    assert [line.split(" | ")[0] for line in lines[11:]] == ["| 0", "| 1"]
+    # rounds 0 and 1 so far, in the run's 80-column table, then where every column is
+    assert "\n".join(lines[9:-1]) == format_console_table(rows_upto(state_stages(), 3))
+    assert [line.split("|")[1].strip() for line in lines[11:-1]] == ["0", "1"]
+    assert lines[-1].startswith("every column: ") and lines[-1].endswith("/summary.md")
+    assert max(len(line) for line in lines[9:-1]) <= 80
 
 
 def test_status_of_a_long_running_stage_in_minutes_and_hours(tmp_path) -> None:
@@ -246,7 +249,7 @@ def test_status_command_of_a_killed_run_says_stopped(tmp_path, capsys) -> None:
            "run the same command again to resume\n" in text
     assert "running for" not in text
     assert "\nnext: round2/train\n" in text  # where a resumed run starts
-    assert format_table(rows_upto(state_stages(), 3)) in text
+    assert format_console_table(rows_upto(state_stages(), 3)) in text
 
 
 def test_status_of_a_driver_on_another_host_is_not_checked(tmp_path, capsys) -> None:
@@ -278,9 +281,10 @@ def test_status_command_of_a_finished_run_is_the_stages_and_the_table(tmp_path, 
         "  done  round1/train         30.6 s",
         "  done  round1/eval           4.0 s",
         "finished",
-        format_table(rows_upto(stages, 1)),
+        format_console_table(rows_upto(stages, 1)),
+        f"every column: {out}/summary.md",
     ]) + "\n"
-    assert "| 1 | +0.500 [+0.375, +0.625] |" in text
+    assert "+0.250 [+0.125, +0.375]" in text  # round 1's sampled reward
 
 
 def test_status_of_a_run_between_stages_names_the_next(tmp_path, capsys) -> None:
