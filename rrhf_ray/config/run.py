@@ -50,10 +50,21 @@ class DataConfig(Section):
         description="Data set: hub id (load_dataset), local .jsonl/.parquet file, a directory "
         "(data files, or one written by save_to_disk), or 'builtin:<name>'.",
     )
-    format: Literal["auto", "rm-static", "hh-rlhf", "reference", "prompts"] = Field(
+    format: Literal["auto", "rm-static", "hh-rlhf", "reference", "prompts", "prompt-only", "prompt-completion",
+                    "preference", "implicit-preference", "messages"] = Field(
         "auto",
         description="Row layout: rm-static (prompt, chosen, rejected), hh-rlhf (chosen, rejected as "
-        "whole dialogues), reference (query, responses, scores), prompts (query); auto = from the fields.",
+        "whole dialogues), reference (query, responses, scores), prompts (query); TRL's prompt-only "
+        "(prompt), prompt-completion, preference (prompt, chosen, rejected), implicit-preference "
+        "(chosen, rejected conversations), messages: strings or lists of {role, content} messages "
+        "(docs/chat.md); auto = from the fields.",
+    )
+    chat_template: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Render prompts with the policy tokenizer's chat template "
+        "(apply_chat_template, add_generation_prompt): auto = conversations when the tokenizer has "
+        "a template (else they are written as raw '\\n\\nHuman:' text), on = every query (raw "
+        "text as one user turn; a tokenizer without a template is an error), off = never.",
     )
     split: str = Field("train", description="Split used for training queries.")
     eval_split: str | None = Field(
