@@ -167,6 +167,12 @@ class RewardConfig(Section):
     num_workers: int = Field(1, ge=1)
     batch_size: int = Field(16, ge=1)
     max_length: int = Field(512, ge=8)
+    chat_template: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="A conversation's query and reply rendered by the reward model's own chat "
+        "template (kind=model): auto = when its tokenizer has one, on = required, off = as the "
+        "paper's raw '\\n\\nHuman:' text. Raw-text queries are read as they always were.",
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Reward model weights and forward dtype."
     )

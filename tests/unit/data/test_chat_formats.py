@@ -70,7 +70,7 @@ def test_each_conversational_layout_is_detected_and_keeps_the_conversation(tmp_p
 def test_chat_template_off_and_auto_without_template_write_raw_text(tmp_path, chat_tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [LAYOUTS["preference"](i) for i in range(2)])
     off = load_data(DataConfig(source=str(path), eval_fraction=0.0, chat_template="off"), chat_tokenizer)
-    assert sorted(r.query for r in off.train)[0] == (
+    assert min(r.query for r in off.train) == (
         "You are a helpful assistant.\n\nHuman: How do I water cactus 0?\n\nAssistant:")
     assert off.train[0].sources == ("chosen", "rejected")
     import copy
