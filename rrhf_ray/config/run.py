@@ -305,7 +305,8 @@ class PairStageConfig(Section):
 
     TRAIN_DEFAULTS: ClassVar[dict[str, Any]] = {}
 
-    format: Literal["auto", "pairs", "rm-static", "hh-rlhf", "reference"] = Field(
+    format: Literal["auto", "pairs", "rm-static", "hh-rlhf", "reference", "prompt-completion", "preference",
+                    "implicit-preference", "messages"] = Field(
         "auto", description="Layout of `data`; auto = from the fields of the first row."
     )
 

@@ -610,7 +610,7 @@ def _select(
 # --------------------------------------------------------------------------- entry point
 
 
-def load_data(cfg: DataConfig, tokenizer: Any = None) -> LoadedData:
+def load_data(cfg: DataConfig, tokenizer: Any = None, *, chat_tokenizer: Any = None) -> LoadedData:
     """Read `cfg.source`, validate every row, de-duplicate, split, fit to the token budget, cap.
 
     `tokenizer` (the policy's) enables the `max_prompt_tokens` policy; without it queries are
@@ -620,8 +620,10 @@ def load_data(cfg: DataConfig, tokenizer: Any = None) -> LoadedData:
     and again as fitted to the budget, held-out queries first. With a tokenizer and
     `max_response_tokens`, the training rows' own responses are capped (`cap_responses`); the
     held-out references stay whole (the perplexity reads them within train.max_length).
+    `chat_tokenizer` (without `tokenizer`): the policy's tokenizer for `data.chat_template` alone,
+    no budget fit (the preflight's check that every conversation renders).
     """
-    adapt = chat_adapter(cfg.chat_template, tokenizer)
+    adapt = chat_adapter(cfg.chat_template, tokenizer if tokenizer is not None else chat_tokenizer)
     train_raw, eval_raw = open_source(cfg)
     layout = detect_layout(train_raw, cfg.format)
     train_stats = SourceStats(cfg.source, split=train_raw.split)
