@@ -42,6 +42,11 @@ class ModelConfig(Section):
     )
 
 
+def _switch(value: Any) -> Any:
+    """YAML 1.1 reads a bare `on` / `off` as a boolean: take it back as the word."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
 class DataConfig(Section):
     """Where the queries (and the data set's own responses) come from (`rrhf_ray.data.queries`)."""
 
@@ -66,6 +71,8 @@ class DataConfig(Section):
         "a template (else they are written as raw '\\n\\nHuman:' text), on = every query (raw "
         "text as one user turn; a tokenizer without a template is an error), off = never.",
     )
+
+    _chat_switch = field_validator("chat_template", mode="before")(lambda value: _switch(value))
     split: str = Field("train", description="Split used for training queries.")
     eval_split: str | None = Field(
         "test",
@@ -173,6 +180,8 @@ class RewardConfig(Section):
         "template (kind=model): auto = when its tokenizer has one, on = required, off = as the "
         "paper's raw '\\n\\nHuman:' text. Raw-text queries are read as they always were.",
     )
+
+    _chat_switch = field_validator("chat_template", mode="before")(lambda value: _switch(value))
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Reward model weights and forward dtype."
     )
