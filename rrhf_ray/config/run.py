@@ -88,7 +88,8 @@ class DataConfig(Section):
     max_prompt_tokens: int = Field(
         63, ge=1,
         description="Prompts longer than this (policy tokens, special tokens included) are cut from "
-        "the left at a '\\n\\nHuman:' turn; prompts that cannot be cut to fit are dropped. "
+        "the left at a '\\n\\nHuman:' turn (a conversation: at a user turn, its system message "
+        "kept); prompts that cannot be cut to fit are dropped. "
         "Default 63: with sampling.max_new_tokens 128 and the EOS, the paper's 192 tokens "
         "(train.max_length) hold the longest prompt and reply whole.",
     )

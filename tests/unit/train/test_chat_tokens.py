@@ -77,3 +77,15 @@ def test_reward_ids_use_the_reward_models_template_and_cut_at_a_turn(chat):
                                     {"role": "assistant", "content": "Rarely."}])["input_ids"]
     assert reward_ids(rm, long, "Rarely.", len(short) + 5) == short  # system kept, old turns cut
     assert encode(rm, long, "Rarely.", 10_000, policy=False)[0] == whole
+
+
+def test_the_refresh_probe_renders_a_conversation_without_recorded_ids(chat, tmp_path):
+    from rrhf_ray.refresh import probe_sequences
+    from rrhf_ray.types import write_groups
+
+    tok, _ = chat
+    pool = write_groups([QueryGroup(query=CONV, responses=["Rarely.", "No."], scores=[1.0, 0.0])],
+                        tmp_path / "pool.parquet")
+    (best, _), (worst, _) = [(p, r) for p, r in probe_sequences(pool, tok)]
+    assert best == worst == tok.apply_chat_template([m.model_dump() for m in CONV],
+                                                    add_generation_prompt=True)["input_ids"]
