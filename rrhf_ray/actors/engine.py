@@ -227,7 +227,7 @@ class VLLMEngine:
         self.tokenizer = self.llm.get_tokenizer()
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         # vLLM stops on generation_config's eos ids by itself; a template's turn end that is not
-        # among them is added, so a chat reply ends at its turn in any case.
+        # among them is added for conversations, so a chat reply ends at its turn in any case.
         end = turn_end_id(self.tokenizer)
         self.stop_ids = [end] if end is not None and end != self.tokenizer.eos_token_id else []
 
@@ -241,7 +241,7 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ generation
 
-    def _params(self, config: SamplingConfig, seed: int | None) -> Any:
+    def _params(self, config: SamplingConfig, seed: int | None, chat: bool = False) -> Any:
         from vllm import SamplingParams
 
         return SamplingParams(
@@ -252,7 +252,8 @@ class VLLMEngine:
             max_tokens=config.max_new_tokens,
             stop=list(config.stop) or None,
             seed=seed,
-            **({"stop_token_ids": list(self.stop_ids)} if self.stop_ids else {}),
+            # A conversation's reply also stops at the template's turn end; raw text as always.
+            **({"stop_token_ids": list(self.stop_ids)} if chat and self.stop_ids else {}),
             # logprobs=0 returns only the sampled token's log-prob: enough for the sum.
             logprobs=0 if config.return_logprobs else None,
         )
@@ -280,7 +281,7 @@ class VLLMEngine:
         per_prompt = list(configs) if configs is not None else [config] * len(prompts)
         if any(c.use_beam_search for c in per_prompt):
             raise ValueError("beam search cannot share an engine pass with other requests")
-        params = [self._params(c, s) for c, s in zip(per_prompt, seeds)]
+        params = [self._params(c, s, not isinstance(p, str)) for c, s, p in zip(per_prompt, seeds, prompts)]
         outputs = self.llm.generate(self.inputs(prompts), params, use_tqdm=False)
         results = []
         for out, cfg in zip(outputs, per_prompt):
