@@ -71,8 +71,6 @@ class DataConfig(Section):
         "a template (else they are written as raw '\\n\\nHuman:' text), on = every query (raw "
         "text as one user turn; a tokenizer without a template is an error), off = never.",
     )
-
-    _chat_switch = field_validator("chat_template", mode="before")(lambda value: _switch(value))
     split: str = Field("train", description="Split used for training queries.")
     eval_split: str | None = Field(
         "test",
@@ -101,6 +99,11 @@ class DataConfig(Section):
         "a response that does not fit train.max_length, its prompt kept at max_length // 2 at least).",
     )
     seed: int = Field(0, description="Shuffling and split seed.")
+
+    @field_validator("chat_template", mode="before")
+    @classmethod
+    def _chat_switch(cls, value: Any) -> Any:
+        return _switch(value)
 
 
 class SamplingConfig(Section):
@@ -181,8 +184,6 @@ class RewardConfig(Section):
         "template (kind=model): auto = when its tokenizer has one, on = required, off = as the "
         "paper's raw '\\n\\nHuman:' text. Raw-text queries are read as they always were.",
     )
-
-    _chat_switch = field_validator("chat_template", mode="before")(lambda value: _switch(value))
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Reward model weights and forward dtype."
     )
@@ -193,6 +194,11 @@ class RewardConfig(Section):
     chunk_queries: int = Field(
         16, ge=1, description="Queries per request to a worker: the unit of balancing and progress."
     )
+
+    @field_validator("chat_template", mode="before")
+    @classmethod
+    def _chat_switch(cls, value: Any) -> Any:
+        return _switch(value)
 
     @model_validator(mode="after")
     def _source_named(self) -> RewardConfig:
