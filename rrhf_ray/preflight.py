@@ -224,10 +224,26 @@ def check_lengths(config: RunConfig, max_pos: int | None, check: Preflight, *, e
 # --------------------------------------------------------------------------- reward
 
 
+def has_chat_template(directory: str) -> bool:
+    """Whether the tokenizer saved in `directory` has a chat template (its own file, or the key
+    in tokenizer_config.json), read without loading it."""
+    path = Path(directory).expanduser()
+    if any((path / f).is_file() for f in ("chat_template.jinja", "chat_template.json")):
+        return True
+    try:
+        return bool(json.loads((path / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError):
+        return False
+
+
 def check_reward(reward: RewardConfig, check: Preflight) -> None:
-    """A rule imports and is callable; a reward model's directory is whole."""
+    """A rule imports and is callable; a reward model's directory is whole (and, with
+    reward.chat_template on, its tokenizer has a template)."""
     if reward.kind == "model":
         _check_backbone("reward.model", reward.model or "", check)
+        if reward.chat_template == "on" and is_local(reward.model or "") and not has_chat_template(reward.model):
+            raise ConfigError(f"reward.chat_template is on but the tokenizer of reward.model {reward.model} "
+                              "has no chat_template (use auto or off)")
         return
     from rrhf_ray.actors.scorer import load_rule
 
@@ -285,15 +301,35 @@ def check_data_dir(name: str, path: Path) -> None:
         raise DataError(f"{name}: {path} is a directory without data files, not a data set: {usage}")
 
 
-def check_queries(data: DataConfig, check: Preflight) -> int | None:
-    """Every row of data.source converted (no tokenizer: the max_prompt_tokens fit comes later);
-    returns how many training queries carry the data set's own responses (None: not read here)."""
+def policy_chat_tokenizer(config: RunConfig) -> Any:
+    """The policy's local tokenizer when `data.chat_template` needs it here (it is on, or the
+    tokenizer has a template), else None; on with a local tokenizer that has no template is a
+    ConfigError."""
+    model = config.model
+    value = model.tokenizer or model.name_or_path
+    if registry.is_builtin(value) or not is_local(value) or not Path(value).expanduser().is_dir():
+        return None
+    mode, has = config.data.chat_template, has_chat_template(value)
+    if mode == "on" and not has:
+        raise ConfigError(f"data.chat_template is on but the tokenizer in {value} has no chat_template "
+                          "(use auto or off, or a tokenizer with a template: model.tokenizer)")
+    if mode == "off" or not has:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(value)
+
+
+def check_queries(data: DataConfig, check: Preflight, chat_tokenizer: Any = None) -> int | None:
+    """Every row of data.source converted (no tokenizer: the max_prompt_tokens fit comes later;
+    with the policy's `chat_tokenizer`, every conversation rendered by its template); returns how
+    many training queries carry the data set's own responses (None: not read here)."""
     if not _data_source("data.source", data.source, check):
         return None
     from rrhf_ray.data.queries import load_data
 
     try:
-        loaded = load_data(data)
+        loaded = load_data(data, chat_tokenizer=chat_tokenizer)
     except DataError as err:
         raise DataError(_named("data.source", err)) from None
     check.ok(f"data.source {data.source}: {len(loaded.train)} training queries, {len(loaded.eval)} held-out "
@@ -419,7 +455,7 @@ def check_run(config: RunConfig) -> Preflight:
     else:
         check.ok("reward: the reward model the reward_model stage trains")
 
-    check_learnable(config, check_queries(config.data, check), check)
+    check_learnable(config, check_queries(config.data, check, policy_chat_tokenizer(config)), check)
     from rrhf_ray.data.pairs import read_preference_pairs, read_sft_pairs
 
     if config.sft is not None and not sft_done:

@@ -51,13 +51,14 @@ def probe_sequences(pool: Path, tokenizer: Any, n: int = PROBE_QUERIES) -> Probe
     """The probe of a round: the best and the worst reply (by reward) of the first `n` query
     groups of its pool, as (prompt ids, reply ids): the sampler's own ids when the pool kept
     them, else tokenized. A group whose replies all score the same gives its first reply once."""
+    from rrhf_ray.train.tokens import prompt_ids
     from rrhf_ray.types import read_groups
 
     probe = []
     for g in read_groups(pool)[:n]:
         best = max(range(len(g.responses)), key=lambda i: g.scores[i])
         worst = min(range(len(g.responses)), key=lambda i: g.scores[i])
-        prompt = list(g.prompt_ids) if g.prompt_ids else tokenizer(g.query)["input_ids"]
+        prompt = list(g.prompt_ids) if g.prompt_ids else prompt_ids(tokenizer, g.query)  # a conversation: its template
         for i in dict.fromkeys((best, worst)):
             reply = (list(g.token_ids[i]) if g.token_ids and g.token_ids[i]
                      else tokenizer(g.responses[i], add_special_tokens=False)["input_ids"])

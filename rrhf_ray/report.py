@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rrhf_ray.state import driver_alive
-from rrhf_ray.types import atomic_write
+from rrhf_ray.types import atomic_write, parse_query, query_text
 
 STAGES = ("sample", "score", "reference", "train", "refresh", "eval")
 
@@ -209,6 +209,9 @@ def sample_table(out: Path, rounds: list[int], n: int = 3) -> list[dict[str, Any
     evals = {r: _read_jsonl(path) for r in rounds if (path := Path(out) / "rounds" / str(r) / "eval.jsonl").exists()}
     if not evals or n <= 0:
         return []
+    for rows in evals.values():  # a conversation (a list of messages) is shown as its text
+        for row in rows:
+            row["query"] = row["query"] if isinstance(row["query"], str) else query_text(parse_query(row["query"]))
     common = set.intersection(*({row["query"] for row in rows} for rows in evals.values()))
     picked = set(sorted(common, key=lambda q: hashlib.sha256(q.encode("utf-8")).hexdigest())[:n])
     first = next(iter(evals.values()))

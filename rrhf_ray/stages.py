@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from rrhf_ray.config import SamplingConfig
 from rrhf_ray.context import RunContext
-from rrhf_ray.types import write_jsonl
+from rrhf_ray.types import query_json, write_jsonl
 
 if TYPE_CHECKING:
     from rrhf_ray.actors.sampler import SamplerPool
@@ -233,7 +233,7 @@ def _evaluate(ctx: RunContext, r: int, also: list = ()) -> tuple[dict, Any, floa
                           config.sampling, config.eval, config.train.max_length, judge=ctx.hand_off(ctx.judge),
                           also=also, store=ctx.store, model_dtype=config.model.dtype)
     busy = engine.seconds
-    write_jsonl(({"query": q, "greedy_reply": reply, "greedy_reward": g, "sampled_replies": texts,
+    write_jsonl(({"query": query_json(q), "greedy_reply": reply, "greedy_reward": g, "sampled_replies": texts,
                   "sampled_rewards": s}
                  for q, reply, g, texts, s in zip(data.eval_queries, result.greedy_replies, result.greedy,
                                                   result.sampled_replies, result.sampled)),

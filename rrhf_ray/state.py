@@ -50,6 +50,8 @@ ADDED_LATER: tuple[tuple[tuple[str, ...], Any], ...] = (
     (("train", "skip_nonfinite"), False),
     (("sft", "train", "skip_nonfinite"), False),
     (("reward_model", "train", "skip_nonfinite"), False),
+    (("data", "chat_template"), "auto"),  # auto: a raw-text query stays as it was
+    (("reward", "chat_template"), "auto"),
 )
 
 

@@ -14,6 +14,12 @@ Two file formats hold query groups:
   (this project adds an optional "sources": [str], the origin of each response);
 - the project's round pool, Parquet with the same four columns.
 
+A query is either the paper's raw text (`str`) or a conversation (`Conversation`: a tuple of
+`Message`s, role and content, system and multi-turn allowed), validated once by `parse_query`.
+A conversation is written to JSONL as a list of {role, content} objects; in Parquet (one type a
+column) it goes to a `messages` column with `query` null, a column that text-only pools never
+have, so their files stay as they were.
+
 Every row is validated when it is read; an error names the file and the line (JSONL, from 1)
 or the row (Parquet, from 0). Every file is written under a temporary name and renamed when
 whole, so a reader (or a resumed run) never sees half a file.
@@ -25,22 +31,117 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
-    "Candidate", "CandidateGroup", "DataError", "QueryGroup", "atomic_path", "atomic_write",
-    "install_dir", "iter_jsonl", "read_groups", "reward_stats", "row_error", "write_groups",
+    "ROLES",
+    "Candidate",
+    "CandidateGroup",
+    "Conversation",
+    "DataError",
+    "Message",
+    "Query",
+    "QueryGroup",
+    "atomic_path",
+    "atomic_write",
+    "conversation_text",
+    "install_dir",
+    "is_conversation",
+    "iter_jsonl",
+    "parse_query",
+    "query_text",
+    "read_groups",
+    "reward_stats",
+    "row_error",
+    "write_groups",
 ]
 
 
 class DataError(ValueError):
     """Malformed input data; the message names the file, the row and the field."""
+
+
+# --------------------------------------------------------------------------- queries
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class Message(BaseModel):
+    """One turn of a conversation: who speaks (`role`, one of ROLES) and what (`content`)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    role: str
+    content: str
+
+
+Conversation = tuple[Message, ...]
+Query = Union[str, Conversation]  # noqa: UP007 (a runtime alias pydantic reads)
+
+
+def parse_query(value: Any, name: str = "query") -> Query:
+    """`value` as a query: a non-empty string as it is (the raw-text path, unchanged), or a
+    non-empty list of {role, content} mappings (or `Message`s) as a Conversation. Anything else
+    raises a ValueError / TypeError naming `name`, the turn and the field."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError(f"{name} is empty")
+        return value
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a string or a list of messages, got {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{name} is an empty list of messages")
+    turns = []
+    for i, m in enumerate(value):
+        if isinstance(m, Message):
+            m = m.model_dump()
+        if not isinstance(m, Mapping):
+            raise TypeError(f"{name}[{i}] must be an object with role and content, got {type(m).__name__}")
+        for key in ("role", "content"):
+            if key not in m:
+                raise ValueError(f"{name}[{i}] has no {key!r}")
+            if not isinstance(m[key], str):
+                raise TypeError(f"{name}[{i}].{key} must be a string, got {type(m[key]).__name__}")
+        if m["role"] not in ROLES:
+            raise ValueError(f"{name}[{i}].role {m['role']!r} is not one of {', '.join(ROLES)}")
+        if not m["content"].strip():
+            raise ValueError(f"{name}[{i}].content is empty")
+        turns.append(Message(role=m["role"], content=m["content"]))
+    return tuple(turns)
+
+
+def is_conversation(query: Query) -> bool:
+    return not isinstance(query, str)
+
+
+def conversation_text(conversation: Conversation) -> str:
+    """A conversation in the paper's raw-text layout (what a model without a chat template
+    reads): "\n\nHuman: …" for user turns, "\n\nAssistant: …" for assistant turns, a system
+    message first as plain text, ending with the "\n\nAssistant:" that the reply continues."""
+    parts = []
+    for m in conversation:
+        if m.role == "system":
+            parts.append(m.content)
+        else:
+            parts.append(f"\n\n{'Assistant' if m.role == 'assistant' else 'Human'}: {m.content}")
+    return "".join(parts) + "\n\nAssistant:"
+
+
+def query_text(query: Query) -> str:
+    """The query as text: raw text as it is, a conversation as `conversation_text` (for rule
+    rewards, logs and reports)."""
+    return query if isinstance(query, str) else conversation_text(query)
+
+
+def query_json(query: Query) -> Any:
+    """The query as JSON: the string, or a list of {role, content} objects."""
+    return query if isinstance(query, str) else [m.model_dump() for m in query]
 
 
 # --------------------------------------------------------------------------- candidates
@@ -79,7 +180,7 @@ class Candidate:
 class CandidateGroup:
     """One query and its candidates before scoring; `to_group(scores)` makes the QueryGroup."""
 
-    query: str
+    query: Query
     candidates: tuple[Candidate, ...]
 
     @property
@@ -137,7 +238,7 @@ def _or_none(values: list[Any]) -> list[Any] | None:
     return values if any(v is not None for v in values) else None
 
 
-def merge_duplicates(query: str, candidates: Iterable[Candidate]) -> CandidateGroup:
+def merge_duplicates(query: Query, candidates: Iterable[Candidate]) -> CandidateGroup:
     """One candidate per distinct response (first occurrence kept, sources joined with "+",
     `multiplicity` the number of candidates merged: what was drawn, for the pool's statistics).
 
@@ -185,7 +286,7 @@ class QueryGroup(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    query: str
+    query: Query  # raw text, or a conversation (`parse_query`)
     responses: list[str] = Field(min_length=1)
     scores: list[float] | None
     sources: list[str] | None = None
@@ -198,10 +299,21 @@ class QueryGroup(BaseModel):
     prompt_ids: list[int] | None = None
     tokenizer: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _messages_column(cls, data: Any) -> Any:
+        # A Parquet pool holds a conversation in `messages`, its `query` null (module docstring).
+        if isinstance(data, Mapping) and data.get("query") is None and data.get("messages") is not None:
+            data = {**data, "query": data["messages"]}
+        if isinstance(data, Mapping) and "query" in data:
+            try:
+                data = {**data, "query": parse_query(data["query"])}
+            except TypeError as err:  # pydantic reports ValueErrors only
+                raise ValueError(str(err)) from None
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> QueryGroup:
-        if not self.query.strip():
-            raise ValueError("query is empty")
         k = len(self.responses)
         for name in ("scores", "sources", "token_ids", "finish_reasons", "logprobs", "versions",
                      "ref_logprobs"):
@@ -387,15 +499,20 @@ def write_groups(groups: Iterable[QueryGroup], path: str | Path) -> Path:
     fields that are unknown are left out of JSONL lines; `scores` is always written (null when
     the group is not scored)."""
     path = Path(path)
-    rows = [{**g.model_dump(exclude_none=True), "scores": g.scores} for g in groups]
+    rows = [{**g.model_dump(exclude_none=True), "query": query_json(g.query), "scores": g.scores}
+            for g in groups]
     with atomic_path(path) as tmp:
         if path.suffix == ".parquet":
             import pyarrow as pa
             import pyarrow.parquet as pq
 
+            chat = any(not isinstance(r["query"], str) for r in rows)
             for r in rows:
                 for name in QueryGroup.model_fields:
                     r.setdefault(name, None)
+                if chat:  # one type a column: conversations in `messages`
+                    text = isinstance(r["query"], str)
+                    r["query"], r["messages"] = (r["query"], None) if text else (None, r["query"])
             pq.write_table(pa.Table.from_pylist(rows), tmp)
         else:
             with tmp.open("w", encoding="utf-8") as f:

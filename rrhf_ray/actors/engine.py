@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from rrhf_ray.config import ConfigError, SamplingConfig
-from rrhf_ray.train.tokens import tokenizer_fingerprint
+from rrhf_ray.train.tokens import prompt_ids as query_prompt_ids
+from rrhf_ray.train.tokens import tokenizer_fingerprint, turn_end_id
+from rrhf_ray.types import Query
 
 
 def served_dtype(dtype: str, model_path: str, *, trust_remote_code: bool = False) -> str:
@@ -224,10 +226,22 @@ class VLLMEngine:
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
+        # vLLM stops on generation_config's eos ids by itself; a template's turn end that is not
+        # among them is added for conversations, so a chat reply ends at its turn in any case.
+        end = turn_end_id(self.tokenizer)
+        self.stop_ids = [end] if end is not None and end != self.tokenizer.eos_token_id else []
+
+    def inputs(self, prompts: Sequence[Query]) -> list[Any]:
+        """What `LLM.generate` takes for each query: raw text as it is (vLLM tokenizes it, as it
+        always did), a conversation as its rendered prompt ids (`rrhf_ray.train.tokens.prompt_ids`, a TokensPrompt)."""
+        from vllm.inputs import TokensPrompt
+
+        return [p if isinstance(p, str) else TokensPrompt(prompt_token_ids=query_prompt_ids(self.tokenizer, p))
+                for p in prompts]
 
     # ------------------------------------------------------------------ generation
 
-    def _params(self, config: SamplingConfig, seed: int | None) -> Any:
+    def _params(self, config: SamplingConfig, seed: int | None, chat: bool = False) -> Any:
         from vllm import SamplingParams
 
         return SamplingParams(
@@ -238,11 +252,13 @@ class VLLMEngine:
             max_tokens=config.max_new_tokens,
             stop=list(config.stop) or None,
             seed=seed,
+            # A conversation's reply also stops at the template's turn end; raw text as always.
+            **({"stop_token_ids": list(self.stop_ids)} if chat and self.stop_ids else {}),
             # logprobs=0 returns only the sampled token's log-prob: enough for the sum.
             logprobs=0 if config.return_logprobs else None,
         )
 
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int | None],
+    def generate(self, prompts: Sequence[Query], seeds: Sequence[int | None],
                  config: SamplingConfig | None = None,
                  configs: Sequence[SamplingConfig] | None = None) -> list[list[Completion]]:
         """k = config.n completions per prompt, in prompt order; `seeds[i]` seeds prompt i alone.
@@ -265,8 +281,8 @@ class VLLMEngine:
         per_prompt = list(configs) if configs is not None else [config] * len(prompts)
         if any(c.use_beam_search for c in per_prompt):
             raise ValueError("beam search cannot share an engine pass with other requests")
-        params = [self._params(c, s) for c, s in zip(per_prompt, seeds)]
-        outputs = self.llm.generate(list(prompts), params, use_tqdm=False)
+        params = [self._params(c, s, not isinstance(p, str)) for c, s, p in zip(per_prompt, seeds, prompts)]
+        outputs = self.llm.generate(self.inputs(prompts), params, use_tqdm=False)
         results = []
         for out, cfg in zip(outputs, per_prompt):
             group = []
@@ -281,26 +297,27 @@ class VLLMEngine:
             results.append(group)
         return results
 
-    def beam_search(self, prompts: Sequence[str], config: SamplingConfig) -> list[list[Completion]]:
+    def beam_search(self, prompts: Sequence[Query], config: SamplingConfig) -> list[list[Completion]]:
         """Beam search with beam width config.n (the paper's BP policy); deterministic, no seed."""
         from vllm.sampling_params import BeamSearchParams
 
         params = BeamSearchParams(beam_width=config.n, max_tokens=config.max_new_tokens,
                                   temperature=0.0, length_penalty=config.length_penalty)
-        outputs = self.llm.beam_search([{"prompt": p} for p in prompts], params)
+        inputs = [{"prompt": p} if isinstance(p, str) else p for p in self.inputs(prompts)]
+        outputs = self.llm.beam_search(inputs, params)
         results = []
         for prompt, out in zip(prompts, outputs):
-            prompt_ids = self.tokenizer(prompt)["input_ids"]
-            n_prompt = len(prompt_ids)
+            ids_of_prompt = query_prompt_ids(self.tokenizer, prompt)
+            n_prompt = len(ids_of_prompt)
             group = []
             for seq in out.sequences:
-                text, ids, stopped = beam_reply(self.tokenizer, prompt_ids, seq.tokens[n_prompt:], config.stop)
-                ended = stopped or bool(ids and ids[-1] == self.tokenizer.eos_token_id)
+                text, ids, stopped = beam_reply(self.tokenizer, ids_of_prompt, seq.tokens[n_prompt:], config.stop)
+                ended = stopped or bool(ids and ids[-1] in {self.tokenizer.eos_token_id, *self.stop_ids})
                 group.append(Completion(text=text, token_ids=ids,
                                         # after a cut the beam's sum covers tokens we dropped
                                         cumulative_logprob=None if stopped else seq.cum_logprob,
                                         finish_reason="stop" if ended else "length",
-                                        prompt_token_ids=tuple(prompt_ids)))
+                                        prompt_token_ids=tuple(ids_of_prompt)))
             results.append(group)
         return results
 

@@ -38,8 +38,8 @@ from rrhf_ray import registry
 from rrhf_ray.actors.dispatch import dispatch_chunks, on_callers_node
 from rrhf_ray.config import RewardConfig
 from rrhf_ray.logs import redirect_process_output
-from rrhf_ray.train.tokens import collate, encode
-from rrhf_ray.types import CandidateGroup, DataError, QueryGroup
+from rrhf_ray.train.tokens import chat_template_of, collate, encode
+from rrhf_ray.types import CandidateGroup, DataError, Query, QueryGroup, query_text
 
 if TYPE_CHECKING:
     from rrhf_ray.mirror import RunStore
@@ -143,8 +143,9 @@ def rule_scores(rule: Callable[[list[str], list[str]], Any], spec: str, queries:
 
 
 @ray.remote(max_retries=2)
-def _rule_task(spec: str, queries: list[str], responses: list[str]) -> ScoredChunk:
-    return ScoredChunk(rule_scores(load_rule(spec), spec, queries, responses))
+def _rule_task(spec: str, queries: list[Query], responses: list[str]) -> ScoredChunk:
+    # A rule reads text: a conversation in the paper's raw-text layout (`query_text`).
+    return ScoredChunk(rule_scores(load_rule(spec), spec, [query_text(q) for q in queries], responses))
 
 
 class RewardScorer:
@@ -163,6 +164,9 @@ class RewardScorer:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = AutoModelForSequenceClassification.from_pretrained(
             model_path, dtype=getattr(torch, config.dtype), use_safetensors=True).to(self.device).eval()
+        if config.chat_template == "on" and not chat_template_of(self.tokenizer):
+            raise DataError(f"reward.chat_template is on but the reward model {model_path}'s tokenizer "
+                            "has no chat_template")
         if self.model.config.num_labels != 1:
             raise DataError(f"reward model {model_path} has {self.model.config.num_labels} labels; "
                             "a reward model needs exactly one logit")
@@ -173,11 +177,15 @@ class RewardScorer:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.pad_id = self.model.config.pad_token_id
 
-    def encode(self, query: str, response: str) -> list[int]:
-        """Token ids of query + response within max_length, the query cut from the left."""
+    def encode(self, query: Query, response: str) -> list[int]:
+        """Token ids of query + response within max_length, the query cut from the left; a
+        conversation with the reply as its last turn, rendered by this model's own chat template
+        (`reward.chat_template`; `rrhf_ray.train.tokens.reward_ids`) and cut at a turn."""
+        if self.config.chat_template == "off":
+            query = query_text(query)
         return encode(self.tokenizer, query, response, self.config.max_length, policy=False)[0]
 
-    def score(self, queries: list[str], responses: list[str]) -> ScoredChunk:
+    def score(self, queries: list[Query], responses: list[str]) -> ScoredChunk:
         import torch
 
         ids = [self.encode(q, r) for q, r in zip(queries, responses)]
@@ -219,7 +227,7 @@ def _score_task(workers: list[Any] | None, rule: str | None, num_workers: int,
         if bad:
             raise RewardError(
                 f"reward {scores[bad[0]]} (not finite) for response {bad[0]} "
-                f"({g.candidates[bad[0]].source}) of query {len(out)}: {g.query[-200:]!r}; "
+                f"({g.candidates[bad[0]].source}) of query {len(out)}: {query_text(g.query)[-200:]!r}; "
                 f"the {len(out)} groups before it were scored", out)
         out.append(g.to_group(scores))
     return out

@@ -42,6 +42,11 @@ class ModelConfig(Section):
     )
 
 
+def _switch(value: Any) -> Any:
+    """YAML 1.1 reads a bare `on` / `off` as a boolean: take it back as the word."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
 class DataConfig(Section):
     """Where the queries (and the data set's own responses) come from (`rrhf_ray.data.queries`)."""
 
@@ -50,10 +55,21 @@ class DataConfig(Section):
         description="Data set: hub id (load_dataset), local .jsonl/.parquet file, a directory "
         "(data files, or one written by save_to_disk), or 'builtin:<name>'.",
     )
-    format: Literal["auto", "rm-static", "hh-rlhf", "reference", "prompts"] = Field(
+    format: Literal["auto", "rm-static", "hh-rlhf", "reference", "prompts", "prompt-only", "prompt-completion",
+                    "preference", "implicit-preference", "messages"] = Field(
         "auto",
         description="Row layout: rm-static (prompt, chosen, rejected), hh-rlhf (chosen, rejected as "
-        "whole dialogues), reference (query, responses, scores), prompts (query); auto = from the fields.",
+        "whole dialogues), reference (query, responses, scores), prompts (query); TRL's prompt-only "
+        "(prompt), prompt-completion, preference (prompt, chosen, rejected), implicit-preference "
+        "(chosen, rejected conversations), messages: strings or lists of {role, content} messages "
+        "(docs/chat.md); auto = from the fields.",
+    )
+    chat_template: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Render prompts with the policy tokenizer's chat template "
+        "(apply_chat_template, add_generation_prompt): auto = conversations when the tokenizer has "
+        "a template (else they are written as raw '\\n\\nHuman:' text), on = every query (raw "
+        "text as one user turn; a tokenizer without a template is an error), off = never.",
     )
     split: str = Field("train", description="Split used for training queries.")
     eval_split: str | None = Field(
@@ -70,7 +86,8 @@ class DataConfig(Section):
     max_prompt_tokens: int = Field(
         63, ge=1,
         description="Prompts longer than this (policy tokens, special tokens included) are cut from "
-        "the left at a '\\n\\nHuman:' turn; prompts that cannot be cut to fit are dropped. "
+        "the left at a '\\n\\nHuman:' turn (a conversation: at a user turn, its system message "
+        "kept); prompts that cannot be cut to fit are dropped. "
         "Default 63: with sampling.max_new_tokens 128 and the EOS, the paper's 192 tokens "
         "(train.max_length) hold the longest prompt and reply whole.",
     )
@@ -82,6 +99,11 @@ class DataConfig(Section):
         "a response that does not fit train.max_length, its prompt kept at max_length // 2 at least).",
     )
     seed: int = Field(0, description="Shuffling and split seed.")
+
+    @field_validator("chat_template", mode="before")
+    @classmethod
+    def _chat_switch(cls, value: Any) -> Any:
+        return _switch(value)
 
 
 class SamplingConfig(Section):
@@ -164,6 +186,12 @@ class RewardConfig(Section):
     num_workers: int = Field(1, ge=1)
     batch_size: int = Field(16, ge=1)
     max_length: int = Field(512, ge=8)
+    chat_template: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="A conversation's query and reply rendered by the reward model's own chat "
+        "template (kind=model): auto = when its tokenizer has one, on = required, off = as the "
+        "paper's raw '\\n\\nHuman:' text. Raw-text queries are read as they always were.",
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Reward model weights and forward dtype."
     )
@@ -181,6 +209,11 @@ class RewardConfig(Section):
     resources: Resources = Field(
         default_factory=dict, description="Ray custom resources each reward actor (or rule task) asks "
         "for ({name: amount}; docs/cluster.md, Placement).")
+
+    @field_validator("chat_template", mode="before")
+    @classmethod
+    def _chat_switch(cls, value: Any) -> Any:
+        return _switch(value)
 
     @model_validator(mode="after")
     def _source_named(self) -> RewardConfig:
@@ -307,7 +340,8 @@ class PairStageConfig(Section):
 
     TRAIN_DEFAULTS: ClassVar[dict[str, Any]] = {}
 
-    format: Literal["auto", "pairs", "rm-static", "hh-rlhf", "reference"] = Field(
+    format: Literal["auto", "pairs", "rm-static", "hh-rlhf", "reference", "prompt-completion", "preference",
+                    "implicit-preference", "messages"] = Field(
         "auto", description="Layout of `data`; auto = from the fields of the first row."
     )
 

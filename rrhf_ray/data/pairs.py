@@ -3,8 +3,11 @@
 
 Sources: the pair JSONL / Parquet of these stages (`{"query", "response"}` or
 `{"query", "chosen", "rejected"}`), or any source `rrhf_ray.data.queries` reads (rm-static, hh-rlhf,
-reference JSONL, hub ids, `save_to_disk` directories, builtins), whose records list the data
-set's responses best first: SFT takes the best, a preference pair the best and the worst.
+reference JSONL, TRL's prompt-completion / messages / preference / implicit-preference layouts,
+hub ids, `save_to_disk` directories, builtins), whose records list the data set's responses best
+first: SFT takes the best, a preference pair the best and the worst. A conversation's query stays
+a conversation (`rrhf_ray.types.Query`): the trainers render it with the tokenizer's chat
+template (`rrhf_ray.train.tokens.encode`).
 
 Every row is checked before anything is tokenized: a missing side, an empty text, or a chosen
 equal to its rejected raises `DataError` naming the file (or split) and the line (or row).
@@ -25,16 +28,17 @@ from rrhf_ray.data.queries import (
     open_source,
     text_field,
 )
-from rrhf_ray.types import DataError
+from rrhf_ray.types import DataError, Query
 
-PairFormat = Literal["auto", "pairs", "rm-static", "hh-rlhf", "reference"]
+PairFormat = Literal["auto", "pairs", "rm-static", "hh-rlhf", "reference", "prompt-completion", "preference",
+                     "implicit-preference", "messages"]
 
 
 @dataclass(frozen=True)
 class SFTPair:
     """A query x and the response y the policy should learn to give (loss on y + EOS only)."""
 
-    query: str
+    query: Query
     response: str
 
 
@@ -42,7 +46,7 @@ class SFTPair:
 class PreferencePair:
     """A query x with a preferred response and a worse one (r_chosen > r_rejected wanted)."""
 
-    query: str
+    query: Query
     chosen: str
     rejected: str
 
@@ -64,7 +68,7 @@ def _source_rows(source: str, fmt: str, split: str) -> tuple[RawSplit, str]:
     return raw, detect_layout(raw, fmt)
 
 
-def _texts(row: Any, layout: str, names: tuple[str, ...], need: int) -> tuple[str, tuple[str, ...]] | None:
+def _texts(row: Any, layout: str, names: tuple[str, ...], need: int) -> tuple[Query, tuple[str, ...]] | None:
     """(query, texts) of one row, checked; None for an hh-rlhf row whose dialogues diverge."""
     if layout == "pairs":
         query = text_field(row, "query", nonempty=True)
@@ -90,7 +94,7 @@ def _texts(row: Any, layout: str, names: tuple[str, ...], need: int) -> tuple[st
     return query, texts
 
 
-def _records(source: str, fmt: PairFormat, split: str, need: int) -> list[tuple[str, tuple[str, ...]]]:
+def _records(source: str, fmt: PairFormat, split: str, need: int) -> list[tuple[Query, tuple[str, ...]]]:
     """(query, texts) of every row: for "pairs" rows the texts are (response,) or (chosen,
     rejected); for the query layouts the data set's responses, best first (at least `need`)."""
     raw, layout = _source_rows(source, fmt, split)

@@ -9,6 +9,22 @@ source's layout. Layouts (docs/algorithm.md, "Data"):
 - ``reference``: the reference repo's JSONL {query, responses, scores[, sources]}.
 - ``prompts``: plain prompts {query}.
 
+TRL's and the Hub's layouts (docs/chat.md), each standard (strings) or conversational (lists of
+{role, content} messages; a conversational response is one assistant message):
+
+- ``prompt-only`` {prompt}; ``prompt-completion`` {prompt, completion} (the completion is the
+  data set's one response, source "completion");
+- ``preference`` {prompt, chosen, rejected} (explicit prompt; rm-static is its standard form);
+- ``implicit-preference`` {chosen, rejected} as two conversations sharing every turn but the
+  last assistant one (hh-rlhf is its raw-text form);
+- ``messages`` {messages}: the conversation up to its last assistant turn is the query, that
+  turn the data set's response (a conversation that ends on a user turn is a prompt only).
+
+A query that is a conversation stays one (`rrhf_ray.types.parse_query`) unless
+`data.chat_template` is off, or auto and the policy's tokenizer has no template: it is then
+written in the paper's raw-text layout (`conversation_text`) at load time. `on` renders every
+query with the template, raw text as one user turn.
+
 Containers: a hub id or a directory of data files (`datasets.load_dataset`, the same call for
 both), a directory written by `save_to_disk`, a single .jsonl / .parquet file, or a loader
 registered in `rrhf_ray.registry` and named as ``builtin:<name>``.
@@ -29,7 +45,19 @@ from typing import Any, TypeVar
 
 from rrhf_ray import registry
 from rrhf_ray.config import DataConfig
-from rrhf_ray.types import DataError, QueryGroup, iter_jsonl, read_parquet_rows, row_error
+from rrhf_ray.train.tokens import chat_template_of, prompt_ids
+from rrhf_ray.types import (
+    Conversation,
+    DataError,
+    Message,
+    Query,
+    QueryGroup,
+    conversation_text,
+    iter_jsonl,
+    parse_query,
+    read_parquet_rows,
+    row_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +76,7 @@ class QueryRecord:
     A prompt-only source leaves all three empty.
     """
 
-    query: str
+    query: Query  # raw text or a conversation
     responses: tuple[str, ...] = ()
     scores: tuple[float, ...] = ()
     sources: tuple[str, ...] = ()
@@ -56,8 +84,11 @@ class QueryRecord:
 
     def __post_init__(self) -> None:
         # Builtin loaders build records by hand; a lopsided record would mis-rank silently later.
-        if not isinstance(self.query, str) or not self.query.strip():
-            raise ValueError("query is empty or not a string")
+        if isinstance(self.query, str):
+            if not self.query.strip():
+                raise ValueError("query is empty or not a string")
+        else:
+            object.__setattr__(self, "query", parse_query(self.query))
         object.__setattr__(self, "responses", tuple(self.responses))
         object.__setattr__(self, "scores", tuple(float(s) for s in self.scores))
         sources = tuple(self.sources) or ("dataset",) * len(self.responses)
@@ -269,7 +300,65 @@ def _from_reference(row: Any) -> QueryRecord:
 
 
 def _from_prompt(row: Any) -> QueryRecord:
-    return QueryRecord(text_field(row, "query", nonempty=True))
+    return QueryRecord(query_field(row, "query"))
+
+
+def query_field(row: Any, name: str) -> Query:
+    """Field `name` as a query: a non-empty string, or a list of messages (`parse_query`)."""
+    if isinstance(row, Mapping) and isinstance(row.get(name), (list, tuple)):
+        return parse_query(row[name], name)
+    return text_field(row, name, nonempty=True)
+
+
+def response_field(row: Any, name: str) -> str:
+    """Field `name` as a response: a string, or a conversational one (a list holding one
+    assistant message) as that message's content."""
+    if not (isinstance(row, Mapping) and isinstance(row.get(name), (list, tuple))):
+        return text_field(row, name)
+    turns = parse_query(row[name], name)
+    if len(turns) != 1 or turns[0].role != "assistant":
+        raise ValueError(f"{name} must be one assistant message, got the roles "
+                         f"{[m.role for m in turns]}")
+    return turns[0].content
+
+
+def _from_prompt_only(row: Any) -> QueryRecord:
+    return QueryRecord(query_field(row, "prompt"))
+
+
+def _from_prompt_completion(row: Any) -> QueryRecord:
+    return QueryRecord(query_field(row, "prompt"), (response_field(row, "completion"),), (1.0,), ("completion",))
+
+
+def _from_preference(row: Any) -> QueryRecord:
+    return _pair(query_field(row, "prompt"), response_field(row, "chosen"), response_field(row, "rejected"))
+
+
+def _split_conversation(row: Any, name: str) -> tuple[Conversation, str]:
+    """(the turns before the last one, the last turn's content): it must be the assistant's."""
+    turns = parse_query(row[name] if isinstance(row, Mapping) and name in row else None, name)
+    if len(turns) < 2 or turns[-1].role != "assistant":
+        raise ValueError(f"{name} must end with an assistant message after at least one other")
+    return turns[:-1], turns[-1].content
+
+
+def _from_implicit(row: Any) -> QueryRecord | None:
+    if not isinstance(row, Mapping):
+        raise TypeError(f"expected an object with chosen and rejected, got {type(row).__name__}")
+    if isinstance(row.get("chosen"), str):
+        return _from_hh(row)  # the raw-text form: hh-rlhf's dialogues
+    prompt, chosen = _split_conversation(row, "chosen")
+    other, rejected = _split_conversation(row, "rejected")
+    if other != prompt:
+        return None  # the two answers do not answer the same conversation
+    return _pair(prompt, chosen, rejected)
+
+
+def _from_messages(row: Any) -> QueryRecord:
+    turns = parse_query(row.get("messages") if isinstance(row, Mapping) else None, "messages")
+    if turns[-1].role == "assistant" and len(turns) > 1:
+        return QueryRecord(turns[:-1], (turns[-1].content,), (1.0,), ("completion",))
+    return QueryRecord(turns)
 
 
 def _from_record(row: Any) -> QueryRecord:
@@ -284,14 +373,30 @@ LAYOUTS: dict[str, Callable[[Any], QueryRecord | None]] = {
     "reference": _from_reference,
     "prompts": _from_prompt,
     "records": _from_record,
+    "prompt-only": _from_prompt_only,
+    "prompt-completion": _from_prompt_completion,
+    "preference": _from_preference,
+    "implicit-preference": _from_implicit,
+    "messages": _from_messages,
 }
 # In order: the first layout whose fields a row has wins (rm-static has chosen/rejected too).
+# A raw-text row keeps the layout it always had (rm-static, hh-rlhf); conversational rows get
+# TRL's names (`_conversational`).
 _SIGNATURES = (
     ("reference", frozenset({"query", "responses"})),
     ("rm-static", frozenset({"prompt", "chosen", "rejected"})),
     ("hh-rlhf", frozenset({"chosen", "rejected"})),
+    ("prompt-completion", frozenset({"prompt", "completion"})),
+    ("messages", frozenset({"messages"})),
+    ("prompt-only", frozenset({"prompt"})),
     ("prompts", frozenset({"query"})),
 )
+_CONVERSATIONAL = {"rm-static": ("preference", "prompt"), "hh-rlhf": ("implicit-preference", "chosen")}
+
+
+def _conversational(layout: str, row: Mapping) -> str:
+    name, field = _CONVERSATIONAL.get(layout, (layout, ""))
+    return name if field and isinstance(row.get(field), (list, tuple)) else layout
 
 
 def detect_layout(raw: RawSplit, fmt: str) -> str:
@@ -309,10 +414,12 @@ def detect_layout(raw: RawSplit, fmt: str) -> str:
         )
     for layout, needed in _SIGNATURES:
         if needed <= set(first):
-            return layout
+            return _conversational(layout, first)
     raise DataError(
-        f"{raw.origin} {raw.unit} {number}: cannot tell the layout from fields {sorted(first)}; "
-        "expected query[+responses, scores] or [prompt+]chosen, rejected (or set data.format)"
+        f"{raw.origin} {raw.unit} {number}: cannot tell the layout from fields {sorted(first)}: neither "
+        "a prompt nor messages; "
+        "expected prompt[+completion | chosen, rejected], messages, chosen+rejected or "
+        "query[+responses, scores] (or set data.format)"
     )
 
 
@@ -344,9 +451,16 @@ def convert_rows(raw: RawSplit, convert: Callable[[Any], T | None]) -> tuple[lis
     return out, skipped
 
 
-def _convert(raw: RawSplit, layout: str, stats: SourceStats) -> list[QueryRecord]:
-    """Every row as a QueryRecord; the first malformed row raises, diverged HH rows are skipped."""
-    records, diverged = convert_rows(raw, LAYOUTS[layout])
+def _convert(raw: RawSplit, layout: str, stats: SourceStats,
+             adapt: Callable[[QueryRecord], QueryRecord] | None = None) -> list[QueryRecord]:
+    """Every row as a QueryRecord (then `adapt`ed); the first malformed row raises, diverged HH
+    rows are skipped."""
+    convert = LAYOUTS[layout]
+    if adapt is not None:
+        def convert(row: Any, layout_of: Callable[[Any], QueryRecord | None] = convert) -> QueryRecord | None:
+            record = layout_of(row)
+            return None if record is None else adapt(record)
+    records, diverged = convert_rows(raw, convert)
     stats.read, stats.diverged = len(raw.rows), len(diverged)
     return records
 
@@ -355,7 +469,7 @@ def _convert(raw: RawSplit, layout: str, stats: SourceStats) -> list[QueryRecord
 
 
 def _dedupe(
-    records: Iterable[QueryRecord], seen: set[str], stats: SourceStats
+    records: Iterable[QueryRecord], seen: set[Query], stats: SourceStats
 ) -> list[QueryRecord]:
     """First occurrence of each query; `seen` holds queries already claimed (by the eval split)."""
     out = []
@@ -400,6 +514,48 @@ def truncate_query(query: str, tokenizer: Any, max_tokens: int) -> str | None:
     return None
 
 
+def truncate_conversation(query: Conversation, tokenizer: Any, max_tokens: int) -> Conversation | None:
+    """The conversation cut from the left at a user turn so its rendered prompt (`prompt_ids`)
+    fits `max_tokens`, a system message kept; None when even the last user turn on is too long."""
+    if len(prompt_ids(tokenizer, query)) <= max_tokens:
+        return query
+    system, turns = (query[:1], query[1:]) if query[0].role == "system" else ((), query)
+    for i, m in enumerate(turns):
+        if i > 0 and m.role == "user" and len(prompt_ids(tokenizer, system + turns[i:])) <= max_tokens:
+            return system + turns[i:]  # earliest cut that fits = the most context kept
+    return None
+
+
+def fit_query(query: Query, tokenizer: Any, max_tokens: int) -> Query | None:
+    """`truncate_query` for raw text, `truncate_conversation` for a conversation."""
+    if isinstance(query, str):
+        return truncate_query(query, tokenizer, max_tokens)
+    return truncate_conversation(query, tokenizer, max_tokens)
+
+
+def chat_adapter(mode: str, tokenizer: Any) -> Callable[[QueryRecord], QueryRecord]:
+    """What `data.chat_template` (`mode`) does to each record's query (module docstring); with a
+    tokenizer, a conversation is rendered once here, so a template that renders it to nothing
+    fails on its row. `on` with a tokenizer that has no template is a DataError."""
+    template = chat_template_of(tokenizer) if tokenizer is not None else None
+    if mode == "on" and tokenizer is not None and not template:
+        raise DataError("data.chat_template is on but the policy's tokenizer has no chat_template "
+                        "(use auto or off, or a tokenizer with a template: model.tokenizer)")
+
+    def adapt(record: QueryRecord) -> QueryRecord:
+        query = record.query
+        if isinstance(query, str):
+            if mode == "on":
+                query = (Message(role="user", content=query),)
+        elif mode == "off" or (tokenizer is not None and not template):
+            query = conversation_text(query)
+        if tokenizer is not None and not isinstance(query, str):
+            prompt_ids(tokenizer, query)  # a template that renders it to nothing: ValueError
+        return record if query is record.query else replace(record, query=query)
+
+    return adapt
+
+
 def cap_responses(record: QueryRecord, tokenizer: Any, max_tokens: int) -> tuple[QueryRecord, int]:
     """(`record` with each response over `max_tokens` policy tokens cut from the right to its
     first `max_tokens` tokens and flagged `cut`, how many were cut)."""
@@ -417,9 +573,9 @@ def _select(
     records: list[QueryRecord],
     limit: int | None,
     rng: random.Random,
-    fit: Callable[[str], str | None] | None,
+    fit: Callable[[Query], Query | None] | None,
     stats: SourceStats,
-    seen: set[str],
+    seen: set[Query],
 ) -> list[QueryRecord]:
     """Shuffle, fit each query to the token budget, stop at `limit`; counts go to `stats`.
 
@@ -454,7 +610,7 @@ def _select(
 # --------------------------------------------------------------------------- entry point
 
 
-def load_data(cfg: DataConfig, tokenizer: Any = None) -> LoadedData:
+def load_data(cfg: DataConfig, tokenizer: Any = None, *, chat_tokenizer: Any = None) -> LoadedData:
     """Read `cfg.source`, validate every row, de-duplicate, split, fit to the token budget, cap.
 
     `tokenizer` (the policy's) enables the `max_prompt_tokens` policy; without it queries are
@@ -464,15 +620,18 @@ def load_data(cfg: DataConfig, tokenizer: Any = None) -> LoadedData:
     and again as fitted to the budget, held-out queries first. With a tokenizer and
     `max_response_tokens`, the training rows' own responses are capped (`cap_responses`); the
     held-out references stay whole (the perplexity reads them within train.max_length).
+    `chat_tokenizer` (without `tokenizer`): the policy's tokenizer for `data.chat_template` alone,
+    no budget fit (the preflight's check that every conversation renders).
     """
+    adapt = chat_adapter(cfg.chat_template, tokenizer if tokenizer is not None else chat_tokenizer)
     train_raw, eval_raw = open_source(cfg)
     layout = detect_layout(train_raw, cfg.format)
     train_stats = SourceStats(cfg.source, split=train_raw.split)
-    train = _convert(train_raw, layout, train_stats)
+    train = _convert(train_raw, layout, train_stats, adapt)
     if eval_raw is not None:
         eval_stats = SourceStats(cfg.source, split=eval_raw.split)
-        seen: set[str] = set()
-        held = _dedupe(_convert(eval_raw, layout, eval_stats), seen, eval_stats)
+        seen: set[Query] = set()
+        held = _dedupe(_convert(eval_raw, layout, eval_stats, adapt), seen, eval_stats)
         train = _dedupe(train, seen, train_stats)
     else:
         train = _dedupe(train, set(), train_stats)
@@ -483,9 +642,9 @@ def load_data(cfg: DataConfig, tokenizer: Any = None) -> LoadedData:
     fit = (
         None
         if tokenizer is None
-        else (lambda q: truncate_query(q, tokenizer, cfg.max_prompt_tokens))
+        else (lambda q: fit_query(q, tokenizer, cfg.max_prompt_tokens))
     )
-    claimed: set[str] = set()
+    claimed: set[Query] = set()
     held = _select(held, cfg.max_eval_prompts, random.Random(f"{cfg.seed}:eval"), fit, eval_stats, claimed)
     train = _select(train, cfg.max_prompts, random.Random(f"{cfg.seed}:train"), fit, train_stats, claimed)
     if tokenizer is not None and cfg.max_response_tokens is not None:

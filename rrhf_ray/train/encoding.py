@@ -11,7 +11,13 @@ from typing import Any
 import torch
 
 from rrhf_ray.train.prefix import tokens_computed
-from rrhf_ray.train.tokens import special_split, tokenizer_fingerprint
+from rrhf_ray.train.tokens import (
+    closing_id,
+    prompt_ids,
+    special_split,
+    tokenizer_fingerprint,
+    turn_end_id,
+)
 from rrhf_ray.types import QueryGroup
 
 
@@ -75,7 +81,9 @@ class Encoder:
     vLLM stops on too, e.g. Llama-3's `<|eot_id|>`; `end_token_ids`): that token is its
     terminator, and a second one would teach the model to emit two. A response cut off by a
     length limit gets none, so the fine-tuning term never teaches the model to stop
-    mid-sentence: the sampler's (`finish_reason: length`) or this encoder's.
+    mid-sentence: the sampler's (`finish_reason: length`) or this encoder's. A conversation's
+    prompt is rendered by the chat template (`prompt_ids`) when the sampler's ids are not there,
+    and its replies are closed by the template's turn end (`closing_id`) instead of the EOS.
 
     One prompt per group, so every candidate is scored against the same context. Long responses
     give way before the prompt (`fit_prompt`): the prompt keeps `min(P, max(max_length − R_max,
@@ -102,16 +110,18 @@ class Encoder:
         self.n_prefix, self.n_suffix = len(prefix), len(suffix)
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         self.eos = self.tokenizer.eos_token_id
-        self.terminators = {self.eos, *self.ends}
+        # A chat template's turn end closes a conversation's replies (`closing_id`).
+        self.terminators = {self.eos, *self.ends} | ({turn_end_id(self.tokenizer)} - {None})
 
     def __call__(self, group: QueryGroup) -> EncodedGroup | None:
         own = group.tokenizer == self.fingerprint
         if own and group.prompt_ids:
             prompt = list(group.prompt_ids)
         else:
-            prompt = self.tokenizer(group.query)["input_ids"]
+            prompt = prompt_ids(self.tokenizer, group.query)
         token_ids = group.token_ids if own and group.token_ids else [None] * group.k
         finish = group.finish_reasons or [None] * group.k
+        close = self.eos if isinstance(group.query, str) else closing_id(self.tokenizer, group.query)
         replies = []  # (candidate index, token ids, stopped)
         for i, text in enumerate(group.responses):
             stopped = finish[i] != "length"
@@ -120,7 +130,7 @@ class Encoder:
                 continue
             ids = list(token_ids[i]) if token_ids[i] else self.tokenizer(text, add_special_tokens=False)["input_ids"]
             if stopped and (not ids or ids[-1] not in self.terminators):
-                ids.append(self.eos)
+                ids.append(close)
             replies.append((i, ids, stopped))
         if not replies:
             return None
@@ -145,7 +155,7 @@ class Encoder:
         if group.ref_logprobs is not None:
             refs = [group.ref_logprobs[i] for i in kept]
             if any(r is None for r in refs):
-                raise ValueError(f"query {group.query[:60]!r}: ref_logprobs is null for a candidate the "
+                raise ValueError(f"query {str(group.query)[:60]!r}: ref_logprobs is null for a candidate the "
                                  "trainer scores (computed with another train.truncated?)")
         return EncodedGroup(prompt, responses, rewards, kept, refs)
 

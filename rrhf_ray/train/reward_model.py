@@ -34,6 +34,7 @@ from rrhf_ray.train.launch import fit_pairs, train_once
 from rrhf_ray.train.loop import Measured, MicroBatch, Recipe, run_pair_worker
 from rrhf_ray.train.tokens import collate, encode
 from rrhf_ray.train.worker import load_tokenizer, prepare_model
+from rrhf_ray.types import Query
 
 if TYPE_CHECKING:
     from rrhf_ray.mirror import RunStore
@@ -64,7 +65,7 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Te
 # --------------------------------------------------------------------------- tokens
 
 
-def encode_text(tokenizer: Any, query: str, response: str, max_length: int) -> list[int]:
+def encode_text(tokenizer: Any, query: Query, response: str, max_length: int) -> list[int]:
     """Token ids of query + response within `max_length`, the query cut from the left; the
     tokenizer's special tokens (BOS / CLS … SEP) wrap the whole. Same ids as RewardScorer.encode."""
     return encode(tokenizer, query, response, max_length, policy=False)[0]

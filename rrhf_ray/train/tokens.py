@@ -15,6 +15,11 @@ prefix (e.g. <s>, [CLS]) always opens the sequence, even when the query is cut.
 When a sequence exceeds `max_length`, the query is cut from the left (the end of a dialogue,
 the turn being answered, matters most); a response longer than the budget alone is cut from the
 right (then a policy response has no EOS).
+
+A query that is a conversation (`rrhf_ray.types.Conversation`) is rendered by the tokenizer's
+chat template (`apply_chat_template(add_generation_prompt=True)`) into the prompt ids, by the
+sampler's engine and the trainer alike (`prompt_ids`), so both see the same tokens; a tokenizer
+without a template reads it in the paper's raw-text layout (`conversation_text`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from typing import Any
 
 import torch
 
+from rrhf_ray.types import Conversation, Query, conversation_text
+
 IGNORE = -100  # label of a token that carries no loss (the query, the padding)
 
 
@@ -36,8 +43,57 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     ids a sampler recorded can be trained on as they are."""
     vocab = sorted(tokenizer.get_vocab().items())
     special = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
-    blob = json.dumps([vocab, special], ensure_ascii=False).encode()
+    template = chat_template_of(tokenizer)
+    # The chat template decides a conversation's prompt ids; a tokenizer without one keeps the
+    # fingerprint it always had.
+    blob = json.dumps([vocab, special] + ([template] if template else []), ensure_ascii=False).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def chat_template_of(tokenizer: Any) -> str | None:
+    """The tokenizer's chat template (a Jinja string), None when it has none."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # several named templates: the default one renders chats
+        template = template.get("default")
+    return template or None
+
+
+def chat_ids(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> list[int]:
+    """Token ids of `messages` rendered by the tokenizer's chat template; a template that renders
+    them to nothing is a ValueError."""
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    ids = list(out["input_ids"] if hasattr(out, "keys") else out)
+    if not ids:
+        raise ValueError("the chat template renders the conversation to nothing")
+    return ids
+
+
+def prompt_ids(tokenizer: Any, query: Query) -> list[int]:
+    """The prompt ids of `query` as the policy reads it: raw text tokenized as it always was; a
+    conversation rendered by the chat template with the assistant's turn opened, or, for a
+    tokenizer without a template, tokenized in the raw-text layout (`conversation_text`)."""
+    if isinstance(query, str):
+        return tokenizer(query)["input_ids"]
+    if chat_template_of(tokenizer):
+        return chat_ids(tokenizer, [m.model_dump() for m in query], add_generation_prompt=True)
+    return tokenizer(conversation_text(query))["input_ids"]
+
+
+def reward_ids(tokenizer: Any, conversation: Conversation, response: str, max_length: int) -> list[int]:
+    """Token ids of (conversation + the assistant's `response`) rendered by the reward model's
+    own chat template, within `max_length`: too long, whole turns are cut from the left (a system
+    message kept) while a user turn still opens what is left; then, if still too long, the ids
+    are cut from the left. A reward sequence, so the template's closing tokens stay."""
+    reply = {"role": "assistant", "content": response}
+    system = [m.model_dump() for m in conversation[:1] if m.role == "system"]
+    turns = [m.model_dump() for m in conversation[len(system):]]
+    ids = chat_ids(tokenizer, [*system, *turns, reply], add_generation_prompt=False)
+    starts = [i for i, m in enumerate(turns) if m["role"] == "user" and i > 0]
+    for start in starts:
+        if len(ids) <= max_length:
+            break
+        ids = chat_ids(tokenizer, [*system, *turns[start:], reply], add_generation_prompt=False)
+    return ids[-max_length:]
 
 
 def special_split(tokenizer: Any, query: str) -> tuple[list[int], list[int], list[int]]:
@@ -48,15 +104,53 @@ def special_split(tokenizer: Any, query: str) -> tuple[list[int], list[int], lis
     return full[:start], body, full[start + len(body) :]
 
 
-def encode(tokenizer: Any, query: str, response: str, max_length: int, *, policy: bool = True,
+def turn_end_id(tokenizer: Any) -> int | None:
+    """The special token the chat template closes an assistant turn with (ChatML's
+    `<|im_end|>`, Llama-3's `<|eot_id|>`), found by rendering a probe turn; None without a
+    template or when the turn's text is not followed by a special token."""
+    if not chat_template_of(tokenizer):
+        return None
+    probe, user = "PROBE", [{"role": "user", "content": "x"}]
+    try:
+        head = chat_ids(tokenizer, user, add_generation_prompt=True)
+        full = chat_ids(tokenizer, [*user, {"role": "assistant", "content": probe}], add_generation_prompt=False)
+    except Exception:  # noqa: BLE001 - a template that refuses the probe has no end token to find
+        return None
+    content = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    tail = full[len(head):] if full[:len(head)] == head else []
+    if tail[:len(content)] != content or len(tail) <= len(content):
+        return None
+    end = tail[len(content)]
+    return end if end in set(tokenizer.all_special_ids) else None
+
+
+def closing_id(tokenizer: Any, query: Query) -> int:
+    """The token that closes a reply to `query`: a conversation's turn end when the template
+    has one, else (and for raw text, always) the EOS."""
+    end = None if isinstance(query, str) else turn_end_id(tokenizer)
+    return tokenizer.eos_token_id if end is None else end
+
+
+def encode(tokenizer: Any, query: Query, response: str, max_length: int, *, policy: bool = True,
            closed: bool = True) -> tuple[list[int], int]:
     """(token ids, index of the first response token) of query + response within `max_length`.
 
     `policy=True`: a policy sequence closed with the tokenizer's EOS; `policy=False`: a reward
     sequence (module docstring). `closed=False`: a policy response that did not end (a sampled
     reply cut off at `max_new_tokens`) gets no EOS, so a perplexity does not score a terminator
-    its generator never emitted.
+    its generator never emitted. A conversation's prompt is `prompt_ids` (cut from the left to
+    fit), its reply closed by `closing_id`; as a reward sequence it is `reward_ids`.
     """
+    if not isinstance(query, str) and not policy and chat_template_of(tokenizer):
+        return reward_ids(tokenizer, query, response, max_length), 0
+    if not isinstance(query, str) and not policy:
+        query = conversation_text(query)  # a reward model without a template reads raw text
+    if not isinstance(query, str):
+        prompt = prompt_ids(tokenizer, query)
+        reply = tokenizer(response, add_special_tokens=False)["input_ids"]
+        reply = (reply + [closing_id(tokenizer, query)] if closed else reply)[: max(0, max_length - 1)]
+        prompt = prompt[len(prompt) - (max_length - len(reply)):]
+        return prompt + reply, len(prompt)
     prefix, body, suffix = special_split(tokenizer, query)
     reply = tokenizer(response, add_special_tokens=False)["input_ids"]
     if policy:

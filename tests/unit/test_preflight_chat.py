@@ -1,0 +1,82 @@
+"""Bad chat input is refused by `rrhf-ray validate` (the preflight, before Ray starts) with one
+`error:` line naming the field or the row: chat_template on without a template (policy and
+reward model), and a conversation the policy's template renders to nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rrhf_ray.cli import main
+from tests.unit.test_preflight import error_line
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from rrhf_ray.demo.tiny import (
+        build_tiny_chat_model,
+        build_tiny_chat_reward_model,
+        build_tiny_llama,
+    )
+
+    root = tmp_path_factory.mktemp("chat-preflight")
+    return (build_tiny_chat_model(root / "chat", end_logit=0), build_tiny_llama(root / "plain", vocab_size=300),
+            build_tiny_chat_reward_model(root / "rm"))
+
+
+def run_validate(tmp: Path, model: Path, rows: list, **sections) -> int:
+    data = tmp / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {"rounds": 1, "model": {"name_or_path": str(model)},
+              "data": {"source": str(data), "max_prompt_tokens": 64, **sections.get("data", {})},
+              "sampling": {"max_new_tokens": 32, "max_model_len": 256}, "eval": {"max_new_tokens": 32},
+              "reward": sections.get("reward", {"kind": "rule", "rule": "builtin:demo"}),
+              "output": {"dir": str(tmp / "out")}}
+    path = tmp / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return main(["validate", str(path)])
+
+
+CONV = [{"role": "user", "content": "How do I water a cactus?"}]
+
+
+def test_a_conversational_run_validates(tmp_path, models, capsys):
+    chat, _, rm = models
+    assert run_validate(tmp_path, chat, [{"prompt": CONV}] * 2 + [{"prompt": CONV + CONV}],
+                        data={"chat_template": "on"}, reward={"kind": "model", "model": str(rm),
+                                                              "chat_template": "on"}) == 0, capsys.readouterr().err
+
+
+def test_chat_template_on_without_a_template(tmp_path, models, capsys):
+    _, plain, _ = models
+    assert run_validate(tmp_path, plain, [{"prompt": CONV}], data={"chat_template": "on"}) == 2
+    assert error_line(capsys) == (f"error: data.chat_template is on but the tokenizer in {plain} has no "
+                                  "chat_template (use auto or off, or a tokenizer with a template: model.tokenizer)")
+
+
+def test_reward_chat_template_on_without_a_template(tmp_path, models, capsys):
+    chat, plain, _ = models
+    assert run_validate(tmp_path, chat, [{"prompt": CONV}],
+                        reward={"kind": "model", "model": str(plain), "chat_template": "on"}) == 2
+    assert "reward.chat_template is on but the tokenizer of reward.model" in error_line(capsys)
+
+
+def test_a_template_that_renders_to_nothing_names_the_row(tmp_path, models, capsys):
+    chat, _, _ = models
+    silent = shutil.copytree(chat, tmp_path / "silent")
+    (silent / "chat_template.jinja").write_text("{% if false %}x{% endif %}")
+    assert run_validate(tmp_path, silent, [{"prompt": CONV}, {"prompt": CONV + CONV}]) == 2
+    line = error_line(capsys)
+    assert line.startswith("error: data.source: ") and line.endswith(
+        "d.jsonl line 1: the chat template renders the conversation to nothing")
+
+
+def test_an_unknown_role_names_the_row(tmp_path, models, capsys):
+    chat, _, _ = models
+    assert run_validate(tmp_path, chat, [{"prompt": CONV}, {"prompt": [{"role": "bot", "content": "x"}]}]) == 2
+    assert error_line(capsys).endswith("d.jsonl line 2: prompt[0].role 'bot' is not one of system, user, "
+                                       "assistant, tool")
