@@ -4,9 +4,16 @@ the error a config that cannot be used raises."""
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Strict, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Strict,
+    StringConstraints,
+)
 
 
 class ConfigError(ValueError):
@@ -18,6 +25,16 @@ class Section(BaseModel):
     setting), and an assignment is validated like a loaded value."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _on_off_word(value: Any) -> Any:
+    """YAML 1.1 reads a bare `on` / `off` as a boolean: take it back as the word."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
+# A setting that is automatic, forced on or off (`prefix_sharing`, `packing`, `chat_template`);
+# `on` / `off` written bare in YAML arrive as booleans and are read as the words.
+Switch = Annotated[Literal["auto", "on", "off"], BeforeValidator(_on_off_word)]
 
 
 # Ray's own resources have their own keys in each section (cpus_*, gpus_* / use_gpu, tensor_parallel_size).

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from rrhf_ray.config.base import Resources, Section
+from rrhf_ray.config.base import Resources, Section, Switch
 from rrhf_ray.config.training import FitConfig, TrainConfig
 
 BUILTIN_PREFIX = "builtin:"  # a name `rrhf_ray.registry` resolves, never a path
@@ -42,11 +42,6 @@ class ModelConfig(Section):
     )
 
 
-def _switch(value: Any) -> Any:
-    """YAML 1.1 reads a bare `on` / `off` as a boolean: take it back as the word."""
-    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
-
-
 class DataConfig(Section):
     """Where the queries (and the data set's own responses) come from (`rrhf_ray.data.queries`)."""
 
@@ -64,7 +59,7 @@ class DataConfig(Section):
         "(chosen, rejected conversations), messages: strings or lists of {role, content} messages "
         "(docs/chat.md); auto = from the fields.",
     )
-    chat_template: Literal["auto", "on", "off"] = Field(
+    chat_template: Switch = Field(
         "auto",
         description="Render prompts with the policy tokenizer's chat template "
         "(apply_chat_template, add_generation_prompt): auto = conversations when the tokenizer has "
@@ -100,10 +95,6 @@ class DataConfig(Section):
     )
     seed: int = Field(0, description="Shuffling and split seed.")
 
-    @field_validator("chat_template", mode="before")
-    @classmethod
-    def _chat_switch(cls, value: Any) -> Any:
-        return _switch(value)
 
 
 class SamplingConfig(Section):
@@ -186,7 +177,7 @@ class RewardConfig(Section):
     num_workers: int = Field(1, ge=1)
     batch_size: int = Field(16, ge=1)
     max_length: int = Field(512, ge=8)
-    chat_template: Literal["auto", "on", "off"] = Field(
+    chat_template: Switch = Field(
         "auto",
         description="A conversation's query and reply rendered by the reward model's own chat "
         "template (kind=model): auto = when its tokenizer has one, on = required, off = as the "
@@ -210,10 +201,6 @@ class RewardConfig(Section):
         default_factory=dict, description="Ray custom resources each reward actor (or rule task) asks "
         "for ({name: amount}; docs/cluster.md, Placement).")
 
-    @field_validator("chat_template", mode="before")
-    @classmethod
-    def _chat_switch(cls, value: Any) -> Any:
-        return _switch(value)
 
     @model_validator(mode="after")
     def _source_named(self) -> RewardConfig:

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from rrhf_ray.config.base import Resources, Section
+from rrhf_ray.config.base import Resources, Section, Switch
 
 
 class LoraConfig(Section):
@@ -153,7 +153,7 @@ class FitConfig(Section):
     checkpoint_every_epoch: bool = Field(
         True, description="Report a resumable checkpoint after each epoch (else only at the end)."
     )
-    packing: Literal["auto", "on", "off"] = Field(
+    packing: Switch = Field(
         "off", description="SFT: pack a micro-batch's pairs into rows of up to max_length tokens, each "
         "attending only to itself with positions restarting per pair, and compute only the logits "
         "that predict a response token (the same loss and gradients as padded rows; "
@@ -197,7 +197,7 @@ class TrainConfig(FitConfig):
         "micro_batch_queries; a query over the budget runs its candidates in chunks (exact "
         "gradient). E.g. 640-1024 on a 2-core CPU (HH-shaped queries: P + ΣR ≈ 590).",
     )
-    prefix_sharing: Literal["auto", "on", "off"] = Field(
+    prefix_sharing: Switch = Field(
         "auto",
         description="Compute each query's prompt once for its k candidates: one packed row per "
         "query with a block mask (exact; tested for Llama, Qwen2, Mistral, GPT-NeoX with "
@@ -248,8 +248,3 @@ class TrainConfig(FitConfig):
                 + " (train.loss.name rrhf, the default, or raft / pro / simpo)")
         return data
 
-    @field_validator("prefix_sharing", mode="before")
-    @classmethod
-    def _on_off(cls, value: Any) -> Any:
-        # YAML 1.1 reads a bare on / off as a boolean.
-        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value

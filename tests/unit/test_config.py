@@ -228,3 +228,14 @@ def test_rrhf_only_keys_in_a_stage_before_round_1_are_unknown(tmp_path, stage, k
     cfg = load_config(path, [f"{stage}.train.epochs=2"])  # a key every fit reads is taken
     assert getattr(cfg, stage).train.epochs == 2
     assert getattr(cfg, stage).train.lr == {"sft": 2e-5, "reward_model": 1e-5}[stage]  # the stage's defaults
+
+
+def test_switches_read_a_bare_yaml_on_or_off_as_the_word():
+    """`auto | on | off` settings (config.base.Switch): YAML 1.1 reads bare on / off as booleans."""
+    from rrhf_ray.config import load_config
+    from rrhf_ray.demo import DEMO_CONFIG
+
+    demo = load_config(DEMO_CONFIG, [])
+    assert (demo.sft.train.packing, demo.train.packing, demo.train.prefix_sharing) == ("auto", "off", "auto")
+    c = load_config(DEMO_CONFIG, ["sft.train.packing=off", "train.prefix_sharing=on", "data.chat_template=off"])
+    assert (c.sft.train.packing, c.train.prefix_sharing, c.data.chat_template) == ("off", "on", "off")
