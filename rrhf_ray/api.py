@@ -23,6 +23,7 @@ from typing import Any
 
 from rrhf_ray import registry
 from rrhf_ray.config import ConfigError, RunConfig, TrainConfig, build, read_yaml
+from rrhf_ray.config.loading import parent_section
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +32,7 @@ def _set(data: dict[str, Any], key: str, value: Any) -> None:
     """`key` (dotted, or with `__` for keyword arguments: `train__epochs`) set to `value`; a dict
     value is merged into the section it names instead of replacing it."""
     parts = key.replace("__", ".").split(".")
-    node = data
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {key}: {part!r} is a value, not a section")
-        node = child
+    node = parent_section(data, parts, key)
     last = parts[-1]
     if isinstance(value, dict) and isinstance(node.get(last), dict):
         for k, v in value.items():

@@ -29,17 +29,23 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def parent_section(data: dict[str, Any], path: list[str], what: str) -> dict[str, Any]:
+    """The nested dict that holds `path[-1]` (sections made on the way); `what` names the
+    override in the error when a part of the path is a value, not a section."""
+    node = data
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {what}: {part!r} is a value, not a section")
+        node = child
+    return node
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set each `dotted.key=value` into a nested dict (in place) and return it."""
     for item in overrides:
         path, value = parse_override(item)
-        node = data
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
-            node = child
-        node[path[-1]] = value
+        parent_section(data, path, repr(item))[path[-1]] = value
     return data
 
 

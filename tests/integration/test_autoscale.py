@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from rrhf_ray.remote import cache_key
-from tests.integration.test_job_submit import _checkout_copy, _sandbox_prefix
+from tests.integration.test_job_submit import _checkout_copy, sandbox_env, sandbox_or_skip
 from tests.object_store import moto_server_command
 
 pytestmark = pytest.mark.ray
@@ -66,12 +66,7 @@ exec bash -e "$3"
 
 
 def test_the_autoscaler_adds_a_node_per_role_and_removes_them_when_idle(tmp_path):
-    prefix = _sandbox_prefix()
-    assert prefix is not None or os.environ.get("CI") != "true", (
-        "CI: unshare (network, PID, mount namespaces) is needed to run docs/cluster.md's block")
-    if prefix is None:
-        pytest.skip("needs Linux network, PID and mount namespaces (unshare) to start an autoscaling "
-                    "head without touching other Ray clusters on this machine")
+    prefix = sandbox_or_skip("start an autoscaling head")
     block = doc_block()
     for step in ("RAY_FAKE_CLUSTER=1", "--autoscaling-config=cluster/local-autoscale.yaml",
                  "rrhf-ray validate", "ray job submit", "ray status", "ray stop"):
@@ -86,9 +81,7 @@ def test_the_autoscaler_adds_a_node_per_role_and_removes_them_when_idle(tmp_path
     ray_dir.mkdir()
     home = tmp_path / "home"
     home.mkdir()
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER", "RAY_AUTH", "VIRTUAL_ENV", "RRHF_RAY_CACHE"))}
-    env["HOME"] = str(home)
+    env = sandbox_env(home, drop=("RRHF_RAY_CACHE",))
     if env.get("PYTHONPATH"):  # the copy's package, not the one PYTHONPATH named
         env["PYTHONPATH"] = str(checkout)
     with open(tmp_path / "block.log", "w") as log:

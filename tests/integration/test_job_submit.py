@@ -85,15 +85,30 @@ def _sandbox_prefix() -> list[str] | None:
 SANDBOX_INIT = 'ip link set lo up && mkdir -p /tmp/ray && mount --bind "$1" /tmp/ray && cd "$2" && exec bash -e "$3"'
 
 
-def test_the_doc_block_runs_as_written(tmp_path):
+def sandbox_or_skip(what: str) -> list[str]:
+    """The namespace prefix (`_sandbox_prefix`) for a test that runs docs/cluster.md's commands.
+    CI runs on Linux VMs as root, where the namespaces exist: there a missing sandbox is a
+    failure, never a silent skip of a test that runs the documented commands; elsewhere a skip."""
     prefix = _sandbox_prefix()
-    # CI runs on Linux VMs as root, where the namespaces exist: there a missing sandbox is a
-    # failure, never a silent skip of the one test that runs the documented commands.
     assert prefix is not None or os.environ.get("CI") != "true", (
         "CI: unshare (network, PID, mount namespaces) is needed to run docs/cluster.md's block")
     if prefix is None:
-        pytest.skip("needs Linux network, PID and mount namespaces (unshare) to run the doc's "
-                    "`ray start` / `ray stop` without touching other Ray clusters on this machine")
+        pytest.skip(f"needs Linux network, PID and mount namespaces (unshare) to {what} without "
+                    "touching other Ray clusters on this machine")
+    return prefix
+
+
+def sandbox_env(home: Path, drop: tuple[str, ...] = ()) -> dict[str, str]:
+    """This environment without the variables that would join or authenticate to another Ray
+    cluster (and `drop`), with a fresh HOME: a new machine's."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER", "RAY_AUTH", "VIRTUAL_ENV", *drop))}
+    env["HOME"] = str(home)
+    return env
+
+
+def test_the_doc_block_runs_as_written(tmp_path):
+    prefix = sandbox_or_skip("run the doc's `ray start` / `ray stop`")
     block = doc_block()
     # The commands the issue was about are there, as the reader types them.
     for step in ("source .venv/bin/activate", "export RAY_AUTH_MODE=token", "ray start --head",
@@ -105,9 +120,7 @@ def test_the_doc_block_runs_as_written(tmp_path):
     (tmp_path / "ray").mkdir()
     home = tmp_path / "home"
     home.mkdir()
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER", "RAY_AUTH", "VIRTUAL_ENV"))}
-    env["HOME"] = str(home)  # a fresh machine: no ~/.ray/auth_token yet
+    env = sandbox_env(home)  # a fresh machine: no ~/.ray/auth_token yet
     started = time.monotonic()
     with open(tmp_path / "try.log", "w") as log:
         proc = subprocess.Popen([*prefix, "bash", "-c", SANDBOX_INIT, "sandbox", str(tmp_path / "ray"),

@@ -153,16 +153,13 @@ def scenario(work: str) -> None:
 
 
 def test_a_sampler_node_lost_mid_sampling_costs_its_chunks_not_the_pool(tmp_path):
-    from tests.integration.test_job_submit import _sandbox_prefix
+    from tests.integration.test_job_submit import sandbox_env, sandbox_or_skip
 
-    prefix = _sandbox_prefix()
-    assert prefix is not None or os.environ.get("CI") != "true", "CI: unshare is needed for a private cluster"
-    if prefix is None:
-        pytest.skip("needs Linux network, PID and mount namespaces (unshare) for a cluster of its own")
+    prefix = sandbox_or_skip("start a cluster of its own")
     (tmp_path / "ray").mkdir()
     (tmp_path / "home").mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
-    env.update(HOME=str(tmp_path / "home"), PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+    env = sandbox_env(tmp_path / "home")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     code = "import sys; from tests.integration.test_multinode import scenario; scenario(sys.argv[1])"
     with open(tmp_path / "scenario.log", "w") as log:
         proc = subprocess.Popen([*prefix, "bash", "-c", SANDBOX_INIT, "sandbox", str(tmp_path / "ray"),
