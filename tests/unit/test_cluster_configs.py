@@ -432,12 +432,15 @@ def test_placement_is_not_part_of_the_runs_fingerprint():
 # --------------------------------------------------------------------------- many nodes on one machine
 
 
-def test_a_node_id_in_the_cache_path_is_this_processs_node(monkeypatch, tmp_path):
+def test_a_node_id_in_the_cache_path_is_this_processs_node(ray_cluster, monkeypatch, tmp_path):
     from rrhf_ray.remote import cache_root
 
     monkeypatch.setenv("RRHF_RAY_CACHE", str(tmp_path / "cache" / "{node_id}"))
-    assert cache_root() == tmp_path / "cache" / "local"  # outside Ray (the driver before it connects)
+    (node,) = [n["NodeID"] for n in ray_cluster.nodes() if n["Alive"]]  # the session's one node
+    assert cache_root() == tmp_path / "cache" / node  # a process joined to Ray: its node's own cache
     assert cache_root(tmp_path / "given") == tmp_path / "given"
+    monkeypatch.setattr(ray_cluster, "is_initialized", lambda: False)
+    assert cache_root() == tmp_path / "cache" / "local"  # outside Ray (the driver before it connects)
 
 AUTOSCALER_KEYS = ("file_mounts", "cluster_synced_files", "file_mounts_sync_continuously", "rsync_exclude",
                    "rsync_filter", "initialization_commands", "setup_commands", "head_setup_commands",

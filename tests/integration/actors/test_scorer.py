@@ -160,7 +160,8 @@ def test_sample_and_score_commands_write_the_reference_format(ray_cluster, tiny_
                       f"model: {{name_or_path: {tiny_model_dir}}}\n"  # P: only its tokenizer loads
                       f"data: {{source: {data}, eval_split: null, eval_fraction: 0.0}}\n"
                       f"sampling: {{preset: P, external: [{ext}]}}\n"
-                      f"reward: {{kind: rule, rule: '{__name__}:length_reward'}}\n")
+                      f"reward: {{kind: rule, rule: '{__name__}:length_reward'}}\n"
+                      f"output: {{dir: {tmp_path / 'run'}}}\n")  # the commands' logs/ go there
     pool, scored = tmp_path / "pool.jsonl", tmp_path / "scored.jsonl"
     assert main(["sample", str(config), "--out", str(pool)]) == 0
     groups = {g.query: g for g in read_groups(pool, scored=False)}
