@@ -93,3 +93,16 @@ def test_table_has_a_row_per_round_with_its_seconds_per_token() -> None:
     # (4 + 0.023 · 64 + 0.0006 · 1,024) → 1.486 ms per token.
     assert cells[:6] == ["queries, k, prompt", "16", "4", "64", "64", "4,096"]
     assert cells[-2:] == ["6.09", "1.49"]
+
+
+def test_plot_has_one_panel_per_factor(tmp_path) -> None:
+    import struct
+
+    rounds = [synthetic_round(16, 4, 64, ["queries", "k", "prompt"]), synthetic_round(64, 4, 64, ["queries"]),
+              synthetic_round(16, 8, 64, ["k"])]
+    laws = growth.growth(rounds)
+    growth.plot(rounds, laws, str(tmp_path / "scaling.png"))
+    head = (tmp_path / "scaling.png").read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    # Two factors with a law (the prompt has one point): 2 × 4.5 in wide, 3.8 in high, at 110 dpi.
+    assert struct.unpack(">II", head[16:24]) == (990, 418)
