@@ -113,6 +113,12 @@ def table(measurements: Sequence[dict]) -> str:
     return "\n".join(rows)
 
 
+def _num(value: float) -> str:
+    """Three significant digits; what is left of a zero slope by rounding (the stages' seconds are
+    recorded to 10 ms) prints as 0."""
+    return f"{value:.3g}" if abs(value) >= 5e-4 else "0"
+
+
 def summary(laws: dict[str, dict], share: dict | None) -> str:
     """The growth laws in words: each factor's slope and fixed part, each stage's slope and
     intercept, and the fixed part's share of the round at the most queries."""
@@ -120,10 +126,10 @@ def summary(laws: dict[str, dict], share: dict | None) -> str:
     for factor, law in laws.items():
         scale = FACTORS[factor][2]
         fit = law["lines"]["round"]
-        lines.append(f"{factor:<8} round: {law['slope']:.3g} {law['unit']}, fixed {law['fixed_seconds']:.2f} s "
+        lines.append(f"{factor:<8} round: {_num(law['slope'])} {law['unit']}, fixed {law['fixed_seconds']:.2f} s "
                      f"(R² {fit.r2:.3f}, x = {law['x']} {', '.join(f'{x:g}' for x in law['xs'])})")
         lines.append("         per stage (slope | fixed s): " + ", ".join(
-            f"{s} {law['lines'][s].slope * scale:.3g} | {law['lines'][s].intercept:.2f}" for s in STAGES))
+            f"{s} {_num(law['lines'][s].slope * scale)} | {law['lines'][s].intercept:.2f}" for s in STAGES))
     if share is not None:
         lines.append(f"fixed part of a round at {share['queries']} queries: {share['fixed_seconds']:.2f} s of "
                      f"{share['round_seconds']:.2f} s = {share['share']:.1%} (target ≤ 5 %)")

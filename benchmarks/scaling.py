@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import random
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -39,9 +38,8 @@ from pathlib import Path
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # growth.py beside it, also when imported
 
-import growth
+import growth  # beside this script (its directory is the first on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 
