@@ -275,7 +275,8 @@ def evaluate(
     weights dtype of the perplexity and ranking tasks' models (auto: float32 on a CPU, bfloat16 on
     a GPU).
 
-    `wait` (`rrhf_ray.waits.Wait`): the time limit of the tasks (counted from its start), and
+    `wait` (`rrhf_ray.waits.Wait`): the time limit of the tasks (counted once the replies are
+    scored: what is left to wait for), and
     where the driver records that it waits on them; past it they are cancelled and
     `StageTimeout` names them."""
     from rrhf_ray.mirror import actor_options

@@ -232,7 +232,7 @@ def _evaluate(ctx: RunContext, r: int, also: list = ()) -> tuple[dict, Any, floa
     eval.jsonl (every greedy and sampled reply with its reward) and return (the stage's info,
     the `EvalResult`, the engine seconds). Rounds after 0 compare per query with round 0. The
     sampled replies use the same seeds in every round (`rrhf_ray.evaluation.eval_sampling`). Its
-    Ray tasks must be done within `eval.task_timeout_s` of its start (`rrhf_ray.waits`)."""
+    Ray tasks are waited for under `eval.task_timeout_s` (`rrhf_ray.waits`)."""
     from rrhf_ray.evaluation import evaluate
     from rrhf_ray.waits import Wait, stage_limit
 

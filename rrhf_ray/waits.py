@@ -54,12 +54,15 @@ class Wait:
     trainer worker group"): `wait.poll(on)` in the polling loop records what it waits on in
     state.json (`state` None: nowhere), `wait.expired()` says when `limit` seconds (None: none)
     have passed since the wait began, `wait.timeout(on)` is the error to raise then (`key` names
-    the config key that sets the limit); `wait.get(refs, names)` does all of it for Ray refs."""
+    the config key that sets the limit); `wait.get(refs, names)` does all of it for Ray refs.
+    The clock starts when the driver starts waiting (the first of these calls), not when the
+    object is made: an evaluation's tasks are timed from when the driver has nothing left to do
+    but wait for them, a refresh's from its first load to its last probe answer."""
 
     def __init__(self, state: RunState | None, what: str, limit: float | None, key: str) -> None:
         self.state, self.what, self.limit, self.key = state, what, limit, key
-        self.since = time.time()
-        self._start = time.monotonic()
+        self.since = 0.0  # wall clock, for `rrhf-ray status`
+        self._start: float | None = None  # the clock starts at the first poll, get or check
         self._recorded: str | None = None  # what the record in state.json names
         self._written = 0.0  # monotonic time of the last write
 
@@ -71,6 +74,9 @@ class Wait:
         self.end()
 
     def elapsed(self) -> float:
+        """Seconds since the driver began this wait (its first `poll`, `get` or check)."""
+        if self._start is None:
+            self._start, self.since = time.monotonic(), time.time()
         return time.monotonic() - self._start
 
     def remaining(self) -> float | None:
@@ -83,8 +89,8 @@ class Wait:
         """Record that the driver waits on `on` (default: `what`), once the wait has lasted
         `RECORD_AFTER_S`; again when `on` changed, at most every `RECORD_EVERY_S`."""
         on = on or self.what
-        now = time.monotonic()
-        if self.state is None or on == self._recorded or now - self._start < RECORD_AFTER_S:
+        elapsed, now = self.elapsed(), time.monotonic()
+        if self.state is None or on == self._recorded or elapsed < RECORD_AFTER_S:
             return
         if self._recorded is not None and now - self._written < RECORD_EVERY_S:
             return

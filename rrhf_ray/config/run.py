@@ -238,9 +238,9 @@ class EvalConfig(Section):
         "where the round samples from ρ* without beam search (presets IP / IP-n).",
     )
     task_timeout_s: float | None = Field(
-        None, gt=0, description="Seconds from the start of a round's evaluation within which its Ray "
-        "tasks (reference and judge perplexity, held-out ranking) must be done; past it they are "
-        "cancelled and the stage fails naming them. null = derived from the work: 10× the longest "
+        None, gt=0, description="Seconds the driver waits for a round's evaluation tasks (reference "
+        "and judge perplexity, held-out ranking) once its sampling and scoring are done; past it they "
+        "are cancelled and the stage fails naming them. null = derived from the work: 10× the longest "
         "earlier evaluation of the run, at least 300 s (7,200 s for round 0's). Not part of the run's "
         "fingerprint: raise it and resume.")
     resources: Resources = Field(

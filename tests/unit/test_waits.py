@@ -64,13 +64,15 @@ def test_a_long_wait_is_recorded_in_state_json_shown_by_status_and_removed_when_
     with StageTimer(state, "round2/train"):
         limit = stage_limit(state.data["stages"], "train", config.train.round_timeout_s)
         with Wait(state, "the trainer worker group", limit, "train.round_timeout_s") as wait:
+            clock.now += 30.0  # made, not waited on yet: its clock has not started
+            wait.poll()  # the driver starts waiting
             clock.now += 1.0
             wait.poll()
             assert "waiting" not in on_disk()["running"]  # a short wait costs no write
             clock.now += 1.5
             wait.poll()
             record = on_disk()["running"]["waiting"]
-            assert record == {"on": "the trainer worker group", "since": 1000.0 + 1.7e9, "limit_s": 900.0,
+            assert record == {"on": "the trainer worker group", "since": 1030.0 + 1.7e9, "limit_s": 900.0,
                               "key": "train.round_timeout_s"}
             written = state.path.stat().st_mtime_ns
             clock.now += 0.5
@@ -95,6 +97,7 @@ def test_past_the_limit_the_error_names_the_stage_what_it_waited_on_and_the_limi
     state = RunState(tmp_path / "run", _config(tmp_path))
     with pytest.raises(StageTimeout) as caught, StageTimer(state, "round1/refresh"):
         wait = Wait(state, "the sampler replicas", 300.0, "sampling.refresh_timeout_s")
+        assert not wait.expired()  # the clock starts
         clock.now += 299.0
         assert not wait.expired()
         clock.now += 1.0
