@@ -26,6 +26,7 @@ from rrhf_ray.types import query_json, write_jsonl
 if TYPE_CHECKING:
     from rrhf_ray.actors.sampler import SamplerPool
     from rrhf_ray.data.candidates import Preset
+    from rrhf_ray.waits import Wait
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +46,12 @@ def round_sampling(sampling: SamplingConfig, preset: Preset, round_index: int) -
 
 def sample_candidates(pools: dict[str, SamplerPool], preset: Preset, *, records: Sequence[Any],
                       queries: list[str], sampling: SamplingConfig, external: list[dict], path: Path,
-                      round_index: int) -> dict:
+                      round_index: int, wait: Wait | None = None) -> dict:
     """k candidates per query from the preset's sources (the policy pool the preset names, the
     data set's responses `records`, `external` maps read by `read_external`), duplicates merged,
     written unscored to `path`; the policy samples with the seeds of round `round_index`
-    (`round_sampling`). Shared by the driver's sample stage and `rrhf-ray sample`."""
+    (`round_sampling`). Shared by the driver's sample stage and `rrhf-ray sample`. `wait`
+    (`rrhf_ray.waits.Wait`): where the driver records that it waits on the replicas."""
     from rrhf_ray.actors.sampler import get_samples
 
     policy: list = []
@@ -57,7 +59,7 @@ def sample_candidates(pools: dict[str, SamplerPool], preset: Preset, *, records:
     if preset.policy is not None:
         pool = pools[preset.policy]
         with pool.engine_seconds() as engine:
-            policy = get_samples(pool, queries, round_sampling(sampling, preset, round_index))
+            policy = get_samples(pool, queries, round_sampling(sampling, preset, round_index), wait=wait)
         busy = engine.seconds
     return {**write_candidates(preset, records, queries, policy, external, path), "seconds_compute": busy}
 
@@ -86,10 +88,15 @@ def write_candidates(preset: Preset, records: Sequence[Any], queries: list[str],
 
 
 def sample(ctx: RunContext, r: int) -> dict:
-    """Round r's candidates (unscored) in candidates.jsonl."""
-    return sample_candidates(ctx.pools, ctx.preset, records=ctx.data.train, queries=ctx.data.queries,
-                             sampling=ctx.config.sampling, external=ctx.external,
-                             path=ctx.outputs(r, "sample")[0], round_index=r)
+    """Round r's candidates (unscored) in candidates.jsonl. state.json names the wait on the
+    replicas (each request has its own limit, `rrhf_ray.actors.dispatch`)."""
+    from rrhf_ray.waits import Wait
+
+    with Wait(ctx.state, "the sampler replicas (each request under sampling.chunk_timeout_s)", None,
+              "sampling.chunk_timeout_s") as wait:
+        return sample_candidates(ctx.pools, ctx.preset, records=ctx.data.train, queries=ctx.data.queries,
+                                 sampling=ctx.config.sampling, external=ctx.external,
+                                 path=ctx.outputs(r, "sample")[0], round_index=r, wait=wait)
 
 
 # --------------------------------------------------------------------------- score, reference
@@ -99,15 +106,18 @@ def score(ctx: RunContext, r: int) -> dict:
     """Score round r's candidates into pool.jsonl + pool.parquet; returns the reward statistics
     per source (`reward_stats`) and the pool's shape (`pool_summary`: k histogram, groups without a
     strict pair, reward mean before / after merging duplicates)."""
-    import ray
 
     from rrhf_ray.data.candidates import pool_summary
     from rrhf_ray.types import CandidateGroup, read_groups, reward_stats, write_groups
 
     groups = [CandidateGroup.from_group(g) for g in read_groups(ctx.outputs(r, "sample")[0], scored=False)]
     from rrhf_ray.state import no_space
+    from rrhf_ray.waits import Wait
 
-    scored = ray.get(ctx.rewards.score_refs(groups))
+    what = f"the reward {'rule tasks' if ctx.rewards.workers is None else 'scorers'} (each request under " \
+           "reward.chunk_timeout_s)"
+    with Wait(ctx.state, what, None, "reward.chunk_timeout_s") as wait:
+        [scored] = wait.get([ctx.rewards.score_refs(groups)], [what])
     for path in ctx.outputs(r, "score"):
         with no_space(path):  # a full disk: "no space left" and the pool's path
             write_groups(scored, path)
