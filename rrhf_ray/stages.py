@@ -106,7 +106,6 @@ def score(ctx: RunContext, r: int) -> dict:
     """Score round r's candidates into pool.jsonl + pool.parquet; returns the reward statistics
     per source (`reward_stats`) and the pool's shape (`pool_summary`: k histogram, groups without a
     strict pair, reward mean before / after merging duplicates)."""
-
     from rrhf_ray.data.candidates import pool_summary
     from rrhf_ray.types import CandidateGroup, read_groups, reward_stats, write_groups
 
