@@ -36,22 +36,32 @@ def count_tokens(result: Sequence[Sequence[Any]]) -> int:
     return sum(len(c.token_ids) for group in result for c in group)
 
 
-# A chunk's time limit when none is configured: 10× the slowest pace seen in this call (seconds
-# per query of a finished chunk) times its size, and never under 5 minutes; 30 minutes before any
-# chunk has finished (an engine's first call may compile or warm its caches).
+# A piece of work's time limit when none is configured: 10× the longest time the same work took
+# (a chunk: the slowest pace seen in this call, seconds per query of a finished chunk, times its
+# size; a driver's stage wait: the longest earlier round of the stage, rrhf_ray.waits), and never
+# under 5 minutes; 30 minutes before any chunk has finished (an engine's first call may compile or
+# warm its caches).
 _PACE_FACTOR = 10.0
 _MIN_TIMEOUT_S = 300.0
 _FIRST_TIMEOUT_S = 1800.0
 
 
-def chunk_timeout(size: int, paces: Sequence[float], configured: float | None = None) -> float:
-    """Seconds a chunk of `size` queries may run on its worker (see `_PACE_FACTOR`): `configured`
-    when given, else derived from `paces` (seconds per query of the chunks finished so far)."""
+def work_timeout(measured: Sequence[float], configured: float | None = None,
+                 first: float = _FIRST_TIMEOUT_S) -> float:
+    """Seconds a piece of work may take (see `_PACE_FACTOR`): `configured` when given, else 10×
+    the longest of `measured` (the seconds the same work took before), at least 300 s; `first`
+    when nothing was measured yet."""
     if configured is not None:
         return configured
-    if not paces:
-        return _FIRST_TIMEOUT_S
-    return max(_MIN_TIMEOUT_S, _PACE_FACTOR * max(paces) * size)
+    if not measured:
+        return first
+    return max(_MIN_TIMEOUT_S, _PACE_FACTOR * max(measured))
+
+
+def chunk_timeout(size: int, paces: Sequence[float], configured: float | None = None) -> float:
+    """Seconds a chunk of `size` queries may run on its worker (`work_timeout`): `configured`
+    when given, else derived from `paces` (seconds per query of the chunks finished so far)."""
+    return work_timeout([pace * size for pace in paces], configured)
 
 
 class ChunkTimeout(RuntimeError):
