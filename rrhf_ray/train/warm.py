@@ -5,7 +5,8 @@ a model load from storage before each round's first step. Here one `TorchTrainer
 background thread of the driver for the whole run:
 
 - each worker reads commands from its own `ray.util.queue.Queue` (no collective wait while the
-  samplers work, however long that takes); rank 0 answers on one result queue;
+  samplers work, however long that takes); rank 0 answers on one result queue; the queues live
+  on the driver's node (`driver_queue`), so a lost worker node leaves them;
 - a `train` command carries round r's pool paths (the bucket's URIs with output.dir on object
   storage: the workers read them from their node's cache, and load the start model likewise);
   every rank trains `train.epochs` on it with a fresh AdamW and schedule and the seeds of a fresh
@@ -20,7 +21,8 @@ background thread of the driver for the whole run:
 - a round whose loss or gradient turns non-finite (`rrhf_ray.train.loop.NonFiniteTraining`, with
   `train.skip_nonfinite` off) or whose weights end non-finite is not reported: rank 0 answers
   `failed` naming the step, the fit ends, and the driver raises the same error;
-- a worker that dies is restarted by Ray Train (`FailureConfig`) from the last round's checkpoint;
+- a worker that dies (or whose node is lost) is restarted by Ray Train (`FailureConfig`) from the
+  last round's checkpoint, on a node with room for it;
   rank 0 then says `ready` and the driver sends the unfinished round again (a command for a round a
   worker already holds is skipped, so a repeated command is harmless);
 - the model stays in the workers' memory between rounds; with LoRA the adapters are merged at each
@@ -49,7 +51,7 @@ from rrhf_ray.config import TrainConfig
 from rrhf_ray.logs import redirect_process_output
 from rrhf_ray.train.checkpoints import read_train_state, resume_checkpoint, write_checkpoint
 from rrhf_ray.train.jobs import FitJob
-from rrhf_ray.train.launch import WorkerNodes, torch_trainer
+from rrhf_ray.train.launch import WorkerNodes, driver_queue, torch_trainer
 from rrhf_ray.train.loop import (
     NonFiniteTraining,
     Optimizer,
@@ -178,15 +180,14 @@ class WarmTrainer:
 
     def __init__(self, job: WarmJob, version: int, *, storage_path: str, global_step: int = 0,
                  max_failures: int = 1, name: str | None = None, store: RunStore | None = None) -> None:
-        from ray.util.queue import Queue
-
         cfg = self.cfg = job.train
         self.version = version
         self.store = store
         self.storage_path = storage_path
         self.name = name or f"rounds-from-{version}-{uuid.uuid4().hex[:6]}"
-        self.commands = [Queue(actor_options={"num_cpus": 0}) for _ in range(cfg.num_workers)]
-        self.results = Queue(actor_options={"num_cpus": 0})
+        # On the driver's node: a worker's node lost takes the worker, never the queues.
+        self.commands = [driver_queue() for _ in range(cfg.num_workers)]
+        self.results = driver_queue()
         self._pending: dict[str, Any] | None = None
         self.starts = 0  # worker group (re)starts seen (a `ready` each)
         self._error: BaseException | None = None
