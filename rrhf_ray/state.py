@@ -69,10 +69,11 @@ def _drop_added_later(data: dict[str, Any]) -> dict[str, Any]:
 
 # Where each role runs (the sections' Ray custom `resources`) changes no result, and may change
 # when a run resumes on another cluster: like the Ray connection, it is not fingerprinted. Nor is
-# how SFT lays out its rows (`packing`: the same loss and gradients up to float rounding), nor how
-# long a hung sampler or scorer is waited for (`chunk_timeout_s`).
+# how SFT lays out its rows (`packing`), nor which kernel computes the packed rows' attention
+# (`prefix_attention`: auto picks by the device), both the same loss and gradients up to float
+# rounding, nor how long a hung sampler or scorer is waited for (`chunk_timeout_s`).
 _PLACEMENT = frozenset({"resources", "chunk_timeout_s"})  # and how long a hung worker is waited for
-_FIT_LAYOUT = frozenset({"resources", "packing"})
+_FIT_LAYOUT = frozenset({"resources", "packing", "prefix_attention"})
 
 
 def _fingerprint_data(config: RunConfig, *, as_typed: bool = False) -> dict[str, Any]:
