@@ -26,10 +26,10 @@ def flex_backward_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """Lets FlexAttention back-propagate on this CPU, for tests that compare its gradients.
 
     PyTorch refuses a CPU backward at FlexAttention's entry (`_validate_device`), but its eager
-    path (a dense reference: the full score matrix, the mask applied per element, the backward
-    by autograd) is device-agnostic and runs here once that check is lifted. What such a test
-    checks is our part, the block mask, the segments and how the heads and outputs are laid out;
-    the fused CUDA kernels are PyTorch's and run only where a GPU is.
+    path (a dense reference: the full score matrix with the mask applied element by element,
+    forward and backward) is device-agnostic and runs here once that check is lifted. What such
+    a test checks is our part: the block mask, the segments, how heads and outputs are laid out.
+    The fused CUDA kernels are PyTorch's and run only where a GPU is.
     """
     import torch.nn.attention.flex_attention as flex
 
