@@ -27,9 +27,9 @@ like any forward. Log-softmax is taken in float32 whatever the model's dtype, an
 logits that predict a response token are computed (`logits_to_keep`).
 
 Where it applies: see `supports_prefix_sharing` (tested architectures, loaded with eager / sdpa
-attention: flash-attention kernels unpad by their own rules); a sliding window shorter than a packed row
-is refused (`candidate_logprobs_shared` raises), never silently cut. The trainer picks the path
-per `train.prefix_sharing` (`rrhf_ray.train.rrhf.use_prefix_sharing`).
+attention: flash-attention kernels unpad by their own rules); a sliding window shorter than a
+packed row is refused (`candidate_logprobs_shared` raises), never silently cut. The trainer picks
+the path per `train.prefix_sharing` (`rrhf_ray.train.rrhf.use_prefix_sharing`).
 """
 
 from __future__ import annotations
@@ -181,7 +181,8 @@ def prefix_kernel(model: nn.Module, setting: str = "auto") -> str:
     if setting == "auto":
         return "flex" if _device(model).type == "cuda" else "sdpa"
     if setting not in KERNELS:
-        raise ValueError(f"train.prefix_attention: {setting!r} is none of auto, {', '.join(KERNELS)}")
+        raise ValueError(f"train.prefix_attention: {setting!r} is none of auto, "
+                         f"{', '.join(KERNELS)}")
     return setting
 
 
@@ -244,7 +245,8 @@ def _prefix_flex(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
     if dropout > 0:
         raise ValueError(f"train.prefix_attention flex: FlexAttention has no attention dropout "
                          f"(this model's is {dropout}); use prefix_attention sdpa")
-    return flex_attend(query, key, value, prefix_block_mask, module.training, scaling, softcap), None
+    out = flex_attend(query, key, value, prefix_block_mask, module.training, scaling, softcap)
+    return out, None
 
 
 def use_prefix_attention(model: nn.Module, kernel: str = "sdpa") -> None:
@@ -341,8 +343,9 @@ def candidate_logprobs_shared(model: nn.Module, batch: PackedQueries,
     ids, pad_mask = _right_pad(rows, device)
     pos_t = _right_fill(positions, ids.shape[1], 0, device)
     if kernel == "flex":
+        seg_t = _right_fill(segments, ids.shape[1], -1, device)  # padding: −1
         masks = {"attention_mask": _no_padding(pad_mask),
-                 "prefix_block_mask": segment_block_mask(_right_fill(segments, ids.shape[1], -1, device))}
+                 "prefix_block_mask": segment_block_mask(seg_t)}
     else:
         masks = {"attention_mask": pad_mask, "prefix_layout": tuple(layout)}
 
@@ -417,12 +420,14 @@ def packed_nll_sum(model: nn.Module, examples: Sequence[tuple[list[int], int]], 
     pos_t = _right_fill(positions, width, 0, device)
     seg_t = _right_fill(segments, width, -1, device)  # padding: −1
     if kernel == "flex":
-        masks = {"attention_mask": _no_padding(pad_mask), "prefix_block_mask": segment_block_mask(seg_t)}
+        masks = {"attention_mask": _no_padding(pad_mask),
+                 "prefix_block_mask": segment_block_mask(seg_t)}
     else:
         causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
         same = (seg_t[:, :, None] == seg_t[:, None, :]) & (seg_t[:, :, None] >= 0)
         eye = torch.eye(width, dtype=torch.bool, device=device)
-        masks = {"attention_mask": pad_mask, "segment_mask": ((same & causal) | eye)[:, None]}  # [B, 1, T, T]
+        segment_mask = ((same & causal) | eye)[:, None]  # [B, 1, T, T]
+        masks = {"attention_mask": pad_mask, "segment_mask": segment_mask}
     keep, column = torch.unique(torch.tensor(predictors, device=device), sorted=True, return_inverse=True)
     logits = model(input_ids=ids, position_ids=pos_t, use_cache=False, logits_to_keep=keep,
                    **masks).logits  # [B, |keep|, V]
