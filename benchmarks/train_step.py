@@ -31,6 +31,14 @@ On a GPU (`--device cuda --dtype bfloat16`: bf16 autocast over float32 weights, 
 config, no downloads: `--device cuda --dtype bfloat16 --workload hh --hidden 2048 --layers 16
 --intermediate 5632 --max-length 640` (its vocabulary is the tiny tokenizer's ~1,000 tokens, so
 the LM head is cheaper than a real model's).
+
+The prefix-shared trainers' attention kernel (`train.prefix_attention`, rrhf_ray/train/prefix.py):
+`--attention auto` (default: flex on CUDA, sdpa on CPU), `sdpa` (SDPA once over each prompt and
+once per response), `flex` (FlexAttention with one block mask per forward, compiled on CUDA; it
+has no backward on CPU, so it needs `--device cuda`), or `both`: each prefix-shared trainer once
+per kernel, in the same table, to compare them on one GPU (`--workload hh --attention both`).
+The first steps of a flex trainer include compiling its kernels (once per new shape until torch
+marks the lengths dynamic), and they count in its tokens/s.
 """
 
 from __future__ import annotations
@@ -222,6 +230,21 @@ def trainers(workload: str) -> list[tuple[str, dict | None]]:
     ]
 
 
+def with_attention(listed: list[tuple[str, dict | None]], attention: str) -> list[tuple[str, dict | None]]:
+    """The prefix-shared trainers of `listed` with `train.prefix_attention` = `attention`
+    (`both`: once with sdpa, then once with flex); the others as they are."""
+    kernels = ["sdpa", "flex"] if attention == "both" else [attention]
+    out = []
+    for name, train in listed:
+        if train is None or train.get("prefix_sharing") != "on":
+            out.append((name, train))
+            continue
+        for kernel in kernels:
+            label = name if attention == "auto" else f"{name} [{kernel}]"
+            out.append((label, {**train, "prefix_attention": kernel}))
+    return out
+
+
 def run_child(args: argparse.Namespace, model: Path, data: Path | None, train: dict | str | None) -> dict:
     cmd = [sys.executable, __file__, "--child", json.dumps({"model": str(model), "data": str(data),
                                                             "max_length": args.max_length, "train": train,
@@ -273,11 +296,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="the trainers' compute dtype (bfloat16: autocast over float32 weights) and the ceiling's")
+    parser.add_argument("--attention", choices=["auto", "sdpa", "flex", "both"], default="auto",
+                        help="the prefix-shared trainers' attention kernel (train.prefix_attention); "
+                             "both = each of them with sdpa and with flex")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child)
         return
+    if args.attention in ("flex", "both") and not args.device.startswith("cuda"):
+        parser.error(f"--attention {args.attention} needs --device cuda: FlexAttention has no backward on CPU")
 
     import torch
     from transformers import AutoTokenizer
@@ -303,7 +331,8 @@ def main() -> None:
             make = make_hh if workload == "hh" else make_short
             data = make(tmp / f"{workload}.jsonl", tok)
             flops, needed = workload_flops(model, data, args.max_length)
-            results = [(name, run_child(args, model, data, train)) for name, train in trainers(workload)]
+            results = [(name, run_child(args, model, data, train))
+                       for name, train in with_attention(trainers(workload), args.attention)]
             for _, r in results:
                 r["peak_mb"] = r["rss_mb"] - base
                 r["mfu"] = flops / r["seconds"] / ceiling
@@ -312,9 +341,10 @@ def main() -> None:
                   f"{args.layers} layers), {args.dtype}, {args.device}, {torch.get_num_threads()} threads, 1 epoch; "
                   f"base {base:.0f} MB (model + AdamW + runtime); {flops / 1e12:.2f} TFLOP of model work "
                   f"({needed:,} tokens to compute)")
-            print(f"{'trainer':<48} {'resp tok/s':>10} {'× ref':>6} {'MFU':>5} {'peak MB':>8} {'× ref':>6} {'wall s':>7}")
+            w = max(48, *(len(name) for name, _ in results))
+            print(f"{'trainer':<{w}} {'resp tok/s':>10} {'× ref':>6} {'MFU':>5} {'peak MB':>8} {'× ref':>6} {'wall s':>7}")
             for name, r in results:
-                print(f"{name:<48} {r['tokens_per_s']:>10.0f} {r['tokens_per_s'] / ref['tokens_per_s']:>6.2f} "
+                print(f"{name:<{w}} {r['tokens_per_s']:>10.0f} {r['tokens_per_s'] / ref['tokens_per_s']:>6.2f} "
                       f"{r['mfu']:>5.2f} {r['peak_mb']:>8.0f} {r['peak_mb'] / ref['peak_mb']:>6.2f} {r['wall']:>7.1f}")
             best = results[-1][1]  # the setting docs/benchmarks.md quotes
             summary[workload] = (best["tokens_per_s"] / ref["tokens_per_s"], best["peak_mb"] / ref["peak_mb"],

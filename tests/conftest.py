@@ -21,6 +21,21 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama", seed=0)
 
 
+@pytest.fixture
+def flex_backward_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lets FlexAttention back-propagate on this CPU, for tests that compare its gradients.
+
+    PyTorch refuses a CPU backward at FlexAttention's entry (`_validate_device`), but its eager
+    path (a dense reference: the full score matrix with the mask applied element by element,
+    forward and backward) is device-agnostic and runs here once that check is lifted. What such
+    a test checks is our part: the block mask, the segments, how heads and outputs are laid out.
+    The fused CUDA kernels are PyTorch's and run only where a GPU is.
+    """
+    import torch.nn.attention.flex_attention as flex
+
+    monkeypatch.setattr(flex, "_validate_device", lambda query, key, value: None)
+
+
 @pytest.fixture(scope="session")
 def node_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The cluster node's RRHF_RAY_CACHE: where its Ray workers (samplers, trainers, tasks)

@@ -160,6 +160,13 @@ class FitConfig(Section):
         "rrhf_ray.train.prefix.packed_nll_sum). auto = where the model supports the packed "
         "attention (as train.prefix_sharing); off = one padded row per pair. The RRHF update and "
         "the reward model ignore it.")
+    prefix_attention: Literal["auto", "sdpa", "flex"] = Field(
+        "auto", description="The attention kernel of the packed rows (train.prefix_sharing, SFT "
+        "packing): flex = PyTorch's FlexAttention with one block mask per forward (a fused kernel "
+        "that skips the masked blocks, compiled on CUDA); sdpa = SDPA once over each prompt and once "
+        "per response (SFT packing: a dense block-diagonal mask); auto = flex when training on GPU, "
+        "sdpa elsewhere. The same log-probs and gradients either way up to float rounding, so not "
+        "part of the run's fingerprint. flex needs use_gpu: FlexAttention has no backward on CPU.")
     # Added later: off, it is left out of the run's fingerprint (rrhf_ray.state.ADDED_LATER).
     skip_nonfinite: bool = Field(
         False,
@@ -171,6 +178,9 @@ class FitConfig(Section):
     def _batching(self) -> FitConfig:
         if self.strategy == "fsdp" and not self.use_gpu:
             raise ValueError("train.strategy 'fsdp' needs train.use_gpu: true (FSDP runs on GPUs only)")
+        if self.prefix_attention == "flex" and not self.use_gpu:
+            raise ValueError("train.prefix_attention 'flex' needs train.use_gpu: true (PyTorch's "
+                             "FlexAttention has no backward on CPU); use auto or sdpa")
         if self.micro_batch_queries * self.num_workers > self.queries_per_step:
             raise ValueError(
                 f"train.queries_per_step ({self.queries_per_step}) is smaller than "

@@ -10,9 +10,14 @@ that restart at P for every response: P + ΣR tokens per query, no padding insid
 Anthropic-HH-shaped data (P ≈ 200, k = 6, R̄ ≈ 65, R_max ≈ 110) that is ≈ 590 instead of
 ≈ 1860 tokens.
 
-The attention (`PREFIX_ATTENTION`, `_prefix_sdpa`) never forms a dense T × T mask (T = P + ΣR):
-for each row it runs SDPA once over the prompt (causal) and once per response over the prompt's
-keys and its own (P + R_i keys), so the masked blocks between responses cost nothing.
+Two kernels compute that attention (`train.prefix_attention`, `prefix_kernel`: auto = flex on
+CUDA, sdpa elsewhere). sdpa (`PREFIX_ATTENTION`, `_prefix_sdpa`) never forms a T × T mask for the
+layout (T = P + ΣR): for each row it runs SDPA once over the prompt (causal) and once per response
+over the prompt's keys and its own (P + R_i keys), so the masked blocks between responses cost
+nothing; packed SFT rows take one SDPA call with a dense block-diagonal mask. flex
+(`PREFIX_FLEX`, `rrhf_ray.train.flex`) runs PyTorch's FlexAttention with one block mask per
+forward: one fused kernel per layer over the whole micro-batch on CUDA, where flash-attention
+kernels take no custom mask and per-response calls are many small launches.
 
 What is exact: every response token attends to the same keys and values at the same rotary
 positions as in its padded row, so log-probs and every parameter's gradient equal the padded
@@ -21,10 +26,10 @@ one ordinary forward (no KV cache), so it works with gradient checkpointing, LoR
 like any forward. Log-softmax is taken in float32 whatever the model's dtype, and only the
 logits that predict a response token are computed (`logits_to_keep`).
 
-Where it applies: see `supports_prefix_sharing` (tested architectures, eager / sdpa attention:
-flash-attention kernels unpad by their own rules); a sliding window shorter than a packed row
-is refused (`candidate_logprobs_shared` raises), never silently cut. The trainer picks the path
-per `train.prefix_sharing` (`rrhf_ray.train.rrhf.use_prefix_sharing`).
+Where it applies: see `supports_prefix_sharing` (tested architectures, loaded with eager / sdpa
+attention: flash-attention kernels unpad by their own rules); a sliding window shorter than a
+packed row is refused (`candidate_logprobs_shared` raises), never silently cut. The trainer picks
+the path per `train.prefix_sharing` (`rrhf_ray.train.rrhf.use_prefix_sharing`).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from rrhf_ray.loss import sequence_logprobs
+from rrhf_ray.train.flex import flex_attend, segment_block_mask
 
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig
@@ -47,6 +53,7 @@ __all__ = [
     "candidate_logprobs_shared",
     "pack_rows",
     "packed_nll_sum",
+    "prefix_kernel",
     "supports_prefix_sharing",
     "tokens_computed",
 ]
@@ -55,7 +62,7 @@ __all__ = [
 # needs; each one is checked in the unit tests.
 TESTED_MODEL_TYPES = frozenset({"llama", "qwen2", "mistral", "gpt_neox"})
 # flash_attention_2 & co. unpad with their own rules: untested, so they take the padded path.
-TESTED_ATTN_IMPLEMENTATIONS = frozenset({"eager", "sdpa", "rrhf_prefix_sdpa"})
+TESTED_ATTN_IMPLEMENTATIONS = frozenset({"eager", "sdpa", "rrhf_prefix_sdpa", "rrhf_prefix_flex"})
 
 
 @dataclass
@@ -157,8 +164,26 @@ def _right_pad(rows: list[list[int]], device: torch.device) -> tuple[Tensor, Ten
 # --------------------------------------------------------------------------- attention
 
 PREFIX_ATTENTION = "rrhf_prefix_sdpa"
-"""The attention implementation the shared path switches a model to: SDPA, plus the packed
-layout when a forward passes `prefix_layout` (without it, exactly SDPA)."""
+"""The attention implementation the shared path switches a model to for the sdpa kernel: SDPA,
+plus the packed layout when a forward passes `prefix_layout` (without it, exactly SDPA)."""
+
+PREFIX_FLEX = "rrhf_prefix_flex"
+"""The same for the flex kernel: FlexAttention when a forward passes `prefix_block_mask` (built
+once per forward, `rrhf_ray.train.flex.segment_block_mask`), exactly SDPA without it."""
+
+KERNELS = ("sdpa", "flex")  # `train.prefix_attention` past auto
+
+
+def prefix_kernel(model: nn.Module, setting: str = "auto") -> str:
+    """The kernel of the packed attention for `train.prefix_attention` = `setting` on `model`'s
+    device: auto = flex on CUDA (a fused kernel that skips the masked blocks), sdpa elsewhere
+    (on CPU FlexAttention runs its eager reference and has no backward)."""
+    if setting == "auto":
+        return "flex" if _device(model).type == "cuda" else "sdpa"
+    if setting not in KERNELS:
+        raise ValueError(f"train.prefix_attention: {setting!r} is none of auto, "
+                         f"{', '.join(KERNELS)}")
+    return setting
 
 
 def _prefix_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -205,17 +230,39 @@ def _prefix_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
     return torch.cat(outputs, dim=0), None
 
 
-def use_prefix_attention(model: nn.Module) -> None:
-    """Switch `model` (a causal LM, unwrapped) to `PREFIX_ATTENTION`, registered once with
-    transformers. Plain forwards are unchanged (SDPA); the switch is not saved with the config."""
+def _prefix_flex(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                 attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                 softcap: float | None = None, prefix_block_mask: object | None = None,
+                 **kwargs) -> tuple[Tensor, None]:
+    """FlexAttention under `prefix_block_mask` (the packed rows' block mask, one per forward,
+    shared by every layer), with the layer's scaling and logit softcap; grouped-query heads are
+    broadcast by the kernel. Without a block mask, exactly SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if prefix_block_mask is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    if dropout > 0:
+        raise ValueError(f"train.prefix_attention flex: FlexAttention has no attention dropout "
+                         f"(this model's is {dropout}); use prefix_attention sdpa")
+    out = flex_attend(query, key, value, prefix_block_mask, module.training, scaling, softcap)
+    return out, None
+
+
+def use_prefix_attention(model: nn.Module, kernel: str = "sdpa") -> None:
+    """Switch `model` (a causal LM, unwrapped) to the attention of `kernel` (`PREFIX_ATTENTION`
+    or `PREFIX_FLEX`), registered once with transformers. Plain forwards are unchanged (SDPA,
+    with SDPA's mask); the switch is not saved with the config."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    if PREFIX_ATTENTION not in AttentionInterface._global_mapping:
-        AttentionInterface.register(PREFIX_ATTENTION, _prefix_sdpa)
-        ALL_MASK_ATTENTION_FUNCTIONS.register(PREFIX_ATTENTION, sdpa_mask)
-    if model.config._attn_implementation != PREFIX_ATTENTION:
-        model.config._attn_implementation = PREFIX_ATTENTION
+    for name, function in ((PREFIX_ATTENTION, _prefix_sdpa), (PREFIX_FLEX, _prefix_flex)):
+        if name not in AttentionInterface._global_mapping:
+            AttentionInterface.register(name, function)
+            ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+    name = PREFIX_FLEX if kernel == "flex" else PREFIX_ATTENTION
+    if model.config._attn_implementation != name:
+        model.config._attn_implementation = name
 
 
 def candidate_logprobs_padded(model: nn.Module, batch: PackedQueries) -> tuple[Tensor, Tensor]:
@@ -239,33 +286,52 @@ def candidate_logprobs_padded(model: nn.Module, batch: PackedQueries) -> tuple[T
     return sequence_logprobs(logits, ids, response_mask)
 
 
-def candidate_logprobs_shared(model: nn.Module, batch: PackedQueries) -> tuple[Tensor, Tensor]:
+def _right_fill(rows: list[list[int]], width: int, fill: int, device: torch.device) -> Tensor:
+    """[len(rows), width] long: each row's values, then `fill`."""
+    out = torch.full((len(rows), width), fill, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out.to(device)
+
+
+def _no_padding(pad_mask: Tensor) -> Tensor:
+    """The 2-D mask to hand transformers beside a block mask, which masks the padding itself
+    (segment −1): all ones, so that no 4-D mask is built (with none at all, transformers would
+    read the restarting position ids as packed sequences and build one)."""
+    return torch.ones_like(pad_mask)
+
+
+def candidate_logprobs_shared(model: nn.Module, batch: PackedQueries,
+                              attention: str = "auto") -> tuple[Tensor, Tensor]:
     """Prefix-shared path without padding: each query is one row `prompt + y_1 + … + y_k`.
 
-    `PREFIX_ATTENTION` lets the prompt attend causally to itself and each response to the prompt
-    and to its own earlier tokens (never to another response); position ids restart at P for every
-    response, so each response sees exactly the keys, values and rotary positions of its padded
-    row. One forward, no cache: P + ΣR tokens per query, no response padding. Several queries
-    are right-padded to the longest row. Only the logits that predict a response token are
-    computed (`logits_to_keep`). Same result as `candidate_logprobs_padded` up to rounding.
+    The attention (`attention`: auto, sdpa or flex, `prefix_kernel`) lets the prompt attend
+    causally to itself and each response to the prompt and to its own earlier tokens (never to
+    another response); position ids restart at P for every response, so each response sees
+    exactly the keys, values and rotary positions of its padded row. One forward, no cache:
+    P + ΣR tokens per query, no response padding. Several queries are right-padded to the longest
+    row. Only the logits that predict a response token are computed (`logits_to_keep`). Same
+    result as `candidate_logprobs_padded` up to rounding, with either kernel.
     """
     device = _device(model)
     inner = _unwrap(model)
     if not _fits_sliding_window(inner.config, batch):
         # The packed row's key positions run past P + R: a binding window would cut elsewhere.
         raise ValueError("a sliding window shorter than prompt + response: use the padded path")
-    use_prefix_attention(inner)
-    rows, positions, layout = [], [], []
+    kernel = prefix_kernel(model, attention)
+    use_prefix_attention(inner, kernel)
+    rows, positions, layout, segments = [], [], [], []
     targets, predictors, owners = [], [], []  # per response token: id, predicting column, row
     lengths = []
     for q, (prompt, cands) in enumerate(zip(batch.prompt_ids, batch.response_ids)):
         p = len(prompt)
-        row, pos, spans = list(prompt), list(range(p)), []
+        row, pos, spans, seg = list(prompt), list(range(p)), [], [0] * p
         for resp in cands:
             start = len(row)
             row += resp
             pos += range(p, p + len(resp))
             spans.append((start, len(row)))
+            seg += [len(spans)] * len(resp)  # response i is segment i (1-based), the prompt 0
             targets += resp
             predictors += [p - 1] + list(range(start, start + len(resp) - 1))
             owners += [q] * len(resp)
@@ -273,16 +339,21 @@ def candidate_logprobs_shared(model: nn.Module, batch: PackedQueries) -> tuple[T
         rows.append(row)
         positions.append(pos)
         layout.append((p, tuple(spans)))
+        segments.append(seg)
     ids, pad_mask = _right_pad(rows, device)
-    pos_t = torch.zeros_like(ids)
-    for i, pos in enumerate(positions):
-        pos_t[i, : len(pos)] = torch.tensor(pos, device=device)
+    pos_t = _right_fill(positions, ids.shape[1], 0, device)
+    if kernel == "flex":
+        seg_t = _right_fill(segments, ids.shape[1], -1, device)  # padding: −1
+        masks = {"attention_mask": _no_padding(pad_mask),
+                 "prefix_block_mask": segment_block_mask(seg_t)}
+    else:
+        masks = {"attention_mask": pad_mask, "prefix_layout": tuple(layout)}
 
     owner_t = torch.tensor(owners, device=device)
     pred_t = torch.tensor(predictors, device=device)
     keep, column = torch.unique(pred_t, sorted=True, return_inverse=True)  # columns any row needs
-    logits = model(input_ids=ids, attention_mask=pad_mask, position_ids=pos_t, use_cache=False,
-                   logits_to_keep=keep, prefix_layout=tuple(layout)).logits  # [B, |keep|, V]
+    logits = model(input_ids=ids, position_ids=pos_t, use_cache=False, logits_to_keep=keep,
+                   **masks).logits  # [B, |keep|, V]
     picked = logits[owner_t, column].float()  # [M, V], one row per response token
     target = torch.tensor(targets, device=device)
     token_logp = picked.gather(-1, target[:, None]).squeeze(-1) - picked.logsumexp(-1)
@@ -313,17 +384,20 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def packed_nll_sum(model: nn.Module, examples: Sequence[tuple[list[int], int]], capacity: int) -> tuple[Tensor, int]:
+def packed_nll_sum(model: nn.Module, examples: Sequence[tuple[list[int], int]], capacity: int,
+                   attention: str = "auto") -> tuple[Tensor, int]:
     """(Σ −log π over the response tokens, their number) of (ids, response start) examples, the
     SFT loss of `rrhf_ray.train.sft.nll_sum` without padding: the examples are packed into rows of
-    at most `capacity` tokens (`pack_rows`), each attending only to itself (`PREFIX_ATTENTION`
-    with a block-diagonal causal `segment_mask`: one SDPA call per layer; a padding position
-    attends to itself alone, so nothing is undefined) with positions restarting at 0, and only the
-    logits that predict a response token are computed. Equal to the padded loss and gradients up
-    to float rounding (tested)."""
+    at most `capacity` tokens (`pack_rows`), each attending only to itself, with positions
+    restarting at 0, and only the logits that predict a response token are computed. The
+    attention (`attention`: auto, sdpa or flex, `prefix_kernel`): sdpa = `PREFIX_ATTENTION` with
+    a block-diagonal causal `segment_mask`, one SDPA call per layer (a padding position attends
+    to itself alone, so nothing is undefined); flex = the same mask as a block mask. Equal to the
+    padded loss and gradients up to float rounding (tested)."""
     device = _device(model)
     inner = _unwrap(model)
-    use_prefix_attention(inner)
+    kernel = prefix_kernel(model, attention)
+    use_prefix_attention(inner, kernel)
     rows, positions, segments, predictors, owners, targets = [], [], [], [], [], []
     for b, members in enumerate(pack_rows([len(ids) for ids, _ in examples], capacity)):
         row: list[int] = []
@@ -334,7 +408,7 @@ def packed_nll_sum(model: nn.Module, examples: Sequence[tuple[list[int], int]], 
             begin = len(row)
             row += ids
             pos += range(len(ids))
-            seg += [n] * len(ids)
+            seg += [n + 1] * len(ids)  # from 1: no segment is a shared prompt (0)
             predictors += range(begin + start - 1, begin + len(ids) - 1)
             targets += ids[start:]
             owners += [b] * (len(ids) - start)
@@ -343,18 +417,20 @@ def packed_nll_sum(model: nn.Module, examples: Sequence[tuple[list[int], int]], 
         segments.append(seg)
     ids, pad_mask = _right_pad(rows, device)
     width = ids.shape[1]
-    pos_t = torch.zeros_like(ids)
-    seg_t = torch.full_like(ids, -1)  # padding: a segment of its own per position (below)
-    for i, (pos, seg) in enumerate(zip(positions, segments)):
-        pos_t[i, : len(pos)] = torch.tensor(pos, device=device)
-        seg_t[i, : len(seg)] = torch.tensor(seg, device=device)
-    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-    same = (seg_t[:, :, None] == seg_t[:, None, :]) & (seg_t[:, :, None] >= 0)
-    eye = torch.eye(width, dtype=torch.bool, device=device)
-    mask = ((same & causal) | eye)[:, None]  # [B, 1, T, T]
+    pos_t = _right_fill(positions, width, 0, device)
+    seg_t = _right_fill(segments, width, -1, device)  # padding: −1
+    if kernel == "flex":
+        masks = {"attention_mask": _no_padding(pad_mask),
+                 "prefix_block_mask": segment_block_mask(seg_t)}
+    else:
+        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        same = (seg_t[:, :, None] == seg_t[:, None, :]) & (seg_t[:, :, None] >= 0)
+        eye = torch.eye(width, dtype=torch.bool, device=device)
+        segment_mask = ((same & causal) | eye)[:, None]  # [B, 1, T, T]
+        masks = {"attention_mask": pad_mask, "segment_mask": segment_mask}
     keep, column = torch.unique(torch.tensor(predictors, device=device), sorted=True, return_inverse=True)
-    logits = model(input_ids=ids, attention_mask=pad_mask, position_ids=pos_t, use_cache=False,
-                   logits_to_keep=keep, segment_mask=mask).logits  # [B, |keep|, V]
+    logits = model(input_ids=ids, position_ids=pos_t, use_cache=False, logits_to_keep=keep,
+                   **masks).logits  # [B, |keep|, V]
     picked = logits[torch.tensor(owners, device=device), column].float()  # one row per response token
     loss = torch.nn.functional.cross_entropy(picked, torch.tensor(targets, device=device), reduction="sum")
     return loss, len(targets)

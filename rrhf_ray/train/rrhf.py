@@ -49,6 +49,7 @@ from rrhf_ray.train.prefix import (
     PackedQueries,
     candidate_logprobs_padded,
     candidate_logprobs_shared,
+    prefix_kernel,
     supports_prefix_sharing,
 )
 from rrhf_ray.train.worker import load_policy
@@ -86,15 +87,17 @@ def use_prefix_sharing(model: torch.nn.Module, setting: str) -> bool:
 
 
 def candidate_logprobs(model: torch.nn.Module, groups: Sequence[EncodedGroup], shared: bool,
-                       spans: Sequence[tuple[int, int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       spans: Sequence[tuple[int, int, int]] | None = None,
+                       attention: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ log π over response tokens, response lengths) of the candidates of `groups`, query-major,
-    in one forward: the prompt once per query (`shared`) or once per candidate (padded).
+    in one forward: the prompt once per query (`shared`, its attention kernel per
+    `train.prefix_attention` = `attention`) or once per candidate (padded).
     `spans`: only candidates lo…hi−1 of group g for each (g, lo, hi)."""
     spans = spans or [(g, 0, len(e.responses)) for g, e in enumerate(groups)]
     batch = PackedQueries([groups[g].prompt for g, _, _ in spans],
                           [groups[g].responses[lo:hi] for g, lo, hi in spans])
     if shared:
-        return candidate_logprobs_shared(model, batch)
+        return candidate_logprobs_shared(model, batch, attention)
     return candidate_logprobs_padded(model, batch)
 
 
@@ -133,14 +136,14 @@ def micro_batch_loss(model: torch.nn.Module, groups: Sequence[EncodedGroup], cfg
     if chunk >= sum(len(g.responses) for g in groups):
         with mb.sync_ctx(last=True):
             with mb.autocast():
-                logp, lengths = candidate_logprobs(model, groups, shared)
+                logp, lengths = candidate_logprobs(model, groups, shared, attention=cfg.prefix_attention)
             out = loss_fn(group_tensors(groups, logp, lengths))
             (out.per_query_loss.sum() * mb.scale).backward()
         return out, int(lengths.sum())
 
     chunks = _chunks(groups, chunk)
     with torch.no_grad(), mb.autocast():
-        parts = [candidate_logprobs(model, groups, shared, c) for c in chunks]
+        parts = [candidate_logprobs(model, groups, shared, c, cfg.prefix_attention) for c in chunks]
     logp = torch.cat([p[0] for p in parts]).requires_grad_(True)
     lengths = torch.cat([p[1] for p in parts])
     out = loss_fn(group_tensors(groups, logp, lengths))
@@ -150,7 +153,7 @@ def micro_batch_loss(model: torch.nn.Module, groups: Sequence[EncodedGroup], cfg
         size = sum(hi - lo for _, lo, hi in c)
         with mb.sync_ctx(last=i == len(chunks) - 1):
             with mb.autocast():
-                lp, _ = candidate_logprobs(model, groups, shared, c)
+                lp, _ = candidate_logprobs(model, groups, shared, c, cfg.prefix_attention)
             (lp * coeff[start : start + size]).sum().backward()
         start += size
     return out, int(lengths.sum())
@@ -195,7 +198,7 @@ def encoded_logprobs(model: torch.nn.Module, groups: Sequence[EncodedGroup], cfg
     for s in range(0, len(groups), cfg.micro_batch_queries):
         batch = groups[s : s + cfg.micro_batch_queries]
         with autocast():
-            parts = [candidate_logprobs(model, batch, shared, c)
+            parts = [candidate_logprobs(model, batch, shared, c, cfg.prefix_attention)
                      for c in _chunks(batch, _chunk_size(batch, cfg, shared))]
         flat = torch.cat([p[0] for p in parts]).float().cpu().tolist()
         start = 0
@@ -264,6 +267,8 @@ def rrhf_recipe(cfg: TrainConfig, data_paths: Sequence[str], tokenizer: Any, dev
     if not shared and cfg.prefix_sharing == "auto":
         logger.info("prefix sharing: not supported by this model here (%s); the prompt is "
                     "computed once per candidate", getattr(model.config, "model_type", "?"))
+    if shared:
+        logger.info("prefix sharing: %s attention", prefix_kernel(model, cfg.prefix_attention))
 
     def micro_batch(model: torch.nn.Module, mb: MicroBatch) -> Measured:
         return measure(*micro_batch_loss(model, [encoded[i] for i in mb.indices], cfg, mb, shared=shared))

@@ -106,7 +106,8 @@ def sft_recipe(cfg: FitConfig, train_pairs: Sequence[SFTPair], eval_pairs: Seque
         with mb.sync_ctx():
             with mb.autocast():
                 if packed:
-                    loss, tokens = packed_nll_sum(model, [encoded[i] for i in mb.indices], cfg.max_length)
+                    loss, tokens = packed_nll_sum(model, [encoded[i] for i in mb.indices], cfg.max_length,
+                                                  cfg.prefix_attention)
                 else:
                     loss, tokens = nll_sum(model, collate([encoded[i] for i in mb.indices], pad_id), mb.device)
             (loss * mb.scale).backward()

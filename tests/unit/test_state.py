@@ -44,3 +44,19 @@ def test_a_config_that_reads_the_same_in_both_schemas_has_no_earlier_fingerprint
     # no stage settings, the rrhf loss, the tolerance set
     config = load_config(DEMO_CONFIG, ["sft=null", "sampling.refresh_tolerance=0.05", "output.dir=/tmp/fp-run"])
     assert earlier_fingerprints(config) == set()
+
+
+def test_the_attention_kernel_is_not_part_of_the_fingerprint():
+    """`prefix_attention` picks the kernel of the packed rows (the same loss and gradients up to
+    float rounding; auto depends on the device): a run may resume with another one, or on
+    another machine, in the same output directory. flex asks for a GPU (no CPU backward)."""
+    gpu = ["output.dir=/tmp/fp-run", "train.use_gpu=true", "sft.train.use_gpu=true"]
+    base = config_fingerprint(load_config(DEMO_CONFIG, gpu))
+    for kernel in ("auto", "sdpa", "flex"):
+        config = load_config(DEMO_CONFIG, [*gpu, f"train.prefix_attention={kernel}",
+                                           f"sft.train.prefix_attention={kernel}"])
+        assert (config.train.prefix_attention, config.sft.train.prefix_attention) == (kernel, kernel)
+        assert config_fingerprint(config) == base
+    assert config_fingerprint(load_config(DEMO_CONFIG, [*gpu, "train.lr=0.5"])) != base
+    with pytest.raises(ConfigError, match="prefix_attention 'flex' needs train.use_gpu"):
+        load_config(DEMO_CONFIG, ["train.prefix_attention=flex"])

@@ -133,14 +133,17 @@ def test_padding_does_not_change_a_candidates_log_probability(tiny_model_dir, to
 
 
 def gradients(model_dir, tokenizer, groups, micro_batch_queries: int, chunk: int | None = None,
-              checkpointing: bool = False, shared: bool = False, budget: int | None = None):
+              checkpointing: bool = False, shared: bool = False, budget: int | None = None,
+              flex: bool = False):
     """Parameter gradients of one optimizer step over `groups` on one worker, cut into
     micro-batches by the trainer's own `micro_batches` from the config (`micro_batch_queries`,
-    or packed to `train.micro_batch_tokens`)."""
+    or packed to `train.micro_batch_tokens`). `flex`: `train.prefix_attention: flex` (which
+    asks for `use_gpu`; the model stays on this CPU all the same)."""
     torch.manual_seed(0)
+    kernel = {"prefix_attention": "flex", "use_gpu": True} if flex else {}
     cfg = TrainConfig(queries_per_step=len(groups), micro_batch_queries=micro_batch_queries,
                       candidate_chunk_size=chunk, gradient_checkpointing=checkpointing,
-                      micro_batch_tokens=budget)
+                      micro_batch_tokens=budget, **kernel)
     model = load_causal_lm(str(model_dir), cfg, False)
     model.train()
     enc = [encode(tokenizer, g, 96) for g in groups]
@@ -151,6 +154,8 @@ def gradients(model_dir, tokenizer, groups, micro_batch_queries: int, chunk: int
     for idx in batches:
         part = [enc[i] for i in idx]
         micro_batch_loss(model, part, cfg, step(part, 1.0 / len(groups)), shared=shared)
+    if shared:  # the kernel the config asked for ran
+        assert model.config._attn_implementation == ("rrhf_prefix_flex" if flex else "rrhf_prefix_sdpa")
     return {n: p.grad.clone() for n, p in model.named_parameters()}, len(batches)
 
 
@@ -171,10 +176,12 @@ def test_accumulation_and_chunking_give_the_same_gradient(tiny_model_dir, tokeni
         torch.testing.assert_close(recomputed[name], g, rtol=1e-4, atol=1e-6)
 
 
-def test_prefix_sharing_and_token_budgets_give_the_padded_gradient(tiny_model_dir, tokenizer):
+def test_prefix_sharing_and_token_budgets_give_the_padded_gradient(tiny_model_dir, tokenizer,
+                                                                   flex_backward_on_cpu):
     """The prompt computed once per query, with whole micro-batches, packed to a token budget,
-    and with one query's candidates chunked (a budget smaller than the query): every parameter's
-    gradient equals the padded way's. Queries of different prompt lengths and different k."""
+    and with one query's candidates chunked (a budget smaller than the query), with either
+    attention kernel (`train.prefix_attention`): every parameter's gradient equals the padded
+    way's. Queries of different prompt lengths and different k."""
     rows = ranked_rows(8)
     for i, r in enumerate(rows):  # prompts of different lengths, k from 1 to 4
         r["query"] = "\n\nHuman: " + "tell me more " * (i % 4) + r["query"].removeprefix("\n\nHuman: ")
@@ -186,6 +193,8 @@ def test_prefix_sharing_and_token_budgets_give_the_padded_gradient(tiny_model_di
         "shared": gradients(tiny_model_dir, tokenizer, groups, 8, shared=True)[0],
         "shared, 8 × 1": gradients(tiny_model_dir, tokenizer, groups, 1, shared=True)[0],
         "shared, budget": gradients(tiny_model_dir, tokenizer, groups, 8, shared=True, budget=120)[0],
+        "shared, flex, budget": gradients(tiny_model_dir, tokenizer, groups, 8, shared=True, budget=120,
+                                          flex=True)[0],
         "padded, budget": gradients(tiny_model_dir, tokenizer, groups, 8, budget=200)[0],
     }
     # A budget smaller than any query: each query is a micro-batch of its own, its candidates in chunks.
