@@ -70,14 +70,16 @@ def _drop_added_later(data: dict[str, Any]) -> dict[str, Any]:
 # Where each role runs (the sections' Ray custom `resources`) changes no result, and may change
 # when a run resumes on another cluster: like the Ray connection, it is not fingerprinted. Nor is
 # how SFT lays out its rows (`packing`: the same loss and gradients up to float rounding), nor how
-# long a hung sampler or scorer is waited for (`chunk_timeout_s`).
+# long a hung sampler or scorer is waited for (`chunk_timeout_s`), nor whether a refresh moves the
+# weights through disk or the object store (`sampling.refresh_transport`).
 _PLACEMENT = frozenset({"resources", "chunk_timeout_s"})  # and how long a hung worker is waited for
+_SAMPLING_LAYOUT = _PLACEMENT | {"refresh_transport"}
 _FIT_LAYOUT = frozenset({"resources", "packing"})
 
 
 def _fingerprint_data(config: RunConfig, *, as_typed: bool = False) -> dict[str, Any]:
     data = _drop_added_later(config.model_dump(mode="json", exclude={
-        "rounds": True, "ray": True, "tracking": True, "sampling": _PLACEMENT, "reward": _PLACEMENT,
+        "rounds": True, "ray": True, "tracking": True, "sampling": _SAMPLING_LAYOUT, "reward": _PLACEMENT,
         "train": _FIT_LAYOUT, "eval": _PLACEMENT, "sft": {"train": _FIT_LAYOUT},
         "reward_model": {"train": _FIT_LAYOUT}}))
     out = data["output"]["dir"]

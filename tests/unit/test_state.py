@@ -44,3 +44,14 @@ def test_a_config_that_reads_the_same_in_both_schemas_has_no_earlier_fingerprint
     # no stage settings, the rrhf loss, the tolerance set
     config = load_config(DEMO_CONFIG, ["sft=null", "sampling.refresh_tolerance=0.05", "output.dir=/tmp/fp-run"])
     assert earlier_fingerprints(config) == set()
+
+
+def test_the_refresh_transport_is_not_part_of_the_fingerprint():
+    """Disk or memory moves the same tensors to the samplers: a run resumes under either, with the
+    fingerprint the code before the setting gave it (7ecb40f289f591c9, the demo at this output.dir)."""
+    disk = load_config(DEMO_CONFIG, ["output.dir=/tmp/fp-run"])
+    memory = load_config(DEMO_CONFIG, ["output.dir=/tmp/fp-run", "sampling.refresh_transport=memory"])
+    assert (disk.sampling.refresh_transport, memory.sampling.refresh_transport) == ("disk", "memory")
+    assert config_fingerprint(memory) == config_fingerprint(disk) == "7ecb40f289f591c9"
+    with pytest.raises(ConfigError, match="refresh_transport"):
+        load_config(DEMO_CONFIG, ["sampling.refresh_transport=network"])
