@@ -194,9 +194,8 @@ def refresh(ctx: RunContext, r: int) -> dict:
         if transport == "memory":
             from rrhf_ray.train.checkpoints import read_state_dict
 
-            state = ray.put(read_state_dict(ctx.checkpoint(r), ctx.served_dtype))
+            state = read_state_dict(ctx.checkpoint(r), ctx.served_dtype)
             ray.get(pool.load_state_dict_refs(state, ctx.hand_off(ctx.checkpoint(r)), r))
-            del state  # every replica has loaded it: the object store may free its copy now
         else:
             ray.get(pool.load_weights_refs(ctx.hand_off(ctx.checkpoint(r)), r))
         if recorded is None:

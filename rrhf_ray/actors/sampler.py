@@ -29,7 +29,7 @@ import hashlib
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -154,16 +154,18 @@ class Sampler:
         return version
 
     def load_state_dict(self, state: list[ray.ObjectRef], version: int) -> int:
-        """Reload weights in place from a state dict in the object store (`state`: [its ref],
-        wrapped so that the fetch is timed here, outside the busy seconds like a download);
-        what moved is kept for `last_download`. Returns the new version."""
+        """Reload weights in place from a packed state dict in the object store
+        (`rrhf_ray.actors.weights`; `state`: [its ref], wrapped so that the fetch is timed here,
+        outside the busy seconds like a download); what moved is kept for `last_download`.
+        Returns the new version."""
+        from rrhf_ray.actors.weights import packed_bytes, unpack_state_dict
+
         start = time.perf_counter()
-        weights = ray.get(state[0])
+        packed = ray.get(state[0])
         fetched = time.perf_counter()
-        self.engine.load_state_dict(weights.items())
+        self.engine.load_state_dict(unpack_state_dict(packed))
         self._busy += time.perf_counter() - fetched
-        self._download = {"bytes": sum(t.numel() * t.element_size() for t in weights.values()),
-                          "seconds": fetched - start, "files": 0}
+        self._download = {"bytes": packed_bytes(packed), "seconds": fetched - start, "files": 0}
         self.version = version
         return version
 
@@ -313,14 +315,17 @@ class SamplerPool:
         self.weights = str(checkpoint_dir)
         return [r.load_weights.remote(str(checkpoint_dir), version) for r in self.replicas]
 
-    def load_state_dict_refs(self, state: ray.ObjectRef, checkpoint_dir: str, version: int) -> list[ray.ObjectRef]:
-        """Refresh every replica in place to round `version`'s weights from `state`, the ref of
-        its state dict that the caller put in the object store once (each replica's node fetches
-        it from there). `checkpoint_dir` is the same weights on disk: what a replica Ray
-        restarts reloads (`get_samples`)."""
+    def load_state_dict_refs(self, state: Mapping[str, Any], checkpoint_dir: str, version: int) -> list[ray.ObjectRef]:
+        """Refresh every replica in place to round `version`'s weights `state` ({checkpoint name:
+        tensor}, in the served dtype), put in the object store once, here (packed:
+        `rrhf_ray.actors.weights`); each replica's node fetches it from there. `checkpoint_dir`
+        is the same weights on disk: what a replica Ray restarts reloads (`get_samples`)."""
+        from rrhf_ray.actors.weights import pack_state_dict
+
         self.version = version
         self.weights = str(checkpoint_dir)
-        return [r.load_state_dict.remote([state], version) for r in self.replicas]
+        ref = ray.put(pack_state_dict(state))
+        return [r.load_state_dict.remote([ref], version) for r in self.replicas]
 
     def downloads(self) -> list[dict[str, float] | None]:
         """Per live replica, what its last weights load downloaded (`Sampler.last_download`)."""

@@ -72,7 +72,7 @@ def test_memory_serves_what_disk_serves_and_the_probe_catches_stale_weights(
     assert ray.get(pool.load_weights_refs(str(tiny_model_dir), 0)) == [0]
     assert served(pool, probe) == start
     state = read_state_dict(perturbed_dir, "bfloat16")
-    assert ray.get(pool.load_state_dict_refs(ray.put(state), str(perturbed_dir), 1)) == [1]
+    assert ray.get(pool.load_state_dict_refs(state, str(perturbed_dir), 1)) == [1]
     assert (pool.version, pool.weights) == (1, str(perturbed_dir))  # a restarted replica reloads this
     from_memory = served(pool, probe)
     assert from_memory == from_disk  # token for token, log-prob for log-prob: bitwise the same
@@ -88,7 +88,7 @@ def test_memory_serves_what_disk_serves_and_the_probe_catches_stale_weights(
     check = verify_refresh(pool, probe, new, old, tolerance, r=1)
     assert check["logprob_gap"] < tolerance < check["logprob_separation"] / 2
 
-    stale = ray.put(read_state_dict(tiny_model_dir, "bfloat16"))  # round 0's weights labelled round 1
+    stale = read_state_dict(tiny_model_dir, "bfloat16")  # round 0's weights labelled round 1
     assert ray.get(pool.load_state_dict_refs(stale, str(perturbed_dir), 1)) == [1]
     with pytest.raises(StaleWeightsError, match=r"sampler replica 0 does not serve round 1's weights"):
         verify_refresh(pool, probe, new, old, 10.0, r=1)  # a tolerance too loose to catch it alone
