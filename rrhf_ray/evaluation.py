@@ -34,6 +34,7 @@ from rrhf_ray.types import Candidate, CandidateGroup, QueryGroup
 
 if TYPE_CHECKING:
     from rrhf_ray.mirror import RunStore
+    from rrhf_ray.waits import Wait
 
 EVAL_SEED_OFFSET = 10_000  # evaluation samples with sampling.seed + this, in every round
 
@@ -257,6 +258,7 @@ def evaluate(
     also: Sequence[tuple[Sequence[str], SamplingConfig]] = (),
     store: RunStore | None = None,
     model_dtype: str = "auto",
+    wait: Wait | None = None,
 ) -> EvalResult:
     """Greedy and sampled replies of the sampler's current policy (at `model_path`), scored; the
     perplexities (the policy on `references`, `judge` on the greedy replies) and the held-out
@@ -271,7 +273,12 @@ def evaluate(
     their node's cache (`rrhf_ray.remote.materialize`) with the driver's storage variables
     (`store`: the run's bucket mirror, None for a local run). `model_dtype` (`model.dtype`): the
     weights dtype of the perplexity and ranking tasks' models (auto: float32 on a CPU, bfloat16 on
-    a GPU)."""
+    a GPU).
+
+    `wait` (`rrhf_ray.waits.Wait`): the time limit of the tasks (counted once the replies are
+    scored: what is left to wait for), and
+    where the driver records that it waits on them; past it they are cancelled and
+    `StageTimeout` names them."""
     from rrhf_ray.mirror import actor_options
 
     # The same options as warm_up_workers (its processes are reused), on eval.resources' nodes.
@@ -302,8 +309,13 @@ def evaluate(
     # ranking_metrics loads its model on the CPU: no GPU for this task.
     rank_ref = (ranking_task.options(**remote).remote(model_path, scored[n:], sampling.max_model_len, model_dtype)
                 if queries else None)
+    refs = (ppl_ref, judge_ref, rank_ref)
+    live = [(name, ref) for name, ref in zip(("the reference perplexity task", "the judge perplexity task",
+                                              "the held-out ranking task"), refs) if ref is not None]
+    got = iter(wait.get([ref for _, ref in live], [name for name, _ in live], cancel=True) if wait is not None
+               else ray.get([ref for _, ref in live]))
     none = (None, 0.0)
-    ppl, judged, ranked = (ray.get(ref) if ref is not None else none for ref in (ppl_ref, judge_ref, rank_ref))
+    ppl, judged, ranked = (next(got) if ref is not None else none for ref in refs)
     return EvalResult(
         greedy=[g.scores[0] for g in scored[:n]],
         sampled=[list(g.scores) for g in scored[n:]],

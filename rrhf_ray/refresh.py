@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rrhf_ray.actors.sampler import SamplerPool
+    from rrhf_ray.waits import Wait
 
 logger = logging.getLogger(__name__)
 
@@ -90,12 +91,14 @@ def recorded_probe(trained: dict[str, Any], probe: Probe) -> tuple[list, list | 
 
 
 def verify_refresh(pool: SamplerPool, probe: Probe, new: Sequence[Sequence[float]],
-                   old: Sequence[Sequence[float]] | None, tolerance: float, r: int) -> dict[str, float]:
+                   old: Sequence[Sequence[float]] | None, tolerance: float, r: int,
+                   wait: Wait | None = None) -> dict[str, float]:
     """Check that every replica serves round r's weights: its per-token log-probs of `probe`
     against the trainer's under the new weights (`new`) and, when given, the old ones (`old`);
     see the module docstring for the rule. Returns {"logprob_gap": the largest gap of a replica
     to the new weights, "logprob_separation": the gap between old and new weights (NaN when not
-    known)}; raises `StaleWeightsError` naming the first replica that fails."""
+    known)}; raises `StaleWeightsError` naming the first replica that fails. `wait`
+    (`rrhf_ray.waits.Wait`): the refresh's time limit for the replicas' answers."""
     import ray
 
     if not probe:
@@ -106,8 +109,10 @@ def verify_refresh(pool: SamplerPool, probe: Probe, new: Sequence[Sequence[float
                        "previous round's (%.4f nats/token, tolerance %.4f): a replica serving stale "
                        "weights could pass", r, separation, tolerance)
     worst = 0.0
-    for i, ref in enumerate(pool.reply_logprobs_refs(probe)):
-        served = ray.get(ref)
+    refs = pool.reply_logprobs_refs(probe)
+    names = [f"sampler replica {i} (the refresh probe)" for i in range(len(refs))]
+    answers = wait.get(refs, names) if wait is not None else ray.get(refs)
+    for i, served in enumerate(answers):
         gap = mean_abs_gap(served, new)
         nearer_old = bool(old) and mean_abs_gap(served, old) < gap / 2
         if gap > tolerance or nearer_old:

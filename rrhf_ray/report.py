@@ -366,9 +366,22 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
+def waiting_line(running: dict[str, Any], now: float) -> str | None:
+    """What the running stage's driver waits on, for how long, under which limit
+    (`rrhf_ray.waits.Wait` records it in state.json's `running`); None when it records no wait."""
+    waiting = running.get("waiting")
+    if not isinstance(waiting, dict):
+        return None
+    line = f"{running.get('stage')}: waiting {_duration(now - waiting.get('since', now))} on {waiting.get('on')}"
+    if isinstance(limit := waiting.get("limit_s"), (int, float)):
+        line += f" (limit {limit:.0f} s: {waiting.get('key')})"
+    return line
+
+
 def format_status(state: dict[str, Any], output_dir: str, now: float | None = None) -> str:
     """What `rrhf-ray status` prints for a state.json's contents: the finished stages, the stage
-    running (for how long; "stopped" when its driver on this host is gone) or the one that failed,
+    running (for how long; "stopped" when its driver on this host is gone; what its driver waits
+    on, `waiting_line`) or the one that failed,
     the next stage, and the table of the evaluated rounds. `now`: the wall clock (time.time())."""
     now = time.time() if now is None else now
     stages = state["stages"]
@@ -393,6 +406,8 @@ def format_status(state: dict[str, Any], output_dir: str, now: float | None = No
             live = True
             lines.append(f"{running['stage']}: running for {since} ({where}"
                          + ("; another host: not checked from here)" if alive is None else ")"))
+            if (line := waiting_line(running, now)) is not None:
+                lines.append(line)
     elif isinstance(failed, dict):
         lines.append(f"{failed['stage']}: failed after {_duration(failed.get('seconds', 0))}: "
                      f"{failed.get('error')}; run the same command again to resume")

@@ -26,6 +26,7 @@ from rrhf_ray.types import query_json, write_jsonl
 if TYPE_CHECKING:
     from rrhf_ray.actors.sampler import SamplerPool
     from rrhf_ray.data.candidates import Preset
+    from rrhf_ray.waits import Wait
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +46,12 @@ def round_sampling(sampling: SamplingConfig, preset: Preset, round_index: int) -
 
 def sample_candidates(pools: dict[str, SamplerPool], preset: Preset, *, records: Sequence[Any],
                       queries: list[str], sampling: SamplingConfig, external: list[dict], path: Path,
-                      round_index: int) -> dict:
+                      round_index: int, wait: Wait | None = None) -> dict:
     """k candidates per query from the preset's sources (the policy pool the preset names, the
     data set's responses `records`, `external` maps read by `read_external`), duplicates merged,
     written unscored to `path`; the policy samples with the seeds of round `round_index`
-    (`round_sampling`). Shared by the driver's sample stage and `rrhf-ray sample`."""
+    (`round_sampling`). Shared by the driver's sample stage and `rrhf-ray sample`. `wait`
+    (`rrhf_ray.waits.Wait`): where the driver records that it waits on the replicas."""
     from rrhf_ray.actors.sampler import get_samples
 
     policy: list = []
@@ -57,7 +59,7 @@ def sample_candidates(pools: dict[str, SamplerPool], preset: Preset, *, records:
     if preset.policy is not None:
         pool = pools[preset.policy]
         with pool.engine_seconds() as engine:
-            policy = get_samples(pool, queries, round_sampling(sampling, preset, round_index))
+            policy = get_samples(pool, queries, round_sampling(sampling, preset, round_index), wait=wait)
         busy = engine.seconds
     return {**write_candidates(preset, records, queries, policy, external, path), "seconds_compute": busy}
 
@@ -86,10 +88,15 @@ def write_candidates(preset: Preset, records: Sequence[Any], queries: list[str],
 
 
 def sample(ctx: RunContext, r: int) -> dict:
-    """Round r's candidates (unscored) in candidates.jsonl."""
-    return sample_candidates(ctx.pools, ctx.preset, records=ctx.data.train, queries=ctx.data.queries,
-                             sampling=ctx.config.sampling, external=ctx.external,
-                             path=ctx.outputs(r, "sample")[0], round_index=r)
+    """Round r's candidates (unscored) in candidates.jsonl. state.json names the wait on the
+    replicas (each request has its own limit, `rrhf_ray.actors.dispatch`)."""
+    from rrhf_ray.waits import Wait
+
+    with Wait(ctx.state, "the sampler replicas (each request under sampling.chunk_timeout_s)", None,
+              "sampling.chunk_timeout_s") as wait:
+        return sample_candidates(ctx.pools, ctx.preset, records=ctx.data.train, queries=ctx.data.queries,
+                                 sampling=ctx.config.sampling, external=ctx.external,
+                                 path=ctx.outputs(r, "sample")[0], round_index=r, wait=wait)
 
 
 # --------------------------------------------------------------------------- score, reference
@@ -99,15 +106,17 @@ def score(ctx: RunContext, r: int) -> dict:
     """Score round r's candidates into pool.jsonl + pool.parquet; returns the reward statistics
     per source (`reward_stats`) and the pool's shape (`pool_summary`: k histogram, groups without a
     strict pair, reward mean before / after merging duplicates)."""
-    import ray
-
     from rrhf_ray.data.candidates import pool_summary
     from rrhf_ray.types import CandidateGroup, read_groups, reward_stats, write_groups
 
     groups = [CandidateGroup.from_group(g) for g in read_groups(ctx.outputs(r, "sample")[0], scored=False)]
     from rrhf_ray.state import no_space
+    from rrhf_ray.waits import Wait
 
-    scored = ray.get(ctx.rewards.score_refs(groups))
+    what = f"the reward {'rule tasks' if ctx.rewards.workers is None else 'scorers'} (each request under " \
+           "reward.chunk_timeout_s)"
+    with Wait(ctx.state, what, None, "reward.chunk_timeout_s") as wait:
+        [scored] = wait.get([ctx.rewards.score_refs(groups)], [what])
     for path in ctx.outputs(r, "score"):
         with no_space(path):  # a full disk: "no space left" and the pool's path
             write_groups(scored, path)
@@ -155,12 +164,16 @@ def train_pool(ctx: RunContext, r: int) -> Path:
 def train(ctx: RunContext, r: int) -> dict:
     """Train round r with the warm trainer (`rrhf_ray.train.warm`), which holds round r−1's
     policy; install its checkpoint and the per-step history (`train_history.jsonl`) beside it.
-    The refresh probe's log-probabilities under the new weights are recorded for `refresh`."""
+    The refresh probe's log-probabilities under the new weights are recorded for `refresh`.
+    The round is waited for under `train.round_timeout_s` (`rrhf_ray.waits`)."""
     from rrhf_ray.refresh import probe_sequences
     from rrhf_ray.train.checkpoints import install_checkpoint
+    from rrhf_ray.waits import Wait, stage_limit
 
     probe = probe_sequences(ctx.round_dir(r) / "pool.parquet", ctx.tokenizer)
-    result = ctx.trainer.train(r, [ctx.hand_off(train_pool(ctx, r))], probe)
+    limit = stage_limit(ctx.state.data["stages"], "train", ctx.config.train.round_timeout_s)
+    with Wait(ctx.state, "the trainer worker group", limit, "train.round_timeout_s") as wait:
+        result = ctx.trainer.train(r, [ctx.hand_off(train_pool(ctx, r))], probe, wait=wait)
     metrics = {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))}
     write_jsonl(result["history"], ctx.round_dir(r) / "train_history.jsonl")
     install_checkpoint(result["checkpoint"], ctx.checkpoint(r), metrics)
@@ -176,11 +189,11 @@ def refresh(ctx: RunContext, r: int) -> dict:
     checkpoint it has just installed once, puts its state dict in the object store, and every
     replica loads that. What the replicas fetched, summed over replicas, is recorded: from a
     bucket as `checkpoint_download` (`checkpoint_download_bytes` / `_seconds` in the round's row),
-    from the object store as `state_dict_fetch` (state.json only)."""
-    import ray
-
+    from the object store as `state_dict_fetch` (state.json only). Loading and checking together
+    are waited for under `sampling.refresh_timeout_s` (`rrhf_ray.waits`)."""
     from rrhf_ray.refresh import probe_sequences, recorded_probe, tolerance_for, verify_refresh
     from rrhf_ray.train.checkpoints import check_checkpoint
+    from rrhf_ray.waits import Wait, stage_limit
 
     # Whole by its manifest (names and sizes: the driver checksummed it when it installed it the
     # moment before), or no engine loads it.
@@ -190,20 +203,23 @@ def refresh(ctx: RunContext, r: int) -> dict:
     recorded = recorded_probe(ctx.state.data["stages"][f"round{r}/train"], probe)
     tolerance = tolerance_for(ctx.served_dtype, ctx.config.sampling.refresh_tolerance)
     transport = ctx.config.sampling.refresh_transport
-    with pool.engine_seconds() as engine:
+    limit = stage_limit(ctx.state.data["stages"], "refresh", ctx.config.sampling.refresh_timeout_s)
+    with pool.engine_seconds() as engine, \
+            Wait(ctx.state, "the sampler replicas", limit, "sampling.refresh_timeout_s") as wait:
         if transport == "memory":
             from rrhf_ray.train.checkpoints import read_state_dict
 
             state = read_state_dict(ctx.checkpoint(r), ctx.served_dtype)
-            ray.get(pool.load_state_dict_refs(state, ctx.hand_off(ctx.checkpoint(r)), r))
+            loads = pool.load_state_dict_refs(state, ctx.hand_off(ctx.checkpoint(r)), r)
         else:
-            ray.get(pool.load_weights_refs(ctx.hand_off(ctx.checkpoint(r)), r))
+            loads = pool.load_weights_refs(ctx.hand_off(ctx.checkpoint(r)), r)
+        wait.get(loads, [f"sampler replica {i} (loading round {r}'s weights)" for i in range(len(loads))])
         if recorded is None:
             logger.warning("round %d was trained before the refresh check compared per-token "
                            "log-probs: its refresh is not verified", r)
             check = {"logprob_gap": float("nan"), "logprob_separation": float("nan")}
         else:
-            check = verify_refresh(pool, probe, *recorded, tolerance, r)
+            check = verify_refresh(pool, probe, *recorded, tolerance, r, wait=wait)
     logger.info("samplers now serve round %d's policy (log-prob gap to the trainer %.4f nats/token; "
                 "the round moved the probe by %.4f)", r, check["logprob_gap"], check["logprob_separation"])
     info = {**check, "seconds_compute": engine.seconds, "transport": transport}
@@ -236,14 +252,18 @@ def _evaluate(ctx: RunContext, r: int, also: list = ()) -> tuple[dict, Any, floa
     """Evaluate round r's policy (served by the "current" pool) on the held-out queries: write
     eval.jsonl (every greedy and sampled reply with its reward) and return (the stage's info,
     the `EvalResult`, the engine seconds). Rounds after 0 compare per query with round 0. The
-    sampled replies use the same seeds in every round (`rrhf_ray.evaluation.eval_sampling`)."""
+    sampled replies use the same seeds in every round (`rrhf_ray.evaluation.eval_sampling`). Its
+    Ray tasks are waited for under `eval.task_timeout_s` (`rrhf_ray.waits`)."""
     from rrhf_ray.evaluation import evaluate
+    from rrhf_ray.waits import Wait, stage_limit
 
     config, data, pool = ctx.config, ctx.data, ctx.pools["current"]
-    with pool.engine_seconds() as engine:
+    limit = stage_limit(ctx.state.data["stages"], "eval", config.eval.task_timeout_s)
+    with pool.engine_seconds() as engine, \
+            Wait(ctx.state, "the evaluation's tasks", limit, "eval.task_timeout_s") as wait:
         result = evaluate(pool, ctx.rewards, data.eval_queries, data.references, ctx.hand_off(ctx.policy(r)),
                           config.sampling, config.eval, config.train.max_length, judge=ctx.hand_off(ctx.judge),
-                          also=also, store=ctx.store, model_dtype=config.model.dtype)
+                          also=also, store=ctx.store, model_dtype=config.model.dtype, wait=wait)
     busy = engine.seconds
     write_jsonl(({"query": query_json(q), "greedy_reply": reply, "greedy_reward": g, "sampled_replies": texts,
                   "sampled_rewards": s}

@@ -70,11 +70,13 @@ def _drop_added_later(data: dict[str, Any]) -> dict[str, Any]:
 # Where each role runs (the sections' Ray custom `resources`) changes no result, and may change
 # when a run resumes on another cluster: like the Ray connection, it is not fingerprinted. Nor is
 # how SFT lays out its rows (`packing`: the same loss and gradients up to float rounding), nor how
-# long a hung sampler or scorer is waited for (`chunk_timeout_s`), nor whether a refresh moves the
-# weights through disk or the object store (`sampling.refresh_transport`).
-_PLACEMENT = frozenset({"resources", "chunk_timeout_s"})  # and how long a hung worker is waited for
+# long a hung worker, trainer, refresh or evaluation task is waited for (`chunk_timeout_s`,
+# `round_timeout_s`, `refresh_timeout_s`, `task_timeout_s`): a run that failed past a limit
+# resumes with a higher one; nor whether a refresh moves the weights through disk or the object
+# store (`sampling.refresh_transport`: the same tensors either way).
+_PLACEMENT = frozenset({"resources", "chunk_timeout_s", "refresh_timeout_s", "task_timeout_s"})
 _SAMPLING_LAYOUT = _PLACEMENT | {"refresh_transport"}
-_FIT_LAYOUT = frozenset({"resources", "packing"})
+_FIT_LAYOUT = frozenset({"resources", "packing", "round_timeout_s"})
 
 
 def _fingerprint_data(config: RunConfig, *, as_typed: bool = False) -> dict[str, Any]:

@@ -23,12 +23,15 @@ _IN_FLIGHT_PER_WORKER = 2
 
 
 def on_callers_node() -> dict[str, Any]:
-    """Options for a coordinating task (it runs `dispatch_chunks`): on the caller's node (the
-    driver's) while that node lives, so that losing a worker's node loses only that worker's
-    chunks, never the coordinator of the whole call."""
+    """Options for a coordinating task (it runs `dispatch_chunks`) or actor (the warm trainer's
+    queues): on the caller's node (the driver's), so that losing a worker's node loses only that
+    worker's work, never the coordinator of the whole call. Hard affinity: with a soft one Ray
+    places a zero-CPU task or actor on another node whenever the caller's is busy starting
+    worker processes (seen on a 1-CPU head), where it dies with that node; the caller's node
+    outlives the call anyway."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)}
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
 
 
 def count_tokens(result: Sequence[Sequence[Any]]) -> int:
@@ -36,22 +39,32 @@ def count_tokens(result: Sequence[Sequence[Any]]) -> int:
     return sum(len(c.token_ids) for group in result for c in group)
 
 
-# A chunk's time limit when none is configured: 10× the slowest pace seen in this call (seconds
-# per query of a finished chunk) times its size, and never under 5 minutes; 30 minutes before any
-# chunk has finished (an engine's first call may compile or warm its caches).
+# A piece of work's time limit when none is configured: 10× the longest time the same work took
+# (a chunk: the slowest pace seen in this call, seconds per query of a finished chunk, times its
+# size; a driver's stage wait: the longest earlier round of the stage, rrhf_ray.waits), and never
+# under 5 minutes; 30 minutes before any chunk has finished (an engine's first call may compile or
+# warm its caches).
 _PACE_FACTOR = 10.0
 _MIN_TIMEOUT_S = 300.0
 _FIRST_TIMEOUT_S = 1800.0
 
 
-def chunk_timeout(size: int, paces: Sequence[float], configured: float | None = None) -> float:
-    """Seconds a chunk of `size` queries may run on its worker (see `_PACE_FACTOR`): `configured`
-    when given, else derived from `paces` (seconds per query of the chunks finished so far)."""
+def work_timeout(measured: Sequence[float], configured: float | None = None,
+                 first: float = _FIRST_TIMEOUT_S) -> float:
+    """Seconds a piece of work may take (see `_PACE_FACTOR`): `configured` when given, else 10×
+    the longest of `measured` (the seconds the same work took before), at least 300 s; `first`
+    when nothing was measured yet."""
     if configured is not None:
         return configured
-    if not paces:
-        return _FIRST_TIMEOUT_S
-    return max(_MIN_TIMEOUT_S, _PACE_FACTOR * max(paces) * size)
+    if not measured:
+        return first
+    return max(_MIN_TIMEOUT_S, _PACE_FACTOR * max(measured))
+
+
+def chunk_timeout(size: int, paces: Sequence[float], configured: float | None = None) -> float:
+    """Seconds a chunk of `size` queries may run on its worker (`work_timeout`): `configured`
+    when given, else derived from `paces` (seconds per query of the chunks finished so far)."""
+    return work_timeout([pace * size for pace in paces], configured)
 
 
 class ChunkTimeout(RuntimeError):

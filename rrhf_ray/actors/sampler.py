@@ -45,6 +45,7 @@ from rrhf_ray.types import Candidate
 
 if TYPE_CHECKING:
     from rrhf_ray.mirror import RunStore
+    from rrhf_ray.waits import Wait
 
 logger = logging.getLogger(__name__)
 
@@ -384,13 +385,15 @@ class SamplerPool:
             remove_placement_group(pg)
 
 
-def get_samples(pool: SamplerPool, prompts: Sequence[str], config: SamplingConfig | None = None,
-                **kwargs: Any) -> list[list[Candidate]]:
+def get_samples(pool: SamplerPool, prompts: Sequence[str], config: SamplingConfig | None = None, *,
+                wait: Wait | None = None, **kwargs: Any) -> list[list[Candidate]]:
     """`ray.get(pool.sample_refs(...))` for the driver. A replica that Ray restarted after a crash comes
     back serving the weights it was built with, and the pool refuses to sample with mixed
-    versions; here every replica reloads the pool's current weights once and the call is retried."""
+    versions; here every replica reloads the pool's current weights once and the call is retried.
+    `wait` (`rrhf_ray.waits.Wait`): where the driver records that it waits on the replicas."""
     try:
-        return ray.get(pool.sample_refs(prompts, config, **kwargs))
+        ref = pool.sample_refs(prompts, config, **kwargs)
+        return wait.get([ref], [wait.what])[0] if wait is not None else ray.get(ref)
     except MixedVersionsError as err:
         logger.warning("%s; reloading %s on every replica and retrying", err, pool.weights)
         ray.get(pool.load_weights_refs(pool.weights, pool.version))

@@ -140,6 +140,11 @@ class SamplingConfig(Section):
         "before it counts as hung: it is killed (Ray restarts it), its chunks go to the other replicas, "
         "and the call fails naming it when none is left. null = derived from the work: 10× the slowest "
         "pace of the call's finished chunks, at least 300 s (1,800 s before the first chunk ends).")
+    refresh_timeout_s: float | None = Field(
+        None, gt=0, description="Seconds a round's refresh may take (every replica loading the round's "
+        "weights, then answering the refresh probe) before the stage fails naming the replicas that did "
+        "not answer. null = derived from the work: 10× the longest earlier refresh of the run, at least "
+        "300 s (7,200 s for the first). Not part of the run's fingerprint: raise it and resume.")
     resources: Resources = Field(
         default_factory=dict, description="Ray custom resources each replica asks for beside its CPUs / "
         "GPUs ({name: amount}): it runs only on a node that declares them (docs/cluster.md, Placement).")
@@ -240,6 +245,12 @@ class EvalConfig(Section):
         "seed, so the replies and candidates are those of two passes; false: two passes. Applies "
         "where the round samples from ρ* without beam search (presets IP / IP-n).",
     )
+    task_timeout_s: float | None = Field(
+        None, gt=0, description="Seconds the driver waits for a round's evaluation tasks (reference "
+        "and judge perplexity, held-out ranking) once its sampling and scoring are done; past it they "
+        "are cancelled and the stage fails naming them. null = derived from the work: 10× the longest "
+        "earlier evaluation of the run, at least 300 s (7,200 s for round 0's). Not part of the run's "
+        "fingerprint: raise it and resume.")
     resources: Resources = Field(
         default_factory=dict, description="Ray custom resources of the driver's model tasks: the "
         "evaluation's perplexity and ranking tasks and DPO's reference log-probabilities "

@@ -185,6 +185,12 @@ class TrainConfig(FitConfig):
     and what only the ranking trainer reads (candidate chunks, token budgets, prefix sharing,
     truncated candidates, DPO's reference, the shuffled-reward control)."""
 
+    round_timeout_s: float | None = Field(
+        None, gt=0, description="Seconds the driver waits for a round's training (the warm trainer's "
+        "worker group: loading the pool, the epochs, saving and reporting the checkpoint) before the "
+        "stage fails naming the worker group. null = derived from the work: 10× the longest earlier "
+        "round's training in the run, at least 300 s (7,200 s for the first, which also starts the "
+        "group). Not part of the run's fingerprint: raise it and resume.")
     candidate_chunk_size: int | None = Field(
         None, ge=1,
         description="Forward at most this many candidates at once (exact gradient, one extra "

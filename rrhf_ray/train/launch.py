@@ -31,15 +31,25 @@ def poll_workers_often() -> None:
     os.environ.setdefault(*HEALTH_CHECK_INTERVAL)
 
 
+def driver_queue() -> Any:
+    """A `ray.util.queue.Queue` whose actor (no CPU) lives on the driver's node. Placed anywhere,
+    it could land on a trainer worker's node and die with it: the restarted workers would then
+    find no queue to talk to the driver through, and a lost node would cost the run instead of
+    the round."""
+    from ray.util.queue import Queue
+
+    from rrhf_ray.actors.dispatch import on_callers_node
+
+    return Queue(actor_options={"num_cpus": 0, **on_callers_node()})
+
+
 class WorkerNodes:
     """Where a fit's Ray Train workers run: each worker, as it starts (a restarted group's too),
-    puts {"rank", "node_id", "ip"} on a queue (a Ray actor of no CPU) that `seen` reads in the
-    driver; the latest start of each rank wins."""
+    puts {"rank", "node_id", "ip"} on a queue on the driver's node (`driver_queue`) that `seen`
+    reads in the driver; the latest start of each rank wins."""
 
     def __init__(self) -> None:
-        from ray.util.queue import Queue
-
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.queue = driver_queue()
         self._seen: dict[int, dict[str, Any]] = {}
 
     def seen(self) -> dict[int, dict[str, Any]]:

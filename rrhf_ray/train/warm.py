@@ -5,7 +5,8 @@ a model load from storage before each round's first step. Here one `TorchTrainer
 background thread of the driver for the whole run:
 
 - each worker reads commands from its own `ray.util.queue.Queue` (no collective wait while the
-  samplers work, however long that takes); rank 0 answers on one result queue;
+  samplers work, however long that takes); rank 0 answers on one result queue; the queues live
+  on the driver's node (`driver_queue`), so a lost worker node leaves them;
 - a `train` command carries round r's pool paths (the bucket's URIs with output.dir on object
   storage: the workers read them from their node's cache, and load the start model likewise);
   every rank trains `train.epochs` on it with a fresh AdamW and schedule and the seeds of a fresh
@@ -20,7 +21,8 @@ background thread of the driver for the whole run:
 - a round whose loss or gradient turns non-finite (`rrhf_ray.train.loop.NonFiniteTraining`, with
   `train.skip_nonfinite` off) or whose weights end non-finite is not reported: rank 0 answers
   `failed` naming the step, the fit ends, and the driver raises the same error;
-- a worker that dies is restarted by Ray Train (`FailureConfig`) from the last round's checkpoint;
+- a worker that dies (or whose node is lost) is restarted by Ray Train (`FailureConfig`) from the
+  last round's checkpoint, on a node with room for it;
   rank 0 then says `ready` and the driver sends the unfinished round again (a command for a round a
   worker already holds is skipped, so a repeated command is harmless);
 - the model stays in the workers' memory between rounds; with LoRA the adapters are merged at each
@@ -49,7 +51,7 @@ from rrhf_ray.config import TrainConfig
 from rrhf_ray.logs import redirect_process_output
 from rrhf_ray.train.checkpoints import read_train_state, resume_checkpoint, write_checkpoint
 from rrhf_ray.train.jobs import FitJob
-from rrhf_ray.train.launch import WorkerNodes, torch_trainer
+from rrhf_ray.train.launch import WorkerNodes, driver_queue, torch_trainer
 from rrhf_ray.train.loop import (
     NonFiniteTraining,
     Optimizer,
@@ -62,11 +64,13 @@ from rrhf_ray.train.worker import Worker, load_policy, rank_world
 
 if TYPE_CHECKING:
     from rrhf_ray.mirror import RunStore
+    from rrhf_ray.waits import Wait
 
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5
 CLOSE_SECONDS = 120.0  # how long `WarmTrainer.close` waits for the fit to end
+HUNG_CLOSE_SECONDS = 5.0  # … after a round ran past its time limit
 
 
 class WarmJob(FitJob):
@@ -176,18 +180,18 @@ class WarmTrainer:
 
     def __init__(self, job: WarmJob, version: int, *, storage_path: str, global_step: int = 0,
                  max_failures: int = 1, name: str | None = None, store: RunStore | None = None) -> None:
-        from ray.util.queue import Queue
-
         cfg = self.cfg = job.train
         self.version = version
         self.store = store
         self.storage_path = storage_path
         self.name = name or f"rounds-from-{version}-{uuid.uuid4().hex[:6]}"
-        self.commands = [Queue(actor_options={"num_cpus": 0}) for _ in range(cfg.num_workers)]
-        self.results = Queue(actor_options={"num_cpus": 0})
+        # On the driver's node: a worker's node lost takes the worker, never the queues.
+        self.commands = [driver_queue() for _ in range(cfg.num_workers)]
+        self.results = driver_queue()
         self._pending: dict[str, Any] | None = None
         self.starts = 0  # worker group (re)starts seen (a `ready` each)
         self._error: BaseException | None = None
+        self.hung = False  # a round ran past its time limit: `close` does not wait long for it
         self.nodes = WorkerNodes()  # where each worker runs (the driver records it)
         trainer = torch_trainer(warm_loop_per_worker, job, name=self.name, storage_path=storage_path,
                                 max_failures=max_failures, store=store, nodes=self.nodes, version=version,
@@ -211,13 +215,17 @@ class WarmTrainer:
             q.put(cmd)
 
     def train(self, r: int, data_paths: Sequence[str], probe: Sequence[tuple[list[int], list[int]]] = (),
-              ) -> dict[str, Any]:
+              wait: Wait | None = None) -> dict[str, Any]:
         """Train round `r` (the workers must hold round r−1's policy) on `data_paths` (paths, or
         the bucket's URIs with output.dir on object storage: each worker reads them from its
         node's cache, `rrhf_ray.remote.fetch_file`); returns
         {"metrics", "history", "checkpoint" (a ray.train.Checkpoint), "probe" and "probe_start"
         (the per-token log-probs of each probe reply under the new weights, and under the
-        weights the round started from)}."""
+        weights the round started from)}.
+
+        `wait` (`rrhf_ray.waits.Wait`): the round's time limit, and where the driver records that
+        it waits on the worker group; past the limit raises `StageTimeout` (the worker group is
+        left as it is: `close` ends it with the driver)."""
         if r != self.version + 1:
             raise RuntimeError(f"the warm trainer holds round {self.version}'s policy, not round {r - 1}'s")
         from rrhf_ray.mirror import driver_file
@@ -228,7 +236,7 @@ class WarmTrainer:
         self._send(pending)
         self._pending = pending  # after the send: `training_round` names a round the queues hold
         while True:
-            msg = self._get()
+            msg = self._get(wait, r)
             if msg["kind"] == "ready":  # a restarted group: send the unfinished round again
                 self.starts += 1
                 logger.info("warm trainer (re)started holding round %d; sending round %d", msg["version"], r)
@@ -241,13 +249,14 @@ class WarmTrainer:
 
                 self._pending = None
                 self.version = r
+                self.hung = False  # it answered after all (a resumed stage)
                 # Where Ray Train persisted it (storage_path / run name / checkpoint_dir_name); not
                 # through get_all_reported_checkpoints, which waits for the controller's next poll.
                 msg["checkpoint"] = Checkpoint(path="/".join([self.storage_path.rstrip("/"), self.name,
                                                               msg.pop("checkpoint_dir")]))
                 return msg
 
-    def _get(self) -> dict[str, Any]:
+    def _get(self, wait: Wait | None = None, r: int = 0) -> dict[str, Any]:
         from ray.util.queue import Empty
 
         while True:
@@ -256,12 +265,22 @@ class WarmTrainer:
             except Empty:
                 if not self._thread.is_alive():
                     raise RuntimeError(f"the training worker group stopped: {self._error!r}") from self._error
+                if wait is not None:
+                    n = self.cfg.num_workers
+                    on = f"the trainer worker group (fit {self.name}, {n} worker{'s' * (n != 1)}, round {r})"
+                    wait.poll(on)
+                    if wait.expired():
+                        self.hung = True
+                        raise wait.timeout(on)
 
     def close(self, timeout_s: float = CLOSE_SECONDS) -> bool:
         """Stop the workers and end the fit: True when it ended within `timeout_s` (its queues are
         then shut down and its storage directory removed when local). A fit still running then is
         logged as an error and left as it is (False): its queues stay, so a later `close` can
-        still end it; the driver's exit takes it down otherwise."""
+        still end it; the driver's exit takes it down otherwise. A group whose round ran past its
+        time limit (`hung`) gets at most `HUNG_CLOSE_SECONDS`: it is not expected to answer."""
+        if self.hung:
+            timeout_s = min(timeout_s, HUNG_CLOSE_SECONDS)
         if self._thread.is_alive():
             self._send({"kind": "stop"})
             self._thread.join(timeout=timeout_s)

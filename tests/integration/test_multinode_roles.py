@@ -1,0 +1,405 @@
+"""A lost node costs a retry, not the stage: a reward scorer's node removed mid-scoring, then the
+warm trainer's node removed mid-round.
+
+Several real raylets on this machine (`ray.cluster_utils.Cluster`): a head that only drives, two
+nodes declaring `reward_node` (one reward-model scorer each, `reward.resources`) and one declaring
+`trainer_node` (the warm trainer's worker, `train.resources`). Nothing is on a disk the nodes
+share: the reward model, the start model and the pools are in a bucket on a real S3-compatible
+server (moto, inside the sandbox), Ray Train's checkpoints go there too, and each node has its own
+`RRHF_RAY_CACHE` (its raylet's environment), so what a node read is in its own cache.
+
+1. Scoring: the node of scorer 1 is removed while it scores a chunk; that chunk is rescored on the
+   survivor, and the call's rewards equal an unfaulted call's.
+2. Training: round 1 trains on the trainer node; while round 2 trains that node is removed and a
+   new one joins; Ray Train restarts the worker there from round 1's checkpoint (`FailureConfig`)
+   and the driver sends round 2 again. Round 2's weights equal those of an unfaulted run with the
+   same seeds (a fresh fit per round in one process, which tests/integration/train/test_warm.py
+   shows the warm trainer equals), and only round 2 was trained again.
+
+The cluster runs in a subprocess inside private network, PID and mount namespaces, as
+tests/integration/test_multinode.py's does; `scenario` is that subprocess, the tests read what it
+wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from rrhf_ray.actors.scorer import RewardScorer
+from rrhf_ray.types import query_text
+from tests.integration.test_multinode import SANDBOX_INIT, SYSTEM_CONFIG
+
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parents[2]
+BOARD = "rrhf-test-scorer-board"
+QUESTIONS = ["reset my password", "fix a flat tyre", "learn to cook", "water a cactus", "make code faster",
+             "tie a tie"]
+# Each chunk takes this long on a scorer: long enough for its node to be removed mid-chunk.
+CHUNK_SECONDS = 2.0
+ROUND2_STEPS = 40
+
+
+@ray.remote(num_cpus=0)
+class Board:
+    """(node id, "start" | "done", the chunk's first query) in the order the scorers report them."""
+
+    def __init__(self) -> None:
+        self._events: list[tuple[str, str, str]] = []
+
+    def record(self, node: str, what: str, query: str) -> None:
+        self._events.append((node, what, query))
+
+    def events(self) -> list[tuple[str, str, str]]:
+        return list(self._events)
+
+
+class TracingScorer(RewardScorer):
+    """A `RewardScorer` that reports each chunk it starts and finishes, and takes CHUNK_SECONDS."""
+
+    def score(self, queries, responses):
+        board = ray.get_actor(BOARD)
+        node, first = ray.get_runtime_context().get_node_id(), query_text(queries[0])
+        board.record.remote(node, "start", first)
+        time.sleep(CHUNK_SECONDS)
+        scored = super().score(queries, responses)
+        ray.get(board.record.remote(node, "done", first))
+        return scored
+
+
+def _wait(what: str, done, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _cached(cache: Path) -> dict[str, list[str]]:
+    """{"checkpoints" | "files": names} of what a node's cache holds (rrhf_ray.remote's layout)."""
+    return {kind: sorted(p.name.split("-", 1)[1] for p in (cache / kind).glob("*-*") if not p.name.endswith(".lock"))
+            for kind in ("checkpoints", "files")}
+
+
+def _reward_model(policy: Path, out: Path) -> Path:
+    """A LlamaForSequenceClassification (one logit) on the tiny policy's config and tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(policy)
+    config = AutoConfig.from_pretrained(policy, num_labels=1, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(1)
+    LlamaForSequenceClassification(config).save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def score_lost_node(cluster, nodes, model_uri: str) -> dict:
+    """Scoring with two scorers; scorer 1's node removed mid-chunk in the second call."""
+    from rrhf_ray.actors import scorer as scorer_module
+    from rrhf_ray.actors.pools import actor_nodes
+    from rrhf_ray.actors.scorer import RewardPool
+    from rrhf_ray.config import RewardConfig
+    from rrhf_ray.types import Candidate, CandidateGroup
+
+    groups = [CandidateGroup(f"\n\nHuman: How do I {q}?\n\nAssistant:", tuple(
+        Candidate(r, source="policy@0") for r in (f" Sure, to {q} go slowly.", " No.", f" {q}? Ask someone else.")))
+        for q in QUESTIONS]
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    board = Board.options(name=BOARD, scheduling_strategy=NodeAffinitySchedulingStrategy(
+        cluster.head_node.node_id, soft=False)).remote()
+    config = RewardConfig(kind="model", model=model_uri, num_workers=2, batch_size=2, chunk_queries=1,
+                          resources={"reward_node": 1})
+    scorer_module.RewardScorer = TracingScorer  # the pool starts the actor class `RewardScorer` names
+    pool = RewardPool(config)
+    placed = actor_nodes({f"reward{i}": w for i, w in enumerate(pool.workers)})
+    started = time.monotonic()
+    unfaulted = ray.get(pool.score_refs(groups, progress=False))
+    unfaulted_s = time.monotonic() - started
+
+    victim = next(n for n in nodes if n.node_id == placed["reward1"]["node_id"])
+    seen = len(ray.get(board.events.remote()))
+    started = time.monotonic()
+    ref = pool.score_refs(groups, progress=False)
+    running: list = []
+
+    def victim_mid_chunk() -> bool:
+        events = ray.get(board.events.remote())[seen:]
+        done = {q for n, what, q in events if what == "done"}
+        running[:] = [q for n, what, q in events if n == victim.node_id and what == "start" and q not in done]
+        return bool(running)
+
+    _wait("scorer 1 to start a chunk", victim_mid_chunk)
+    in_flight = running[0]
+    cluster.remove_node(victim, allow_graceful=False)
+    faulted = ray.get(ref)
+    faulted_s = time.monotonic() - started
+    events = ray.get(board.events.remote())[seen:]
+
+    def chunks(node: str, what: str) -> list[str]:
+        return sorted({q for n, w, q in events if n == node and w == what})
+
+    survivor = placed["reward0"]["node_id"]
+    result = {
+        "reward_placed": placed, "reward_victim": victim.node_id, "in_flight": in_flight,
+        "victim_done": chunks(victim.node_id, "done"),
+        "victim_lost": sorted(set(chunks(victim.node_id, "start")) - set(chunks(victim.node_id, "done"))),
+        "survivor_done": [q for n, w, q in events if n == survivor and w == "done"],
+        "all_chunks": sorted(g.query for g in groups),
+        "rewards_unfaulted": [g.scores for g in unfaulted], "rewards_faulted": [g.scores for g in faulted],
+        "responses_equal": [(g.query, g.responses, g.sources) for g in faulted]
+        == [(g.query, g.responses, g.sources) for g in unfaulted],
+        "score_unfaulted_s": unfaulted_s, "score_faulted_s": faulted_s,
+    }
+    pool.shutdown()
+    ray.kill(board)
+    return result
+
+
+class _Restarts(logging.Handler):
+    """The warm trainer's (held round, sent round) at each `ready` of a (re)started group."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.seen: list[tuple[int, int, float]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("warm trainer (re)started"):
+            held, sent = record.args
+            self.seen.append((int(held), int(sent), time.monotonic()))
+
+
+def train_lost_node(cluster, node, work: Path, root: str, cfg, caches: Path) -> dict:
+    """The warm trainer for rounds 1 and 2; its node removed while round 2 trains, a new one added."""
+    from rrhf_ray.train.checkpoints import install_checkpoint
+    from rrhf_ray.train.warm import WarmJob, WarmTrainer
+
+    restarts = _Restarts()
+    warm_log = logging.getLogger("rrhf_ray.train.warm")
+    warm_log.addHandler(restarts)
+    warm_log.setLevel(logging.INFO)
+    job = WarmJob(model_path=f"{root}/tiny-llama", output_dir=str(work / "rounds"), train=cfg,
+                  log_dir=str(work / "logs"))
+    trainer = WarmTrainer(job, 0, storage_path=f"{root}/ray_train")
+
+    def steps_done() -> int:
+        """The most steps of round 2 (ROUND2_STEPS in all) any worker's progress bar has shown."""
+        bars = [json.loads(line) for log in (work / "logs").glob("train-*.log")
+                for line in log.read_text().splitlines() if line.startswith("{") and '"RRHF training"' in line]
+        return max([b["x"] for b in bars if b["total"] == ROUND2_STEPS], default=0)
+
+    try:
+        first = trainer.train(1, [f"{root}/pool1.jsonl"])
+        install_checkpoint(first["checkpoint"], work / "warm1", first["metrics"])
+        before = trainer.nodes.seen()
+        done: dict = {}
+        sent = time.monotonic()
+        thread = threading.Thread(target=lambda: done.update(trainer.train(2, [f"{root}/pool2.jsonl"])))
+        thread.start()
+        try:
+            # Mid-round: the worker has trained a few of round 2's steps (its progress bar's updates
+            # in its log).
+            _wait("the worker training round 2", lambda: trainer.training_round == 2 and steps_done() >= 5, 300)
+            steps_before = steps_done()
+            assert thread.is_alive(), "round 2 ended before its node was removed"
+            assert node.node_id == before[0]["node_id"]
+            removed = time.monotonic()
+            cluster.remove_node(node, allow_graceful=False)
+            new_node = cluster.add_node(num_cpus=1, resources={"trainer_node": 1},
+                                        env_vars={"RRHF_RAY_CACHE": str(caches / "trainer-new")})
+        finally:
+            thread.join(timeout=600)
+        assert not thread.is_alive(), "round 2 did not finish after the node was lost"
+        ended = time.monotonic()
+        install_checkpoint(done["checkpoint"], work / "warm2", done["metrics"])
+        after = trainer.nodes.seen()
+    finally:
+        trainer.close()
+        warm_log.removeHandler(restarts)
+    ready = [t for _, _, t in restarts.seen]
+    return {
+        "train_nodes_before": before, "train_nodes_after": after, "train_victim": node.node_id,
+        "train_new_node": new_node.node_id, "starts": trainer.starts,
+        "restarts": [[held, sent_round] for held, sent_round, _ in restarts.seen],
+        "history1": [h["global_step"] for h in first["history"]],
+        "history2": [h["global_step"] for h in done["history"]],
+        "round2_metrics_round": done["metrics"]["round"],
+        # Round 2 from its command to the kill (work lost), to the restarted group's `ready`, to the
+        # end (the re-run round).
+        "steps_before_kill": steps_before, "round2_before_kill_s": removed - sent, "restart_s": ready[-1] - removed if len(ready) > 1 else None,
+        "rerun_s": ended - ready[-1], "round2_total_s": ended - sent,
+    }
+
+
+def cold_round(cfg, start: Path, pool: Path, out: Path, round_index: int) -> Path:
+    """One round as a fresh fit in this process (no Ray), with the round's seed: the unfaulted run."""
+    from rrhf_ray.train.loop import round_train_seed
+    from rrhf_ray.train.rrhf import TrainJob, train_loop_per_worker
+
+    cfg = cfg.model_copy(update={"seed": round_train_seed(cfg.seed, round_index), "resources": {}})
+    job = TrainJob(model_path=str(start), data_paths=[str(pool)], output_dir=str(out), train=cfg)
+    train_loop_per_worker({"job": job.model_dump(mode="json")})
+    return out
+
+
+def _max_weight_difference(a_dir: Path, b_dir: Path) -> dict[str, float]:
+    """{tensor: largest |a − b| relative to the tensor's largest |b|} of two safetensors checkpoints."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(a_dir / "model.safetensors"), load_file(b_dir / "model.safetensors")
+    assert a.keys() == b.keys()
+    return {k: float((a[k].float() - b[k].float()).abs().max() / b[k].float().abs().max().clamp(min=1e-12))
+            for k in a}
+
+
+def scenario(work: str) -> None:
+    """Run in the sandbox: the bucket, the cluster, the two lost nodes, the unfaulted training;
+    what happened goes to `work`/result.json."""
+    from ray.cluster_utils import Cluster
+
+    from rrhf_ray.config import TrainConfig
+    from rrhf_ray.demo.tiny import build_tiny_llama
+    from rrhf_ray.remote import filesystem, upload_dir
+    from tests.helpers import write_ranked
+    from tests.object_store import create_bucket, moto_s3
+
+    work_dir = Path(work)
+    caches = work_dir / "cache"
+    local = work_dir / "local"  # what is uploaded; no node is handed a path in it
+    policy = build_tiny_llama(local / "tiny-llama", seed=0)
+    reward_model = _reward_model(policy, local / "reward-model")
+    pools = [write_ranked(local / "pool1.jsonl", 12), write_ranked(local / "pool2.jsonl", 2 * ROUND2_STEPS, offset=12)]
+    # 12 groups / 4 per step × 2 epochs = 6 steps in round 1; round 2 long enough to be caught.
+    cfg = TrainConfig(epochs=2, lr=3e-4, queries_per_step=4, micro_batch_queries=2, seed=7,
+                      resources={"trainer_node": 1})
+    with moto_s3(work_dir / "moto.log") as s3_env:
+        os.environ.update(s3_env)  # every raylet started below inherits the bucket's credentials
+        os.environ["RRHF_RAY_CACHE"] = str(caches / "head")
+        root = f"s3://{create_bucket(s3_env)}/run"
+        for d in (policy, reward_model):
+            upload_dir(d, f"{root}/{d.name}")
+        fs, path = filesystem(root)
+        for p in pools:
+            with fs.open_output_stream(f"{path}/{p.name}") as f:
+                f.write(p.read_bytes())
+
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "_system_config": SYSTEM_CONFIG})
+        reward_nodes = [cluster.add_node(num_cpus=1, resources={"reward_node": 1},
+                                         env_vars={"RRHF_RAY_CACHE": str(caches / f"reward{i}")}) for i in (0, 1)]
+        trainer_node = cluster.add_node(num_cpus=1, resources={"trainer_node": 1},
+                                        env_vars={"RRHF_RAY_CACHE": str(caches / "trainer")})
+        ray.init(address=cluster.address, log_to_driver=False)
+        result = {"head_node": cluster.head_node.node_id, "reward_nodes": [n.node_id for n in reward_nodes]}
+        started = time.monotonic()
+        result.update(score_lost_node(cluster, reward_nodes, f"{root}/reward-model"))
+        result["reward_part_s"] = time.monotonic() - started
+        started = time.monotonic()
+        result.update(train_lost_node(cluster, trainer_node, work_dir, root, cfg, caches))
+        result["train_part_s"] = time.monotonic() - started
+        ray.shutdown()
+        cluster.shutdown()
+    result["caches"] = {p.name: _cached(p) for p in sorted(caches.iterdir())}
+    import torch
+
+    torch.set_num_threads(1)  # as the Ray workers of 1-CPU nodes (OMP_NUM_THREADS=1)
+    # The unfaulted run: each round a fresh fit from the last round's weights, same seeds.
+    cold1 = cold_round(cfg, policy, pools[0], work_dir / "cold1", 1)
+    cold2 = cold_round(cfg, cold1, pools[1], work_dir / "cold2", 2)
+    result["round1_difference"] = _max_weight_difference(work_dir / "warm1", cold1)
+    result["round2_difference"] = _max_weight_difference(work_dir / "warm2", cold2)
+    (work_dir / "result.json").write_text(json.dumps(result))
+
+
+@pytest.fixture(scope="module")
+def lost_nodes(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The scenario's result.json (one sandboxed cluster for the module's tests)."""
+    from tests.integration.test_job_submit import sandbox_env, sandbox_or_skip
+
+    prefix = sandbox_or_skip("start a cluster of its own")
+    tmp_path = tmp_path_factory.mktemp("lost-nodes")
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "home").mkdir()
+    env = sandbox_env(tmp_path / "home", drop=("RRHF_RAY_CACHE", "AWS_"))
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    code = "import sys; from tests.integration.test_multinode_roles import scenario; scenario(sys.argv[1])"
+    started = time.monotonic()
+    with open(tmp_path / "scenario.log", "w") as log:
+        proc = subprocess.Popen([*prefix, "bash", "-c", SANDBOX_INIT, "sandbox", str(tmp_path / "ray"),
+                                 sys.executable, code, str(tmp_path)], env=env, cwd=REPO, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=900)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = None
+    assert rc == 0, (tmp_path / "scenario.log").read_text()[-6000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    print(f"lost-node scenario: {time.monotonic() - started:.0f} s in all (scoring part "
+          f"{result['reward_part_s']:.0f} s, training part {result['train_part_s']:.0f} s)")
+    return result
+
+
+def test_a_reward_node_lost_mid_scoring_costs_its_chunk_not_the_call(lost_nodes):
+    r = lost_nodes
+    # One scorer per reward node, none on the head.
+    placed = {r["reward_placed"][f"reward{i}"]["node_id"] for i in (0, 1)}
+    assert placed == set(r["reward_nodes"]) and r["head_node"] not in placed
+    # The chunk in flight on the lost node was rescored on the survivor, once; what the lost
+    # scorer had finished was kept, not rescored; every chunk was scored exactly once.
+    assert r["victim_lost"] == [r["in_flight"]]
+    assert r["survivor_done"].count(r["in_flight"]) == 1
+    assert not set(r["victim_done"]) & set(r["survivor_done"])
+    assert sorted(r["victim_done"] + r["survivor_done"]) == r["all_chunks"]
+    # The rewards are the unfaulted call's (the same model on the same chunk: the same floats).
+    assert r["responses_equal"] is True
+    assert r["rewards_faulted"] == r["rewards_unfaulted"]
+    assert len({s for g in r["rewards_unfaulted"] for s in g}) > 1
+    # Each reward node read the model from the bucket into its own cache.
+    for node in ("reward0", "reward1"):
+        assert r["caches"][node]["checkpoints"] == ["reward-model"], r["caches"]
+    print(f"lost reward node: unfaulted call {r['score_unfaulted_s']:.1f} s, faulted {r['score_faulted_s']:.1f} s; "
+          f"chunk {r['in_flight'][-40:]!r} rescored, {len(r['victim_done'])} finished by the lost scorer kept")
+
+
+def test_a_trainer_node_lost_mid_round_costs_the_round_not_the_run(lost_nodes):
+    r = lost_nodes
+    # Round 1 on the first trainer node, round 2 finished on the node that joined, never the head.
+    assert r["train_nodes_before"]["0"]["node_id"] == r["train_victim"] != r["head_node"]
+    assert r["train_nodes_after"]["0"]["node_id"] == r["train_new_node"]
+    # Ray Train restarted the group once, from round 1's checkpoint: the driver sent round 2
+    # again, and nothing else (round 1 was not trained again).
+    assert r["starts"] == 2
+    assert r["restarts"] == [[0, 1], [1, 2]]
+    assert r["round2_metrics_round"] == 2.0
+    assert r["history1"] == [1, 2, 3, 4, 5, 6]
+    # Round 2's node was removed mid-training; the re-sent round ran all its steps once, counted
+    # on from round 1's checkpoint.
+    assert 5 <= r["steps_before_kill"] < ROUND2_STEPS
+    assert r["history2"] == list(range(7, 7 + ROUND2_STEPS))
+    # The weights equal an unfaulted run's with the same seeds (round 1 before the fault too).
+    worst = {name: max(r[name].items(), key=lambda kv: kv[1]) for name in ("round1_difference", "round2_difference")}
+    assert all(w[1] < 1e-5 for w in worst.values()), worst
+    # No shared disk: the first trainer node read the start model and both pools from the bucket
+    # into its own cache; the node that joined only round 2's pool (the weights came from Ray
+    # Train's checkpoint in the bucket); the driver's node read the pools it checks, never a model.
+    caches = r["caches"]
+    assert caches["trainer"] == {"checkpoints": ["tiny-llama"], "files": ["pool1.jsonl", "pool2.jsonl"]}, caches
+    assert caches["trainer-new"] == {"checkpoints": [], "files": ["pool2.jsonl"]}, caches
+    assert caches["head"]["checkpoints"] == [], caches
+    print(f"lost trainer node: round 2 ran {r['round2_before_kill_s']:.1f} s ({r['steps_before_kill']} of "
+          f"{ROUND2_STEPS} steps) before its node was removed, the "
+          f"group was back {r['restart_s']:.1f} s later, the re-sent round took {r['rerun_s']:.1f} s "
+          f"({r['round2_total_s']:.1f} s in all); largest relative weight difference to the unfaulted run: "
+          f"round 1 {worst['round1_difference'][1]:.1e}, round 2 {worst['round2_difference'][1]:.1e}")
