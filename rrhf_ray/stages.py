@@ -183,10 +183,14 @@ def train(ctx: RunContext, r: int) -> dict:
 
 def refresh(ctx: RunContext, r: int) -> dict:
     """Load round r's checkpoint into every sampler replica in place (no engine restart), then
-    check that each serves it (`rrhf_ray.refresh.verify_refresh`). For a run on object storage
-    the replicas load the bucket's copy; what they downloaded, summed over replicas, is recorded
-    (`checkpoint_download_bytes` / `_seconds` in the round's row). Both steps together are
-    waited for under `sampling.refresh_timeout_s` (`rrhf_ray.waits`)."""
+    check that each serves it (`rrhf_ray.refresh.verify_refresh`). With
+    `sampling.refresh_transport: disk` each replica reads the checkpoint directory (for a run on
+    object storage the bucket's copy, downloaded to its node); with `memory` the driver reads the
+    checkpoint it has just installed once, puts its state dict in the object store, and every
+    replica loads that. What the replicas fetched, summed over replicas, is recorded: from a
+    bucket as `checkpoint_download` (`checkpoint_download_bytes` / `_seconds` in the round's row),
+    from the object store as `state_dict_fetch` (state.json only). Loading and checking together
+    are waited for under `sampling.refresh_timeout_s` (`rrhf_ray.waits`)."""
     from rrhf_ray.refresh import probe_sequences, recorded_probe, tolerance_for, verify_refresh
     from rrhf_ray.train.checkpoints import check_checkpoint
     from rrhf_ray.waits import Wait, stage_limit
@@ -198,10 +202,17 @@ def refresh(ctx: RunContext, r: int) -> dict:
     probe = probe_sequences(ctx.round_dir(r) / "pool.parquet", ctx.tokenizer)
     recorded = recorded_probe(ctx.state.data["stages"][f"round{r}/train"], probe)
     tolerance = tolerance_for(ctx.served_dtype, ctx.config.sampling.refresh_tolerance)
+    transport = ctx.config.sampling.refresh_transport
     limit = stage_limit(ctx.state.data["stages"], "refresh", ctx.config.sampling.refresh_timeout_s)
     with pool.engine_seconds() as engine, \
             Wait(ctx.state, "the sampler replicas", limit, "sampling.refresh_timeout_s") as wait:
-        loads = pool.load_weights_refs(ctx.hand_off(ctx.checkpoint(r)), r)
+        if transport == "memory":
+            from rrhf_ray.train.checkpoints import read_state_dict
+
+            state = read_state_dict(ctx.checkpoint(r), ctx.served_dtype)
+            loads = pool.load_state_dict_refs(state, ctx.hand_off(ctx.checkpoint(r)), r)
+        else:
+            loads = pool.load_weights_refs(ctx.hand_off(ctx.checkpoint(r)), r)
         wait.get(loads, [f"sampler replica {i} (loading round {r}'s weights)" for i in range(len(loads))])
         if recorded is None:
             logger.warning("round %d was trained before the refresh check compared per-token "
@@ -211,10 +222,11 @@ def refresh(ctx: RunContext, r: int) -> dict:
             check = verify_refresh(pool, probe, *recorded, tolerance, r, wait=wait)
     logger.info("samplers now serve round %d's policy (log-prob gap to the trainer %.4f nats/token; "
                 "the round moved the probe by %.4f)", r, check["logprob_gap"], check["logprob_separation"])
-    info = {**check, "seconds_compute": engine.seconds}
+    info = {**check, "seconds_compute": engine.seconds, "transport": transport}
     if downloads := [d for d in pool.downloads() if d is not None]:
-        info["checkpoint_download"] = {"bytes": sum(d["bytes"] for d in downloads), "replicas": len(downloads),
-                                       "seconds": round(sum(d["seconds"] for d in downloads), 3)}
+        key = "state_dict_fetch" if transport == "memory" else "checkpoint_download"
+        info[key] = {"bytes": sum(d["bytes"] for d in downloads), "replicas": len(downloads),
+                     "seconds": round(sum(d["seconds"] for d in downloads), 3)}
     return info
 
 

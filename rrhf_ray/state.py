@@ -73,14 +73,16 @@ def _drop_added_later(data: dict[str, Any]) -> dict[str, Any]:
 # (`prefix_attention`: auto picks by the device), both the same loss and gradients up to float
 # rounding, nor how long a hung worker, trainer, refresh or evaluation task is waited for
 # (`chunk_timeout_s`, `round_timeout_s`, `refresh_timeout_s`, `task_timeout_s`): a run that failed
-# past a limit resumes with a higher one.
+# past a limit resumes with a higher one; nor whether a refresh moves the weights through disk or
+# the object store (`sampling.refresh_transport`: the same tensors either way).
 _PLACEMENT = frozenset({"resources", "chunk_timeout_s", "refresh_timeout_s", "task_timeout_s"})
+_SAMPLING_LAYOUT = _PLACEMENT | {"refresh_transport"}
 _FIT_LAYOUT = frozenset({"resources", "packing", "prefix_attention", "round_timeout_s"})
 
 
 def _fingerprint_data(config: RunConfig, *, as_typed: bool = False) -> dict[str, Any]:
     data = _drop_added_later(config.model_dump(mode="json", exclude={
-        "rounds": True, "ray": True, "tracking": True, "sampling": _PLACEMENT, "reward": _PLACEMENT,
+        "rounds": True, "ray": True, "tracking": True, "sampling": _SAMPLING_LAYOUT, "reward": _PLACEMENT,
         "train": _FIT_LAYOUT, "eval": _PLACEMENT, "sft": {"train": _FIT_LAYOUT},
         "reward_model": {"train": _FIT_LAYOUT}}))
     out = data["output"]["dir"]

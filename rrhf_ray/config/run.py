@@ -155,6 +155,14 @@ class SamplingConfig(Section):
         "(mean absolute difference) of the trainer's, and nearer the new weights than the round's "
         "starting ones; a replica serving old or half-loaded weights fails the round. None: set "
         "from the served dtype (rrhf_ray/refresh.py DTYPE_TOLERANCE).")
+    refresh_transport: Literal["disk", "memory"] = Field(
+        "disk",
+        description="How each round's weights reach the samplers: disk = every replica reloads the "
+        "round's checkpoint directory (or downloads the bucket's copy to its node); memory = the driver "
+        "reads the checkpoint it installed once, puts the state dict (in the served dtype) in Ray's "
+        "object store and every replica loads it from there in place. The checkpoint is written either "
+        "way (resume reads it) and the refresh probe checks both alike; docs/training.md says which "
+        "is faster when.")
     preset: str = Field(
         "IP", description="Candidate sources (docs/algorithm.md, sampling policies): BP, DP, D, P, or IP / IP-n."
     )

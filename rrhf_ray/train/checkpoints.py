@@ -127,6 +127,21 @@ def cast_state_dict(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> 
     return out
 
 
+def read_state_dict(directory: str | Path, dtype: str) -> dict[str, torch.Tensor]:
+    """The weights of the HF checkpoint at `directory` (its *.safetensors files), floating-point
+    tensors in `dtype` (a no-op for a checkpoint saved in it), named as the files name them: what
+    a refresh through memory hands the samplers."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{directory} holds no *.safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return cast_state_dict(state, getattr(torch, dtype))
+
+
 def _set_saved_dtype(directory: Path, dtype: str) -> None:
     path = Path(directory) / "config.json"
     config = json.loads(path.read_text())

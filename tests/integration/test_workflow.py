@@ -33,9 +33,10 @@ def test_killed_driver_resumes_without_redoing_finished_stages(ray_cluster, tmp_
     pool_mtime = (out / "rounds/1/pool.parquet").stat().st_mtime_ns
 
     # Resumed asking for one more round than the killed run had: it finishes round 1 where it
-    # stopped and continues with round 2 (only `rounds` may change within an output directory).
+    # stopped and continues with round 2 (only `rounds` may change within an output directory, and
+    # how the weights reach the samplers: these rounds refresh them through the object store).
     # Through the Python API (rrhf_ray.api.run): a RunConfig plus a keyword override.
-    rows = rrhf_ray.run(load_config(DEMO_CONFIG, overrides), rounds=2)
+    rows = rrhf_ray.run(load_config(DEMO_CONFIG, overrides + ["sampling.refresh_transport=memory"]), rounds=2)
 
     after = stages(out)
     for name in ("base", "round0/eval", "round1/sample", "round1/score"):
@@ -46,8 +47,16 @@ def test_killed_driver_resumes_without_redoing_finished_stages(ray_cluster, tmp_
     assert before["round1/sample"]["batched_with"] == ["round0/eval"]
     assert after["round2/sample"]["batched_with"] == ["round1/eval"]
     assert [r["round"] for r in rows] == [0, 1, 2]
+    from safetensors import safe_open
+
     for r in (1, 2):
-        assert (out / f"rounds/{r}/checkpoint/model.safetensors").exists()
+        assert (out / f"rounds/{r}/checkpoint/model.safetensors").exists()  # written all the same
+        with safe_open(str(out / f"rounds/{r}/checkpoint/model.safetensors"), "pt") as st:
+            saved = sum(st.get_tensor(k).nbytes for k in st.keys())  # noqa: SIM118 - no __iter__
+        refresh = after[f"round{r}/refresh"]
+        assert refresh["transport"] == "memory" and "checkpoint_download" not in refresh
+        assert (refresh["state_dict_fetch"]["bytes"], refresh["state_dict_fetch"]["replicas"]) == (saved, 1)
+        assert refresh["logprob_gap"] < refresh["logprob_separation"] / 2  # the probe passed it
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == [0, 1, 2]
     for key in ("eval_reward_mean", "eval_reward_std", "reference_perplexity", "win_rate_vs_round0",

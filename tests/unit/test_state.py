@@ -60,3 +60,14 @@ def test_the_attention_kernel_is_not_part_of_the_fingerprint():
     assert config_fingerprint(load_config(DEMO_CONFIG, [*gpu, "train.lr=0.5"])) != base
     with pytest.raises(ConfigError, match="prefix_attention 'flex' needs train.use_gpu"):
         load_config(DEMO_CONFIG, ["train.prefix_attention=flex"])
+
+
+def test_the_refresh_transport_is_not_part_of_the_fingerprint():
+    """Disk or memory moves the same tensors to the samplers: a run resumes under either, with the
+    fingerprint the code before the setting gave it (7ecb40f289f591c9, the demo at this output.dir)."""
+    disk = load_config(DEMO_CONFIG, ["output.dir=/tmp/fp-run"])
+    memory = load_config(DEMO_CONFIG, ["output.dir=/tmp/fp-run", "sampling.refresh_transport=memory"])
+    assert (disk.sampling.refresh_transport, memory.sampling.refresh_transport) == ("disk", "memory")
+    assert config_fingerprint(memory) == config_fingerprint(disk) == "7ecb40f289f591c9"
+    with pytest.raises(ConfigError, match="refresh_transport"):
+        load_config(DEMO_CONFIG, ["sampling.refresh_transport=network"])
