@@ -116,6 +116,29 @@ def kill_the_train_worker() -> int:
     return pids[0]
 
 
+def lose_node(cluster, node, marker: str) -> int:
+    """`node` of a `ray.cluster_utils.Cluster` lost at once, as a machine that dies: SIGKILL every
+    process whose environment holds `marker` (a `KEY=VALUE` of that node's
+    `add_node(env_vars=...)`: its raylet and every worker it started), then `cluster.remove_node`.
+    `remove_node` alone stops the raylet first, and a worker that has not noticed yet may finish
+    its call (a chunk, a training round) from its old process, so the fault would miss. Returns
+    how many processes were killed."""
+    wanted = marker.encode()
+    killed = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if wanted not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            os.kill(int(entry.name), signal.SIGKILL)
+            killed += 1
+        except (OSError, ProcessLookupError):  # gone already, or not ours to read
+            continue
+    cluster.remove_node(node, allow_graceful=False)
+    return killed
+
+
 def wait_until(condition, timeout_s: float, what: str, poll_s: float = 0.1) -> None:
     """Return once `condition()` is true; fail the test, naming `what`, after `timeout_s`."""
     import time

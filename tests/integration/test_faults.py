@@ -12,7 +12,9 @@ run's set-up instead of paying for a run each:
 3. round 1's checkpoint is then cut short; a driver (a process of its own) names the damaged
    file, forgets round 1's training, redoes it, and is sent SIGTERM while it trains: it stops,
    records round1/train as failed, interrupted, and shuts the trainer and the actors down;
-4. a last driver resumes at round1/train and finishes the run; nothing finished before is redone.
+4. a last driver resumes at round1/train and finishes the run; nothing finished before is redone;
+5. a driver asked for a second round gets SIGINT (Ctrl-C) while it samples: it stops, exit 130,
+   round2/sample recorded as failed, interrupted, and nothing of round 1 is redone.
 
 Non-finite training runs on the warm trainer alone (no engines): a learning rate of 1e30.
 """
@@ -203,7 +205,30 @@ def test_a_run_survives_a_broken_rule_a_second_driver_a_full_disk_a_damaged_chec
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1]
     assert not (out / "driver.lock").read_text()  # released
-    print(f"\nconsole's last lines per fault (SIGTERM: exit {stopped_in:.1f} s after the signal):")
+
+    # ---- 5. SIGINT (Ctrl-C) while a sampling stage runs: a second round, stopped as it samples
+    trained = state["stages"]["round1/train"]["finished"]
+    log5 = tmp_path / "driver5.log"
+    fifth = start_driver([*overrides, "rounds=2"], env, log5)
+    try:
+        wait_until(lambda: alive(fifth, log5) and read_state(out).get("running", {}).get("stage") == "round2/sample",
+                   300, "round2/sample", poll_s=0.02)
+        signalled = time.monotonic()
+        os.kill(fifth.pid, signal.SIGINT)
+    finally:
+        rc5 = wait_driver(fifth, log5, "SIGINT")
+    sigint_in = time.monotonic() - signalled
+    console["sigint"] = last_line(log5.read_text())
+    assert rc5 == 130, log5.read_text()[-3000:]
+    assert console["sigint"] == ("error: stopped by SIGINT in stage round2/sample; the same command "
+                                 "resumes the run there")
+    state = read_state(out)
+    assert state["failed"]["stage"] == "round2/sample" and state["failed"]["interrupted"] is True
+    assert "round2/sample" not in state["stages"] and "running" not in state
+    assert state["stages"]["round1/train"]["finished"] == trained  # nothing finished is redone
+    assert not (out / "rounds/2/candidates.jsonl").exists()  # no half-written candidates
+    print(f"\nconsole's last lines per fault (SIGTERM: exit {stopped_in:.1f} s after the signal, "
+          f"SIGINT: {sigint_in:.1f} s):")
     for name, line in console.items():
         print(f"  {name}: {line}")
 

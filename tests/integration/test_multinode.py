@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import lose_node
+
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,7 +79,8 @@ def scenario(work: str) -> None:
     rho = build_tiny_llama(work_dir / "tiny-llama", seed=0)
     round1 = _perturbed(rho, work_dir / "round1")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "_system_config": SYSTEM_CONFIG})
-    nodes = [cluster.add_node(num_cpus=1, resources={"sampler_node": 1}) for _ in range(2)]
+    nodes = [cluster.add_node(num_cpus=1, resources={"sampler_node": 1}, env_vars={"RRHF_TEST_NODE": f"sampler{i}"})
+             for i in range(2)]
     ray.init(address=cluster.address, log_to_driver=False)
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -112,7 +115,7 @@ def scenario(work: str) -> None:
 
     _wait("replica 1 to start a chunk", victim_mid_chunk)
     in_flight = running[0]
-    cluster.remove_node(victim_node, allow_graceful=False)
+    assert lose_node(cluster, victim_node, f"RRHF_TEST_NODE=sampler{nodes.index(victim_node)}") > 0
     faulted = ray.get(ref)
     faulted_s = time.monotonic() - started
     events = ray.get(board.events.remote())[seen:]

@@ -38,6 +38,7 @@ import ray
 
 from rrhf_ray.actors.scorer import RewardScorer
 from rrhf_ray.types import query_text
+from tests.helpers import lose_node
 from tests.integration.test_multinode import SANDBOX_INIT, SYSTEM_CONFIG
 
 pytestmark = pytest.mark.ray
@@ -104,7 +105,7 @@ def _reward_model(policy: Path, out: Path) -> Path:
     return out
 
 
-def score_lost_node(cluster, nodes, model_uri: str) -> dict:
+def score_lost_node(cluster, nodes, model_uri: str, caches: Path) -> dict:
     """Scoring with two scorers; scorer 1's node removed mid-chunk in the second call."""
     from rrhf_ray.actors import scorer as scorer_module
     from rrhf_ray.actors.pools import actor_nodes
@@ -142,7 +143,7 @@ def score_lost_node(cluster, nodes, model_uri: str) -> dict:
 
     _wait("scorer 1 to start a chunk", victim_mid_chunk)
     in_flight = running[0]
-    cluster.remove_node(victim, allow_graceful=False)
+    assert lose_node(cluster, victim, f"RRHF_RAY_CACHE={caches / f'reward{nodes.index(victim)}'}") > 0
     faulted = ray.get(ref)
     faulted_s = time.monotonic() - started
     events = ray.get(board.events.remote())[seen:]
@@ -215,7 +216,7 @@ def train_lost_node(cluster, node, work: Path, root: str, cfg, caches: Path) -> 
             assert thread.is_alive(), "round 2 ended before its node was removed"
             assert node.node_id == before[0]["node_id"]
             removed = time.monotonic()
-            cluster.remove_node(node, allow_graceful=False)
+            assert lose_node(cluster, node, f"RRHF_RAY_CACHE={caches / 'trainer'}") > 0
             new_node = cluster.add_node(num_cpus=1, resources={"trainer_node": 1},
                                         env_vars={"RRHF_RAY_CACHE": str(caches / "trainer-new")})
         finally:
@@ -302,7 +303,7 @@ def scenario(work: str) -> None:
         ray.init(address=cluster.address, log_to_driver=False)
         result = {"head_node": cluster.head_node.node_id, "reward_nodes": [n.node_id for n in reward_nodes]}
         started = time.monotonic()
-        result.update(score_lost_node(cluster, reward_nodes, f"{root}/reward-model"))
+        result.update(score_lost_node(cluster, reward_nodes, f"{root}/reward-model", caches))
         result["reward_part_s"] = time.monotonic() - started
         started = time.monotonic()
         result.update(train_lost_node(cluster, trainer_node, work_dir, root, cfg, caches))
