@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import re
 import sys
 import traceback
@@ -457,6 +458,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt as err:  # SIGINT / SIGTERM (rrhf_ray.workflow.stop_signals)
+        # The stage's Ray work in flight was abandoned on purpose and its actors shut down: the
+        # errors its refs carry ("every worker died"), printed by Ray as they are freed, are the
+        # stop itself, not news, and would bury this line. This process ends right after.
+        os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"
         sig = str(err) or "SIGINT"
         stage = getattr(err, "stage", None)
         where = f" in stage {stage}" if stage else ""

@@ -116,6 +116,53 @@ def kill_the_train_worker() -> int:
     return pids[0]
 
 
+def perturbed_copy(model_dir: Path, out: Path) -> Path:
+    """`model_dir` with every weight moved by seeded noise, saved (float32) with its tokenizer at
+    `out`: a stand-in for a trained round's ρ*."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return out
+
+
+SANDBOX_INIT = 'ip link set lo up && mkdir -p /tmp/ray && mount --bind "$1" /tmp/ray && exec "$2" -c "$3" "$4"'
+
+
+def run_scenario(module: str, tmp_path: Path, drop: tuple[str, ...] = ()) -> dict:
+    """`module.scenario(tmp_path)` in a subprocess inside private network, PID and mount
+    namespaces (tests/integration/test_job_submit.py's sandbox: its own ports, /tmp/ray and
+    processes), so the Ray cluster it starts and stops never touches another on this machine.
+    `drop`: environment variables (or prefixes) not passed in. Returns the scenario's
+    result.json; fails the test with the end of its log when it does not exit 0 in 900 s."""
+    from tests.integration.test_job_submit import sandbox_env, sandbox_or_skip
+
+    prefix = sandbox_or_skip("start a cluster of its own")
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "home").mkdir()
+    env = sandbox_env(tmp_path / "home", drop=drop)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    code = f"import sys; from {module} import scenario; scenario(sys.argv[1])"
+    with open(tmp_path / "scenario.log", "w") as log:
+        proc = subprocess.Popen([*prefix, "bash", "-c", SANDBOX_INIT, "sandbox", str(tmp_path / "ray"),
+                                 sys.executable, code, str(tmp_path)], env=env, cwd=REPO, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=900)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = None
+    assert rc == 0, (tmp_path / "scenario.log").read_text()[-6000:]
+    return json.loads((tmp_path / "result.json").read_text())
+
+
 def lose_node(cluster, node, marker: str) -> int:
     """`node` of a `ray.cluster_utils.Cluster` lost at once, as a machine that dies: SIGKILL every
     process whose environment holds `marker` (a `KEY=VALUE` of that node's

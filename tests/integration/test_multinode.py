@@ -16,16 +16,12 @@ its own. `scenario` is that subprocess; the test reads what it wrote.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import lose_node
+from tests.helpers import lose_node, perturbed_copy, run_scenario
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 
@@ -37,22 +33,6 @@ PROMPTS = [f"\n\nHuman: How do I {t}?\n\nAssistant:" for t in
 # busy machine dead), so the placement group moves soon.
 SYSTEM_CONFIG = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
                  "health_check_timeout_ms": 1000, "health_check_failure_threshold": 10}
-SANDBOX_INIT = 'ip link set lo up && mkdir -p /tmp/ray && mount --bind "$1" /tmp/ray && exec "$2" -c "$3" "$4"'
-
-
-def _perturbed(model_dir: Path, out: Path) -> Path:
-    """The tiny model with every weight moved by seeded noise: a stand-in for round 1's ρ*."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
-    return out
 
 
 def _wait(what: str, done, timeout: float = 300.0) -> None:
@@ -77,7 +57,7 @@ def scenario(work: str) -> None:
 
     work_dir = Path(work)
     rho = build_tiny_llama(work_dir / "tiny-llama", seed=0)
-    round1 = _perturbed(rho, work_dir / "round1")
+    round1 = perturbed_copy(rho, work_dir / "round1")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "_system_config": SYSTEM_CONFIG})
     nodes = [cluster.add_node(num_cpus=1, resources={"sampler_node": 1}, env_vars={"RRHF_TEST_NODE": f"sampler{i}"})
              for i in range(2)]
@@ -156,26 +136,7 @@ def scenario(work: str) -> None:
 
 
 def test_a_sampler_node_lost_mid_sampling_costs_its_chunks_not_the_pool(tmp_path):
-    from tests.integration.test_job_submit import sandbox_env, sandbox_or_skip
-
-    prefix = sandbox_or_skip("start a cluster of its own")
-    (tmp_path / "ray").mkdir()
-    (tmp_path / "home").mkdir()
-    env = sandbox_env(tmp_path / "home")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    code = "import sys; from tests.integration.test_multinode import scenario; scenario(sys.argv[1])"
-    with open(tmp_path / "scenario.log", "w") as log:
-        proc = subprocess.Popen([*prefix, "bash", "-c", SANDBOX_INIT, "sandbox", str(tmp_path / "ray"),
-                                 sys.executable, code, str(tmp_path)], env=env, cwd=REPO, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=900)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            rc = None
-    assert rc == 0, (tmp_path / "scenario.log").read_text()[-6000:]
-    r = json.loads((tmp_path / "result.json").read_text())
+    r = run_scenario("tests.integration.test_multinode", tmp_path)
 
     # One replica per sampler node, none on the head.
     first = {r["placed"][f"sampler-policy{i}"]["node_id"] for i in (0, 1)}

@@ -26,9 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -38,8 +35,8 @@ import ray
 
 from rrhf_ray.actors.scorer import RewardScorer
 from rrhf_ray.types import query_text
-from tests.helpers import lose_node
-from tests.integration.test_multinode import SANDBOX_INIT, SYSTEM_CONFIG
+from tests.helpers import lose_node, run_scenario
+from tests.integration.test_multinode import SYSTEM_CONFIG
 
 pytestmark = pytest.mark.ray
 
@@ -325,28 +322,9 @@ def scenario(work: str) -> None:
 @pytest.fixture(scope="module")
 def lost_nodes(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The scenario's result.json (one sandboxed cluster for the module's tests)."""
-    from tests.integration.test_job_submit import sandbox_env, sandbox_or_skip
-
-    prefix = sandbox_or_skip("start a cluster of its own")
     tmp_path = tmp_path_factory.mktemp("lost-nodes")
-    (tmp_path / "ray").mkdir()
-    (tmp_path / "home").mkdir()
-    env = sandbox_env(tmp_path / "home", drop=("RRHF_RAY_CACHE", "AWS_"))
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    code = "import sys; from tests.integration.test_multinode_roles import scenario; scenario(sys.argv[1])"
     started = time.monotonic()
-    with open(tmp_path / "scenario.log", "w") as log:
-        proc = subprocess.Popen([*prefix, "bash", "-c", SANDBOX_INIT, "sandbox", str(tmp_path / "ray"),
-                                 sys.executable, code, str(tmp_path)], env=env, cwd=REPO, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=900)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            rc = None
-    assert rc == 0, (tmp_path / "scenario.log").read_text()[-6000:]
-    result = json.loads((tmp_path / "result.json").read_text())
+    result = run_scenario("tests.integration.test_multinode_roles", tmp_path, drop=("RRHF_RAY_CACHE", "AWS_"))
     print(f"lost-node scenario: {time.monotonic() - started:.0f} s in all (scoring part "
           f"{result['reward_part_s']:.0f} s, training part {result['train_part_s']:.0f} s)")
     return result

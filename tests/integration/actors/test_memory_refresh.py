@@ -13,6 +13,7 @@ import ray
 from rrhf_ray.actors.sampler import SamplerPool
 from rrhf_ray.config import SamplingConfig
 from rrhf_ray.train.checkpoints import read_state_dict
+from tests.helpers import perturbed_copy
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 
@@ -25,18 +26,7 @@ CONFIG = SamplingConfig(num_replicas=1, n=1, temperature=0.0, stop=[], max_new_t
 @pytest.fixture(scope="module")
 def perturbed_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model (float32) with every weight moved by seeded noise: a stand-in for a trained ρ*."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    out = tmp_path_factory.mktemp("perturbed") / "model"
-    model.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
+    return perturbed_copy(tiny_model_dir, tmp_path_factory.mktemp("perturbed") / "model")
 
 
 @pytest.fixture(scope="module")

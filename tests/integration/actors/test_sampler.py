@@ -29,6 +29,7 @@ from rrhf_ray.actors.sampler import (
     query_seed,
 )
 from rrhf_ray.config import SamplingConfig
+from tests.helpers import perturbed_copy
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 
@@ -114,18 +115,7 @@ def pool(engines: Engines) -> SamplerPool:
 @pytest.fixture(scope="module")
 def perturbed_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model with every weight moved by seeded noise: a stand-in for a trained ρ*."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    out = tmp_path_factory.mktemp("perturbed") / "model"
-    model.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
+    return perturbed_copy(tiny_model_dir, tmp_path_factory.mktemp("perturbed") / "model")
 
 
 def test_seeded_sampling_is_reproducible_and_independent_of_the_split(ray_cluster, pool) -> None:
