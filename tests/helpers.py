@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 TOPICS = ["bake bread", "fix a bike", "plant tomatoes", "learn chess", "paint a wall", "tie a tie",
           "brew tea", "clean a pan", "write a letter", "fold a shirt", "tune a guitar", "sharpen a knife"]
@@ -132,7 +135,47 @@ def perturbed_copy(model_dir: Path, out: Path) -> Path:
     return out
 
 
-SANDBOX_INIT = 'ip link set lo up && mkdir -p /tmp/ray && mount --bind "$1" /tmp/ray && exec "$2" -c "$3" "$4"'
+# In the sandbox: loopback up, a private /tmp/ray, then python -c CODE ARG.
+SCENARIO_INIT = 'ip link set lo up && mkdir -p /tmp/ray && mount --bind "$1" /tmp/ray && exec "$2" -c "$3" "$4"'
+
+
+def sandbox_prefix() -> list[str] | None:
+    """`unshare` with new network, PID and mount namespaces (as root, or in a new user namespace
+    mapped to root), or None where this machine does not allow them."""
+    unshare = shutil.which("unshare")
+    if unshare is None or shutil.which("ip") is None:
+        return None
+    base = [unshare, "--net", "--pid", "--fork", "--kill-child", "--mount-proc", "--mount"]
+    for prefix in ([base] if os.geteuid() == 0 else []) + [[unshare, "--user", "--map-root-user", *base[1:]]]:
+        probe = subprocess.run([*prefix, "sh", "-c", "ip link set lo up && mount -t tmpfs none /mnt"],
+                               capture_output=True, timeout=30, check=False)
+        if probe.returncode == 0:
+            return prefix
+    return None
+
+
+def sandbox_or_skip(what: str) -> list[str]:
+    """The namespace prefix (`sandbox_prefix`) for a test that runs docs/cluster.md's commands.
+    CI runs on Linux VMs as root, where the namespaces exist: there a missing sandbox is a
+    failure, never a silent skip of a test that runs the documented commands; elsewhere a skip."""
+    prefix = sandbox_prefix()
+    assert prefix is not None or os.environ.get("CI") != "true", (
+        "CI: unshare (network, PID, mount namespaces) is needed to run docs/cluster.md's block")
+    if prefix is None:
+        pytest.skip(f"needs Linux network, PID and mount namespaces (unshare) to {what} without "
+                    "touching other Ray clusters on this machine")
+    return prefix
+
+
+def sandbox_env(home: Path, drop: tuple[str, ...] = ()) -> dict[str, str]:
+    """This environment without the variables that would join or authenticate to another Ray
+    cluster (and `drop`), with a fresh HOME: a new machine's."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER", "RAY_AUTH", "VIRTUAL_ENV", *drop))}
+    env["HOME"] = str(home)
+    return env
+
+
 
 
 def run_scenario(module: str, tmp_path: Path, drop: tuple[str, ...] = ()) -> dict:
@@ -141,8 +184,6 @@ def run_scenario(module: str, tmp_path: Path, drop: tuple[str, ...] = ()) -> dic
     processes), so the Ray cluster it starts and stops never touches another on this machine.
     `drop`: environment variables (or prefixes) not passed in. Returns the scenario's
     result.json; fails the test with the end of its log when it does not exit 0 in 900 s."""
-    from tests.integration.test_job_submit import sandbox_env, sandbox_or_skip
-
     prefix = sandbox_or_skip("start a cluster of its own")
     (tmp_path / "ray").mkdir()
     (tmp_path / "home").mkdir()
@@ -150,7 +191,7 @@ def run_scenario(module: str, tmp_path: Path, drop: tuple[str, ...] = ()) -> dic
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     code = f"import sys; from {module} import scenario; scenario(sys.argv[1])"
     with open(tmp_path / "scenario.log", "w") as log:
-        proc = subprocess.Popen([*prefix, "bash", "-c", SANDBOX_INIT, "sandbox", str(tmp_path / "ray"),
+        proc = subprocess.Popen([*prefix, "bash", "-c", SCENARIO_INIT, "sandbox", str(tmp_path / "ray"),
                                  sys.executable, code, str(tmp_path)], env=env, cwd=REPO, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:

@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 
 from rrhf_ray.remote import cache_key
-from tests.integration.test_job_submit import _checkout_copy, sandbox_env, sandbox_or_skip
+from tests.helpers import sandbox_env, sandbox_or_skip
+from tests.integration.test_job_submit import _checkout_copy
 from tests.object_store import moto_server_command
 
 pytestmark = pytest.mark.ray

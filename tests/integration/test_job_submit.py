@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import sandbox_env, sandbox_or_skip
+
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,46 +67,11 @@ def _checkout_copy(dest: Path) -> Path:
     return dest
 
 
-def _sandbox_prefix() -> list[str] | None:
-    """`unshare` with new network, PID and mount namespaces (as root, or in a new user namespace
-    mapped to root), or None where this machine does not allow them."""
-    unshare = shutil.which("unshare")
-    if unshare is None or shutil.which("ip") is None:
-        return None
-    base = [unshare, "--net", "--pid", "--fork", "--kill-child", "--mount-proc", "--mount"]
-    for prefix in ([base] if os.geteuid() == 0 else []) + [[unshare, "--user", "--map-root-user", *base[1:]]]:
-        probe = subprocess.run([*prefix, "sh", "-c", "ip link set lo up && mount -t tmpfs none /mnt"],
-                               capture_output=True, timeout=30, check=False)
-        if probe.returncode == 0:
-            return prefix
-    return None
 
 
 # In the sandbox: loopback up, a private /tmp/ray, then the block with errexit (a failing step
 # fails the test) in the copy of the checkout.
 SANDBOX_INIT = 'ip link set lo up && mkdir -p /tmp/ray && mount --bind "$1" /tmp/ray && cd "$2" && exec bash -e "$3"'
-
-
-def sandbox_or_skip(what: str) -> list[str]:
-    """The namespace prefix (`_sandbox_prefix`) for a test that runs docs/cluster.md's commands.
-    CI runs on Linux VMs as root, where the namespaces exist: there a missing sandbox is a
-    failure, never a silent skip of a test that runs the documented commands; elsewhere a skip."""
-    prefix = _sandbox_prefix()
-    assert prefix is not None or os.environ.get("CI") != "true", (
-        "CI: unshare (network, PID, mount namespaces) is needed to run docs/cluster.md's block")
-    if prefix is None:
-        pytest.skip(f"needs Linux network, PID and mount namespaces (unshare) to {what} without "
-                    "touching other Ray clusters on this machine")
-    return prefix
-
-
-def sandbox_env(home: Path, drop: tuple[str, ...] = ()) -> dict[str, str]:
-    """This environment without the variables that would join or authenticate to another Ray
-    cluster (and `drop`), with a fresh HOME: a new machine's."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER", "RAY_AUTH", "VIRTUAL_ENV", *drop))}
-    env["HOME"] = str(home)
-    return env
 
 
 def test_the_doc_block_runs_as_written(tmp_path):
