@@ -238,7 +238,7 @@ def wait_until(condition, timeout_s: float, what: str, poll_s: float = 0.1) -> N
 
 
 # --------------------------------------------------------------------------- driver processes
-# Shared by tests/integration/test_workflow.py and test_object_storage.py.
+# Shared by the integration tests that run the shortened demo (test_object_storage.py, test_faults.py, ...).
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,8 +21,15 @@ def state(path):
 
 
 def test_compare_runs_each_variant_from_one_shared_sft_stage(ray_cluster, tmp_path, capsys):
+    from rrhf_ray.data.pairs import read_sft_pairs
+
+    # The SFT stage on the first 320 of the demo's 4,000 uniformly mixed replies (10 steps): the
+    # comparison's plumbing, not the demo's quality, is under test.
+    sft_data = tmp_path / "sft.jsonl"
+    sft_data.write_text("".join(json.dumps({"query": p.query, "response": p.response}) + "\n"
+                                for p in read_sft_pairs("builtin:demo-sft")[:320]))
     out = tmp_path / "cmp"
-    argv = ["compare", "builtin:demo", *SHORT, "--variant", "rrhf", "--variant", "raft",
+    argv = ["compare", "builtin:demo", *SHORT, f"sft.data={sft_data}", "--variant", "rrhf", "--variant", "raft",
             "--seeds", "0", "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out

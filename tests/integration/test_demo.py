@@ -1,6 +1,8 @@
 """The embedded default, shortened (fewer prompts and epochs, 3 rounds), end to end on a real
 local Ray cluster: SFT → round 0 evaluation → 3 RRHF rounds, the held-out reward rises, and the
-refresh check would have caught a sampler serving the previous round's weights in every round."""
+refresh check would have caught a sampler serving the previous round's weights in every round.
+The rounds' weights reach the samplers through Ray's object store (`sampling.refresh_transport:
+memory`); every other run of the suite refreshes from disk."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from rrhf_ray.cli import main
 pytestmark = pytest.mark.ray
 
 SHORT = ["rounds=3", "sft.train.epochs=3", "data.max_prompts=96", "data.max_eval_prompts=24",
-         "eval.num_samples=2"]
+         "eval.num_samples=2", "sampling.refresh_transport=memory"]
 
 
 def test_shortened_demo_raises_the_held_out_reward(ray_cluster, tmp_path, capfd, monkeypatch):
@@ -54,6 +56,15 @@ def test_shortened_demo_raises_the_held_out_reward(ray_cluster, tmp_path, capfd,
     with safe_open(str(out / "rounds" / "2" / "checkpoint" / "model.safetensors"), "pt") as st:
         names = st.keys()  # safe_open has keys(), no __iter__
         assert {str(st.get_tensor(k).dtype) for k in names} == {"torch.bfloat16"}
+    # Each round's weights went to the one replica through the object store, in the served dtype:
+    # exactly the checkpoint's tensor bytes (which are written all the same), no download.
+    stages = json.loads((out / "state.json").read_text())["stages"]
+    for r in (1, 2, 3):
+        with safe_open(str(out / "rounds" / str(r) / "checkpoint" / "model.safetensors"), "pt") as st:
+            saved = sum(st.get_tensor(k).nbytes for k in st.keys())  # noqa: SIM118 - no __iter__
+        refresh = stages[f"round{r}/refresh"]
+        assert refresh["transport"] == "memory" and "checkpoint_download" not in refresh
+        assert (refresh["state_dict_fetch"]["bytes"], refresh["state_dict_fetch"]["replicas"]) == (saved, 1)
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2, 3]

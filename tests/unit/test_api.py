@@ -1,6 +1,6 @@
 """The Python API (`rrhf_ray.api`, re-exported from `rrhf_ray`): a config from a RunConfig, a dict
 or a path with keyword overrides; training on a ranked file in this process, without Ray, on the
-tiny model. (`rrhf_ray.run` on a real run: tests/integration/test_workflow.py, the resume test.)"""
+tiny model. (`rrhf_ray.run` on a real run: tests/integration/test_object_storage.py, the resume test.)"""
 
 from __future__ import annotations
 
