@@ -375,6 +375,10 @@ def waiting_line(running: dict[str, Any], now: float) -> str | None:
     line = f"{running.get('stage')}: waiting {_duration(now - waiting.get('since', now))} on {waiting.get('on')}"
     if isinstance(limit := waiting.get("limit_s"), (int, float)):
         line += f" (limit {limit:.0f} s: {waiting.get('key')})"
+    for w in waiting.get("workers") or ():  # the replicas / scorers the stage's task waits on
+        if isinstance(w, dict):
+            line += (f"\n  {w.get('worker')}: chunk {int(w.get('chunk', 0)) + 1} of {w.get('chunks')} "
+                     f"({w.get('queries')} queries) for {_duration(now - w.get('since', now))}")
     return line
 
 

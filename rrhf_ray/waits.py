@@ -12,7 +12,9 @@ answer and the limit; `state.json` records the stage as failed and the same comm
 While the driver waits, `running.waiting` in state.json names what it waits on, since when and
 under which limit (`rrhf-ray status` shows it): written once a wait has lasted
 `RECORD_AFTER_S`, so short waits cost no write, rewritten at most every `RECORD_EVERY_S` when
-what it waits on changes, and removed when it ends.
+what it waits on changes, and removed when it ends. A sampling or scoring stage waits on one
+coordinating task; its `workers` (`rrhf_ray.actors.dispatch.read_board`) name the replicas or
+scorers that task waits on, each with its chunk and since when.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-from rrhf_ray.actors.dispatch import work_timeout
+from rrhf_ray.actors.dispatch import read_board, work_timeout
 
 if TYPE_CHECKING:
     import ray
@@ -85,12 +87,14 @@ class Wait:
     def expired(self) -> bool:
         return self.limit is not None and self.elapsed() >= self.limit
 
-    def poll(self, on: str | None = None) -> None:
-        """Record that the driver waits on `on` (default: `what`), once the wait has lasted
-        `RECORD_AFTER_S`; again when `on` changed, at most every `RECORD_EVERY_S`."""
+    def poll(self, on: str | None = None, workers: Sequence[Mapping[str, Any]] | None = None) -> None:
+        """Record that the driver waits on `on` (default: `what`), and through it on `workers`
+        (`rrhf_ray.actors.dispatch.read_board`'s entries), once the wait has lasted
+        `RECORD_AFTER_S`; again when either changed, at most every `RECORD_EVERY_S`."""
         on = on or self.what
+        shown = repr((on, [(w.get("worker"), w.get("chunk")) for w in workers or ()]))
         elapsed, now = self.elapsed(), time.monotonic()
-        if self.state is None or on == self._recorded or elapsed < RECORD_AFTER_S:
+        if self.state is None or shown == self._recorded or elapsed < RECORD_AFTER_S:
             return
         if self._recorded is not None and now - self._written < RECORD_EVERY_S:
             return
@@ -98,8 +102,10 @@ class Wait:
         if not isinstance(running, dict):
             return
         running["waiting"] = {"on": on, "since": self.since, "limit_s": self.limit, "key": self.key}
+        if workers:
+            running["waiting"]["workers"] = [dict(w) for w in workers]
         self.state.save()
-        self._recorded, self._written = on, now
+        self._recorded, self._written = shown, now
 
     def end(self) -> None:
         """The wait is over: its record leaves state.json (written only when there was one)."""
@@ -135,7 +141,7 @@ class Wait:
             if not pending:
                 break
             late = ", ".join(pending.values())
-            self.poll(late)
+            self.poll(late, [w for ref in pending for w in read_board(ref) or ()])
             if self.expired():
                 if cancel:
                     for ref in pending:

@@ -4,10 +4,16 @@ Shared by the sampler and reward pools. Work is cut into chunks before anything 
 caller's `submit(worker, chunk)` returns an ObjectRef; this loop keeps at most
 `_IN_FLIGHT_PER_WORKER` chunks queued per worker, hands the next chunk to the least loaded live
 worker, and retries a chunk whose worker died on another worker.
+
+While it runs inside a Ray task, the loop keeps a *board* in Ray's key-value store under the
+task's id: which worker runs which chunk, since when. The driver reads the board of the task it
+waits on (`read_board(ref)`, used by `rrhf_ray.waits.Wait.get`), so state.json and `rrhf-ray
+status` name the replica or scorer a sampling or scoring stage is waiting on, not only the stage.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import deque
@@ -32,6 +38,47 @@ def on_callers_node() -> dict[str, Any]:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
+
+
+BOARD_NAMESPACE = "rrhf_ray_dispatch"
+
+
+def _board_key() -> str | None:
+    """This Ray task's id (None outside a task: the loop keeps no board)."""
+    try:
+        return ray.get_runtime_context().get_task_id()
+    except Exception:  # noqa: BLE001 - not in a Ray worker, or no task
+        return None
+
+
+def _publish(key: str | None, running: list[dict[str, Any]] | None) -> None:
+    """Write (or, `running` None, delete) the board under `key`; a failed write loses only the
+    detail of what the driver shows."""
+    if key is None:
+        return
+    from ray.experimental import internal_kv
+
+    try:
+        if running is None:
+            internal_kv._internal_kv_del(key, namespace=BOARD_NAMESPACE)
+        else:
+            internal_kv._internal_kv_put(key, json.dumps(running), overwrite=True, namespace=BOARD_NAMESPACE)
+    except Exception as err:  # noqa: BLE001 - a display detail, never the call's failure
+        logger.debug("dispatch board %s not written: %s", key, err)
+
+
+def read_board(ref: ray.ObjectRef) -> list[dict[str, Any]] | None:
+    """What the `dispatch_chunks` loop of the task behind `ref` runs now: one entry per busy
+    worker, `{"worker": "sampler replica 1", "chunk": 3, "chunks": 12, "queries": 8, "since":
+    wall-clock start}`, longest-running first; None when that task keeps no board (not started,
+    finished, or no dispatch loop)."""
+    from ray.experimental import internal_kv
+
+    try:
+        raw = internal_kv._internal_kv_get(ref.task_id().hex(), namespace=BOARD_NAMESPACE)
+    except Exception:  # noqa: BLE001 - see _publish
+        return None
+    return json.loads(raw) if raw else None
 
 
 def count_tokens(result: Sequence[Sequence[Any]]) -> int:
@@ -102,67 +149,84 @@ def dispatch_chunks(num_workers: int, submit: Callable[[int, Any], ray.ObjectRef
     hung: list[str] = []
     bar = tqdm(total=sum(sizes), desc=desc, unit="query") if desc else None
     start, n_tokens = time.monotonic(), 0
-    while pending or inflight:
-        while pending and alive:
-            w = min(alive, key=lambda i: load[i])
-            if load[w] >= _IN_FLIGHT_PER_WORKER:
-                break
-            c = pending.popleft()
-            ref = submit(w, chunks[c])
-            inflight[ref] = (c, w)
-            queues[w].append(ref)
-            if len(queues[w]) == 1:
-                began[ref] = time.monotonic()
-            load[w] += 1
-        if not inflight:
-            raise ChunkTimeout(f"every {what} died or hung ({'; '.join(hung)}); {len(pending)} of "
-                               f"{len(chunks)} chunks not done") if hung else \
-                RuntimeError(f"every worker died; {len(pending)} of {len(chunks)} chunks not done")
-        now = time.monotonic()
-        limits = {ref: began[ref] + chunk_timeout(sizes[inflight[ref][0]], paces, timeout)
-                  for ref in began if ref in inflight}
-        wait = max(0.0, min(limits.values()) - now) if limits else None
-        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=wait)
-        if not ready:
+    board, shown = _board_key(), None  # the board: which worker runs which chunk (read_board)
+    try:
+        while pending or inflight:
+            while pending and alive:
+                w = min(alive, key=lambda i: load[i])
+                if load[w] >= _IN_FLIGHT_PER_WORKER:
+                    break
+                c = pending.popleft()
+                ref = submit(w, chunks[c])
+                inflight[ref] = (c, w)
+                queues[w].append(ref)
+                if len(queues[w]) == 1:
+                    began[ref] = time.monotonic()
+                load[w] += 1
+            if not inflight:
+                raise ChunkTimeout(f"every {what} died or hung ({'; '.join(hung)}); {len(pending)} of "
+                                   f"{len(chunks)} chunks not done") if hung else \
+                    RuntimeError(f"every worker died; {len(pending)} of {len(chunks)} chunks not done")
             now = time.monotonic()
-            for ref in [r for r, limit in limits.items() if limit <= now]:
-                c, w = inflight[ref]
-                message = (f"{what} {w} ran chunk {c} ({sizes[c]} queries) for {now - began[ref]:.0f} s, "
-                           f"past its limit of {chunk_timeout(sizes[c], paces, timeout):.0f} s")
-                if kill is None:
-                    ray.cancel(ref, force=True)
-                    raise ChunkTimeout(f"{message}; cancelled (raise the timeout if the work is that slow)")
-                logger.warning("%s: killed, its chunks go to the other %ss", message, what)
-                hung.append(message)
-                kill(w)
-                alive.discard(w)
-                for queued in queues.pop(w):
+            limits = {ref: began[ref] + chunk_timeout(sizes[inflight[ref][0]], paces, timeout)
+                      for ref in began if ref in inflight}
+            wait = max(0.0, min(limits.values()) - now) if limits else None
+            running = _running(queues, inflight, began, sizes, what, len(chunks))
+            if (now_showing := [(e["worker"], e["chunk"]) for e in running]) != shown:
+                _publish(board, running)
+                shown = now_showing
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=wait)
+            if not ready:
+                now = time.monotonic()
+                for ref in [r for r, limit in limits.items() if limit <= now]:
+                    c, w = inflight[ref]
+                    message = (f"{what} {w} ran chunk {c} ({sizes[c]} queries) for {now - began[ref]:.0f} s, "
+                               f"past its limit of {chunk_timeout(sizes[c], paces, timeout):.0f} s")
+                    if kill is None:
+                        ray.cancel(ref, force=True)
+                        raise ChunkTimeout(f"{message}; cancelled (raise the timeout if the work is that slow)")
+                    logger.warning("%s: killed, its chunks go to the other %ss", message, what)
+                    hung.append(message)
+                    kill(w)
+                    alive.discard(w)
+                    for queued in queues.pop(w):
+                        pending.appendleft(inflight.pop(queued)[0])
+                        began.pop(queued, None)
+                    load[w] = 0
+                continue
+            [ref] = ready
+            c, w = inflight.pop(ref)
+            load[w] -= 1
+            queues[w].remove(ref)
+            if ref in began:
+                paces.append((time.monotonic() - began.pop(ref)) / max(sizes[c], 1))
+            if queues[w]:
+                began.setdefault(queues[w][0], time.monotonic())
+            try:
+                results[c] = ray.get(ref)
+            except ray.exceptions.RayActorError:
+                alive.discard(w)  # a restarted actor comes back with ρ's weights: not for this call
+                for queued in queues.pop(w, deque()):
                     pending.appendleft(inflight.pop(queued)[0])
                     began.pop(queued, None)
-                load[w] = 0
-            continue
-        [ref] = ready
-        c, w = inflight.pop(ref)
-        load[w] -= 1
-        queues[w].remove(ref)
-        if ref in began:
-            paces.append((time.monotonic() - began.pop(ref)) / max(sizes[c], 1))
-        if queues[w]:
-            began.setdefault(queues[w][0], time.monotonic())
-        try:
-            results[c] = ray.get(ref)
-        except ray.exceptions.RayActorError:
-            alive.discard(w)  # a restarted actor comes back with ρ's weights: not for this call
-            for queued in queues.pop(w, deque()):
-                pending.appendleft(inflight.pop(queued)[0])
-                began.pop(queued, None)
-            pending.appendleft(c)
-            continue
+                pending.appendleft(c)
+                continue
+            if bar is not None:
+                if tokens is not None:
+                    n_tokens += tokens(results[c])
+                    bar.set_description(f"{desc} {n_tokens / (time.monotonic() - start):.0f} tok/s")
+                bar.update(sizes[c])
+    finally:
+        _publish(board, None)
         if bar is not None:
-            if tokens is not None:
-                n_tokens += tokens(results[c])
-                bar.set_description(f"{desc} {n_tokens / (time.monotonic() - start):.0f} tok/s")
-            bar.update(sizes[c])
-    if bar is not None:
-        bar.close()
+            bar.close()
     return results
+
+
+def _running(queues: dict[int, deque], inflight: dict, began: dict, sizes: Sequence[int], what: str,
+             total: int) -> list[dict[str, Any]]:
+    """The board: each worker's chunk at the head of its queue (the one it runs), oldest first."""
+    now_wall, now = time.time(), time.monotonic()
+    heads = [(began[q[0]], w, inflight[q[0]][0]) for w, q in queues.items() if q and q[0] in began]
+    return [{"worker": f"{what} {w}", "chunk": c, "chunks": total, "queries": sizes[c],
+             "since": now_wall - (now - t)} for t, w, c in sorted(heads)]

@@ -135,3 +135,30 @@ def test_status_without_a_waiting_record_is_unchanged() -> None:
     line = waiting_line({"stage": "round1/eval", "waiting": {"on": "the judge perplexity task", "since": 0.0,
                                                              "limit_s": None, "key": "eval.task_timeout_s"}}, 7.0)
     assert line == "round1/eval: waiting 7 s on the judge perplexity task"
+
+
+def test_the_workers_a_stage_waits_on_are_recorded_and_shown(tmp_path, clock) -> None:
+    """A sampling stage's wait names the replicas its coordinating task waits on (the task's board,
+    `rrhf_ray.actors.dispatch.read_board`): recorded with the wait, rewritten when a worker moves
+    to another chunk, one line each in `rrhf-ray status`."""
+    from rrhf_ray.report import waiting_line
+
+    state = RunState(tmp_path / "run", _config(tmp_path))
+    on_disk = lambda: json.loads(state.path.read_text())
+    board = [{"worker": "sampler replica 1", "chunk": 2, "chunks": 12, "queries": 8, "since": 1.7e9 + 1000.0},
+             {"worker": "sampler replica 0", "chunk": 5, "chunks": 12, "queries": 8, "since": 1.7e9 + 1040.0}]
+    with StageTimer(state, "round1/sample"), \
+            Wait(state, "the sampler replicas", None, "sampling.chunk_timeout_s") as wait:
+        wait.poll(None, board)
+        clock.now += 3.0
+        wait.poll(None, board)
+        assert on_disk()["running"]["waiting"]["workers"] == board
+        moved = [board[0], {**board[1], "chunk": 6, "since": 1.7e9 + 1044.0}]
+        clock.now += 6.0
+        wait.poll(None, moved)
+        running = on_disk()["running"]
+        assert running["waiting"]["workers"][1]["chunk"] == 6
+    line = waiting_line(running, now=1.7e9 + 1060.0)
+    assert line.splitlines()[1:] == ["  sampler replica 1: chunk 3 of 12 (8 queries) for 1 min 0 s",
+                                     "  sampler replica 0: chunk 7 of 12 (8 queries) for 16 s"]
+    assert line.splitlines()[0].startswith("round1/sample: waiting ")

@@ -1,19 +1,23 @@
 """`dispatch_chunks` on a real local Ray cluster, with tiny worker actors defined here (no vLLM):
 results in chunk order, a chunk whose worker died re-run on another worker, any other error
-raised at once, and a clear error when every worker is dead.
+raised at once, a clear error when every worker is dead, and the board that names the worker the
+driver waits on.
 
 `dispatch_chunks` calls `ray.get`, so it runs inside a Ray task, as in the sampler and reward pools.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import threading
 import time
 
 import pytest
 import ray
 
-from rrhf_ray.actors.dispatch import ChunkTimeout, chunk_timeout, dispatch_chunks
+from rrhf_ray.actors.dispatch import ChunkTimeout, chunk_timeout, dispatch_chunks, read_board
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.ray
 
@@ -150,18 +154,48 @@ def test_no_workers_is_a_runtime_error(ray_cluster) -> None:
         ray_cluster.get(dispatch.remote([], [chunk(0), chunk(1)]))
 
 
-def test_a_hung_worker_is_killed_past_the_chunk_timeout_and_its_chunks_rerun(ray_cluster, workers) -> None:
-    """Chunk 1 hangs on worker 1 (300 s); with a 3 s limit per chunk, worker 1 is killed and its
-    chunks (the hung one and the one queued behind it) run on worker 0: every result, long before
-    the hang would have ended. The clock of a queued chunk starts when its worker starts it."""
+def test_a_hung_worker_is_named_while_the_driver_waits_then_killed_and_its_chunks_rerun(ray_cluster, workers,
+                                                                                        tmp_path) -> None:
+    """Chunk 1 hangs on worker 1 (300 s). While it hangs, the dispatch task's board (Ray's
+    key-value store, under the task's id) names each busy worker with its chunk and since when;
+    the driver's `Wait.get` on that task records them in state.json, and `rrhf-ray status` prints
+    them. With a 5 s limit per chunk, worker 1 is then killed and its chunks (the hung one and the
+    one queued behind it) run on worker 0: every result, long before the hang would have ended
+    (the clock of a queued chunk starts when its worker starts it). The board is gone once the
+    task has returned."""
+    from rrhf_ray.config import load_config
+    from rrhf_ray.demo import DEMO_CONFIG
+    from rrhf_ray.report import format_status
+    from rrhf_ray.state import RunState, StageTimer
+    from rrhf_ray.waits import Wait
+
+    state = RunState(tmp_path / "run", load_config(DEMO_CONFIG, [f"output.dir={tmp_path / 'run'}"]))
     group = workers(2)
-    chunks = [chunk(i, seconds=0.4, action="hang@1" if i == 1 else "") for i in range(6)]
-    start = time.monotonic()
-    out = ray_cluster.get(dispatch.remote(group, chunks, timeout=3.0))
-    assert time.monotonic() - start < 60
-    assert [r["squares"] for r in out] == [squares(i) for i in range(6)]
+    chunks = [chunk(i, seconds=0.2, action="hang@1" if i == 1 else "") for i in range(4)]
+    started = time.time()
+    ref = dispatch.remote(group, chunks, timeout=5.0)
+    on_disk = lambda: json.loads(state.path.read_text())
+    out: list = []
+    with StageTimer(state, "round1/sample"), \
+            Wait(state, "the sampler replicas", None, "sampling.chunk_timeout_s") as wait:
+        driver = threading.Thread(target=lambda: out.extend(wait.get([ref], ["the sampler replicas"])[0]))
+        driver.start()
+        wait_until(lambda: any(w["worker"] == "replica 1" for w in
+                               on_disk()["running"].get("waiting", {}).get("workers", ())), 60,
+                   "state.json naming replica 1")
+        recorded = on_disk()["running"]["waiting"]
+        status = format_status(on_disk(), "outs/run", now=time.time())
+        driver.join(timeout=120)
+    assert time.time() - started < 60
+    assert [r["squares"] for r in out] == [squares(i) for i in range(4)]
     assert out[1]["worker"] == 0 and is_dead(ray_cluster, group[1])
     assert {r["worker"] for r in out} == {0}  # worker 1 finished nothing: it hung on its first chunk
+    hung = next(w for w in recorded["workers"] if w["worker"] == "replica 1")
+    assert (hung["chunk"], hung["chunks"], hung["queries"]) == (1, 4, 3)
+    assert started <= hung["since"] <= time.time()
+    assert recorded["on"] == "the sampler replicas"
+    assert "\n  replica 1: chunk 2 of 4 (3 queries) for " in status
+    assert read_board(ref) is None  # the task returned: its board went with it
 
 
 def test_every_worker_hung_names_them(ray_cluster, workers) -> None:
