@@ -1,0 +1,138 @@
+"""The online policy's pure pieces (OP-k): segment planning, the KL estimators, resume
+bookkeeping, the config's refusals, and per-token reference log-probabilities."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rrhf_ray.cli import main
+from rrhf_ray.config import ConfigError, load_config
+from rrhf_ray.demo import DEMO_CONFIG
+from rrhf_ray.loss import kl_to_reference
+from rrhf_ray.segments import Segment, last_trained, pass_order, plan_segments, steps_of, total_steps
+from rrhf_ray.state import config_fingerprint
+
+OP = ["sampling.preset=OP", "train.epochs=1"]
+
+
+# --------------------------------------------------------------------------- segment planning
+
+
+def test_segments_cut_each_pass_into_k_steps_of_queries():
+    """10 queries, 2 a step, refresh every 2 steps: segments of 4, 4 and 2 queries (2, 2 and 1
+    steps) per pass; 2 passes = 6 segments numbered 1-6 over the run, 10 steps in all."""
+    segs = plan_segments(10, queries_per_step=2, refresh_every=2, rounds=2, seed=0)
+    assert [(s.round, s.index, s.number, len(s.queries), s.steps) for s in segs] == [
+        (1, 1, 1, 4, 2), (1, 2, 2, 4, 2), (1, 3, 3, 2, 1),
+        (2, 1, 4, 4, 2), (2, 2, 5, 4, 2), (2, 3, 6, 2, 1)]
+    assert total_steps(segs) == 10
+    assert segs[3].name == "round2/seg1"
+    for r in (1, 2):  # each pass visits every query once, in its own order
+        visited = [q for s in segs if s.round == r for q in s.queries]
+        assert sorted(visited) == list(range(10)) and visited == pass_order(10, 0, r)
+    assert pass_order(10, 0, 1) != pass_order(10, 0, 2)  # a new order each pass
+    assert plan_segments(10, 2, 2, 2, seed=0) == segs  # seeded: the same plan on resume
+
+
+def test_a_last_segment_too_small_for_the_workers_joins_the_one_before():
+    """7 queries, segments of 3 over 2 workers: 3, 3 and 1 → the lone query joins: 3 + 4; the
+    joined segment's 4 queries make 2 steps (plan_steps: 2 + 2)."""
+    segs = plan_segments(7, queries_per_step=3, refresh_every=1, rounds=1, num_workers=2)
+    assert [len(s.queries) for s in segs] == [3, 4]
+    assert [s.steps for s in segs] == [1, 1]  # 4 in steps of 3: 3 + 1, the 1 joins the first
+    assert steps_of(4, 3, num_workers=2) == 1 and steps_of(5, 3, num_workers=2) == 2
+    assert steps_of(8, 8) == 1 and steps_of(9, 8) == 2
+
+
+def test_the_last_trained_segment_is_the_end_of_the_finished_prefix():
+    segs = plan_segments(8, 2, 1, 1)
+    assert last_trained(segs, set()) == 0
+    assert last_trained(segs, {"round1/seg1/train", "round1/seg2/train"}) == 2
+    # A later segment recorded without the one before it does not count (trained in order).
+    assert last_trained(segs, {"round1/seg1/train", "round1/seg3/train"}) == 1
+    assert Segment(1, 2, 2, (0,), 1).name == "round1/seg2"
+
+
+# --------------------------------------------------------------------------- KL estimators
+
+
+def test_kl_estimators_by_hand():
+    """Two tokens, π = (1/2, 1/4), π_ref = (1/4, 1/2):
+    k1 = (log 1/2 − log 1/4) + (log 1/4 − log 1/2) = log 2 − log 2 = 0;
+    k3: ρ = (1/2, 2): (1/2 − 1 − log 1/2) + (2 − 1 − log 2) = (−1/2 + log 2) + (1 − log 2) = 1/2.
+    A third, padded position counts for nothing whatever its values."""
+    logp = torch.tensor([[math.log(0.5), math.log(0.25), 5.0]])
+    ref = torch.tensor([[math.log(0.25), math.log(0.5), -5.0]])
+    mask = torch.tensor([[True, True, False]])
+    assert kl_to_reference(logp, ref, mask, "k1").item() == pytest.approx(0.0, abs=1e-7)
+    assert kl_to_reference(logp, ref, mask, "k3").item() == pytest.approx(0.5, abs=1e-7)
+    # π = π_ref: both 0; and k3 ≥ 0 per token where k1 can be negative.
+    assert kl_to_reference(logp, logp, mask, "k3").item() == 0.0
+    one = torch.tensor([[math.log(0.25)]]), torch.tensor([[math.log(0.5)]]), torch.tensor([[True]])
+    assert kl_to_reference(*one, "k1").item() == pytest.approx(-math.log(2))
+    assert kl_to_reference(*one, "k3").item() == pytest.approx(2 - 1 - math.log(2))
+    with pytest.raises(ValueError, match="unknown KL estimator"):
+        kl_to_reference(*one, "k2")
+
+
+def test_kl_estimators_are_unbiased_for_the_true_kl():
+    """Tokens drawn from π over 3 symbols: the means of k1 and k3 approach Σ π log(π / π_ref)."""
+    pi = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
+    ref = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    true = float((pi * (pi / ref).log()).sum())
+    draws = torch.multinomial(pi, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    logp, logr = pi.log()[draws][:, None], ref.log()[draws][:, None]
+    mask = torch.ones_like(logp, dtype=torch.bool)
+    for est in ("k1", "k3"):
+        assert kl_to_reference(logp, logr, mask, est).mean().item() == pytest.approx(true, abs=0.01)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_op_config_and_the_ip_fingerprint():
+    config = load_config(DEMO_CONFIG, [*OP, "online.refresh_every=2", "online.kl_coef=0.1"])
+    assert config.online.refresh_every == 2 and config.online.kl_estimator == "k1"
+    assert load_config(DEMO_CONFIG, OP).online.refresh_every == 1  # the defaults under OP
+    ip = load_config(DEMO_CONFIG)
+    assert ip.online is None
+    # The online section is absent from an IP run's fingerprint: earlier runs still resume.
+    assert config_fingerprint(ip) == "2797b267c9c7672b"
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["online.refresh_every=2"], "online.refresh_every: sampling.preset is IP, and only sampling.preset OP"),
+    (["online.kl_coef=0.1", "sampling.preset=DP", "rounds=1"], "online.kl_coef: sampling.preset is DP"),
+    (["sampling.preset=OP"], "train.epochs: 4 with sampling.preset OP"),
+    ([*OP, "online.kl_in=loss", "online.kl_estimator=k3"], "online.kl_estimator: k3 with online.kl_in loss"),
+    ([*OP, "train.loss=dpo"], "train.loss.name: dpo with sampling.preset OP"),
+])
+def test_online_mistakes_are_one_error_line_naming_the_field(overrides, expected, capsys):
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(")):
+        load_config(DEMO_CONFIG, overrides)
+    assert main(["validate", *overrides]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+
+
+# --------------------------------------------------------------------------- per-token log-probs
+
+
+def test_per_token_reference_log_probs_sum_to_the_trainers(tiny_model_dir):
+    """The per-token values the KL stage reads sum to the sequence log-probs DPO's reference
+    stores (the trainer's own forward), one list per candidate, as many values as tokens."""
+    from rrhf_ray.config import TrainConfig
+    from rrhf_ray.train import reference
+    from rrhf_ray.types import QueryGroup
+    from tests.helpers import ranked_rows
+
+    cfg = TrainConfig(queries_per_step=4, micro_batch_queries=2, max_length=96)
+    groups = [QueryGroup(**r) for r in ranked_rows(3)]
+    sums = reference.reference_logprobs(str(tiny_model_dir), groups, cfg)
+    tokens = reference.reference_logprobs(str(tiny_model_dir), groups, cfg, per_token=True)
+    for s, t in zip(sums, tokens):
+        assert [sum(x) for x in t] == pytest.approx(s, abs=1e-3)
+        assert all(len(x) > 1 and all(v <= 0 for v in x) for x in t)
