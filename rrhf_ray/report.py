@@ -10,6 +10,7 @@ import html
 import io
 import json
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,23 @@ def rows_upto(stages: dict[str, Any], upto: int) -> list[dict[str, Any]]:
     return [row for r in range(upto + 1) if (row := round_row(stages, r)) is not None]
 
 
+def segment_rows(stages: dict[str, Any], r: int) -> list[dict[str, Any]]:
+    """The online policy's rows of round (pass) r, one per segment whose KL stage finished, in
+    order (sampling.preset OP; `rrhf_ray.online.kl`): its reward, KL to ρ, reward − β·KL and
+    response length means, its training loss and its refresh seconds. Empty for other presets."""
+    found = sorted({int(m.group(1)) for name in stages
+                    if (m := re.fullmatch(rf"round{r}/seg(\d+)/kl", name))})
+    rows = []
+    for i in found:
+        name = f"round{r}/seg{i}"
+        train = stages.get(f"{name}/train", {})
+        rows.append({"round": r, "segment": i, **stages[f"{name}/kl"]["online"],
+                     "train_loss": train.get("train", {}).get("loss"),
+                     "seconds_train": train.get("seconds"),
+                     "seconds_refresh": stages.get(f"{name}/refresh", {}).get("seconds")})
+    return rows
+
+
 def json_safe(value: Any) -> Any:
     """`value` with every NaN or infinite float replaced by None (null in JSON), recursively."""
     if isinstance(value, float):
@@ -113,11 +131,14 @@ def json_safe(value: Any) -> Any:
 
 def write_metrics(out: Path, stages: dict[str, Any], upto: int) -> list[dict[str, Any]]:
     """Rebuild metrics.jsonl and each round's metrics.json from the state (idempotent on resume);
-    returns the rows as written (NaN as None)."""
+    returns the rounds' rows as written (NaN as None). With the online policy, metrics.jsonl also
+    holds each segment's row (`segment_rows`, a `segment` key) before its round's row."""
     rows = [json_safe(row) for row in rows_upto(stages, upto)]
     for row in rows:
         atomic_write(out / "rounds" / str(row["round"]) / "metrics.json", json.dumps(row, indent=2))
-    atomic_write(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    lines = [json_safe(seg) for r in range(1, upto + 1) for seg in segment_rows(stages, r)]
+    lines = sorted(lines + rows, key=lambda row: (row["round"], "segment" not in row))  # stable: in order
+    atomic_write(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in lines))
     return rows
 
 

@@ -217,6 +217,7 @@ def setup(ctx: RunContext) -> None:
     )
     from rrhf_ray.actors.scorer import RewardPool
     from rrhf_ray.data.queries import load_data
+    from rrhf_ray.segments import last_trained, plan_segments, total_steps
     from rrhf_ray.train.checkpoints import start_state
     from rrhf_ray.train.warm import WarmJob, WarmTrainer
 
@@ -232,8 +233,15 @@ def setup(ctx: RunContext) -> None:
                        eval_queries=[r.query for r in data.eval],
                        references=[(r.query, r.responses[0]) for r in data.eval if r.responses])
     drop_damaged_checkpoints(ctx)
-    ctx.last_trained = max([r for r in range(1, cfg.rounds + 1) if ctx.done(r, "train")], default=0)
-    current = ctx.policy(ctx.last_trained)
+    if ctx.preset.name == "OP":  # the online policy: segments, each a policy version
+        ctx.segments = plan_segments(len(data.train), cfg.train.queries_per_step, cfg.online.refresh_every,
+                                     cfg.rounds, cfg.data.seed, cfg.train.num_workers)
+        ctx.last_trained = last_trained(ctx.segments, {f"{s.name}/train" for s in ctx.segments
+                                                       if ctx.segment_done(s, "train")})
+    else:
+        ctx.last_trained = max([r for r in range(1, cfg.rounds + 1) if ctx.done(r, "train")], default=0)
+    versions = len(ctx.segments) or cfg.rounds
+    current = ctx.version_policy(ctx.last_trained)
     if ctx.pools:  # started beside SFT from the base model: ρ everywhere now, version 0
         ray.get([ref for pool in ctx.pools.values() for ref in pool.load_weights_refs(ctx.hand_off(ctx.rho), 0)])
     else:
@@ -242,10 +250,13 @@ def setup(ctx: RunContext) -> None:
     ctx.rewards = RewardPool(ctx.reward, store=ctx.store, log_dir=ctx.log_dir)
     ctx.judge = cfg.eval.judge_model or ctx.rho  # one fixed judge for every round (docs/metrics.md)
     ctx.served_dtype = served_dtype(cfg.sampling.dtype, current, trust_remote_code=cfg.model.trust_remote_code)
-    if ctx.last_trained < cfg.rounds:
+    if ctx.last_trained < versions:
+        online = {} if not ctx.segments else {  # one AdamW and schedule over every segment
+            "online_steps": total_steps(ctx.segments),
+            "kl_loss_coef": cfg.online.kl_coef if cfg.online.kl_in == "loss" else 0.0}
         job = WarmJob(model_path=ctx.hand_off(current), output_dir=str(out / "rounds"), train=cfg.train,
                       trust_remote_code=cfg.model.trust_remote_code,
-                      save_dtype=ctx.served_dtype, log_dir=ctx.log_dir)  # saved as the samplers load
+                      save_dtype=ctx.served_dtype, log_dir=ctx.log_dir, **online)  # saved as the samplers load
         ctx.trainer = WarmTrainer(job, ctx.last_trained, global_step=start_state(current), store=ctx.store,
                                   storage_path=cfg.output.storage_path or str((out / "ray_train").resolve()))
     record_placement(ctx, {"driver": this_node(), **actor_nodes(role_actors(ctx.pools, ctx.rewards))})
@@ -302,7 +313,8 @@ def _round_of(stage: str) -> int:
 
 
 def run_rounds(ctx: RunContext) -> None:
-    """Round 0's evaluation, then the paper's round once per round."""
+    """Round 0's evaluation, then the paper's round once per round (the online policy: each
+    pass's segments, then the pass's evaluation)."""
     from rrhf_ray.actors.pools import actor_nodes, role_actors
     from rrhf_ray.report import write_metrics
 
@@ -310,6 +322,9 @@ def run_rounds(ctx: RunContext) -> None:
         evaluate_round(ctx, 0)
     ctx.round0 = stages.read_eval(ctx.outputs(0, "eval")[0])
     track_round(ctx, write_metrics(ctx.out, ctx.state.data["stages"], 0), 0)
+    if ctx.segments:
+        run_passes(ctx)
+        return
     for r in range(1, ctx.config.rounds + 1):
         logger.info("── round %d/%d ──", r, ctx.config.rounds)
         if ctx.done(r, "sample") and ctx.state.data["stages"][f"round{r}/sample"].get("batched_with"):
@@ -326,6 +341,28 @@ def run_rounds(ctx: RunContext) -> None:
         publish_checkpoint(ctx, r)
         if ctx.pools["current"].version < r:  # refresh ρ* in place: no engine restart
             ctx.run_stage(r, "refresh", stages.refresh)
+        evaluate_round(ctx, r)
+        track_round(ctx, write_metrics(ctx.out, ctx.state.data["stages"], r), r)
+
+
+def run_passes(ctx: RunContext) -> None:
+    """The online policy (OP-k, `rrhf_ray.online`): each pass over the queries streams its
+    segments (sample → score → KL → train k steps → refresh), then evaluates the weights it ends
+    with as round r. A resumed run skips every finished segment stage."""
+    from rrhf_ray import online
+    from rrhf_ray.report import write_metrics
+
+    for r in range(1, ctx.config.rounds + 1):
+        pass_segments = [s for s in ctx.segments if s.round == r]
+        for seg in pass_segments:
+            logger.info("── round %d/%d, segment %d/%d (policy version %d) ──", r, ctx.config.rounds, seg.index,
+                        len(pass_segments), seg.number)
+            ctx.run_segment_stage(seg, "sample", online.sample)
+            ctx.run_segment_stage(seg, "score", online.score)
+            ctx.run_segment_stage(seg, "kl", online.kl)
+            ctx.run_segment_stage(seg, "train", online.train)
+            if ctx.pools["current"].version < seg.number:  # in place: no engine restart
+                ctx.run_segment_stage(seg, "refresh", online.refresh)
         evaluate_round(ctx, r)
         track_round(ctx, write_metrics(ctx.out, ctx.state.data["stages"], r), r)
 

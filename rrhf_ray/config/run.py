@@ -478,6 +478,9 @@ class RunConfig(Section):
             raise ValueError(
                 f"train.epochs: {self.train.epochs} with sampling.preset OP: a segment's pool is trained "
                 "once (online.refresh_every optimizer steps, then the samplers refresh); set train.epochs: 1")
+        if self.train.lora.enabled:
+            raise ValueError("train.lora.enabled: LoRA with sampling.preset OP is not supported (the adapters "
+                             "are merged and replaced each round, the online policy keeps one optimizer)")
         if self.train.loss.name == "dpo":
             raise ValueError("train.loss.name: dpo with sampling.preset OP is not supported (its reference "
                              "stage runs per round); use rrhf or another ranking loss")

@@ -110,18 +110,31 @@ def compute_reference(ref_model: str, groups: Sequence[QueryGroup], cfg: TrainCo
     """`reference_logprobs` as a Ray task (num_cpus=1; num_gpus=1 when the cluster has a GPU;
     the custom `resources` of `eval.resources`; the options of `store`, the run's bucket mirror)
     when Ray is connected, else in this process."""
+    (values,) = compute_references([ref_model], groups, cfg, tokenizer_path=tokenizer_path,
+                                   trust_remote_code=trust_remote_code, dtype=dtype, store=store,
+                                   resources=resources, per_token=per_token)
+    return values
+
+
+def compute_references(models: Sequence[str], groups: Sequence[QueryGroup], cfg: TrainConfig, *,
+                       tokenizer_path: str | None = None, trust_remote_code: bool = False,
+                       dtype: str = "auto", store: RunStore | None = None,
+                       resources: dict[str, float] | None = None, per_token: bool = False) -> list[list[list[Any]]]:
+    """`compute_reference` under each of `models` (the online policy's KL reads ρ's and the
+    sampling policy's), the Ray tasks side by side; one result per model, in order."""
     import ray
 
     kwargs = {"tokenizer_path": tokenizer_path, "trust_remote_code": trust_remote_code, "dtype": dtype,
               "per_token": per_token}
     if not ray.is_initialized():
-        return reference_logprobs(ref_model, groups, cfg, **kwargs)
+        return [reference_logprobs(m, groups, cfg, **kwargs) for m in models]
     from rrhf_ray.mirror import actor_options
 
     gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
     task = ray.remote(num_cpus=1, num_gpus=gpus, resources=dict(resources or {}),
                       **actor_options(store))(reference_logprobs)
-    return ray.get(task.remote(ref_model, list(groups), cfg, **kwargs))
+    shared = ray.put(list(groups))
+    return ray.get([task.remote(m, shared, cfg, **kwargs) for m in models])
 
 
 def with_reference(groups: Sequence[QueryGroup], refs: Sequence[Sequence[float | None]]) -> list[QueryGroup]:
