@@ -199,8 +199,9 @@ class OnlineConfig(Section):
         "weights that sampled the segment.")
     kl_in: Literal["reward", "loss"] = Field(
         "reward", description="reward = rank by score − β·KL (the paper's OP setting); loss = rank by "
-        "the score and add β · mean over each query's candidates of (log π − log π_ref), summed over "
-        "the response with π the policy being trained, to the query's loss (kl_estimator k1 only).")
+        "the score and add β · the mean over each query's candidates of ½ (Σ log π − Σ log π_ref)², "
+        "π the policy being trained, to the query's loss: on sampled responses its gradient is the "
+        "KL's (rrhf_ray/train/rrhf.py, with_kl_term). kl_estimator then only names the KL reported.")
 
 
 class RewardConfig(Section):
@@ -484,10 +485,6 @@ class RunConfig(Section):
         if self.train.loss.name == "dpo":
             raise ValueError("train.loss.name: dpo with sampling.preset OP is not supported (its reference "
                              "stage runs per round); use rrhf or another ranking loss")
-        if self.online.kl_in == "loss" and self.online.kl_estimator != "k1":
-            raise ValueError(
-                "online.kl_estimator: k3 with online.kl_in loss is not supported (the trainer holds each "
-                "candidate's summed log-probability, not its per-token ones); use k1, or kl_in: reward")
         return self
 
     @model_validator(mode="after")

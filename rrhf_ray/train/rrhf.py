@@ -183,11 +183,13 @@ def loss_function(cfg: TrainConfig, groups: Sequence[EncodedGroup], device: torc
 
 def with_kl_term(out: LossOutput, logp_sum: torch.Tensor, ref_logp_sum: torch.Tensor, valid: torch.Tensor,
                  kl_coef: float) -> LossOutput:
-    """`out` with β · KL added to each query's loss (`online.kl_in: loss`): KL = the mean over the
-    query's valid candidates of Σ log π − Σ log π_ref (k1 on the sampled responses; its gradient
-    lowers the log-probability of responses π favours over ρ). [B, K] inputs, `valid` bool."""
+    """`out` with β · KL added to each query's loss (`online.kl_in: loss`), KL taken as the mean
+    over the query's valid candidates of ½ (Σ log π − Σ log π_ref)². On responses sampled by π its
+    gradient, (log π − log π_ref) ∇ log π, is the gradient of KL(π ‖ π_ref) in expectation; k1 as a
+    loss (Σ log π − Σ log π_ref) has an expected gradient of zero there (E ∇ log π = 0), so it would
+    not pull π back to π_ref. [B, K] inputs, `valid` bool."""
     mask = valid.to(logp_sum.dtype)
-    kl = ((logp_sum - ref_logp_sum) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    kl = (0.5 * (logp_sum - ref_logp_sum) ** 2 * mask).sum(-1) / mask.sum(-1).clamp(min=1)
     per_query = out.per_query_loss + kl_coef * kl * out.query_mask.to(kl.dtype)
     kept = out.query_mask.to(kl.dtype)
     loss = (per_query * kept).sum() / kept.sum().clamp(min=1)

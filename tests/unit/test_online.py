@@ -107,7 +107,7 @@ def test_op_config_and_the_ip_fingerprint():
     (["online.refresh_every=2"], "online.refresh_every: sampling.preset is IP, and only sampling.preset OP"),
     (["online.kl_coef=0.1", "sampling.preset=DP", "rounds=1"], "online.kl_coef: sampling.preset is DP"),
     (["sampling.preset=OP"], "train.epochs: 4 with sampling.preset OP"),
-    ([*OP, "online.kl_in=loss", "online.kl_estimator=k3"], "online.kl_estimator: k3 with online.kl_in loss"),
+    ([*OP, "train.lora.enabled=true"], "train.lora.enabled: LoRA with sampling.preset OP"),
     ([*OP, "train.loss=dpo"], "train.loss.name: dpo with sampling.preset OP"),
 ])
 def test_online_mistakes_are_one_error_line_naming_the_field(overrides, expected, capsys):
@@ -136,3 +136,56 @@ def test_per_token_reference_log_probs_sum_to_the_trainers(tiny_model_dir):
     for s, t in zip(sums, tokens):
         assert [sum(x) for x in t] == pytest.approx(s, abs=1e-3)
         assert all(len(x) > 1 and all(v <= 0 for v in x) for x in t)
+
+
+# --------------------------------------------------------------------------- the penalty
+
+
+def _group(scores):
+    from rrhf_ray.types import QueryGroup
+
+    return QueryGroup(query="\n\nHuman: hi\n\nAssistant:", responses=[f" r{i}" for i in range(len(scores))],
+                      scores=scores)
+
+
+def test_the_reward_penalty_by_hand():
+    """β = 2, rewards (1, 0, 5), KL (0.5, −0.25, None: a candidate the trainer drops):
+    kl_in reward → rewards (1 − 1, 0 + 0.5, 5) = (0, 0.5, 5): the ranking of the first two flips.
+    Means over the two kept candidates: reward 0.5, KL 0.125, r − β·KL (0 + 0.5) / 2 = 0.25,
+    length (2 + 3) / 2 = 2.5 tokens (the per-token lists under ρ)."""
+    from rrhf_ray.config import OnlineConfig
+    from rrhf_ray.online import candidate_kl, penalized
+
+    ref = [[-1.0, -1.0], [-0.5, -0.5, -0.5], None]
+    pool, numbers = penalized([_group([1.0, 0.0, 5.0])], [[0.5, -0.25, None]], [ref],
+                              OnlineConfig(kl_coef=2.0))
+    assert pool[0].scores == [0.0, 0.5, 5.0] and pool[0].ref_logprobs is None
+    assert numbers == {"candidates": 2, "reward_mean": 0.5, "kl_mean": 0.125, "reward_minus_kl_mean": 0.25,
+                       "response_length_mean": 2.5, "kl_coef": 2.0, "kl_estimator": "k1", "kl_in": "reward"}
+    # kl_in loss: the rewards as scored, Σ log ρ of each candidate for the trainer's term.
+    pool, numbers = penalized([_group([1.0, 0.0, 5.0])], [[0.5, -0.25, None]], [ref],
+                              OnlineConfig(kl_coef=2.0, kl_in="loss"))
+    assert pool[0].scores == [1.0, 0.0, 5.0] and pool[0].ref_logprobs == [-2.0, -1.5, None]
+    assert numbers["reward_minus_kl_mean"] == 0.25  # reported alike
+    # Per candidate from per-token lists: π = (1/2, 1/4), ρ = (1/4, 1/2) as in the estimators' case.
+    lp, lr = [math.log(0.5), math.log(0.25)], [math.log(0.25), math.log(0.5)]
+    assert candidate_kl([lp, None], [lr, None], "k3") == [pytest.approx(0.5), None]
+
+
+def test_the_loss_term_by_hand():
+    """kl_in loss, β = 0.5, one query, Σ log π = (−1, −3), Σ log ρ = (−2, −2): the term is
+    β · mean(½·1², ½·(−1)²) = 0.25 on the query's loss, and its gradient on Σ log π is
+    β · (log π − log ρ) / K = (0.25, −0.25): the candidate π favours over ρ is pushed down."""
+    from rrhf_ray.loss import rrhf_loss
+    from rrhf_ray.train.rrhf import with_kl_term
+
+    logp = torch.tensor([[-1.0, -3.0]], requires_grad=True)
+    lengths, rewards = torch.tensor([[2, 2]]), torch.tensor([[1.0, 0.0]])
+    valid, ref = torch.ones(1, 2, dtype=torch.bool), torch.tensor([[-2.0, -2.0]])
+    base = rrhf_loss(logp, lengths, rewards, valid)
+    out = with_kl_term(base, logp, ref, valid, 0.5)
+    assert (out.loss - base.loss).item() == pytest.approx(0.25)
+    assert (out.per_query_loss - base.per_query_loss).tolist() == pytest.approx([0.25])
+    (g_out,) = torch.autograd.grad(out.loss, logp, retain_graph=True)
+    (g_base,) = torch.autograd.grad(base.loss, logp)
+    assert (g_out - g_base)[0].tolist() == pytest.approx([0.25, -0.25])
