@@ -408,9 +408,13 @@ def format_status(state: dict[str, Any], output_dir: str, now: float | None = No
     stages = state["stages"]
     rounds = state.get("rounds", 0)
     lines = [f"run in {output_dir}: {rounds} round(s) configured, {len(stages)} stage(s) finished"]
-    lines += [f"  done  {name:<16} {info.get('seconds', 0):8.1f} s" for name, info in stages.items()]
-    dpo = state.get("config", {}).get("train", {}).get("loss", {}).get("name") == "dpo"
+    width = max([16, *map(len, stages)])  # the online policy's segment stages are longer
+    lines += [f"  done  {name:<{width}} {info.get('seconds', 0):8.1f} s" for name, info in stages.items()]
+    config = state.get("config", {})
+    dpo = config.get("train", {}).get("loss", {}).get("name") == "dpo"
+    online = config.get("sampling", {}).get("preset") == "OP"  # a round = its segments, then its eval
     steps = ("sample", "score", "reference", "train", "eval") if dpo else ("sample", "score", "train", "eval")
+    steps = ("eval",) if online else steps
     order = ["base", "sft", "reward_model", "round0/eval"] + [
         f"round{r}/{s}" for r in range(1, rounds + 1) for s in steps]
     pending = [s for s in order if s not in stages and (s.startswith("round") or s == "round0/eval")]
@@ -433,7 +437,9 @@ def format_status(state: dict[str, Any], output_dir: str, now: float | None = No
         lines.append(f"{failed['stage']}: failed after {_duration(failed.get('seconds', 0))}: "
                      f"{failed.get('error')}; run the same command again to resume")
     if not live:
-        lines.append(f"next: {pending[0]}" if pending else "finished")
+        segmented = online and pending and pending[0] != "round0/eval"
+        after = f"{pending[0].split('/')[0]}'s segments, then " if segmented else ""
+        lines.append(f"next: {after}{pending[0]}" if pending else "finished")
     rows = rows_upto(stages, rounds)
     if rows:  # the run's end-of-run table: 80 columns; summary.md has every column
         lines += [format_console_table(rows), f"every column: {output_dir.rstrip('/')}/summary.md"]

@@ -189,3 +189,18 @@ def test_the_loss_term_by_hand():
     (g_out,) = torch.autograd.grad(out.loss, logp, retain_graph=True)
     (g_base,) = torch.autograd.grad(base.loss, logp)
     assert (g_out - g_base)[0].tolist() == pytest.approx([0.25, -0.25])
+
+
+def test_status_of_an_online_run_names_the_segments():
+    """`rrhf-ray status` of an OP run stopped in round 1's segments: the stage names aligned, and
+    the next step is round 1's remaining segments, then its evaluation (not round1/sample)."""
+    from rrhf_ray.report import format_status
+
+    stages = {"round0/eval": {"seconds": 2.0, "eval": {}}, "round1/seg1/sample": {"seconds": 0.25},
+              "round1/seg1/train": {"seconds": 1.5}}
+    state = {"rounds": 2, "stages": stages, "config": {"sampling": {"preset": "OP"}}}
+    lines = format_status(state, "out").splitlines()
+    assert lines[1:4] == ["  done  round0/eval             2.0 s", "  done  round1/seg1/sample      0.2 s",
+                          "  done  round1/seg1/train       1.5 s"]  # one column, as wide as the longest name
+    assert lines[4] == "next: round1's segments, then round1/eval"
+    assert format_status({**state, "stages": {}}, "out").splitlines()[1] == "next: round0/eval"
