@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import re
 from dataclasses import dataclass
 
 
@@ -88,3 +89,20 @@ def last_trained(segments: list[Segment], done: set[str]) -> int:
             break
         last = seg.number
     return last
+
+
+def redone_with(seg: Segment, segments: list[Segment], names: list[str]) -> list[str]:
+    """The stages of `names` (state.json's) that depend on segment `seg`'s checkpoint, in their
+    order: its own train and refresh, every stage of a later segment, and the evaluation of its
+    round and of every later round. What a damaged checkpoint of `seg` makes the driver redo."""
+    number = {(s.round, s.index): s.number for s in segments}
+    out = []
+    for name in names:
+        if name in (f"{seg.name}/train", f"{seg.name}/refresh"):
+            out.append(name)
+        elif m := re.fullmatch(r"round(\d+)/seg(\d+)/\w+", name):
+            if number.get((int(m.group(1)), int(m.group(2))), 0) > seg.number:
+                out.append(name)
+        elif (m := re.fullmatch(r"round(\d+)/eval", name)) and int(m.group(1)) >= seg.round:
+            out.append(name)
+    return out

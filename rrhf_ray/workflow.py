@@ -236,6 +236,7 @@ def setup(ctx: RunContext) -> None:
     if ctx.preset.name == "OP":  # the online policy: segments, each a policy version
         ctx.segments = plan_segments(len(data.train), cfg.train.queries_per_step, cfg.online.refresh_every,
                                      cfg.rounds, cfg.data.seed, cfg.train.num_workers)
+        drop_damaged_segments(ctx)
         ctx.last_trained = last_trained(ctx.segments, {f"{s.name}/train" for s in ctx.segments
                                                        if ctx.segment_done(s, "train")})
     else:
@@ -297,6 +298,33 @@ def drop_damaged_checkpoints(ctx: RunContext) -> None:
         redone = [name for name in stages if _round_of(name) > r
                   or name in (f"round{r}/train", f"round{r}/refresh", f"round{r}/eval")]
         logger.warning("round %d's checkpoint is damaged: %s; it is removed, and %s are redone", r, problem,
+                       ", ".join(redone), extra={"console": True})
+        for name in redone:
+            del stages[name]
+        ctx.state.save()
+        shutil.rmtree(path)
+
+
+def drop_damaged_segments(ctx: RunContext) -> None:
+    """`drop_damaged_checkpoints` for the online policy's segments: the last trained segment's
+    checkpoint (the one the run continues from) is verified by its manifest; a damaged one is named
+    and removed, and its training, refresh and every stage after it are forgotten (redone); the
+    segment before is verified in turn."""
+    import shutil
+
+    from rrhf_ray.segments import redone_with
+    from rrhf_ray.train.checkpoints import checkpoint_problem
+
+    stages = ctx.state.data["stages"]
+    for seg in reversed(ctx.segments):
+        if not ctx.segment_done(seg, "train"):
+            continue
+        path = ctx.segment_dir(seg) / "checkpoint"
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return
+        redone = redone_with(seg, ctx.segments, list(stages))
+        logger.warning("%s's checkpoint is damaged: %s; it is removed, and %s are redone", seg.name, problem,
                        ", ".join(redone), extra={"console": True})
         for name in redone:
             del stages[name]

@@ -204,3 +204,38 @@ def test_status_of_an_online_run_names_the_segments():
                           "  done  round1/seg1/train       1.5 s"]  # one column, as wide as the longest name
     assert lines[4] == "next: round1's segments, then round1/eval"
     assert format_status({**state, "stages": {}}, "out").splitlines()[1] == "next: round0/eval"
+
+
+def test_a_damaged_segment_checkpoint_is_removed_and_what_follows_it_redone(tmp_path, caplog):
+    """Segments 1-3 of pass 1 trained, pass 1 evaluated, pass 2's segment 1 sampled; segment 3's
+    checkpoint is cut short: it is named and removed, and segment 3's train and refresh, round 1's
+    evaluation and every later segment stage are forgotten; segments 1 and 2 and segment 3's
+    sampling (by segment 2's weights) stay."""
+    from rrhf_ray.context import RunContext
+    from rrhf_ray.data.candidates import get_preset
+    from rrhf_ray.segments import redone_with
+    from rrhf_ray.state import RunState
+    from rrhf_ray.train.checkpoints import write_manifest
+    from rrhf_ray.workflow import drop_damaged_segments
+
+    segs = plan_segments(6, queries_per_step=2, refresh_every=1, rounds=2)  # 3 segments a pass
+    names = ["round0/eval", *[f"round1/seg{i}/{s}" for i in (1, 2, 3) for s in ("sample", "train", "refresh")],
+             "round1/eval", "round2/seg1/sample"]
+    assert redone_with(segs[2], segs, names) == ["round1/seg3/train", "round1/seg3/refresh", "round1/eval",
+                                                 "round2/seg1/sample"]
+    config = load_config(DEMO_CONFIG, [*OP, "rounds=2", f"output.dir={tmp_path}"])
+    state = RunState(tmp_path, config)
+    state.data["stages"] = {name: {"seconds": 1.0} for name in names}
+    ctx = RunContext(config=config, state=state, preset=get_preset("OP"), external=[], tracker=None,
+                     segments=segs)
+    for seg in segs[:3]:
+        ckpt = ctx.segment_dir(seg) / "checkpoint"
+        ckpt.mkdir(parents=True)
+        (ckpt / "model.safetensors").write_bytes(b"x" * 100)
+        write_manifest(ckpt)
+    (ctx.segment_dir(segs[2]) / "checkpoint/model.safetensors").write_bytes(b"x" * 50)
+    drop_damaged_segments(ctx)
+    assert list(state.data["stages"]) == names[:8]  # round 0, segments 1 and 2, segment 3's sampling
+    assert not (ctx.segment_dir(segs[2]) / "checkpoint").exists()
+    assert (ctx.segment_dir(segs[1]) / "checkpoint").exists()
+    assert "round1/seg3's checkpoint is damaged" in caplog.text and "has 50 bytes" in caplog.text
