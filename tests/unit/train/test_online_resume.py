@@ -14,7 +14,7 @@ from rrhf_ray.train.warm import online_state, resume_online
 from rrhf_ray.train.worker import Worker, load_policy
 from tests.helpers import write_ranked
 
-CFG = TrainConfig(epochs=1, queries_per_step=2, micro_batch_queries=2, max_length=96, lr=5e-3,
+CFG = TrainConfig(epochs=1, queries_per_step=1, micro_batch_queries=1, max_length=64, lr=5e-3,
                   lr_scheduler="cosine", warmup_ratio=0.25)
 TOTAL = 4  # the run's steps: segment 1 = 2 steps, segment 2 = 2 steps
 
@@ -28,7 +28,7 @@ def _weights(w: Worker) -> dict[str, torch.Tensor]:
 
 
 def test_a_segment_resumed_from_its_checkpoint_continues_exactly(tiny_model_dir, tmp_path):
-    seg1, seg2 = write_ranked(tmp_path / "seg1.jsonl", 4), write_ranked(tmp_path / "seg2.jsonl", 4, offset=4)
+    seg1, seg2 = write_ranked(tmp_path / "seg1.jsonl", 2), write_ranked(tmp_path / "seg2.jsonl", 2, offset=2)
     w = Worker.load(str(tiny_model_dir), CFG, False, False, load_policy)
     opt = Optimizer.build(w.ddp_model, CFG, TOTAL)
     _segment(w, opt, seg1, 0, seed=1)
