@@ -391,6 +391,8 @@ def run_passes(ctx: RunContext) -> None:
             ctx.run_segment_stage(seg, "train", online.train)
             if ctx.pools["current"].version < seg.number:  # in place: no engine restart
                 ctx.run_segment_stage(seg, "refresh", online.refresh)
+        if ctx.trainer is not None:  # where the trainer ran, as a round records it
+            record_placement(ctx, {f"train{rank}": where for rank, where in ctx.trainer.nodes.seen().items()})
         evaluate_round(ctx, r)
         track_round(ctx, write_metrics(ctx.out, ctx.state.data["stages"], r), r)
 

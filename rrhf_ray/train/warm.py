@@ -52,7 +52,6 @@ from pydantic import Field
 from rrhf_ray.config import TrainConfig
 from rrhf_ray.logs import redirect_process_output
 from rrhf_ray.train.checkpoints import (
-    OPTIMIZER_FILE,
     read_optimizer_state,
     read_train_state,
     resume_checkpoint,
@@ -85,18 +84,14 @@ class WarmJob(FitJob):
     """The warm trainer's job: the policy to start from and the RRHF settings of every round
     (each round's pools come with its `train` command). `online_steps`: the online policy's run
     (OP-k, whose rounds are segments): one AdamW and LR schedule over that many steps, kept across
-    the segments and saved with each segment's checkpoint (`ONLINE_FILE`); None: a fresh one
+    the segments and saved with each segment's checkpoint (`online_state`, in
+    its optimizer file); None: a fresh one
     each round (IP). `kl_loss_coef`: β of the online policy's KL term in the loss
     (`online.kl_in: loss`; 0 = none)."""
 
     train: TrainConfig = Field(default_factory=TrainConfig)
     online_steps: int | None = Field(None, ge=1)
     kl_loss_coef: float = Field(0.0, ge=0.0)
-
-
-# The online policy's optimizer, schedule and float32 weights in a segment's checkpoint (the
-# checkpoint's model files are saved in the samplers' dtype): what a resumed run continues from.
-ONLINE_FILE = OPTIMIZER_FILE
 
 
 def online_state(w: Worker, opt: Optimizer) -> dict[str, Any]:

@@ -12,7 +12,14 @@ from rrhf_ray.cli import main
 from rrhf_ray.config import ConfigError, load_config
 from rrhf_ray.demo import DEMO_CONFIG
 from rrhf_ray.loss import kl_to_reference
-from rrhf_ray.segments import Segment, last_trained, pass_order, plan_segments, steps_of, total_steps
+from rrhf_ray.segments import (
+    Segment,
+    last_trained,
+    pass_order,
+    plan_segments,
+    steps_of,
+    total_steps,
+)
 from rrhf_ray.state import config_fingerprint
 
 OP = ["sampling.preset=OP", "train.epochs=1"]
