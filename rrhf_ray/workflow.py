@@ -389,6 +389,7 @@ def run_passes(ctx: RunContext) -> None:
             ctx.run_segment_stage(seg, "score", online.score)
             ctx.run_segment_stage(seg, "kl", online.kl)
             ctx.run_segment_stage(seg, "train", online.train)
+            publish(ctx, f"{seg.name}/train", f"rounds/{seg.round}/seg{seg.index}/checkpoint", seg.name)
             if ctx.pools["current"].version < seg.number:  # in place: no engine restart
                 ctx.run_segment_stage(seg, "refresh", online.refresh)
         if ctx.trainer is not None:  # where the trainer ran, as a round records it
@@ -411,13 +412,19 @@ def publish_checkpoint(ctx: RunContext, r: int) -> None:
     """With `output.dir` on object storage: put round r's checkpoint in the bucket now (before the
     samplers load it; the background sync would take up to its period), and record its size and
     upload time with the train stage (`checkpoint_upload_bytes` / `_seconds` in the round's row)."""
-    info = ctx.state.data["stages"].get(f"round{r}/train")
+    publish(ctx, f"round{r}/train", f"rounds/{r}/checkpoint", f"round {r}")
+
+
+def publish(ctx: RunContext, trained: str, checkpoint: str, label: str) -> None:
+    """`publish_checkpoint`'s work for the stage `trained` whose checkpoint is `checkpoint` (relative
+    to the output directory; `label` names it in the log): a round's, or an online segment's."""
+    info = ctx.state.data["stages"].get(trained)
     if ctx.store is None or info is None or "checkpoint_upload" in info:
         return
     ctx.store.sync()
-    moved = ctx.store.uploaded(f"rounds/{r}/checkpoint")
+    moved = ctx.store.uploaded(checkpoint)
     info["checkpoint_upload"] = {"bytes": moved.bytes, "seconds": round(moved.seconds, 3)}
-    logger.info("round %d's checkpoint: %s", r, moved.describe("uploaded"))
+    logger.info("%s's checkpoint: %s", label, moved.describe("uploaded"))
 
 
 def track_round(ctx: RunContext, rows: list[dict], r: int) -> None:
