@@ -48,6 +48,7 @@ def round_seconds(stages: dict[str, Any]) -> dict[int, float]:
 
 def collect_run(variant: str, seed: int, run_dir: Path) -> RunResult:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [row for row in rows if "segment" not in row]  # the online policy's segment rows
     stages = json.loads((run_dir / STATE_FILE).read_text())["stages"]
     return RunResult(variant, seed, rows, round_seconds(stages))
 

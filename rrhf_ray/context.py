@@ -11,6 +11,10 @@ Layout of the output directory (`out`):
     rounds/<r>/candidates.jsonl  pool.parquet  pool.jsonl  checkpoint/  metrics.json  eval.jsonl
                pool_ref.parquet  (DPO only: the pool with each candidate's reference log-prob,
                                   stage round<r>/reference between score and train)
+    rounds/<r>/seg<i>/candidates.jsonl  pool.parquet  pool.jsonl  pool_kl.parquet  checkpoint/
+               train_history.jsonl   (sampling.preset OP: pass r's segment i, stages
+                                      round<r>/seg<i>/sample, score, kl, train, refresh; round r's
+                                      metrics.json and eval.jsonl stay in rounds/<r>/)
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ if TYPE_CHECKING:
     from rrhf_ray.data.candidates import Preset
     from rrhf_ray.data.queries import QueryRecord
     from rrhf_ray.mirror import RunStore
+    from rrhf_ray.segments import Segment
     from rrhf_ray.tracking import Tracker
     from rrhf_ray.train.warm import WarmTrainer
 
@@ -41,6 +46,15 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "train": ("checkpoint",),
     "refresh": (),
     "eval": ("eval.jsonl",),
+}
+
+# What each stage of an online segment writes (sampling.preset OP; `rrhf_ray.online`).
+SEGMENT_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "sample": ("candidates.jsonl",),
+    "score": ("pool.parquet", "pool.jsonl"),
+    "kl": ("pool_kl.parquet",),
+    "train": ("checkpoint",),
+    "refresh": (),
 }
 
 
@@ -78,6 +92,7 @@ class RunContext:
     served_dtype: str = "bfloat16"  # the samplers' weights dtype (the trainer saves checkpoints in it)
     last_trained: int = 0  # the last round whose checkpoint existed when the run (re)started
     round0: tuple[list[float], list[list[float]]] | None = None  # round 0's eval, for comparisons
+    segments: list[Segment] = field(default_factory=list)  # sampling.preset OP: the run's segments
 
     @property
     def out(self) -> Path:
@@ -87,11 +102,35 @@ class RunContext:
         return self.out / "rounds" / str(r)
 
     def checkpoint(self, r: int) -> Path:
+        """Round r's checkpoint; with segments (sampling.preset OP), that of pass r's last segment."""
+        if self.segments:
+            return self.segment_dir([s for s in self.segments if s.round == r][-1]) / "checkpoint"
         return self.round_dir(r) / "checkpoint"
 
     def policy(self, r: int) -> str:
         """The policy round r ends with: ρ for round 0, round r's checkpoint after it."""
         return str(self.checkpoint(r)) if r > 0 else self.rho
+
+    def version_policy(self, version: int) -> str:
+        """Policy version `version` (what the samplers' `policy@<version>` tags name): ρ for 0,
+        else round `version`'s, or with segments segment number `version`'s checkpoint."""
+        if self.segments and version > 0:
+            return str(self.segment_dir(self.segments[version - 1]) / "checkpoint")
+        return self.policy(version)
+
+    def segment_dir(self, seg: Segment) -> Path:
+        return self.round_dir(seg.round) / f"seg{seg.index}"
+
+    def segment_outputs(self, seg: Segment, stage: str) -> list[Path]:
+        return [self.segment_dir(seg) / name for name in SEGMENT_OUTPUTS[stage]]
+
+    def segment_done(self, seg: Segment, stage: str) -> bool:
+        return self.state.done(f"{seg.name}/{stage}", *self.segment_outputs(seg, stage))
+
+    def run_segment_stage(self, seg: Segment, stage: str, work: Callable[[RunContext, Segment], dict]) -> bool:
+        """`work(self, seg)` as stage <seg.name>/<stage>, timed and recorded, unless it is done."""
+        self.segment_dir(seg).mkdir(parents=True, exist_ok=True)
+        return timed_stage(self.state, f"{seg.name}/{stage}", self.segment_outputs(seg, stage), work, self, seg)
 
     def outputs(self, r: int, stage: str) -> list[Path]:
         return [self.round_dir(r) / name for name in STAGE_OUTPUTS[stage]]

@@ -474,3 +474,32 @@ def sequence_logprobs(
     token_logp = pred.gather(-1, target.unsqueeze(-1)).squeeze(-1) - pred.logsumexp(-1)
     logp_sum = torch.where(mask, token_logp, torch.zeros_like(token_logp)).sum(-1)
     return logp_sum, mask.sum(-1)
+
+
+def kl_to_reference(logp: Tensor, ref_logp: Tensor, mask: Tensor, estimator: str = "k1") -> Tensor:
+    """The KL of the policy to a reference policy, estimated on sampled responses, summed over each
+    response's tokens (the online policy's penalty, `online.kl_estimator`; docs/algorithm.md):
+
+        k1 = Σ_t (log π_t − log π_ref,t)
+        k3 = Σ_t (ρ_t − 1) − log ρ_t,   ρ_t = π_ref,t / π_t
+
+    Both are unbiased for KL(π ‖ π_ref) on responses sampled from π; k3 is never negative per token
+    and has the lower variance. Computed in float64.
+
+    Args:
+        logp, ref_logp: [N, T] per-token log π and log π_ref of N responses' tokens.
+        mask:           [N, T] bool, True on the response tokens (False on padding).
+    Returns:
+        [N] float64, the estimate of each response.
+    """
+    if not logp.shape == ref_logp.shape == mask.shape:
+        raise ValueError(f"logp, ref_logp and mask must have one shape, got {tuple(logp.shape)}, "
+                         f"{tuple(ref_logp.shape)}, {tuple(mask.shape)}")
+    log_ratio = ref_logp.double() - logp.double()  # log ρ_t
+    if estimator == "k1":
+        per_token = -log_ratio
+    elif estimator == "k3":
+        per_token = torch.expm1(log_ratio) - log_ratio
+    else:
+        raise ValueError(f"unknown KL estimator {estimator!r}; known: k1, k3")
+    return torch.where(mask.bool(), per_token, torch.zeros_like(per_token)).sum(-1)

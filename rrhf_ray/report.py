@@ -10,6 +10,7 @@ import html
 import io
 import json
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,23 @@ def rows_upto(stages: dict[str, Any], upto: int) -> list[dict[str, Any]]:
     return [row for r in range(upto + 1) if (row := round_row(stages, r)) is not None]
 
 
+def segment_rows(stages: dict[str, Any], r: int) -> list[dict[str, Any]]:
+    """The online policy's rows of round (pass) r, one per segment whose KL stage finished, in
+    order (sampling.preset OP; `rrhf_ray.online.kl`): its reward, KL to ρ, reward − β·KL and
+    response length means, its training loss and its refresh seconds. Empty for other presets."""
+    found = sorted({int(m.group(1)) for name in stages
+                    if (m := re.fullmatch(rf"round{r}/seg(\d+)/kl", name))})
+    rows = []
+    for i in found:
+        name = f"round{r}/seg{i}"
+        train = stages.get(f"{name}/train", {})
+        rows.append({"round": r, "segment": i, **stages[f"{name}/kl"]["online"],
+                     "train_loss": train.get("train", {}).get("loss"),
+                     "seconds_train": train.get("seconds"),
+                     "seconds_refresh": stages.get(f"{name}/refresh", {}).get("seconds")})
+    return rows
+
+
 def json_safe(value: Any) -> Any:
     """`value` with every NaN or infinite float replaced by None (null in JSON), recursively."""
     if isinstance(value, float):
@@ -113,11 +131,14 @@ def json_safe(value: Any) -> Any:
 
 def write_metrics(out: Path, stages: dict[str, Any], upto: int) -> list[dict[str, Any]]:
     """Rebuild metrics.jsonl and each round's metrics.json from the state (idempotent on resume);
-    returns the rows as written (NaN as None)."""
+    returns the rounds' rows as written (NaN as None). With the online policy, metrics.jsonl also
+    holds each segment's row (`segment_rows`, a `segment` key) before its round's row."""
     rows = [json_safe(row) for row in rows_upto(stages, upto)]
     for row in rows:
         atomic_write(out / "rounds" / str(row["round"]) / "metrics.json", json.dumps(row, indent=2))
-    atomic_write(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    lines = [json_safe(seg) for r in range(1, upto + 1) for seg in segment_rows(stages, r)]
+    lines = sorted(lines + rows, key=lambda row: (row["round"], "segment" not in row))  # stable: in order
+    atomic_write(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in lines))
     return rows
 
 
@@ -391,9 +412,13 @@ def format_status(state: dict[str, Any], output_dir: str, now: float | None = No
     stages = state["stages"]
     rounds = state.get("rounds", 0)
     lines = [f"run in {output_dir}: {rounds} round(s) configured, {len(stages)} stage(s) finished"]
-    lines += [f"  done  {name:<16} {info.get('seconds', 0):8.1f} s" for name, info in stages.items()]
-    dpo = state.get("config", {}).get("train", {}).get("loss", {}).get("name") == "dpo"
+    width = max([16, *map(len, stages)])  # the online policy's segment stages are longer
+    lines += [f"  done  {name:<{width}} {info.get('seconds', 0):8.1f} s" for name, info in stages.items()]
+    config = state.get("config", {})
+    dpo = config.get("train", {}).get("loss", {}).get("name") == "dpo"
+    online = config.get("sampling", {}).get("preset") == "OP"  # a round = its segments, then its eval
     steps = ("sample", "score", "reference", "train", "eval") if dpo else ("sample", "score", "train", "eval")
+    steps = ("eval",) if online else steps
     order = ["base", "sft", "reward_model", "round0/eval"] + [
         f"round{r}/{s}" for r in range(1, rounds + 1) for s in steps]
     pending = [s for s in order if s not in stages and (s.startswith("round") or s == "round0/eval")]
@@ -416,7 +441,9 @@ def format_status(state: dict[str, Any], output_dir: str, now: float | None = No
         lines.append(f"{failed['stage']}: failed after {_duration(failed.get('seconds', 0))}: "
                      f"{failed.get('error')}; run the same command again to resume")
     if not live:
-        lines.append(f"next: {pending[0]}" if pending else "finished")
+        segmented = online and pending and pending[0] != "round0/eval"
+        after = f"{pending[0].split('/')[0]}'s segments, then " if segmented else ""
+        lines.append(f"next: {after}{pending[0]}" if pending else "finished")
     rows = rows_upto(stages, rounds)
     if rows:  # the run's end-of-run table: 80 columns; summary.md has every column
         lines += [format_console_table(rows), f"every column: {output_dir.rstrip('/')}/summary.md"]

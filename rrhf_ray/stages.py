@@ -106,10 +106,16 @@ def score(ctx: RunContext, r: int) -> dict:
     """Score round r's candidates into pool.jsonl + pool.parquet; returns the reward statistics
     per source (`reward_stats`) and the pool's shape (`pool_summary`: k histogram, groups without a
     strict pair, reward mean before / after merging duplicates)."""
+    return score_candidates(ctx, ctx.outputs(r, "sample")[0], ctx.outputs(r, "score"), str(r))
+
+
+def score_candidates(ctx: RunContext, candidates: Path, outputs: Sequence[Path], label: str) -> dict:
+    """`score`'s work on the candidates file `candidates`, the pool written to each of `outputs`;
+    `label` names the round (and segment) in its warning."""
     from rrhf_ray.data.candidates import pool_summary
     from rrhf_ray.types import CandidateGroup, read_groups, reward_stats, write_groups
 
-    groups = [CandidateGroup.from_group(g) for g in read_groups(ctx.outputs(r, "sample")[0], scored=False)]
+    groups = [CandidateGroup.from_group(g) for g in read_groups(candidates, scored=False)]
     from rrhf_ray.state import no_space
     from rrhf_ray.waits import Wait
 
@@ -117,16 +123,16 @@ def score(ctx: RunContext, r: int) -> dict:
            "reward.chunk_timeout_s)"
     with Wait(ctx.state, what, None, "reward.chunk_timeout_s") as wait:
         [scored] = wait.get([ctx.rewards.score_refs(groups)], [what])
-    for path in ctx.outputs(r, "score"):
+    for path in outputs:
         with no_space(path):  # a full disk: "no space left" and the pool's path
             write_groups(scored, path)
     pool = pool_summary(scored)
-    if (warning := no_pair_warning(r, pool)) is not None:
+    if (warning := no_pair_warning(label, pool)) is not None:
         logger.warning("%s", warning)  # once per round: the score stage runs once
     return {"pool_stats": reward_stats(scored), "pool": pool}
 
 
-def no_pair_warning(r: int, pool: dict) -> str | None:
+def no_pair_warning(r: int | str, pool: dict) -> str | None:
     """The warning for a round none of whose groups has a strict pair (`pool_summary`): the
     ranking term has nothing to rank; None while at least one group has a pair."""
     groups, without = pool.get("groups", 0), pool.get("groups_without_pair", 0)
@@ -166,17 +172,24 @@ def train(ctx: RunContext, r: int) -> dict:
     policy; install its checkpoint and the per-step history (`train_history.jsonl`) beside it.
     The refresh probe's log-probabilities under the new weights are recorded for `refresh`.
     The round is waited for under `train.round_timeout_s` (`rrhf_ray.waits`)."""
+    return train_version(ctx, r, train_pool(ctx, r), ctx.round_dir(r), ctx.checkpoint(r))
+
+
+def train_version(ctx: RunContext, version: int, pool: Path, work_dir: Path, checkpoint: Path) -> dict:
+    """`train`'s work: the warm trainer trains policy `version` (round r, or the online policy's
+    segment) on `pool`; the probe comes from `work_dir`'s pool.parquet, the step history goes to
+    `work_dir`/train_history.jsonl and the checkpoint is installed at `checkpoint`."""
     from rrhf_ray.refresh import probe_sequences
     from rrhf_ray.train.checkpoints import install_checkpoint
     from rrhf_ray.waits import Wait, stage_limit
 
-    probe = probe_sequences(ctx.round_dir(r) / "pool.parquet", ctx.tokenizer)
+    probe = probe_sequences(work_dir / "pool.parquet", ctx.tokenizer)
     limit = stage_limit(ctx.state.data["stages"], "train", ctx.config.train.round_timeout_s)
     with Wait(ctx.state, "the trainer worker group", limit, "train.round_timeout_s") as wait:
-        result = ctx.trainer.train(r, [ctx.hand_off(train_pool(ctx, r))], probe, wait=wait)
+        result = ctx.trainer.train(version, [ctx.hand_off(pool)], probe, wait=wait)
     metrics = {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))}
-    write_jsonl(result["history"], ctx.round_dir(r) / "train_history.jsonl")
-    install_checkpoint(result["checkpoint"], ctx.checkpoint(r), metrics)
+    write_jsonl(result["history"], work_dir / "train_history.jsonl")
+    install_checkpoint(result["checkpoint"], checkpoint, metrics)
     return {"train": metrics, "seconds_compute": metrics.get("seconds_compute", 0.0),
             "probe_logprobs": result["probe"], "probe_start_logprobs": result["probe_start"]}
 
@@ -191,16 +204,23 @@ def refresh(ctx: RunContext, r: int) -> dict:
     bucket as `checkpoint_download` (`checkpoint_download_bytes` / `_seconds` in the round's row),
     from the object store as `state_dict_fetch` (state.json only). Loading and checking together
     are waited for under `sampling.refresh_timeout_s` (`rrhf_ray.waits`)."""
+    return refresh_version(ctx, r, ctx.checkpoint(r), ctx.round_dir(r), f"round{r}/train")
+
+
+def refresh_version(ctx: RunContext, r: int, checkpoint: Path, work_dir: Path, trained: str) -> dict:
+    """`refresh`'s work: every replica loads policy version `r` from `checkpoint` (round r's, or the
+    online policy's segment r's) and is checked with the probe of `work_dir`'s pool.parquet against
+    what the stage `trained` recorded."""
     from rrhf_ray.refresh import probe_sequences, recorded_probe, tolerance_for, verify_refresh
     from rrhf_ray.train.checkpoints import check_checkpoint
     from rrhf_ray.waits import Wait, stage_limit
 
     # Whole by its manifest (names and sizes: the driver checksummed it when it installed it the
     # moment before), or no engine loads it.
-    check_checkpoint(ctx.checkpoint(r), checksums=False)
+    check_checkpoint(checkpoint, checksums=False)
     pool = ctx.pools["current"]
-    probe = probe_sequences(ctx.round_dir(r) / "pool.parquet", ctx.tokenizer)
-    recorded = recorded_probe(ctx.state.data["stages"][f"round{r}/train"], probe)
+    probe = probe_sequences(work_dir / "pool.parquet", ctx.tokenizer)
+    recorded = recorded_probe(ctx.state.data["stages"][trained], probe)
     tolerance = tolerance_for(ctx.served_dtype, ctx.config.sampling.refresh_tolerance)
     transport = ctx.config.sampling.refresh_transport
     limit = stage_limit(ctx.state.data["stages"], "refresh", ctx.config.sampling.refresh_timeout_s)
@@ -209,10 +229,10 @@ def refresh(ctx: RunContext, r: int) -> dict:
         if transport == "memory":
             from rrhf_ray.train.checkpoints import read_state_dict
 
-            state = read_state_dict(ctx.checkpoint(r), ctx.served_dtype)
-            loads = pool.load_state_dict_refs(state, ctx.hand_off(ctx.checkpoint(r)), r)
+            state = read_state_dict(checkpoint, ctx.served_dtype)
+            loads = pool.load_state_dict_refs(state, ctx.hand_off(checkpoint), r)
         else:
-            loads = pool.load_weights_refs(ctx.hand_off(ctx.checkpoint(r)), r)
+            loads = pool.load_weights_refs(ctx.hand_off(checkpoint), r)
         wait.get(loads, [f"sampler replica {i} (loading round {r}'s weights)" for i in range(len(loads))])
         if recorded is None:
             logger.warning("round %d was trained before the refresh check compared per-token "
@@ -245,6 +265,7 @@ def batches_next_sampling(ctx: RunContext, r: int) -> bool:
     uses) without beam search, and `eval.batch_with_sampling` is on."""
     config = ctx.config
     return (config.eval.batch_with_sampling and r < config.rounds and ctx.preset.policy == "current"
+            and ctx.preset.name != "OP"  # the next pass samples segment by segment, each from its own weights
             and not round_sampling(config.sampling, ctx.preset, r + 1).use_beam_search)
 
 

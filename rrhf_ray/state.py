@@ -52,6 +52,7 @@ ADDED_LATER: tuple[tuple[tuple[str, ...], Any], ...] = (
     (("reward_model", "train", "skip_nonfinite"), False),
     (("data", "chat_template"), "auto"),  # auto: a raw-text query stays as it was
     (("reward", "chat_template"), "auto"),
+    (("online",), None),  # the online policy's section: absent outside sampling.preset OP
 )
 
 

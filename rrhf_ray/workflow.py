@@ -217,6 +217,7 @@ def setup(ctx: RunContext) -> None:
     )
     from rrhf_ray.actors.scorer import RewardPool
     from rrhf_ray.data.queries import load_data
+    from rrhf_ray.segments import last_trained, plan_segments, total_steps
     from rrhf_ray.train.checkpoints import start_state
     from rrhf_ray.train.warm import WarmJob, WarmTrainer
 
@@ -232,8 +233,16 @@ def setup(ctx: RunContext) -> None:
                        eval_queries=[r.query for r in data.eval],
                        references=[(r.query, r.responses[0]) for r in data.eval if r.responses])
     drop_damaged_checkpoints(ctx)
-    ctx.last_trained = max([r for r in range(1, cfg.rounds + 1) if ctx.done(r, "train")], default=0)
-    current = ctx.policy(ctx.last_trained)
+    if ctx.preset.name == "OP":  # the online policy: segments, each a policy version
+        ctx.segments = plan_segments(len(data.train), cfg.train.queries_per_step, cfg.online.refresh_every,
+                                     cfg.rounds, cfg.data.seed, cfg.train.num_workers)
+        drop_damaged_segments(ctx)
+        ctx.last_trained = last_trained(ctx.segments, {f"{s.name}/train" for s in ctx.segments
+                                                       if ctx.segment_done(s, "train")})
+    else:
+        ctx.last_trained = max([r for r in range(1, cfg.rounds + 1) if ctx.done(r, "train")], default=0)
+    versions = len(ctx.segments) or cfg.rounds
+    current = ctx.version_policy(ctx.last_trained)
     if ctx.pools:  # started beside SFT from the base model: ρ everywhere now, version 0
         ray.get([ref for pool in ctx.pools.values() for ref in pool.load_weights_refs(ctx.hand_off(ctx.rho), 0)])
     else:
@@ -242,10 +251,13 @@ def setup(ctx: RunContext) -> None:
     ctx.rewards = RewardPool(ctx.reward, store=ctx.store, log_dir=ctx.log_dir)
     ctx.judge = cfg.eval.judge_model or ctx.rho  # one fixed judge for every round (docs/metrics.md)
     ctx.served_dtype = served_dtype(cfg.sampling.dtype, current, trust_remote_code=cfg.model.trust_remote_code)
-    if ctx.last_trained < cfg.rounds:
+    if ctx.last_trained < versions:
+        online = {} if not ctx.segments else {  # one AdamW and schedule over every segment
+            "online_steps": total_steps(ctx.segments),
+            "kl_loss_coef": cfg.online.kl_coef if cfg.online.kl_in == "loss" else 0.0}
         job = WarmJob(model_path=ctx.hand_off(current), output_dir=str(out / "rounds"), train=cfg.train,
                       trust_remote_code=cfg.model.trust_remote_code,
-                      save_dtype=ctx.served_dtype, log_dir=ctx.log_dir)  # saved as the samplers load
+                      save_dtype=ctx.served_dtype, log_dir=ctx.log_dir, **online)  # saved as the samplers load
         ctx.trainer = WarmTrainer(job, ctx.last_trained, global_step=start_state(current), store=ctx.store,
                                   storage_path=cfg.output.storage_path or str((out / "ray_train").resolve()))
     record_placement(ctx, {"driver": this_node(), **actor_nodes(role_actors(ctx.pools, ctx.rewards))})
@@ -293,6 +305,33 @@ def drop_damaged_checkpoints(ctx: RunContext) -> None:
         shutil.rmtree(path)
 
 
+def drop_damaged_segments(ctx: RunContext) -> None:
+    """`drop_damaged_checkpoints` for the online policy's segments: the last trained segment's
+    checkpoint (the one the run continues from) is verified by its manifest; a damaged one is named
+    and removed, and its training, refresh and every stage after it are forgotten (redone); the
+    segment before is verified in turn."""
+    import shutil
+
+    from rrhf_ray.segments import redone_with
+    from rrhf_ray.train.checkpoints import checkpoint_problem
+
+    stages = ctx.state.data["stages"]
+    for seg in reversed(ctx.segments):
+        if not ctx.segment_done(seg, "train"):
+            continue
+        path = ctx.segment_dir(seg) / "checkpoint"
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return
+        redone = redone_with(seg, ctx.segments, list(stages))
+        logger.warning("%s's checkpoint is damaged: %s; it is removed, and %s are redone", seg.name, problem,
+                       ", ".join(redone), extra={"console": True})
+        for name in redone:
+            del stages[name]
+        ctx.state.save()
+        shutil.rmtree(path)
+
+
 def _round_of(stage: str) -> int:
     head = stage.split("/", 1)[0]
     return int(head[5:]) if head.startswith("round") and head[5:].isdigit() else -1
@@ -302,7 +341,8 @@ def _round_of(stage: str) -> int:
 
 
 def run_rounds(ctx: RunContext) -> None:
-    """Round 0's evaluation, then the paper's round once per round."""
+    """Round 0's evaluation, then the paper's round once per round (the online policy: each
+    pass's segments, then the pass's evaluation)."""
     from rrhf_ray.actors.pools import actor_nodes, role_actors
     from rrhf_ray.report import write_metrics
 
@@ -310,6 +350,9 @@ def run_rounds(ctx: RunContext) -> None:
         evaluate_round(ctx, 0)
     ctx.round0 = stages.read_eval(ctx.outputs(0, "eval")[0])
     track_round(ctx, write_metrics(ctx.out, ctx.state.data["stages"], 0), 0)
+    if ctx.segments:
+        run_passes(ctx)
+        return
     for r in range(1, ctx.config.rounds + 1):
         logger.info("── round %d/%d ──", r, ctx.config.rounds)
         if ctx.done(r, "sample") and ctx.state.data["stages"][f"round{r}/sample"].get("batched_with"):
@@ -330,6 +373,31 @@ def run_rounds(ctx: RunContext) -> None:
         track_round(ctx, write_metrics(ctx.out, ctx.state.data["stages"], r), r)
 
 
+def run_passes(ctx: RunContext) -> None:
+    """The online policy (OP-k, `rrhf_ray.online`): each pass over the queries streams its
+    segments (sample → score → KL → train k steps → refresh), then evaluates the weights it ends
+    with as round r. A resumed run skips every finished segment stage."""
+    from rrhf_ray import online
+    from rrhf_ray.report import write_metrics
+
+    for r in range(1, ctx.config.rounds + 1):
+        pass_segments = [s for s in ctx.segments if s.round == r]
+        for seg in pass_segments:
+            logger.info("── round %d/%d, segment %d/%d (policy version %d) ──", r, ctx.config.rounds, seg.index,
+                        len(pass_segments), seg.number)
+            ctx.run_segment_stage(seg, "sample", online.sample)
+            ctx.run_segment_stage(seg, "score", online.score)
+            ctx.run_segment_stage(seg, "kl", online.kl)
+            ctx.run_segment_stage(seg, "train", online.train)
+            publish(ctx, f"{seg.name}/train", f"rounds/{seg.round}/seg{seg.index}/checkpoint", seg.name)
+            if ctx.pools["current"].version < seg.number:  # in place: no engine restart
+                ctx.run_segment_stage(seg, "refresh", online.refresh)
+        if ctx.trainer is not None:  # where the trainer ran, as a round records it
+            record_placement(ctx, {f"train{rank}": where for rank, where in ctx.trainer.nodes.seen().items()})
+        evaluate_round(ctx, r)
+        track_round(ctx, write_metrics(ctx.out, ctx.state.data["stages"], r), r)
+
+
 def evaluate_round(ctx: RunContext, r: int) -> None:
     """Round r's evaluation; with round r+1's sampling in the same engine pass where the config
     allows (`stages.batches_next_sampling`) and neither is done yet."""
@@ -344,13 +412,19 @@ def publish_checkpoint(ctx: RunContext, r: int) -> None:
     """With `output.dir` on object storage: put round r's checkpoint in the bucket now (before the
     samplers load it; the background sync would take up to its period), and record its size and
     upload time with the train stage (`checkpoint_upload_bytes` / `_seconds` in the round's row)."""
-    info = ctx.state.data["stages"].get(f"round{r}/train")
+    publish(ctx, f"round{r}/train", f"rounds/{r}/checkpoint", f"round {r}")
+
+
+def publish(ctx: RunContext, trained: str, checkpoint: str, label: str) -> None:
+    """`publish_checkpoint`'s work for the stage `trained` whose checkpoint is `checkpoint` (relative
+    to the output directory; `label` names it in the log): a round's, or an online segment's."""
+    info = ctx.state.data["stages"].get(trained)
     if ctx.store is None or info is None or "checkpoint_upload" in info:
         return
     ctx.store.sync()
-    moved = ctx.store.uploaded(f"rounds/{r}/checkpoint")
+    moved = ctx.store.uploaded(checkpoint)
     info["checkpoint_upload"] = {"bytes": moved.bytes, "seconds": round(moved.seconds, 3)}
-    logger.info("round %d's checkpoint: %s", r, moved.describe("uploaded"))
+    logger.info("%s's checkpoint: %s", label, moved.describe("uploaded"))
 
 
 def track_round(ctx: RunContext, rows: list[dict], r: int) -> None:

@@ -29,6 +29,7 @@ from rrhf_ray.config.run import (
     EvalConfig,
     MLflowTrackingConfig,
     ModelConfig,
+    OnlineConfig,
     OutputConfig,
     PairStageConfig,
     RayConfig,
@@ -60,6 +61,7 @@ from rrhf_ray.config.training import (
 __all__ = [
     "BUILTIN_PREFIX", "DEFAULT_STOP", "LOSS_CONFIGS", "ConfigError", "DPOLoss", "DataConfig",
     "EvalConfig", "FitConfig", "LoraConfig", "LossConfig", "MLflowTrackingConfig", "ModelConfig",
+    "OnlineConfig",
     "OutputConfig", "PROLoss", "PairStageConfig", "RAFTLoss", "RRHFLoss", "RayConfig", "RewardConfig",
     "RewardModelStageConfig", "RunConfig", "SFTStageConfig", "SLiCLoss", "SamplingConfig", "Section",
     "SimPOLoss", "TensorBoardTrackingConfig", "TrackingConfig", "TrainConfig", "WandbTrackingConfig",

@@ -164,7 +164,8 @@ class SamplingConfig(Section):
         "way (resume reads it) and the refresh probe checks both alike; docs/training.md says which "
         "is faster when.")
     preset: str = Field(
-        "IP", description="Candidate sources (docs/algorithm.md, sampling policies): BP, DP, D, P, or IP / IP-n."
+        "IP", description="Candidate sources (docs/algorithm.md, sampling policies): BP, DP, D, P, IP / IP-n, "
+        "or OP (online: sampled by the current π, refreshed every online.refresh_every optimizer steps)."
     )
     external: list[str] = Field(
         default_factory=list,
@@ -173,9 +174,34 @@ class SamplingConfig(Section):
 
     @model_validator(mode="after")
     def _preset_known(self) -> SamplingConfig:
-        if not re.fullmatch(r"BP|DP|D|P|IP(-[1-9]\d*)?", self.preset):
-            raise ValueError(f"sampling.preset {self.preset!r} is not one of BP, DP, D, P, IP, IP-n")
+        if not re.fullmatch(r"BP|DP|D|P|OP|IP(-[1-9]\d*)?", self.preset):
+            raise ValueError(f"sampling.preset {self.preset!r} is not one of BP, DP, D, P, IP, IP-n, OP")
         return self
+
+
+class OnlineConfig(Section):
+    """The paper's online policy OP-k (`sampling.preset: OP`; docs/algorithm.md, "Online sampling"):
+    the query set is streamed in segments of refresh_every × train.queries_per_step queries, each
+    sampled by the current weights, scored, trained for refresh_every optimizer steps and loaded
+    into the samplers before the next one; `rounds` is the number of passes over the query set.
+    One AdamW and one LR schedule run over every segment of the run (IP starts a fresh one each
+    round). Only sampling.preset OP reads this section."""
+
+    refresh_every: int = Field(
+        1, ge=1, description="k of OP-k: optimizer steps between two refreshes of the samplers (a "
+        "segment samples k × train.queries_per_step queries; the query set's last one may be shorter).")
+    kl_coef: float = Field(
+        0.0, ge=0.0, description="β of the KL penalty to ρ (the initial / SFT model); 0 = off (the KL is "
+        "still measured and reported). The paper's OP-32 hacks the reward without it.")
+    kl_estimator: Literal["k1", "k3"] = Field(
+        "k1", description="Per candidate, over its response tokens: k1 = Σ_t (log π − log π_ref); "
+        "k3 = Σ_t (ρ_t − 1) − log ρ_t with ρ_t = π_ref / π (non-negative, lower variance). π = the "
+        "weights that sampled the segment.")
+    kl_in: Literal["reward", "loss"] = Field(
+        "reward", description="reward = rank by score − β·KL (the paper's OP setting); loss = rank by "
+        "the score and add β · the mean over each query's candidates of ½ (Σ log π − Σ log π_ref)², "
+        "π the policy being trained, to the query's loss: on sampled responses its gradient is the "
+        "KL's (rrhf_ray/train/rrhf.py, with_kl_term). kl_estimator then only names the KL reported.")
 
 
 class RewardConfig(Section):
@@ -433,11 +459,38 @@ class RunConfig(Section):
     reward_model: RewardModelStageConfig | None = Field(
         None, description="If set, train a reward model on these preference pairs first and score with it."
     )
+    online: OnlineConfig | None = Field(
+        None, description="The online policy's settings (sampling.preset OP only; null there = the defaults)."
+    )
+
+    @model_validator(mode="after")
+    def _online_only_under_op(self) -> RunConfig:
+        preset = self.sampling.preset
+        if preset != "OP":
+            if self.online is not None:
+                given = sorted(self.online.model_fields_set) or ["refresh_every"]
+                raise ValueError(
+                    f"online.{given[0]}: sampling.preset is {preset}, and only sampling.preset OP "
+                    "(online sampling) reads the online section; remove it, or set sampling.preset: OP")
+            return self
+        if self.online is None:
+            self.online = OnlineConfig()
+        if self.train.epochs != 1:
+            raise ValueError(
+                f"train.epochs: {self.train.epochs} with sampling.preset OP: a segment's pool is trained "
+                "once (online.refresh_every optimizer steps, then the samplers refresh); set train.epochs: 1")
+        if self.train.lora.enabled:
+            raise ValueError("train.lora.enabled: LoRA with sampling.preset OP is not supported (the adapters "
+                             "are merged and replaced each round, the online policy keeps one optimizer)")
+        if self.train.loss.name == "dpo":
+            raise ValueError("train.loss.name: dpo with sampling.preset OP is not supported (its reference "
+                             "stage runs per round); use rrhf or another ranking loss")
+        return self
 
     @model_validator(mode="after")
     def _rounds_and_lengths(self) -> RunConfig:
         preset = self.sampling.preset
-        if self.rounds > 1 and not preset.startswith("IP"):
+        if self.rounds > 1 and not (preset.startswith("IP") or preset == "OP"):
             raise ValueError(
                 f"rounds: {self.rounds} with sampling.preset {preset}: {preset} never samples from "
                 "ρ* (the last round's model), so each extra round would retrain on a pool drawn "

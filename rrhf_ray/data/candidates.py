@@ -18,6 +18,7 @@ modern default:
 | D      | sampled by ρ                           | no                 |
 | P      | none (offline)                         | yes                |
 | IP-n   | sampled by ρ* = round n−1's model      | yes (IP-1 ≡ DP)    |
+| OP     | sampled by the current π (each segment) | yes               |
 
 Identical responses to one query (after stripping surrounding whitespace) are merged into one
 candidate whose source lists every origin ("policy@1+chosen"): a duplicate would otherwise enter
@@ -61,14 +62,16 @@ PRESETS: dict[str, Preset] = {
     "D": Preset("D", "initial", beam=False, dataset=False),
     "P": Preset("P", None, beam=False, dataset=True),
     "IP": Preset("IP", "current", beam=False, dataset=True),
+    # Online (OP-k): the same sources as IP, drawn each segment (`online.refresh_every` steps).
+    "OP": Preset("OP", "current", beam=False, dataset=True),
 }
 
 
 def get_preset(name: str) -> Preset:
     """"IP-3" → the IP preset (the round number picks the checkpoint, not the sources)."""
-    match = re.fullmatch(r"(BP|DP|D|P|IP)(?:-([1-9]\d*))?", name)
+    match = re.fullmatch(r"(BP|DP|D|P|IP|OP)(?:-([1-9]\d*))?", name)
     if not match or (match.group(2) and match.group(1) != "IP"):
-        raise ValueError(f"unknown sampling preset {name!r}; known: BP, DP, D, P, IP-n")
+        raise ValueError(f"unknown sampling preset {name!r}; known: BP, DP, D, P, IP-n, OP")
     return PRESETS[match.group(1)]
 
 

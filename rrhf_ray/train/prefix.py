@@ -319,6 +319,22 @@ def candidate_logprobs_padded(model: nn.Module, batch: PackedQueries) -> tuple[T
     return sequence_logprobs(logits, ids, response_mask)
 
 
+@torch.no_grad()
+def candidate_token_logprobs(model: nn.Module, batch: PackedQueries) -> list[list[float]]:
+    """Per-token log π of every response token (float32 log-softmax), one right-padded row
+    `prompt + response_i` per candidate as `candidate_logprobs_padded`, no gradient: what the
+    online policy's per-token KL estimators read (`rrhf_ray.loss.kl_to_reference`). One list per
+    flattened candidate, in order."""
+    device = _device(model)
+    rows = [prompt + resp for prompt, cands in zip(batch.prompt_ids, batch.response_ids) for resp in cands]
+    spans = [(len(prompt), len(resp)) for prompt, cands in zip(batch.prompt_ids, batch.response_ids)
+             for resp in cands]
+    ids, mask = _right_pad(rows, device)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+    return [logp[i, p - 1 : p - 1 + r].tolist() for i, (p, r) in enumerate(spans)]
+
+
 def _right_fill(rows: list[list[int]], width: int, fill: int, device: torch.device) -> Tensor:
     """[len(rows), width] long: each row's values, then `fill`."""
     out = torch.full((len(rows), width), fill, dtype=torch.long)

@@ -23,16 +23,18 @@ process.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from rrhf_ray.config import TrainConfig
-from rrhf_ray.train.encoding import Encoder, end_token_ids
+from rrhf_ray.train.encoding import EncodedGroup, Encoder, end_token_ids
+from rrhf_ray.train.prefix import PackedQueries, candidate_token_logprobs
 from rrhf_ray.train.rrhf import encoded_logprobs, use_prefix_sharing
 from rrhf_ray.train.worker import bf16_autocast, inference_dtype, load_tokenizer
 from rrhf_ray.types import QueryGroup, write_groups
@@ -45,11 +47,12 @@ logger = logging.getLogger(__name__)
 
 def reference_logprobs(ref_model: str, groups: Sequence[QueryGroup], cfg: TrainConfig, *,
                        tokenizer_path: str | None = None, trust_remote_code: bool = False,
-                       dtype: str = "auto") -> list[list[float | None]]:
+                       dtype: str = "auto", per_token: bool = False) -> list[list[Any]]:
     """Σ log π_ref(y_i | x) of every candidate of `groups` under the model at `ref_model` (its
     weights in `dtype`, `model.dtype`), over the tokens the trainer (`cfg`, tokenizer at
     `tokenizer_path`, default the model's) scores; one list per group, None for a candidate the
-    trainer leaves out."""
+    trainer leaves out. `per_token`: each candidate's per-token log-probabilities instead of their
+    sum (`candidate_token_logprobs`, the padded forward: the online policy's KL estimators)."""
     from transformers import AutoModelForCausalLM
 
     from rrhf_ray.remote import materialize
@@ -68,11 +71,14 @@ def reference_logprobs(ref_model: str, groups: Sequence[QueryGroup], cfg: TrainC
     encoder = Encoder(tokenizer, cfg.max_length, cfg.truncated, ends=end_token_ids(model))
     encoded = [encoder(g) for g in groups]
     present = [e for e in encoded if e is not None]
-    values = iter(encoded_logprobs(model, present, cfg, use_prefix_sharing(model, cfg.prefix_sharing),
-                                   autocast))
-    out: list[list[float | None]] = []
+    if per_token:
+        values = iter(_token_logprobs(model, present, cfg.micro_batch_queries, autocast))
+    else:
+        values = iter(encoded_logprobs(model, present, cfg, use_prefix_sharing(model, cfg.prefix_sharing),
+                                       autocast))
+    out: list[list[Any]] = []
     for g, e in zip(groups, encoded):
-        refs: list[float | None] = [None] * g.k
+        refs: list[Any] = [None] * g.k
         if e is not None:
             for i, v in zip(e.kept or range(g.k), next(values)):
                 refs[i] = v
@@ -80,24 +86,55 @@ def reference_logprobs(ref_model: str, groups: Sequence[QueryGroup], cfg: TrainC
     return out
 
 
+def _token_logprobs(model: torch.nn.Module, groups: Sequence[EncodedGroup], per_forward: int,
+                    autocast: Callable[[], contextlib.AbstractContextManager]) -> list[list[list[float]]]:
+    """Per-token log π of every response of `groups`, `per_forward` groups a forward; one list of
+    candidates per group."""
+    out: list[list[list[float]]] = []
+    for s in range(0, len(groups), per_forward):
+        batch = groups[s : s + per_forward]
+        with autocast():
+            flat = candidate_token_logprobs(model, PackedQueries([g.prompt for g in batch],
+                                                                 [g.responses for g in batch]))
+        start = 0
+        for g in batch:
+            out.append(flat[start : start + len(g.responses)])
+            start += len(g.responses)
+    return out
+
+
 def compute_reference(ref_model: str, groups: Sequence[QueryGroup], cfg: TrainConfig, *,
                       tokenizer_path: str | None = None, trust_remote_code: bool = False,
                       dtype: str = "auto", store: RunStore | None = None,
-                      resources: dict[str, float] | None = None) -> list[list[float | None]]:
+                      resources: dict[str, float] | None = None, per_token: bool = False) -> list[list[Any]]:
     """`reference_logprobs` as a Ray task (num_cpus=1; num_gpus=1 when the cluster has a GPU;
     the custom `resources` of `eval.resources`; the options of `store`, the run's bucket mirror)
     when Ray is connected, else in this process."""
+    (values,) = compute_references([ref_model], groups, cfg, tokenizer_path=tokenizer_path,
+                                   trust_remote_code=trust_remote_code, dtype=dtype, store=store,
+                                   resources=resources, per_token=per_token)
+    return values
+
+
+def compute_references(models: Sequence[str], groups: Sequence[QueryGroup], cfg: TrainConfig, *,
+                       tokenizer_path: str | None = None, trust_remote_code: bool = False,
+                       dtype: str = "auto", store: RunStore | None = None,
+                       resources: dict[str, float] | None = None, per_token: bool = False) -> list[list[list[Any]]]:
+    """`compute_reference` under each of `models` (the online policy's KL reads ρ's and the
+    sampling policy's), the Ray tasks side by side; one result per model, in order."""
     import ray
 
-    kwargs = {"tokenizer_path": tokenizer_path, "trust_remote_code": trust_remote_code, "dtype": dtype}
+    kwargs = {"tokenizer_path": tokenizer_path, "trust_remote_code": trust_remote_code, "dtype": dtype,
+              "per_token": per_token}
     if not ray.is_initialized():
-        return reference_logprobs(ref_model, groups, cfg, **kwargs)
+        return [reference_logprobs(m, groups, cfg, **kwargs) for m in models]
     from rrhf_ray.mirror import actor_options
 
     gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
     task = ray.remote(num_cpus=1, num_gpus=gpus, resources=dict(resources or {}),
                       **actor_options(store))(reference_logprobs)
-    return ray.get(task.remote(ref_model, list(groups), cfg, **kwargs))
+    shared = ray.put(list(groups))
+    return ray.get([task.remote(m, shared, cfg, **kwargs) for m in models])
 
 
 def with_reference(groups: Sequence[QueryGroup], refs: Sequence[Sequence[float | None]]) -> list[QueryGroup]:

@@ -24,6 +24,7 @@ is that of the mean loss over the step's queries, however it was split.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import random
 from collections.abc import Callable, Sequence
@@ -119,7 +120,7 @@ def _chunks(groups: Sequence[EncodedGroup], size: int) -> list[list[tuple[int, i
 
 
 def micro_batch_loss(model: torch.nn.Module, groups: Sequence[EncodedGroup], cfg: TrainConfig,
-                     mb: MicroBatch, *, shared: bool = False) -> tuple[LossOutput, int]:
+                     mb: MicroBatch, *, shared: bool = False, kl_coef: float = 0.0) -> tuple[LossOutput, int]:
     """Forward + backward of one micro-batch (`groups`, the examples `mb.indices`); adds
     `mb.scale · Σ_q L_q` to the gradients, L the loss `cfg.loss` names (`loss_function`), under
     `mb.autocast` and `mb.sync_ctx` (gradients all-reduced once per optimizer step).
@@ -129,9 +130,10 @@ def micro_batch_loss(model: torch.nn.Module, groups: Sequence[EncodedGroup], cfg
     chunk is run again with grad and back-propagated with those coefficients. The gradient is
     exact (the loss depends on the model only through logp_sum), at the price of one extra
     forward; activation memory is that of one chunk.
+    `kl_coef` > 0: the online policy's KL term is added to each query's loss (`with_kl_term`).
     Returns the loss output and the number of response tokens.
     """
-    loss_fn = loss_function(cfg, groups, mb.device)
+    loss_fn = loss_function(cfg, groups, mb.device, kl_coef)
     chunk = _chunk_size(groups, cfg, shared)
     if chunk >= sum(len(g.responses) for g in groups):
         with mb.sync_ctx(last=True):
@@ -159,20 +161,39 @@ def micro_batch_loss(model: torch.nn.Module, groups: Sequence[EncodedGroup], cfg
     return out, int(lengths.sum())
 
 
-def loss_function(cfg: TrainConfig, groups: Sequence[EncodedGroup],
-                  device: torch.device) -> Callable[[GroupTensors], LossOutput]:
+def loss_function(cfg: TrainConfig, groups: Sequence[EncodedGroup], device: torch.device,
+                  kl_coef: float = 0.0) -> Callable[[GroupTensors], LossOutput]:
     """`train.loss` as a function of the [B, K] tensors of `groups`: `LOSSES[cfg.loss.name]` with
     the loss's own settings and, for DPO, the groups' reference log-probabilities
-    (`EncodedGroup.refs`) as `ref_logp_sum`."""
+    (`EncodedGroup.refs`) as `ref_logp_sum`; with `kl_coef` > 0 plus the online policy's KL term
+    (`with_kl_term`, the references from `EncodedGroup.refs` too)."""
     options = cfg.loss.model_dump(exclude={"name"})
+    if cfg.loss.name == "dpo" or kl_coef > 0:
+        ref = reference_tensor(groups, device)
     if cfg.loss.name == "dpo":
-        options["ref_logp_sum"] = reference_tensor(groups, device)
+        options["ref_logp_sum"] = ref
     fn = LOSSES[cfg.loss.name]
 
     def call(t: GroupTensors) -> LossOutput:
-        return fn(t.logp_sum, t.lengths, t.rewards, t.valid, **options)
+        out = fn(t.logp_sum, t.lengths, t.rewards, t.valid, **options)
+        return with_kl_term(out, t.logp_sum, ref, t.valid, kl_coef) if kl_coef > 0 else out
 
     return call
+
+
+def with_kl_term(out: LossOutput, logp_sum: torch.Tensor, ref_logp_sum: torch.Tensor, valid: torch.Tensor,
+                 kl_coef: float) -> LossOutput:
+    """`out` with β · KL added to each query's loss (`online.kl_in: loss`), KL taken as the mean
+    over the query's valid candidates of ½ (Σ log π − Σ log π_ref)². On responses sampled by π its
+    gradient, (log π − log π_ref) ∇ log π, is the gradient of KL(π ‖ π_ref) in expectation; k1 as a
+    loss (Σ log π − Σ log π_ref) has an expected gradient of zero there (E ∇ log π = 0), so it would
+    not pull π back to π_ref. [B, K] inputs, `valid` bool."""
+    mask = valid.to(logp_sum.dtype)
+    kl = (0.5 * (logp_sum - ref_logp_sum) ** 2 * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    per_query = out.per_query_loss + kl_coef * kl * out.query_mask.to(kl.dtype)
+    kept = out.query_mask.to(kl.dtype)
+    loss = (per_query * kept).sum() / kept.sum().clamp(min=1)
+    return dataclasses.replace(out, loss=loss, per_query_loss=per_query)
 
 
 def reference_tensor(groups: Sequence[EncodedGroup], device: torch.device) -> torch.Tensor:
@@ -248,9 +269,10 @@ def _log_line(s: dict[str, float]) -> str:
 
 
 def rrhf_recipe(cfg: TrainConfig, data_paths: Sequence[str], tokenizer: Any, device: torch.device,
-                model: torch.nn.Module) -> Recipe:
+                model: torch.nn.Module, *, kl_coef: float = 0.0) -> Recipe:
     """The RRHF (or family) recipe for `run_worker` / the warm trainer: the pools at
-    `data_paths`, encoded with `tokenizer` (the sampler's token ids where they match it)."""
+    `data_paths`, encoded with `tokenizer` (the sampler's token ids where they match it).
+    `kl_coef`: β of the online policy's KL term in the loss (`with_kl_term`; 0 = none)."""
     groups = [g for path in data_paths for g in read_groups(path)]
     if cfg.shuffle_rewards:
         logger.info("train.shuffle_rewards: the rewards are shuffled within each group (a control)")
@@ -271,7 +293,8 @@ def rrhf_recipe(cfg: TrainConfig, data_paths: Sequence[str], tokenizer: Any, dev
         logger.info("prefix sharing: %s attention", prefix_kernel(model, cfg.prefix_attention))
 
     def micro_batch(model: torch.nn.Module, mb: MicroBatch) -> Measured:
-        return measure(*micro_batch_loss(model, [encoded[i] for i in mb.indices], cfg, mb, shared=shared))
+        return measure(*micro_batch_loss(model, [encoded[i] for i in mb.indices], cfg, mb, shared=shared,
+                                         kl_coef=kl_coef))
 
     return Recipe(cfg.loss.name.upper(), len(encoded), micro_batch, _log_line,
                   example_length=lambda i: encoded[i].tokens(shared),

@@ -9,7 +9,9 @@ background thread of the driver for the whole run:
   on the driver's node (`driver_queue`), so a lost worker node leaves them;
 - a `train` command carries round r's pool paths (the bucket's URIs with output.dir on object
   storage: the workers read them from their node's cache, and load the start model likewise);
-  every rank trains `train.epochs` on it with a fresh AdamW and schedule and the seeds of a fresh
+  every rank trains `train.epochs` on it with a fresh AdamW and schedule (the online policy,
+  whose rounds are segments: one AdamW and schedule over the whole run, `WarmJob.online_steps`,
+  saved with each segment's checkpoint and loaded again by a resumed run) and the seeds of a fresh
   fit, `train.seed` mixed with the round (`rrhf_ray.train.loop.round_train_seed`: each round
   its own batch order; round 1 the one-off trainer's), so round r computes what a trainer built
   for round r alone with that seed would; then one
@@ -49,7 +51,12 @@ from pydantic import Field
 
 from rrhf_ray.config import TrainConfig
 from rrhf_ray.logs import redirect_process_output
-from rrhf_ray.train.checkpoints import read_train_state, resume_checkpoint, write_checkpoint
+from rrhf_ray.train.checkpoints import (
+    read_optimizer_state,
+    read_train_state,
+    resume_checkpoint,
+    write_checkpoint,
+)
 from rrhf_ray.train.jobs import FitJob
 from rrhf_ray.train.launch import WorkerNodes, driver_queue, torch_trainer
 from rrhf_ray.train.loop import (
@@ -75,9 +82,33 @@ HUNG_CLOSE_SECONDS = 5.0  # … after a round ran past its time limit
 
 class WarmJob(FitJob):
     """The warm trainer's job: the policy to start from and the RRHF settings of every round
-    (each round's pools come with its `train` command)."""
+    (each round's pools come with its `train` command). `online_steps`: the online policy's run
+    (OP-k, whose rounds are segments): one AdamW and LR schedule over that many steps, kept across
+    the segments and saved with each segment's checkpoint (`online_state`, in
+    its optimizer file); None: a fresh one
+    each round (IP). `kl_loss_coef`: β of the online policy's KL term in the loss
+    (`online.kl_in: loss`; 0 = none)."""
 
     train: TrainConfig = Field(default_factory=TrainConfig)
+    online_steps: int | None = Field(None, ge=1)
+    kl_loss_coef: float = Field(0.0, ge=0.0)
+
+
+def online_state(w: Worker, opt: Optimizer) -> dict[str, Any]:
+    """What a segment's checkpoint keeps for the next segment: the optimizer and schedule, and
+    the float32 weights the trainer holds (the model files hold them in the samplers' dtype)."""
+    return {**opt.state_dict(), "weights": {k: v.detach().cpu().clone() for k, v in w.model.state_dict().items()}}
+
+
+def resume_online(w: Worker, opt: Optimizer, start_dir: str) -> bool:
+    """Load `online_state` saved in the checkpoint at `start_dir` into the worker's model and `opt`;
+    False when it has none (ρ, or a checkpoint written without it)."""
+    saved = read_optimizer_state(start_dir)
+    if saved is None or "weights" not in saved:
+        return False
+    w.model.load_state_dict(saved["weights"])
+    opt.load_state_dict(saved)
+    return True
 
 
 @torch.no_grad()
@@ -106,7 +137,7 @@ def warm_loop_per_worker(config: dict[str, Any]) -> None:
     after a restart, else `job.model_path` at `config["version"]`), then serve commands."""
     import ray.train
 
-    from rrhf_ray.remote import fetch_file
+    from rrhf_ray.remote import fetch_file, materialize
 
     job = WarmJob.model_validate(config["job"])
     redirect_process_output(job.log_dir, "train")
@@ -114,12 +145,19 @@ def warm_loop_per_worker(config: dict[str, Any]) -> None:
     rank, _ = rank_world()
     commands, results = config["commands"][rank], config["results"]
     version, global_step = int(config["version"]), int(config["global_step"])
+    opt: Optimizer | None = None  # the online policy's, over every segment
     with resume_checkpoint(None, in_ray=True) as restart_dir:
         if restart_dir is not None:
             state = read_train_state(restart_dir)
             version, global_step = int(state["round"]), int(state.get("global_step", 0))
         w = Worker.load(restart_dir or job.model_path, cfg, True, job.trust_remote_code, load_policy,
                         tokenizer_path=job.tokenizer_path)
+        if job.online_steps is not None:
+            opt = Optimizer.build(w.ddp_model, cfg, job.online_steps)
+            start_dir = restart_dir or materialize(job.model_path)
+            if resume_online(w, opt, start_dir) and rank == 0:
+                logger.info("online: optimizer, schedule (step %d) and float32 weights of policy version %d "
+                            "loaded", opt.scheduler.last_epoch, version)
     if restart_dir is not None:
         logger.info("warm trainer restarted from round %d's checkpoint", version)
     if rank == 0:
@@ -140,8 +178,9 @@ def warm_loop_per_worker(config: dict[str, Any]) -> None:
         torch.manual_seed(seed)
         # URIs (output.dir on object storage): the pools from this node's cache, downloaded once.
         data_paths = [fetch_file(p)[0] for p in cmd["data_paths"]]
-        recipe = rrhf_recipe(cfg, data_paths, w.tokenizer, w.device, w.model)
-        opt = Optimizer.build(w.ddp_model, cfg, steps_per_epoch(recipe, cfg, w.world) * cfg.epochs)
+        recipe = rrhf_recipe(cfg, data_paths, w.tokenizer, w.device, w.model, kl_coef=job.kl_loss_coef)
+        if job.online_steps is None:  # IP: a fresh AdamW and schedule each round
+            opt = Optimizer.build(w.ddp_model, cfg, steps_per_epoch(recipe, cfg, w.world) * cfg.epochs)
         history: list[dict[str, float]] = []
         try:
             metrics = train_epochs(w, recipe, opt, global_step=global_step, history=history, seed=seed)
@@ -159,7 +198,8 @@ def warm_loop_per_worker(config: dict[str, Any]) -> None:
         probe_new = policy_reply_logprobs(w.model, probe, w.device) if rank == 0 else []
         with tempfile.TemporaryDirectory() as tmp:
             write_checkpoint(Path(tmp), w.ddp_model, w.tokenizer, cfg, epoch=cfg.epochs - 1, final=True,
-                             dtype=job.save_dtype, round=r, global_step=global_step)
+                             dtype=job.save_dtype, round=r, global_step=global_step,
+                             optimizer_state=online_state(w, opt) if job.online_steps is not None else None)
             compute = time.perf_counter() - start
             metrics = {**metrics, "round": float(r), "seconds_compute": compute}
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,

@@ -334,7 +334,7 @@ def _(tmp, model):
     c = base(tmp, model)
     c["sampling"]["preset"] = "IP-0"
     return c, ("invalid config in P/run.yaml: sampling: Value error, sampling.preset 'IP-0' is not one of BP, "
-               "DP, D, P, IP, IP-n (got {'max_model_len': 256, 'max_new_tokens': 32, 'preset': 'IP-0'})")
+               "DP, D, P, IP, IP-n, OP (got {'max_model_len': 256, 'max_new_tokens': 32, 'preset': 'IP-0'})")
 
 
 @case("rounds > 1 with a preset that never samples from ρ*")
