@@ -52,6 +52,8 @@ ADDED_LATER: tuple[tuple[tuple[str, ...], Any], ...] = (
     (("reward_model", "train", "skip_nonfinite"), False),
     (("data", "chat_template"), "auto"),  # auto: a raw-text query stays as it was
     (("reward", "chat_template"), "auto"),
+    (("data", "chat_template_path"), None),
+    (("reward", "chat_template_path"), None),
 )
 
 

@@ -80,3 +80,52 @@ def test_an_unknown_role_names_the_row(tmp_path, models, capsys):
     assert run_validate(tmp_path, chat, [{"prompt": CONV}, {"prompt": [{"role": "bot", "content": "x"}]}]) == 2
     assert error_line(capsys).endswith("d.jsonl line 2: prompt[0].role 'bot' is not one of system, user, "
                                        "assistant, tool")
+
+
+# A ChatML variant unlike the tiny model's own template: role and content on one line.
+CUSTOM = ("{% for m in messages %}<|im_start|>{{ m['role'] }}: {{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant:{% endif %}")
+
+
+def test_a_custom_chat_template_validates(tmp_path, models, capsys):
+    _, plain, rm = models
+    template = tmp_path / "custom.jinja"
+    template.write_text(CUSTOM)
+    # The plain tokenizer has no template of its own: chat_template on renders with the file's.
+    assert run_validate(tmp_path, plain, [{"prompt": CONV}], data={"chat_template": "on",
+                                                                   "chat_template_path": str(template)},
+                        reward={"kind": "model", "model": str(rm), "chat_template_path": str(template)}) == 0, \
+        capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert f"ok: data.chat_template_path {template}: renders a conversation" in out
+    assert f"ok: reward.chat_template_path {template}: renders a conversation" in out
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    (None, "template file not found: {path}"),
+    ("{% for m in messages %}{{ m['content'] }}", ("{path} does not compile as a Jinja template: Unexpected end "
+     "of template. Jinja was looking for the following tags: 'endfor' or 'else'. The innermost block that needs "
+     "to be closed is 'for'. (line 1)")),
+    ("{% if false %}x{% endif %}", "{path} renders a sample conversation (one user turn) to nothing"),
+    ("{{ raise_exception('only system turns') }}", ("{path} fails on a sample conversation (one user turn): "
+     "TemplateError: only system turns")),
+])
+@pytest.mark.parametrize("section", ["data", "reward"])
+def test_a_bad_chat_template_file_is_one_error_naming_field_and_file(tmp_path, models, capsys, text, problem,
+                                                                      section):
+    chat, _, rm = models
+    template = tmp_path / "t.jinja"
+    if text is not None:
+        template.write_text(text)
+    sections = {"data": {"chat_template_path": str(template)}} if section == "data" else {
+        "reward": {"kind": "model", "model": str(rm), "chat_template_path": str(template)}}
+    assert run_validate(tmp_path, chat, [{"prompt": CONV}], **sections) == 2
+    assert error_line(capsys) == f"error: {section}.chat_template_path: " + problem.format(path=template)
+
+
+def test_chat_template_off_with_a_template_file(tmp_path, models, capsys):
+    chat, _, _ = models
+    (tmp_path / "t.jinja").write_text(CUSTOM)
+    assert run_validate(tmp_path, chat, [{"prompt": CONV}], data={"chat_template": "off",
+                                                                  "chat_template_path": str(tmp_path / "t.jinja")}) == 2
+    assert "data.chat_template is off but data.chat_template_path is set" in error_line(capsys)
