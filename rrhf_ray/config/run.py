@@ -242,6 +242,9 @@ class RewardConfig(Section):
             raise ValueError("reward.kind is 'model' but reward.model is not set")
         if self.kind == "rule" and not self.rule:
             raise ValueError("reward.kind is 'rule' but reward.rule is not set")
+        if self.chat_template_path and self.kind == "rule":
+            raise ValueError("reward.chat_template_path is set but reward.kind is 'rule': a rule reads a "
+                             "conversation as raw text, no template renders it; drop chat_template_path")
         if self.chat_template_path and self.chat_template == "off":
             raise ValueError("reward.chat_template is off but reward.chat_template_path is set: the "
                              "template would never render a conversation; use auto or on, or drop "

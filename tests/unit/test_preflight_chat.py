@@ -129,3 +129,11 @@ def test_chat_template_off_with_a_template_file(tmp_path, models, capsys):
     assert run_validate(tmp_path, chat, [{"prompt": CONV}], data={"chat_template": "off",
                                                                   "chat_template_path": str(tmp_path / "t.jinja")}) == 2
     assert "data.chat_template is off but data.chat_template_path is set" in error_line(capsys)
+
+
+def test_a_reward_template_file_with_a_rule(tmp_path, models, capsys):
+    chat, _, _ = models
+    (tmp_path / "t.jinja").write_text(CUSTOM)
+    assert run_validate(tmp_path, chat, [{"prompt": CONV}], reward={
+        "kind": "rule", "rule": "builtin:demo", "chat_template_path": str(tmp_path / "t.jinja")}) == 2
+    assert "reward.chat_template_path is set but reward.kind is 'rule'" in error_line(capsys)
