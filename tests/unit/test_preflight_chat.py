@@ -137,3 +137,25 @@ def test_a_reward_template_file_with_a_rule(tmp_path, models, capsys):
     assert run_validate(tmp_path, chat, [{"prompt": CONV}], reward={
         "kind": "rule", "rule": "builtin:demo", "chat_template_path": str(tmp_path / "t.jinja")}) == 2
     assert "reward.chat_template_path is set but reward.kind is 'rule'" in error_line(capsys)
+
+
+def test_rrhf_ray_sample_renders_with_the_template_file(tmp_path, models, capsys):
+    """`rrhf-ray sample` (preset P: the data set's responses, no engine) reads data.chat_template_path
+    as `run` does: a file that renders to nothing is the same one error line, a good one samples."""
+    chat, _, _ = models
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": CONV, "completion": [{"role": "assistant", "content": "Rarely."}]}) + "\n")
+    template = tmp_path / "t.jinja"
+    config = {"rounds": 1, "model": {"name_or_path": str(chat)},
+              "data": {"source": str(data), "eval_fraction": 0.0, "chat_template_path": str(template)},
+              "sampling": {"preset": "P", "max_new_tokens": 32, "max_model_len": 256},
+              "reward": {"kind": "rule", "rule": "builtin:demo"}, "output": {"dir": str(tmp_path / "out")}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    template.write_text("{% if false %}x{% endif %}")
+    assert main(["sample", str(path), "--out", str(tmp_path / "pool.jsonl")]) == 2
+    assert error_line(capsys) == (f"error: data.chat_template_path: {template} renders a sample conversation "
+                                  "(one user turn) to nothing")
+    template.write_text(CUSTOM)
+    assert main(["sample", str(path), "--out", str(tmp_path / "pool.jsonl")]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "pool.jsonl").read_text())["responses"] == ["Rarely."]
