@@ -242,8 +242,9 @@ SAMPLE_CONVERSATION = ({"role": "user", "content": "What color is the sky?"},)
 
 def read_chat_template(name: str, path: str, tokenizer: Any = None) -> str:
     """The Jinja template in the file `path` (the setting `name`), after checking that it exists,
-    compiles and, with `tokenizer` (the one it will replace the template of), renders
-    `SAMPLE_CONVERSATION` to at least one token; else a ConfigError naming `name` and the file."""
+    compiles and, with `tokenizer` (whose template it replaces: the tokenizer holds it after the
+    call), renders `SAMPLE_CONVERSATION` to at least one token; else a ConfigError naming `name`
+    and the file."""
     import jinja2
 
     file = Path(path).expanduser()
