@@ -18,6 +18,7 @@ scorer and one warm trainer start-up instead of four runs.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -254,8 +255,20 @@ def format_rounds(chat_run, chat_models, engines):
     ctx = RunContext(config=checked.config, state=RunState(out, config), preset=checked.preset, external=[],
                      tracker=open_tracking(tracking, out), engines=engines)
     queries = {}
+    kept: list[str] = []  # what start_pool logs when it takes chat_run's engine instead of starting one
+    handler = logging.Handler()
+    handler.emit = lambda record: kept.append(record.getMessage())
+    pools_log = logging.getLogger("rrhf_ray.actors.pools")
+    level = pools_log.level
+    pools_log.addHandler(handler)
+    pools_log.setLevel(logging.INFO)
     try:
-        setup(ctx)  # from the first format's data set, as a run starts
+        try:
+            setup(ctx)  # from the first format's data set, as a run starts
+        finally:
+            pools_log.removeHandler(handler)
+            pools_log.setLevel(level)
+        assert any("kept from the previous run" in m for m in kept), kept
         ctx.round0 = (None, None)
         for r, layout in enumerate(ROUND_FORMATS, 1):
             data = ctx.config.data.model_copy(update={"source": str(sources[layout]), "format": layout})
