@@ -67,11 +67,12 @@ def write_rows(path: Path, layout: str, topics: list[str]) -> Path:
     return path
 
 
-def chat_config(root: Path, policy: Path, reward: Path, source: Path, out: Path, **top) -> Path:
+def chat_config(root: Path, policy: Path, reward: Path, source: Path, out: Path, data: dict | None = None,
+                **top) -> Path:
     config = {
         "rounds": 1,
         "model": {"name_or_path": str(policy)},
-        "data": {"source": str(source), "eval_fraction": 0.2, "max_prompt_tokens": 48},
+        "data": {"source": str(source), "eval_fraction": 0.2, "max_prompt_tokens": 48, **(data or {})},
         "sampling": {"preset": "IP", "n": 3, "max_new_tokens": 24, "max_model_len": 256, "enforce_eager": True,
                      "dtype": "float32", "chunk_prompts": 8},
         "reward": {"kind": "model", "model": str(reward), "max_length": 128},
@@ -129,9 +130,8 @@ def chat_run(ray_cluster, chat_models, engines):
 
     root, policy, reward = chat_models
     out = root / "out"
-    path = chat_config(root, policy, reward, write_rows(root / "prefs.jsonl", "preference", TOPICS), out)
-    path.write_text(path.read_text().replace("max_prompt_tokens: 48", "max_prompt_tokens: 48\n  chat_template_path: "
-                                             + str(root / "custom.jinja")))
+    path = chat_config(root, policy, reward, write_rows(root / "prefs.jsonl", "preference", TOPICS), out,
+                       data={"chat_template_path": str(root / "custom.jinja")})
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     # Training, refreshing and evaluating round 1 take about a second here: polled every 0.1 s.
     kill_driver_when([str(path)], env, lambda: (out / "state.json").exists() and "round1/score" in stages_of(out),
