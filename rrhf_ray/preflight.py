@@ -522,6 +522,9 @@ def check_run(config: RunConfig) -> Preflight:
         check_reward(config.reward, check)
     else:
         check.ok("reward: the reward model the reward_model stage trains")
+        if config.reward.chat_template_path:  # that model does not exist yet: the file alone
+            read_chat_template("reward.chat_template_path", config.reward.chat_template_path)
+            check.ok(f"reward.chat_template_path {config.reward.chat_template_path}: compiles")
 
     check_learnable(config, check_queries(config.data, check, policy_chat_tokenizer(config, check)), check)
     from rrhf_ray.data.pairs import read_preference_pairs, read_sft_pairs
