@@ -159,3 +159,22 @@ def test_rrhf_ray_sample_renders_with_the_template_file(tmp_path, models, capsys
     template.write_text(CUSTOM)
     assert main(["sample", str(path), "--out", str(tmp_path / "pool.jsonl")]) == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "pool.jsonl").read_text())["responses"] == ["Rarely."]
+
+
+def test_a_reward_template_file_for_the_reward_model_stage_is_checked(tmp_path, models, capsys):
+    """The reward model the reward_model stage will train does not exist yet: the file is checked alone."""
+    chat, _, _ = models
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": CONV, "chosen": [{"role": "assistant", "content": "Yes."}],
+                                 "rejected": [{"role": "assistant", "content": "No."}]}) + "\n")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": CONV}) + "\n")
+    config = {"rounds": 1, "model": {"name_or_path": str(chat)},
+              "data": {"source": str(data), "max_prompt_tokens": 64},
+              "sampling": {"max_new_tokens": 32, "max_model_len": 256}, "eval": {"max_new_tokens": 32},
+              "reward": {"kind": "model", "model": "unused", "chat_template_path": str(tmp_path / "t.jinja")},
+              "reward_model": {"data": str(pairs)}, "output": {"dir": str(tmp_path / "out")}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["validate", str(path)]) == 2
+    assert error_line(capsys) == f"error: reward.chat_template_path: template file not found: {tmp_path / 't.jinja'}"
