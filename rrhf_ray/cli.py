@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -121,11 +122,21 @@ class _PathThenOverrides(argparse.Action):
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as scratch:
+        return _sample(args, scratch)
+
+
+def _sample(args: argparse.Namespace, scratch: contextlib.ExitStack) -> int:
     from rrhf_ray.preflight import check_sample
 
     with user_input():
         checked = check_sample(load_config(_config_path(args.config, args.overrides), args.overrides))  # model, lengths, files
         config, preset, external = checked.config, checked.preset, checked.external
+        if config.data.chat_template_path:  # as `run` renders: the tokenizer with the file's template
+            from rrhf_ray.workflow import with_run_tokenizer
+
+            config = with_run_tokenizer(config, config.model.name_or_path,
+                                        Path(scratch.enter_context(tempfile.TemporaryDirectory())))
         queries, records = _sample_queries(config)  # every row validated before engines start
     pools = {}
     # IP-n samples from ρ* = round n−1's model (model.name_or_path is that checkpoint), with the

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from rrhf_ray.actors.sampler import SamplerPool
     from rrhf_ray.actors.scorer import RewardPool
     from rrhf_ray.data.candidates import Preset
-    from rrhf_ray.data.queries import QueryRecord
+    from rrhf_ray.data.queries import LoadedData, QueryRecord
     from rrhf_ray.mirror import RunStore
     from rrhf_ray.segments import Segment
     from rrhf_ray.tracking import Tracker
@@ -67,6 +67,13 @@ class RunData:
     queries: list[str]
     eval_queries: list[str]
     references: list[tuple[str, str]]
+
+    @classmethod
+    def of(cls, loaded: LoadedData) -> RunData:
+        """The run's queries from a data set as `rrhf_ray.data.queries.load_data` returns it."""
+        return cls(train=loaded.train, queries=[r.query for r in loaded.train],
+                   eval_queries=[r.query for r in loaded.eval],
+                   references=[(r.query, r.responses[0]) for r in loaded.eval if r.responses])
 
 
 @dataclass

@@ -218,31 +218,36 @@ def warm_up_workers(n: int = 4, rule: str | None = None, store: RunStore | None 
 
 @ray.remote(num_cpus=1)
 def perplexity_task(model_path: str, pairs: list[tuple[str, str] | tuple[str, str, bool]], max_length: int,
-                    dtype: str = "auto") -> tuple[float, float]:
+                    dtype: str = "auto", tokenizer_path: str | None = None) -> tuple[float, float]:
     """(perplexity, seconds): exp(mean NLL per response token, the closing EOS included where the
     response ended: (query, response, False) is one cut off, scored without) of the model at `model_path`
     on (query, response) pairs: the policy on reference responses (`reference_perplexity`), or
-    the judge on the policy's greedy replies (`judge_perplexity`). `dtype`: `model.dtype`."""
+    the judge on the policy's greedy replies (`judge_perplexity`). `dtype`: `model.dtype`.
+    `tokenizer_path`: the policy's tokenizer when it is not the model's (`model.tokenizer`)."""
     from rrhf_ray.remote import materialize
     from rrhf_ray.train.sft import heldout_nll
 
     local = materialize(model_path)  # a transfer, not compute: outside the seconds
+    tokenizer = materialize(tokenizer_path) if tokenizer_path else None
     start = time.perf_counter()
-    return math.exp(heldout_nll(local, pairs, max_length, dtype=dtype)), time.perf_counter() - start
+    return (math.exp(heldout_nll(local, pairs, max_length, dtype=dtype, tokenizer_path=tokenizer)),
+            time.perf_counter() - start)
 
 
 @ray.remote(num_cpus=1)
 def ranking_task(model_path: str, groups: list[QueryGroup], max_length: int,
-                 dtype: str = "auto") -> tuple[float, float]:
+                 dtype: str = "auto", tokenizer_path: str | None = None) -> tuple[float, float]:
     """(accuracy, seconds): pairwise ranking accuracy of the model's p_i (eq. 1) against the rewards of `groups`
     (`rrhf_ray.train.ranking.ranking_metrics`); NaN when no group has a strict pair. `dtype`:
-    `model.dtype`."""
+    `model.dtype`. `tokenizer_path`: the policy's tokenizer when it is not the model's."""
     from rrhf_ray.remote import materialize
     from rrhf_ray.train.ranking import ranking_metrics
 
     local = materialize(model_path)  # a transfer, not compute: outside the seconds
+    tokenizer = materialize(tokenizer_path) if tokenizer_path else None
     start = time.perf_counter()
-    return ranking_metrics(local, groups, max_length, dtype=dtype)["rank_accuracy"], time.perf_counter() - start
+    return (ranking_metrics(local, groups, max_length, dtype=dtype, tokenizer_path=tokenizer)["rank_accuracy"],
+            time.perf_counter() - start)
 
 
 def evaluate(
@@ -259,6 +264,7 @@ def evaluate(
     store: RunStore | None = None,
     model_dtype: str = "auto",
     wait: Wait | None = None,
+    tokenizer_path: str | None = None,
 ) -> EvalResult:
     """Greedy and sampled replies of the sampler's current policy (at `model_path`), scored; the
     perplexities (the policy on `references`, `judge` on the greedy replies) and the held-out
@@ -273,7 +279,8 @@ def evaluate(
     their node's cache (`rrhf_ray.remote.materialize`) with the driver's storage variables
     (`store`: the run's bucket mirror, None for a local run). `model_dtype` (`model.dtype`): the
     weights dtype of the perplexity and ranking tasks' models (auto: float32 on a CPU, bfloat16 on
-    a GPU).
+    a GPU). `tokenizer_path`: the policy's tokenizer (`model.tokenizer`) for the reference
+    perplexity and the ranking, where it is not the model's own.
 
     `wait` (`rrhf_ray.waits.Wait`): the time limit of the tasks (counted once the replies are
     scored: what is left to wait for), and
@@ -287,7 +294,7 @@ def evaluate(
     # every GPU they run on a CPU rather than wait for a GPU that no one frees during the run.
     gpus = 1 if ray.available_resources().get("GPU", 0) >= 1 else 0
     ppl_ref = (perplexity_task.options(num_gpus=gpus, **remote).remote(model_path, references, max_length,
-                                                                    model_dtype)
+                                                                    model_dtype, tokenizer_path)
                if references else None)
     greedy_cfg, sampled_cfg = eval_sampling(sampling, cfg)
     # The greedy replies first (a short pass), so that the judge's task reads them while the
@@ -307,7 +314,8 @@ def evaluate(
     ))
     n = len(queries)
     # ranking_metrics loads its model on the CPU: no GPU for this task.
-    rank_ref = (ranking_task.options(**remote).remote(model_path, scored[n:], sampling.max_model_len, model_dtype)
+    rank_ref = (ranking_task.options(**remote).remote(model_path, scored[n:], sampling.max_model_len, model_dtype,
+                                                       tokenizer_path)
                 if queries else None)
     refs = (ppl_ref, judge_ref, rank_ref)
     live = [(name, ref) for name, ref in zip(("the reference perplexity task", "the judge perplexity task",

@@ -236,12 +236,72 @@ def has_chat_template(directory: str) -> bool:
         return False
 
 
+# What a custom chat template must render to something: one user turn, the assistant's opened.
+SAMPLE_CONVERSATION = ({"role": "user", "content": "What color is the sky?"},)
+
+
+def read_chat_template(name: str, path: str, tokenizer: Any = None) -> str:
+    """The Jinja template in the file `path` (the setting `name`), after checking that it exists,
+    compiles and, with `tokenizer` (whose template it replaces: the tokenizer holds it after the
+    call), renders `SAMPLE_CONVERSATION` to at least one token; else a ConfigError naming `name`
+    and the file."""
+    import jinja2
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"{name}: template file not found: {path}")
+    try:
+        template = file.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{name}: {path} cannot be read ({err})") from None
+    if tokenizer is None:
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        try:  # the environment transformers renders chat templates in, without a tokenizer
+            ImmutableSandboxedEnvironment(extensions=[loopcontrols]).parse(template)
+        except jinja2.TemplateSyntaxError as err:
+            raise ConfigError(f"{name}: {path} does not compile as a Jinja template: {err.message} "
+                              f"(line {err.lineno})") from None
+        return template
+    from rrhf_ray.train.tokens import chat_ids
+
+    tokenizer.chat_template = template
+    try:
+        chat_ids(tokenizer, list(SAMPLE_CONVERSATION), add_generation_prompt=True)
+    except jinja2.TemplateSyntaxError as err:
+        raise ConfigError(f"{name}: {path} does not compile as a Jinja template: {err.message} "
+                          f"(line {err.lineno})") from None
+    except ValueError as err:
+        if "renders the conversation to nothing" not in str(err):
+            raise ConfigError(f"{name}: {path} fails on a sample conversation (one user turn): {err}") from None
+        raise ConfigError(f"{name}: {path} renders a sample conversation (one user turn) to nothing") from None
+    except Exception as err:  # noqa: BLE001 - a template may raise anything (raise_exception, undefined names)
+        raise ConfigError(f"{name}: {path} fails on a sample conversation (one user turn): "
+                          f"{type(err).__name__}: {err}") from None
+    return template
+
+
+def _local_tokenizer(value: str | None) -> Any:
+    """The tokenizer saved in the local directory `value`; None for a hub id, a built-in or nothing."""
+    if not value or registry.is_builtin(value) or not is_local(value) or not Path(value).expanduser().is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(value)
+
+
 def check_reward(reward: RewardConfig, check: Preflight) -> None:
     """A rule imports and is callable; a reward model's directory is whole (and, with
-    reward.chat_template on, its tokenizer has a template)."""
+    reward.chat_template on, its tokenizer has a template, or reward.chat_template_path gives
+    one that renders)."""
     if reward.kind == "model":
         _check_backbone("reward.model", reward.model or "", check)
-        if reward.chat_template == "on" and is_local(reward.model or "") and not has_chat_template(reward.model):
+        if reward.chat_template_path:
+            read_chat_template("reward.chat_template_path", reward.chat_template_path,
+                               _local_tokenizer(reward.model))
+            check.ok(f"reward.chat_template_path {reward.chat_template_path}: renders a conversation")
+        elif reward.chat_template == "on" and is_local(reward.model or "") and not has_chat_template(reward.model):
             raise ConfigError(f"reward.chat_template is on but the tokenizer of reward.model {reward.model} "
                               "has no chat_template (use auto or off)")
         return
@@ -301,12 +361,20 @@ def check_data_dir(name: str, path: Path) -> None:
         raise DataError(f"{name}: {path} is a directory without data files, not a data set: {usage}")
 
 
-def policy_chat_tokenizer(config: RunConfig) -> Any:
+def policy_chat_tokenizer(config: RunConfig, check: Preflight | None = None) -> Any:
     """The policy's local tokenizer when `data.chat_template` needs it here (it is on, or the
-    tokenizer has a template), else None; on with a local tokenizer that has no template is a
-    ConfigError."""
+    tokenizer has a template, or `data.chat_template_path` gives one: it then holds that template),
+    else None; on with a local tokenizer that has no template is a ConfigError. A template file is
+    checked (`read_chat_template`) with the tokenizer when it is local, else on its own."""
     model = config.model
     value = model.tokenizer or model.name_or_path
+    if config.data.chat_template_path:
+        tokenizer = _local_tokenizer(value)
+        read_chat_template("data.chat_template_path", config.data.chat_template_path, tokenizer)
+        if check is not None:
+            check.ok(f"data.chat_template_path {config.data.chat_template_path}: "
+                     + ("renders a conversation" if tokenizer is not None else "compiles"))
+        return tokenizer
     if registry.is_builtin(value) or not is_local(value) or not Path(value).expanduser().is_dir():
         return None
     mode, has = config.data.chat_template, has_chat_template(value)
@@ -454,8 +522,11 @@ def check_run(config: RunConfig) -> Preflight:
         check_reward(config.reward, check)
     else:
         check.ok("reward: the reward model the reward_model stage trains")
+        if config.reward.chat_template_path:  # that model does not exist yet: the file alone
+            read_chat_template("reward.chat_template_path", config.reward.chat_template_path)
+            check.ok(f"reward.chat_template_path {config.reward.chat_template_path}: compiles")
 
-    check_learnable(config, check_queries(config.data, check, policy_chat_tokenizer(config)), check)
+    check_learnable(config, check_queries(config.data, check, policy_chat_tokenizer(config, check)), check)
     from rrhf_ray.data.pairs import read_preference_pairs, read_sft_pairs
 
     if config.sft is not None and not sft_done:

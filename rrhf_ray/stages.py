@@ -154,7 +154,8 @@ def reference(ctx: RunContext, r: int) -> dict:
     ref_model = ctx.rho if ctx.config.train.reference == "initial" else start
     return write_reference_pool(read_groups(ctx.round_dir(r) / "pool.parquet"), ctx.hand_off(ref_model),
                                 ctx.config.train, ctx.outputs(r, "reference")[0],
-                                tokenizer_path=ctx.hand_off(start), trust_remote_code=ctx.config.model.trust_remote_code,
+                                tokenizer_path=ctx.hand_off(ctx.config.model.tokenizer or start),
+                                trust_remote_code=ctx.config.model.trust_remote_code,
                                 dtype=ctx.config.model.dtype, store=ctx.store, resources=ctx.config.eval.resources)
 
 
@@ -284,7 +285,8 @@ def _evaluate(ctx: RunContext, r: int, also: list = ()) -> tuple[dict, Any, floa
             Wait(ctx.state, "the evaluation's tasks", limit, "eval.task_timeout_s") as wait:
         result = evaluate(pool, ctx.rewards, data.eval_queries, data.references, ctx.hand_off(ctx.policy(r)),
                           config.sampling, config.eval, config.train.max_length, judge=ctx.hand_off(ctx.judge),
-                          also=also, store=ctx.store, model_dtype=config.model.dtype, wait=wait)
+                          also=also, store=ctx.store, model_dtype=config.model.dtype, wait=wait,
+                          tokenizer_path=ctx.hand_off(config.model.tokenizer) if config.model.tokenizer else None)
     busy = engine.seconds
     write_jsonl(({"query": query_json(q), "greedy_reply": reply, "greedy_reward": g, "sampled_replies": texts,
                   "sampled_rewards": s}

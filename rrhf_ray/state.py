@@ -53,6 +53,8 @@ ADDED_LATER: tuple[tuple[tuple[str, ...], Any], ...] = (
     (("data", "chat_template"), "auto"),  # auto: a raw-text query stays as it was
     (("reward", "chat_template"), "auto"),
     (("online",), None),  # the online policy's section: absent outside sampling.preset OP
+    (("data", "chat_template_path"), None),
+    (("reward", "chat_template_path"), None),
 )
 
 

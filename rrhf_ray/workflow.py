@@ -184,6 +184,32 @@ def reward_config(config: RunConfig, out: Path, state: RunState, store: RunStore
     return config.reward.model_copy(update={"kind": "model", "model": hand_off(rm_dir, store)})
 
 
+def with_run_tokenizer(config: RunConfig, base: str, out: Path) -> RunConfig:
+    """`config` whose `model.tokenizer` is the run's tokenizer: the policy's (`model.tokenizer`, else
+    the base model's) with `data.chat_template_path`'s template in place of its own, saved to
+    <output.dir>/tokenizer. Every reader of the policy's tokenizer loads it (the sampler engines,
+    the trainer, whose checkpoints keep it, the reference and evaluation tasks, SFT), so all render
+    a prompt to the same ids. Written at every start: a changed template file changes the
+    tokenizer's fingerprint (`rrhf_ray.train.tokens.tokenizer_fingerprint`), and prompt ids that
+    a pool recorded under the old one are rendered anew by the trainer, as after any tokenizer change."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from rrhf_ray.preflight import read_chat_template
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or base,
+                                              trust_remote_code=config.model.trust_remote_code)
+    read_chat_template("data.chat_template_path", config.data.chat_template_path, tokenizer)  # sets it
+    target, tmp = out / "tokenizer", out / ".tokenizer.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    logger.info("the run's tokenizer, with the chat template of %s: %s", config.data.chat_template_path, target)
+    return config.model_copy(update={"model": config.model.model_copy(update={"tokenizer": str(target)})})
+
+
 def start_engines_beside_sft(ctx: RunContext, base: str) -> None:
     """The engines start now from the base model, beside the SFT stage, and load ρ in place when
     SFT has made it (an engine's start-up, mostly importing vLLM, is long on a small CPU); round
@@ -223,15 +249,14 @@ def setup(ctx: RunContext) -> None:
 
     cfg, out, state = ctx.config, ctx.out, ctx.state
     base = base_model(cfg, out, state)
+    if cfg.data.chat_template_path:
+        cfg = ctx.config = with_run_tokenizer(cfg, base, out)
     if cfg.sft is not None and "sft" not in state.data["stages"] and fits_beside_sft(cfg):
         start_engines_beside_sft(ctx, base)
     ctx.rho = sft_model(cfg, out, state, base, ctx.store, ctx.log_dir)
     ctx.reward = reward_config(cfg, out, state, ctx.store, ctx.log_dir)
     ctx.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or ctx.rho)
-    data = load_data(cfg.data, ctx.tokenizer)
-    ctx.data = RunData(train=data.train, queries=[r.query for r in data.train],
-                       eval_queries=[r.query for r in data.eval],
-                       references=[(r.query, r.responses[0]) for r in data.eval if r.responses])
+    ctx.data = RunData.of(load_data(cfg.data, ctx.tokenizer))
     drop_damaged_checkpoints(ctx)
     if ctx.preset.name == "OP":  # the online policy: segments, each a policy version
         ctx.segments = plan_segments(len(data.train), cfg.train.queries_per_step, cfg.online.refresh_every,
@@ -256,6 +281,7 @@ def setup(ctx: RunContext) -> None:
             "online_steps": total_steps(ctx.segments),
             "kl_loss_coef": cfg.online.kl_coef if cfg.online.kl_in == "loss" else 0.0}
         job = WarmJob(model_path=ctx.hand_off(current), output_dir=str(out / "rounds"), train=cfg.train,
+                      tokenizer_path=ctx.hand_off(cfg.model.tokenizer) if cfg.model.tokenizer else None,
                       trust_remote_code=cfg.model.trust_remote_code,
                       save_dtype=ctx.served_dtype, log_dir=ctx.log_dir, **online)  # saved as the samplers load
         ctx.trainer = WarmTrainer(job, ctx.last_trained, global_step=start_state(current), store=ctx.store,

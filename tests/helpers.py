@@ -249,9 +249,10 @@ QUICK = ["sft=null", "rounds=1", "data.max_prompts=16", "data.max_eval_prompts=8
 
 
 def kill_driver_when(overrides: list[str], env: dict, reached: Callable[[], bool], what: str,
-                     log: Path | None = None) -> None:
+                     log: Path | None = None, poll_s: float = 0.5) -> None:
     """Run `rrhf-ray run` with `overrides` as a driver process of its own (`env`: RAY_ADDRESS of
-    the session's cluster) and SIGKILL its process group as soon as `reached()` is true."""
+    the session's cluster) and SIGKILL its process group as soon as `reached()` is true (checked
+    every `poll_s` seconds: short where the stage after the one awaited takes a second or less)."""
     with open(log or os.devnull, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "rrhf_ray", "run", *overrides], cwd=REPO, env=env,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -261,7 +262,7 @@ def kill_driver_when(overrides: list[str], env: dict, reached: Callable[[], bool
             tail = log.read_text()[-3000:] if log else ""
             assert proc.poll() is None, f"the driver ended before it could be killed:\n{tail}"
             assert time.monotonic() < deadline, f"the driver did not reach {what} in time"
-            time.sleep(0.5)
+            time.sleep(poll_s)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

@@ -85,8 +85,12 @@ def start_pool(config: RunConfig, tag: str, weights: str, version: int, *, store
         logger.info("sampler engines (%s) kept from the previous run: loading %s in place", tag, weights)
         ray.get(kept.redirect_logs_refs(log_dir) + kept.load_weights_refs(weights, version))
         return kept
+    from rrhf_ray.mirror import hand_off
+
     model = config.model
-    return SamplerPool(weights, config.sampling, tag=tag, version=version, tokenizer=model.tokenizer,
+    # The run's tokenizer (`with_run_tokenizer`) lies in output.dir: from the bucket on a run there.
+    tokenizer = hand_off(model.tokenizer, store) if model.tokenizer else None
+    return SamplerPool(weights, config.sampling, tag=tag, version=version, tokenizer=tokenizer,
                        trust_remote_code=model.trust_remote_code, store=store, log_dir=log_dir)
 
 

@@ -102,7 +102,9 @@ class Sampler:
                  version: int = 0, replica: int = 0, log_dir: str | None = None) -> None:
         redirect_process_output(log_dir, f"sampler-{tag}{replica}")  # vLLM's output: logs/, not the console
         self._download: dict[str, float] | None = None
-        self.engine = VLLMEngine(self._local(model_path), config, tokenizer=tokenizer,
+        from rrhf_ray.remote import materialize
+
+        self.engine = VLLMEngine(self._local(model_path), config, tokenizer=materialize(tokenizer) if tokenizer else None,
                                  trust_remote_code=trust_remote_code)
         self.tag = tag
         self.version = version

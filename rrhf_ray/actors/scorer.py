@@ -151,7 +151,10 @@ def _rule_task(spec: str, queries: list[Query], responses: list[str]) -> ScoredC
 class RewardScorer:
     """An HF reward model (one logit) scoring (query, response) pairs; runs as a Ray actor."""
 
-    def __init__(self, model_path: str, config: RewardConfig, log_dir: str | None = None) -> None:
+    def __init__(self, model_path: str, config: RewardConfig, log_dir: str | None = None,
+                 chat_template: str | None = None) -> None:
+        """`chat_template`: the Jinja text of `reward.chat_template_path`, read by the driver (the
+        file need not exist on this node), in place of the tokenizer's own template."""
         redirect_process_output(log_dir, "scorer")  # transformers' output: logs/, not the console
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -162,6 +165,8 @@ class RewardScorer:
         self.config = config
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        if chat_template is not None:
+            self.tokenizer.chat_template = chat_template
         self.model = AutoModelForSequenceClassification.from_pretrained(
             model_path, dtype=getattr(torch, config.dtype), use_safetensors=True).to(self.device).eval()
         if config.chat_template == "on" and not chat_template_of(self.tokenizer):
@@ -252,7 +257,8 @@ class RewardPool:
         actor_cls = ray.remote(RewardScorer).options(
             num_cpus=config.cpus_per_worker, num_gpus=gpus, resources=dict(config.resources), max_restarts=1,
             **actor_options(store))
-        self.workers = [actor_cls.remote(config.model, config, log_dir) for _ in range(config.num_workers)]
+        template = Path(config.chat_template_path).read_text() if config.chat_template_path else None
+        self.workers = [actor_cls.remote(config.model, config, log_dir, template) for _ in range(config.num_workers)]
 
     def score_refs(self, groups: Sequence[CandidateGroup], *, progress: bool = True) -> ray.ObjectRef:
         """A ref to one scored QueryGroup per input group, in order (sources kept)."""

@@ -66,6 +66,14 @@ class DataConfig(Section):
         "a template (else they are written as raw '\\n\\nHuman:' text), on = every query (raw "
         "text as one user turn; a tokenizer without a template is an error), off = never.",
     )
+    chat_template_path: str | None = Field(
+        None,
+        description="A Jinja chat template file that replaces the policy tokenizer's own wherever a "
+        "prompt is rendered (sampler engines, trainer, evaluation, SFT): the run saves the tokenizer "
+        "with it to <output.dir>/tokenizer and uses that as model.tokenizer, so its fingerprint (and "
+        "whether recorded prompt ids are reused) follows the file's content (docs/chat.md). "
+        "chat_template auto / on then render with it; off is an error.",
+    )
     split: str = Field("train", description="Split used for training queries.")
     eval_split: str | None = Field(
         "test",
@@ -94,6 +102,13 @@ class DataConfig(Section):
         "a response that does not fit train.max_length, its prompt kept at max_length // 2 at least).",
     )
     seed: int = Field(0, description="Shuffling and split seed.")
+
+    @model_validator(mode="after")
+    def _template_used(self) -> DataConfig:
+        if self.chat_template_path and self.chat_template == "off":
+            raise ValueError("data.chat_template is off but data.chat_template_path is set: the template "
+                             "would never render a prompt; use auto or on, or drop chat_template_path")
+        return self
 
 
 
@@ -222,6 +237,12 @@ class RewardConfig(Section):
         "template (kind=model): auto = when its tokenizer has one, on = required, off = as the "
         "paper's raw '\\n\\nHuman:' text. Raw-text queries are read as they always were.",
     )
+    chat_template_path: str | None = Field(
+        None,
+        description="A Jinja chat template file that replaces the reward model's own (kind=model) "
+        "for rendering (conversation + reply); chat_template auto / on then render with it, off is "
+        "an error (docs/chat.md).",
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Reward model weights and forward dtype."
     )
@@ -247,6 +268,13 @@ class RewardConfig(Section):
             raise ValueError("reward.kind is 'model' but reward.model is not set")
         if self.kind == "rule" and not self.rule:
             raise ValueError("reward.kind is 'rule' but reward.rule is not set")
+        if self.chat_template_path and self.kind == "rule":
+            raise ValueError("reward.chat_template_path is set but reward.kind is 'rule': a rule reads a "
+                             "conversation as raw text, no template renders it; drop chat_template_path")
+        if self.chat_template_path and self.chat_template == "off":
+            raise ValueError("reward.chat_template is off but reward.chat_template_path is set: the "
+                             "template would never render a conversation; use auto or on, or drop "
+                             "chat_template_path")
         return self
 
 
@@ -533,9 +561,12 @@ def with_absolute_paths(config: RunConfig) -> RunConfig:
         "model": config.model.model_copy(update={
             "name_or_path": absolute_path(config.model.name_or_path),
             "tokenizer": absolute_path(config.model.tokenizer)}),
-        "data": config.data.model_copy(update={"source": absolute_path(config.data.source)}),
+        "data": config.data.model_copy(update={"source": absolute_path(config.data.source),
+                                               "chat_template_path": absolute_path(config.data.chat_template_path)}),
         "reward": config.reward.model_copy(update={"model": absolute_path(config.reward.model),
-                                                   "rule": absolute_rule(config.reward.rule)}),
+                                                   "rule": absolute_rule(config.reward.rule),
+                                                   "chat_template_path": absolute_path(
+                                                       config.reward.chat_template_path)}),
         "eval": config.eval.model_copy(update={"judge_model": absolute_path(config.eval.judge_model)}),
         "sampling": config.sampling.model_copy(update={
             "external": [absolute_path(p) for p in config.sampling.external]}),

@@ -18,14 +18,15 @@ from rrhf_ray.types import QueryGroup
 
 @torch.no_grad()
 def ranking_metrics(model_path: str, groups: Sequence[QueryGroup], max_length: int = 192,
-                    micro_batch_queries: int = 8, dtype: str = "auto") -> dict[str, float]:
+                    micro_batch_queries: int = 8, dtype: str = "auto",
+                    tokenizer_path: str | None = None) -> dict[str, float]:
     """How well the model at `model_path` ranks the candidates of `groups`: pairwise ranking
     accuracy of its p_i (eq. 1) against the rewards, and the mean per-token NLL of each query's
     best candidate. The model runs on the CPU, its weights in `dtype` (`model.dtype`: auto is
-    float32 there)."""
+    float32 there). `tokenizer_path`: the run's tokenizer (`model.tokenizer`), default the model's."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(model_path, False)
+    tokenizer = load_tokenizer(tokenizer_path or model_path, False)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=inference_dtype(dtype, "cpu"),
                                                  use_safetensors=True).eval()
     encoder = Encoder(tokenizer, max_length, ends=end_token_ids(model))

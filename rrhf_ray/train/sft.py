@@ -146,14 +146,16 @@ def fit_sft(job: SFTJob, *, name: str, storage_path: str | None = None, max_fail
 
 @torch.no_grad()
 def heldout_nll(model_path: str | Path, pairs: Sequence[SFTPair | tuple[str, str] | tuple[str, str, bool]],
-                max_length: int = 192, batch_size: int = 8, dtype: str = "auto") -> float:
+                max_length: int = 192, batch_size: int = 8, dtype: str = "auto",
+                tokenizer_path: str | Path | None = None) -> float:
     """Mean per-token NLL of the responses (+ EOS) of `pairs` under the model at `model_path`, on
     a GPU when there is one, its weights in `dtype` (`model.dtype`: auto = float32 on a CPU,
     bfloat16 on a GPU). A pair (query, response, False) is a response that did not end (cut off
-    at a length limit): its tokens are scored without an EOS."""
+    at a length limit): its tokens are scored without an EOS. `tokenizer_path`: the run's
+    tokenizer (`model.tokenizer`), default the model's."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(str(model_path), False)
+    tokenizer = load_tokenizer(str(tokenizer_path or model_path), False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=inference_dtype(dtype, device),
                                                  use_safetensors=True)

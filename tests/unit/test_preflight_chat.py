@@ -80,3 +80,101 @@ def test_an_unknown_role_names_the_row(tmp_path, models, capsys):
     assert run_validate(tmp_path, chat, [{"prompt": CONV}, {"prompt": [{"role": "bot", "content": "x"}]}]) == 2
     assert error_line(capsys).endswith("d.jsonl line 2: prompt[0].role 'bot' is not one of system, user, "
                                        "assistant, tool")
+
+
+# A ChatML variant unlike the tiny model's own template: role and content on one line.
+CUSTOM = ("{% for m in messages %}<|im_start|>{{ m['role'] }}: {{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant:{% endif %}")
+
+
+def test_a_custom_chat_template_validates(tmp_path, models, capsys):
+    _, plain, rm = models
+    template = tmp_path / "custom.jinja"
+    template.write_text(CUSTOM)
+    # The plain tokenizer has no template of its own: chat_template on renders with the file's.
+    assert run_validate(tmp_path, plain, [{"prompt": CONV}], data={"chat_template": "on",
+                                                                   "chat_template_path": str(template)},
+                        reward={"kind": "model", "model": str(rm), "chat_template_path": str(template)}) == 0, \
+        capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert f"ok: data.chat_template_path {template}: renders a conversation" in out
+    assert f"ok: reward.chat_template_path {template}: renders a conversation" in out
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    (None, "template file not found: {path}"),
+    ("{% for m in messages %}{{ m['content'] }}", ("{path} does not compile as a Jinja template: Unexpected end "
+     "of template. Jinja was looking for the following tags: 'endfor' or 'else'. The innermost block that needs "
+     "to be closed is 'for'. (line 1)")),
+    ("{% if false %}x{% endif %}", "{path} renders a sample conversation (one user turn) to nothing"),
+    ("{{ raise_exception('only system turns') }}", ("{path} fails on a sample conversation (one user turn): "
+     "TemplateError: only system turns")),
+])
+@pytest.mark.parametrize("section", ["data", "reward"])
+def test_a_bad_chat_template_file_is_one_error_naming_field_and_file(tmp_path, models, capsys, text, problem,
+                                                                      section):
+    chat, _, rm = models
+    template = tmp_path / "t.jinja"
+    if text is not None:
+        template.write_text(text)
+    sections = {"data": {"chat_template_path": str(template)}} if section == "data" else {
+        "reward": {"kind": "model", "model": str(rm), "chat_template_path": str(template)}}
+    assert run_validate(tmp_path, chat, [{"prompt": CONV}], **sections) == 2
+    assert error_line(capsys) == f"error: {section}.chat_template_path: " + problem.format(path=template)
+
+
+def test_chat_template_off_with_a_template_file(tmp_path, models, capsys):
+    chat, _, _ = models
+    (tmp_path / "t.jinja").write_text(CUSTOM)
+    assert run_validate(tmp_path, chat, [{"prompt": CONV}], data={"chat_template": "off",
+                                                                  "chat_template_path": str(tmp_path / "t.jinja")}) == 2
+    assert "data.chat_template is off but data.chat_template_path is set" in error_line(capsys)
+
+
+def test_a_reward_template_file_with_a_rule(tmp_path, models, capsys):
+    chat, _, _ = models
+    (tmp_path / "t.jinja").write_text(CUSTOM)
+    assert run_validate(tmp_path, chat, [{"prompt": CONV}], reward={
+        "kind": "rule", "rule": "builtin:demo", "chat_template_path": str(tmp_path / "t.jinja")}) == 2
+    assert "reward.chat_template_path is set but reward.kind is 'rule'" in error_line(capsys)
+
+
+def test_rrhf_ray_sample_renders_with_the_template_file(tmp_path, models, capsys):
+    """`rrhf-ray sample` (preset P: the data set's responses, no engine) reads data.chat_template_path
+    as `run` does: a file that renders to nothing is the same one error line, a good one samples."""
+    chat, _, _ = models
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": CONV, "completion": [{"role": "assistant", "content": "Rarely."}]}) + "\n")
+    template = tmp_path / "t.jinja"
+    config = {"rounds": 1, "model": {"name_or_path": str(chat)},
+              "data": {"source": str(data), "eval_fraction": 0.0, "chat_template_path": str(template)},
+              "sampling": {"preset": "P", "max_new_tokens": 32, "max_model_len": 256},
+              "reward": {"kind": "rule", "rule": "builtin:demo"}, "output": {"dir": str(tmp_path / "out")}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    template.write_text("{% if false %}x{% endif %}")
+    assert main(["sample", str(path), "--out", str(tmp_path / "pool.jsonl")]) == 2
+    assert error_line(capsys) == (f"error: data.chat_template_path: {template} renders a sample conversation "
+                                  "(one user turn) to nothing")
+    template.write_text(CUSTOM)
+    assert main(["sample", str(path), "--out", str(tmp_path / "pool.jsonl")]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "pool.jsonl").read_text())["responses"] == ["Rarely."]
+
+
+def test_a_reward_template_file_for_the_reward_model_stage_is_checked(tmp_path, models, capsys):
+    """The reward model the reward_model stage will train does not exist yet: the file is checked alone."""
+    chat, _, _ = models
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": CONV, "chosen": [{"role": "assistant", "content": "Yes."}],
+                                 "rejected": [{"role": "assistant", "content": "No."}]}) + "\n")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": CONV}) + "\n")
+    config = {"rounds": 1, "model": {"name_or_path": str(chat)},
+              "data": {"source": str(data), "max_prompt_tokens": 64},
+              "sampling": {"max_new_tokens": 32, "max_model_len": 256}, "eval": {"max_new_tokens": 32},
+              "reward": {"kind": "model", "model": "unused", "chat_template_path": str(tmp_path / "t.jinja")},
+              "reward_model": {"data": str(pairs)}, "output": {"dir": str(tmp_path / "out")}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["validate", str(path)]) == 2
+    assert error_line(capsys) == f"error: reward.chat_template_path: template file not found: {tmp_path / 't.jinja'}"
