@@ -259,7 +259,7 @@ def setup(ctx: RunContext) -> None:
     ctx.data = RunData.of(load_data(cfg.data, ctx.tokenizer))
     drop_damaged_checkpoints(ctx)
     if ctx.preset.name == "OP":  # the online policy: segments, each a policy version
-        ctx.segments = plan_segments(len(data.train), cfg.train.queries_per_step, cfg.online.refresh_every,
+        ctx.segments = plan_segments(len(ctx.data.train), cfg.train.queries_per_step, cfg.online.refresh_every,
                                      cfg.rounds, cfg.data.seed, cfg.train.num_workers)
         drop_damaged_segments(ctx)
         ctx.last_trained = last_trained(ctx.segments, {f"{s.name}/train" for s in ctx.segments

@@ -106,8 +106,13 @@ def test_op_config_and_the_ip_fingerprint():
     assert load_config(DEMO_CONFIG, OP).online.refresh_every == 1  # the defaults under OP
     ip = load_config(DEMO_CONFIG)
     assert ip.online is None
-    # The online section is absent from an IP run's fingerprint: earlier runs still resume.
-    assert config_fingerprint(ip) == "2797b267c9c7672b"
+    # The online section is absent from an IP run's fingerprint (earlier runs still resume), and
+    # part of an OP run's.
+    from rrhf_ray.state import _fingerprint_data
+
+    assert "online" not in _fingerprint_data(ip) and _fingerprint_data(config)["online"]["kl_coef"] == 0.1
+    assert config_fingerprint(config) != config_fingerprint(
+        config.model_copy(update={"online": config.online.model_copy(update={"kl_coef": 0.2})}))
 
 
 @pytest.mark.parametrize("overrides, expected", [
