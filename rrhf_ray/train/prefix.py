@@ -12,10 +12,9 @@ Anthropic-HH-shaped data (P ≈ 200, k = 6, R̄ ≈ 65, R_max ≈ 110) that is �
 
 Two kernels compute that attention (`train.prefix_attention`, `prefix_kernel`: auto = flex on
 CUDA, sdpa elsewhere). sdpa (`PREFIX_ATTENTION`, `_prefix_sdpa`) never forms a T × T mask for the
-layout (T = P + ΣR): for each row it runs SDPA once over the prompt (causal) and once over its
-responses as a batch, each over the prompt's keys and its own (P + R_i keys), so the masked blocks
-between responses cost nothing; packed SFT rows are the same with no prompt (each sequence
-attends causally to itself). flex
+layout (T = P + ΣR): for each row it runs SDPA once over the prompt (causal) and once per response
+over the prompt's keys and its own (P + R_i keys), so the masked blocks between responses cost
+nothing; packed SFT rows take one SDPA call with a dense block-diagonal mask. flex
 (`PREFIX_FLEX`, `rrhf_ray.train.flex`) runs PyTorch's FlexAttention with one block mask per
 forward: one fused kernel per layer over the whole micro-batch on CUDA, where flash-attention
 kernels take no custom mask and per-response calls are many small launches.
@@ -190,7 +189,8 @@ def prefix_kernel(model: nn.Module, setting: str = "auto") -> str:
 
 def _prefix_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                  attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                 prefix_layout: tuple | None = None, **kwargs) -> tuple[Tensor, None]:
+                 prefix_layout: tuple | None = None, segment_mask: Tensor | None = None,
+                 **kwargs) -> tuple[Tensor, None]:
     """SDPA over packed rows without computing the masked blocks.
 
     `prefix_layout[b] = (P, ((s_1, e_1), …))`: row b holds a prompt of P tokens, then the
@@ -198,13 +198,15 @@ def _prefix_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
     prompt and causally to itself. Two SDPA calls per row instead of one dense T × T pass of
     which most blocks are masked: the prompt's, and its n responses' as one batch of n, each
     response's queries over the P prompt keys and its own (padded to the longest response, the
-    padding masked), gathered with one `index_select` per tensor. A row without a prompt (P = 0)
-    is packed independent sequences (SFT packing): each attends causally to itself, in one batch.
-    Rows' right padding gets zeros (its outputs are never read). query [B, H, T, D], key / value [B, H_kv, T, D] (after rotary);
+    padding masked), gathered with one `index_select` per tensor. Rows' right padding gets zeros
+    (its outputs are never read). query [B, H, T, D], key / value [B, H_kv, T, D] (after rotary);
     returns [B, T, H, D] like the other attention functions.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if segment_mask is not None:  # packed independent sequences: one SDPA call, a block-diagonal mask
+        return sdpa_attention_forward(module, query, key, value, segment_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=False)
     if prefix_layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
@@ -213,7 +215,7 @@ def _prefix_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
     for b, (p, spans) in enumerate(prefix_layout):
         q, k, v = query[b], key[b], value[b]  # [H, T, D]
         pieces = [sdpa_attention_forward(module, q[None, :, :p], k[None, :, :p], v[None, :, :p], None,
-                                         dropout=dropout, scaling=scaling, is_causal=True)[0][0]] if p else []
+                                         dropout=dropout, scaling=scaling, is_causal=True)[0][0]]
         if spans:
             gather = _response_gather(p, spans, q.device)
             # The k responses as one batch: each response's queries (padded to the longest), over
@@ -228,7 +230,7 @@ def _prefix_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
             pieces.append(out.flatten(0, 1).index_select(0, gather.outputs))  # [ΣR, H, D], row order
         end = spans[-1][1] if spans else p
         if end < width:
-            pieces.append(query.new_zeros(width - end, query.shape[1], query.shape[3]))
+            pieces.append(pieces[0].new_zeros(width - end, *pieces[0].shape[1:]))
         outputs.append(torch.cat(pieces, dim=0))
     return torch.stack(outputs), None
 
@@ -439,44 +441,44 @@ def packed_nll_sum(model: nn.Module, examples: Sequence[tuple[list[int], int]], 
     SFT loss of `rrhf_ray.train.sft.nll_sum` without padding: the examples are packed into rows of
     at most `capacity` tokens (`pack_rows`), each attending only to itself, with positions
     restarting at 0, and only the logits that predict a response token are computed. The
-    attention (`attention`: auto, sdpa or flex, `prefix_kernel`): sdpa = `PREFIX_ATTENTION` over
-    each row's sequences as one batch (a row with no prompt: each sequence attends causally to
-    itself), so the blocks between sequences cost nothing; flex = a block-diagonal causal block
-    mask. Equal to the
+    attention (`attention`: auto, sdpa or flex, `prefix_kernel`): sdpa = `PREFIX_ATTENTION` with
+    a block-diagonal causal `segment_mask`, one SDPA call per layer (a padding position attends
+    to itself alone, so nothing is undefined); flex = the same mask as a block mask. Equal to the
     padded loss and gradients up to float rounding (tested)."""
     device = _device(model)
     inner = _unwrap(model)
     kernel = prefix_kernel(model, attention)
     use_prefix_attention(inner, kernel)
-    rows, positions, segments, predictors, owners, targets, layout = [], [], [], [], [], [], []
+    rows, positions, segments, predictors, owners, targets = [], [], [], [], [], []
     for b, members in enumerate(pack_rows([len(ids) for ids, _ in examples], capacity)):
         row: list[int] = []
         pos: list[int] = []
         seg: list[int] = []
-        spans: list[tuple[int, int]] = []
         for n, i in enumerate(members):
             ids, start = examples[i]
             begin = len(row)
             row += ids
             pos += range(len(ids))
             seg += [n + 1] * len(ids)  # from 1: no segment is a shared prompt (0)
-            spans.append((begin, len(row)))
             predictors += range(begin + start - 1, begin + len(ids) - 1)
             targets += ids[start:]
             owners += [b] * (len(ids) - start)
         rows.append(row)
         positions.append(pos)
         segments.append(seg)
-        layout.append(spans)
     ids, pad_mask = _right_pad(rows, device)
     width = ids.shape[1]
     pos_t = _right_fill(positions, width, 0, device)
+    seg_t = _right_fill(segments, width, -1, device)  # padding: −1
     if kernel == "flex":
-        seg_t = _right_fill(segments, width, -1, device)  # padding: −1
         masks = {"attention_mask": _no_padding(pad_mask),
                  "prefix_block_mask": segment_block_mask(seg_t)}
-    else:  # each row: no prompt, its sequences one after another from 0
-        masks = {"attention_mask": pad_mask, "prefix_layout": tuple((0, tuple(spans)) for spans in layout)}
+    else:
+        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        same = (seg_t[:, :, None] == seg_t[:, None, :]) & (seg_t[:, :, None] >= 0)
+        eye = torch.eye(width, dtype=torch.bool, device=device)
+        segment_mask = ((same & causal) | eye)[:, None]  # [B, 1, T, T]
+        masks = {"attention_mask": pad_mask, "segment_mask": segment_mask}
     keep, column = torch.unique(torch.tensor(predictors, device=device), sorted=True, return_inverse=True)
     logits = model(input_ids=ids, position_ids=pos_t, use_cache=False, logits_to_keep=keep,
                    **masks).logits  # [B, |keep|, V]
