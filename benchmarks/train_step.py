@@ -34,7 +34,7 @@ the LM head is cheaper than a real model's).
 
 The prefix-shared trainers' attention kernel (`train.prefix_attention`, rrhf_ray/train/prefix.py):
 `--attention auto` (default: flex on CUDA, sdpa on CPU), `sdpa` (SDPA once over each prompt and
-once over its responses as a batch), `flex` (FlexAttention with one block mask per forward, compiled on CUDA; it
+once per response), `flex` (FlexAttention with one block mask per forward, compiled on CUDA; it
 has no backward on CPU, so it needs `--device cuda`), or `both`: each prefix-shared trainer once
 per kernel, in the same table, to compare them on one GPU (`--workload hh --attention both`).
 The first steps of a flex trainer include compiling its kernels (once per new shape until torch

@@ -164,7 +164,7 @@ class FitConfig(Section):
         "auto", description="The attention kernel of the packed rows (train.prefix_sharing, SFT "
         "packing): flex = PyTorch's FlexAttention with one block mask per forward (a fused kernel "
         "that skips the masked blocks, compiled on CUDA); sdpa = SDPA once over each prompt and once "
-        "over its responses as a batch (SFT packing: a dense block-diagonal mask); auto = flex when training on GPU, "
+        "per response (SFT packing: a dense block-diagonal mask); auto = flex when training on GPU, "
         "sdpa elsewhere. The same log-probs and gradients either way up to float rounding, so not "
         "part of the run's fingerprint. flex needs use_gpu: FlexAttention has no backward on CPU.")
     # Added later: off, it is left out of the run's fingerprint (rrhf_ray.state.ADDED_LATER).

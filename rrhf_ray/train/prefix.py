@@ -36,8 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -195,11 +194,9 @@ def _prefix_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
 
     `prefix_layout[b] = (P, ((s_1, e_1), …))`: row b holds a prompt of P tokens, then the
     responses at [s_i, e_i). The prompt attends causally to itself; response i attends to the
-    prompt and causally to itself. Two SDPA calls per row instead of one dense T × T pass of
-    which most blocks are masked: the prompt's, and its n responses' as one batch of n, each
-    response's queries over the P prompt keys and its own (padded to the longest response, the
-    padding masked), gathered with one `index_select` per tensor. Rows' right padding gets zeros
-    (its outputs are never read). query [B, H, T, D], key / value [B, H_kv, T, D] (after rotary);
+    prompt and causally to itself: one SDPA call per response over P + R_i keys, instead of one
+    dense T × T pass of which most blocks are masked. Rows' right padding gets zeros (its
+    outputs are never read). query [B, H, T, D], key / value [B, H_kv, T, D] (after rotary);
     returns [B, T, H, D] like the other attention functions.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -213,56 +210,24 @@ def _prefix_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
     width = query.shape[2]
     outputs = []
     for b, (p, spans) in enumerate(prefix_layout):
-        q, k, v = query[b], key[b], value[b]  # [H, T, D]
-        pieces = [sdpa_attention_forward(module, q[None, :, :p], k[None, :, :p], v[None, :, :p], None,
-                                         dropout=dropout, scaling=scaling, is_causal=True)[0][0]]
-        if spans:
-            gather = _response_gather(p, spans, q.device)
-            # The k responses as one batch: each response's queries (padded to the longest), over
-            # the prompt's keys and its own; one gather per tensor (its backward one index_add),
-            # not a slice and a concatenation per response (each slice's backward fills a tensor
-            # of the whole row).
-            n, r = gather.mask.shape[0], gather.mask.shape[2]
-            qs = q.index_select(1, gather.queries).unflatten(1, (n, r)).transpose(0, 1)
-            ks = k.index_select(1, gather.keys).unflatten(1, (n, p + r)).transpose(0, 1)
-            vs = v.index_select(1, gather.keys).unflatten(1, (n, p + r)).transpose(0, 1)
-            out = sdpa_attention_forward(module, qs, ks, vs, gather.mask, dropout=dropout, scaling=scaling)[0]
-            pieces.append(out.flatten(0, 1).index_select(0, gather.outputs))  # [ΣR, H, D], row order
-        end = spans[-1][1] if spans else p
+        q, k, v = query[b : b + 1], key[b : b + 1], value[b : b + 1]
+        pieces = [sdpa_attention_forward(module, q[:, :, :p], k[:, :, :p], v[:, :, :p], None,
+                                         dropout=dropout, scaling=scaling, is_causal=True)[0]]
+        end = p
+        for s, e in spans:
+            r = e - s
+            keys = torch.cat([k[:, :, :p], k[:, :, s:e]], dim=2)
+            values = torch.cat([v[:, :, :p], v[:, :, s:e]], dim=2)
+            # allowed[j, t]: response token j sees every prompt key and its own keys up to j.
+            allowed = torch.ones(r, p + r, dtype=torch.bool, device=q.device)
+            allowed[:, p:] = torch.ones(r, r, dtype=torch.bool, device=q.device).tril()
+            pieces.append(sdpa_attention_forward(module, q[:, :, s:e], keys, values, allowed[None, None],
+                                                 dropout=dropout, scaling=scaling)[0])
+            end = e
         if end < width:
-            pieces.append(pieces[0].new_zeros(width - end, *pieces[0].shape[1:]))
-        outputs.append(torch.cat(pieces, dim=0))
-    return torch.stack(outputs), None
-
-
-class _Gather(NamedTuple):
-    """Index tensors of one packed row's responses as a batch (see `_response_gather`)."""
-
-    queries: Tensor  # [n·R]: row position of response i's token j (padding: its first token)
-    keys: Tensor  # [n·(P+R)]: the prompt's positions, then response i's (padding: position 0)
-    mask: Tensor  # [n, 1, R, P+R] bool: every prompt key; its own keys causally
-    outputs: Tensor  # [ΣR]: where each real token's output sits in the [n·R] batch, in row order
-
-
-@lru_cache(maxsize=256)  # the same rows in every layer of a forward
-def _response_gather(p: int, spans: tuple[tuple[int, int], ...], device: torch.device) -> _Gather:
-    """The gathers that lay a row's n responses (at [s_i, e_i), right after one another from P)
-    out as a batch of n padded to the longest, R: a padded query sees the prompt (never an
-    empty row), its output is dropped; a padded key is masked."""
-    if [s for s, _ in spans] != [p] + [e for _, e in spans[:-1]]:
-        raise ValueError(f"responses must follow the prompt ({p} tokens) and one another: {spans}")
-    lengths = torch.tensor([e - s for s, e in spans])
-    starts = torch.tensor([s for s, _ in spans])
-    n, r = len(spans), int(lengths.max())
-    j = torch.arange(r)
-    real = j[None, :] < lengths[:, None]  # [n, R]
-    queries = torch.where(real, starts[:, None] + j[None, :], starts[:, None])
-    keys = torch.cat([torch.arange(p).expand(n, p), torch.where(real, queries, 0)], dim=1)
-    mask = torch.cat([torch.ones(n, r, p, dtype=torch.bool),
-                      torch.ones(r, r, dtype=torch.bool).tril()[None] & real[:, None, :]], dim=2)
-    outputs = (torch.arange(n)[:, None] * r + j[None, :])[real]
-    return _Gather(queries.flatten().to(device), keys.flatten().to(device), mask[:, None].to(device),
-                   outputs.to(device))
+            pieces.append(pieces[0].new_zeros(1, width - end, *pieces[0].shape[2:]))
+        outputs.append(torch.cat(pieces, dim=1))
+    return torch.cat(outputs, dim=0), None
 
 
 def _prefix_flex(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
