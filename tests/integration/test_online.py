@@ -2,11 +2,7 @@
 (no SFT, 16 queries in 4 segments of one optimizer step): a driver killed in the middle of a
 segment resumes without redoing or rewriting a finished segment, and the KL penalty keeps the
 policy nearer ρ than β = 0 does. Two runs in all, shared by the tests: the penalised run (killed,
-then resumed in the scenario's process) and a β = 0 run that reuses its sampler engines.
-
-The runs use a Ray cluster of their own: `scenario` starts it in a subprocess inside private
-network, PID and mount namespaces (tests/helpers.run_scenario), from the session's start beside
-the other tests (`background`, tests/conftest.py); the tests, run last, read what it left."""
+then resumed in this process) and a β = 0 run that reuses its sampler engines."""
 
 from __future__ import annotations
 
@@ -16,9 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import QUICK, kill_driver_when, run_scenario
+from rrhf_ray.actors.pools import EngineCache
+from rrhf_ray.config import load_config
+from rrhf_ray.demo import DEMO_CONFIG
+from rrhf_ray.logs import stop_run_logs
+from rrhf_ray.workflow import run
+from tests.helpers import QUICK, kill_driver_when
 
-pytestmark = [pytest.mark.ray, pytest.mark.background]
+pytestmark = pytest.mark.ray
 
 OP = [*QUICK, "data.max_eval_prompts=4", "sampling.preset=OP", "online.refresh_every=1",
       "train.queries_per_step=4", "train.micro_batch_queries=4", "online.kl_estimator=k3"]
@@ -36,22 +37,12 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def scenario(work: str) -> None:
-    """In the sandbox: a local Ray cluster, the penalised run killed and resumed, the β = 0 run;
-    what the tests need goes to `work`/result.json."""
-    import ray
-
-    from rrhf_ray.actors.pools import EngineCache
-    from rrhf_ray.config import load_config
-    from rrhf_ray.demo import DEMO_CONFIG
-    from rrhf_ray.logs import stop_run_logs
-    from rrhf_ray.workflow import run
-
-    base = Path(work)
+@pytest.fixture(scope="module")
+def runs(ray_cluster, tmp_path_factory):
+    base = tmp_path_factory.mktemp("online")
     kl, free = base / "kl", base / "free"
     overrides = [*OP, *PENALISED, f"output.dir={kl}"]
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     # Killed as soon as segment 1 has trained: in segment 1's refresh or a stage of segment 2 (a
     # one-step segment lasts a second or two, so the kill waits for a condition that stays true).
     kill_driver_when(overrides, env, lambda: "round1/seg1/train" in _state(kl).get("stages", {}),
@@ -66,19 +57,7 @@ def scenario(work: str) -> None:
             run(load_config(DEMO_CONFIG, [*OP, "online.kl_coef=0", f"output.dir={free}"]), engines)
         finally:
             stop_run_logs()
-    ray.shutdown()
-    (base / "result.json").write_text(json.dumps({"killed": killed, "trained": len(finished), "mtimes": mtimes}))
-
-
-def run_in_background(tmp_path: Path) -> dict:
-    """The scenario's result, its runs' directories added."""
-    result = run_scenario("tests.integration.test_online", tmp_path, drop=("RRHF_RAY_CACHE",))
-    return {**result, "kl": tmp_path / "kl", "free": tmp_path / "free"}
-
-
-@pytest.fixture(scope="module")
-def runs(background_result: dict) -> dict:
-    return background_result
+    return {"kl": kl, "free": free, "killed": killed, "trained": len(finished), "mtimes": mtimes}
 
 
 def test_a_driver_killed_mid_segment_resumes_without_redoing_a_finished_segment(runs):
