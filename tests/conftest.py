@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -94,66 +93,19 @@ def repository_outputs_untouched():
         pytest.fail(f"the suite wrote into {REPO_OUTPUTS}: {', '.join(changed) or 'the directory itself'}")
 
 
-# --------------------------------------------------------------------------- background scenarios
-# The longest tests (tests/integration/test_multinode.py, test_autoscale.py, test_job_submit.py)
-# each run a cluster of their own inside private network, PID and mount namespaces: nothing they
-# do touches the session's cluster or another test. Much of their time is waiting (raylets and
-# engines starting, Ray's health checks finding a lost node, the autoscaler's timers). So they
-# are marked `background`: the session starts their scenarios at once, one after another in a
-# thread, while the rest of the suite runs, and their tests run last, each checking what its
-# scenario left. A module marked so defines `run_in_background(tmp_path) -> Any`, which runs the
-# scenario to its end; its tests read the value with the `background_result` fixture.
-
-
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
-    """The background scenarios' tests last, in their order (their scenarios ran meanwhile)."""
-    items.sort(key=lambda item: item.get_closest_marker("background") is not None)  # stable
-
-
-class BackgroundScenarios:
-    """Runs each module's `run_in_background` in turn on a daemon thread; `result` waits for one
-    and returns its value or raises what it raised (a failed assertion, a skip)."""
-
-    def __init__(self, modules: list, tmp_path_factory: pytest.TempPathFactory) -> None:
-        self._done = {m.__name__: threading.Event() for m in modules}
-        self._outcome: dict[str, tuple[bool, Any, float]] = {}
-        # Made here, on the session's thread: the first mktemp of a session (re)creates its base
-        # directory, which must not race the tests'.
-        dirs = [tmp_path_factory.mktemp(m.__name__.rsplit(".", 1)[-1]) for m in modules]
-        self._thread = threading.Thread(target=self._run_all, args=(modules, dirs), daemon=True,
-                                        name="background-scenarios")
-        self._thread.start()
-
-    def _run_all(self, modules: list, dirs: list[Path]) -> None:
-        for module, tmp_path in zip(modules, dirs):
-            started = time.monotonic()
-            try:
-                self._outcome[module.__name__] = (True, module.run_in_background(tmp_path),
-                                                  time.monotonic() - started)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the test that reads it
-                self._outcome[module.__name__] = (False, e, time.monotonic() - started)
-            self._done[module.__name__].set()
-
-    def result(self, module: Any, timeout: float = 1800.0) -> Any:
-        assert self._done[module.__name__].wait(timeout), f"{module.__name__}: its scenario did not end"
-        ok, value, seconds = self._outcome[module.__name__]
-        print(f"\n{module.__name__}: background scenario {seconds:.0f} s")
-        if not ok:
-            raise value
-        return value
-
-
-@pytest.fixture(scope="session", autouse=True)
-def background_scenarios(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    """Starts the scenarios of the selected tests marked `background` when the session starts."""
-    modules: list = []
-    for item in request.session.items:
-        if item.get_closest_marker("background") and item.module not in modules:
-            modules.append(item.module)
-    return BackgroundScenarios(modules, tmp_path_factory) if modules else None
+# --------------------------------------------------------------------------- sandboxed scenarios
+# The tests that run a cluster of their own inside private network, PID and mount namespaces
+# (tests/integration/test_multinode.py, test_autoscale.py, test_job_submit.py) define
+# `run_sandboxed(tmp_path) -> Any`, which runs the scenario to its end; their tests read its value
+# through `sandboxed_result`, once per module. (Run beside the rest of the suite on a thread, they
+# made the suite no shorter on 2 cores: the work is CPU-bound, process start-up above all.)
 
 
 @pytest.fixture(scope="module")
-def background_result(request: pytest.FixtureRequest, background_scenarios: BackgroundScenarios) -> Any:
-    """What this module's `run_in_background` returned (its scenario ran during the session)."""
-    return background_scenarios.result(request.module)
+def sandboxed_result(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """What this module's `run_sandboxed` returned, run once for the module's tests."""
+    module = request.module
+    started = time.monotonic()
+    value = module.run_sandboxed(tmp_path_factory.mktemp(module.__name__.rsplit(".", 1)[-1]))
+    print(f"\n{module.__name__}: sandboxed scenario {time.monotonic() - started:.0f} s")
+    return value

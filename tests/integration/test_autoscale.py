@@ -10,8 +10,6 @@ and `ray stop` never touch another Ray cluster on this machine. The autoscaler's
 output is a bucket on a real S3-compatible server (moto, started inside the sandbox: its network
 is the sandbox's own), as the block's `OUT=s3://…` comment says: so no node shares the driver's
 files, and each node's cache (`RRHF_RAY_CACHE=…/{node_id}`) shows what that node read.
-The block runs from the session's start, beside the other tests, and this test runs last
-(`background`, tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -31,7 +29,7 @@ from tests.helpers import sandbox_env, sandbox_or_skip
 from tests.integration.test_job_submit import _checkout_copy
 from tests.object_store import moto_server_command
 
-pytestmark = [pytest.mark.ray, pytest.mark.background]
+pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "cluster.md"
@@ -68,9 +66,9 @@ exec bash -e "$3"
 """
 
 
-def run_in_background(tmp_path: Path) -> tuple[int | None, str, Path]:
-    """The block in its sandbox, run from the session's start beside the other tests
-    (tests/conftest.py, `background`): its exit status, its console and `tmp_path`."""
+def run_sandboxed(tmp_path: Path) -> tuple[int | None, str, Path]:
+    """The block in its sandbox (read by the test through `sandboxed_result`, tests/conftest.py):
+    its exit status, its console and `tmp_path`."""
     prefix = sandbox_or_skip("start an autoscaling head")
     block = doc_block()
     for step in ("RAY_FAKE_CLUSTER=1", "--autoscaling-config=cluster/local-autoscale.yaml",
@@ -102,8 +100,8 @@ def run_in_background(tmp_path: Path) -> tuple[int | None, str, Path]:
     return rc, (tmp_path / "block.log").read_text(), tmp_path
 
 
-def test_the_autoscaler_adds_a_node_per_role_and_removes_them_when_idle(background_result):
-    rc, out, tmp_path = background_result
+def test_the_autoscaler_adds_a_node_per_role_and_removes_them_when_idle(sandboxed_result):
+    rc, out, tmp_path = sandboxed_result
     checkout, ray_dir = tmp_path / "checkout", tmp_path / "ray"
     assert rc == 0, f"the block exited {rc}:\n{out[-6000:]}"
     assert "Traceback" not in out

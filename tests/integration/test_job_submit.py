@@ -14,8 +14,6 @@ machine, where other test sessions and people run Ray clusters of their own:
   the copy.
 
 Nothing of the block is changed: it runs with `bash -e`, so a failing step fails the test.
-The block runs from the session's start, beside the other tests, and this test runs last
-(`background`, tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -33,7 +31,7 @@ import pytest
 
 from tests.helpers import sandbox_env, sandbox_or_skip
 
-pytestmark = [pytest.mark.ray, pytest.mark.background]
+pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -76,9 +74,9 @@ def _checkout_copy(dest: Path) -> Path:
 SANDBOX_INIT = 'ip link set lo up && mkdir -p /tmp/ray && mount --bind "$1" /tmp/ray && cd "$2" && exec bash -e "$3"'
 
 
-def run_in_background(tmp_path: Path) -> tuple[int | None, str, float, Path]:
-    """The block in its sandbox, run from the session's start beside the other tests
-    (tests/conftest.py, `background`): its exit status, console, seconds and `tmp_path`."""
+def run_sandboxed(tmp_path: Path) -> tuple[int | None, str, float, Path]:
+    """The block in its sandbox (read by the test through `sandboxed_result`, tests/conftest.py):
+    its exit status, console, seconds and `tmp_path`."""
     prefix = sandbox_or_skip("run the doc's `ray start` / `ray stop`")
     block = doc_block()
     # The commands the issue was about are there, as the reader types them.
@@ -106,8 +104,8 @@ def run_in_background(tmp_path: Path) -> tuple[int | None, str, float, Path]:
     return rc, (tmp_path / "try.log").read_text(), time.monotonic() - started, tmp_path
 
 
-def test_the_doc_block_runs_as_written(background_result):
-    rc, out, seconds, tmp_path = background_result
+def test_the_doc_block_runs_as_written(sandboxed_result):
+    rc, out, seconds, tmp_path = sandboxed_result
     home, checkout = tmp_path / "home", tmp_path / "checkout"
     assert rc == 0, f"the block exited {rc} after {seconds:.0f} s:\n{out[-6000:]}"
 

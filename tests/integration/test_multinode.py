@@ -27,8 +27,7 @@ raylet's environment), so what a node read is in its own cache.
 
 The cluster runs in a subprocess inside private network, PID and mount namespaces (as
 tests/integration/test_job_submit.py's head does): its ports, its /tmp/ray and its processes are
-its own. `scenario` is that subprocess; it runs from the session's start, beside the other tests
-(`background`, tests/conftest.py), and the tests, run last, read what it wrote.
+its own. `scenario` is that subprocess; the tests read what it wrote.
 """
 
 from __future__ import annotations
@@ -47,7 +46,7 @@ from rrhf_ray.actors.scorer import RewardScorer
 from rrhf_ray.types import query_text
 from tests.helpers import lose_node, perturbed_copy, run_scenario
 
-pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.background]
+pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 
 REPO = Path(__file__).resolve().parents[2]
 BOARD = "rrhf-test-scorer-board"
@@ -426,9 +425,9 @@ def scenario(work: str) -> None:
     (work_dir / "result.json").write_text(json.dumps(result))
 
 
-def run_in_background(tmp_path: Path) -> dict:
-    """The scenario's result.json (one sandboxed cluster for the module's tests), run from the
-    session's start beside the other tests (tests/conftest.py, `background`)."""
+def run_sandboxed(tmp_path: Path) -> dict:
+    """The scenario's result.json (one sandboxed cluster for the module's tests; read through
+    `sandboxed_result`, tests/conftest.py)."""
     started = time.monotonic()
     result = run_scenario("tests.integration.test_multinode", tmp_path, drop=("RRHF_RAY_CACHE", "AWS_"))
     result["scenario_s"] = time.monotonic() - started
@@ -436,8 +435,8 @@ def run_in_background(tmp_path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def lost_nodes(background_result: dict) -> dict:
-    r = background_result
+def lost_nodes(sandboxed_result: dict) -> dict:
+    r = sandboxed_result
     print(f"lost-node scenario: {r['scenario_s']:.0f} s in all (sampling part {r['sampler_part_s']:.0f} s, "
           f"scoring part {r['reward_part_s']:.0f} s, training part {r['train_part_s']:.0f} s)")
     return r
