@@ -48,14 +48,11 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "eval": ("eval.jsonl",),
 }
 
-# What each stage of an online segment writes (sampling.preset OP; `rrhf_ray.online`).
+# What each stage of an online segment writes (sampling.preset OP; `rrhf_ray.online`): a round's
+# files, and the KL stage's pool between score and train.
 SEGMENT_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "sample": ("candidates.jsonl",),
-    "score": ("pool.parquet", "pool.jsonl"),
-    "kl": ("pool_kl.parquet",),
-    "train": ("checkpoint",),
-    "refresh": (),
-}
+    stage: ("pool_kl.parquet",) if stage == "kl" else STAGE_OUTPUTS[stage]
+    for stage in ("sample", "score", "kl", "train", "refresh")}
 
 
 @dataclass

@@ -107,7 +107,8 @@ def kl(ctx: RunContext, seg: Segment) -> dict:
     groups = read_groups(ctx.segment_outputs(seg, "score")[0])
     sampler = ctx.version_policy(seg.number - 1)
     policy_lp, ref_lp = compute_references(
-        [ctx.hand_off(sampler), ctx.hand_off(ctx.rho)], groups, cfg.train, tokenizer_path=ctx.hand_off(sampler),
+        [ctx.hand_off(sampler), ctx.hand_off(ctx.rho)], groups, cfg.train,
+        tokenizer_path=ctx.hand_off(cfg.model.tokenizer or sampler),  # the run's, as `stages.reference`
         trust_remote_code=cfg.model.trust_remote_code, dtype=cfg.model.dtype, store=ctx.store,
         resources=cfg.eval.resources, per_token=True)
     kls = [candidate_kl(p, r, cfg.online.kl_estimator) for p, r in zip(policy_lp, ref_lp, strict=True)]

@@ -20,7 +20,7 @@ scorers that task waits on, each with its chunk and since when.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
@@ -87,16 +87,21 @@ class Wait:
     def expired(self) -> bool:
         return self.limit is not None and self.elapsed() >= self.limit
 
-    def poll(self, on: str | None = None, workers: Sequence[Mapping[str, Any]] | None = None) -> None:
+    def poll(self, on: str | None = None,
+             workers: Sequence[Mapping[str, Any]] | Callable[[], Sequence[Mapping[str, Any]]] | None = None) -> None:
         """Record that the driver waits on `on` (default: `what`), and through it on `workers`
-        (`rrhf_ray.actors.dispatch.read_board`'s entries), once the wait has lasted
-        `RECORD_AFTER_S`; again when either changed, at most every `RECORD_EVERY_S`."""
+        (`rrhf_ray.actors.dispatch.read_board`'s entries, or a function that reads them, called
+        only when a record may be written), once the wait has lasted `RECORD_AFTER_S`; again when
+        either changed, at most every `RECORD_EVERY_S`."""
         on = on or self.what
-        shown = repr((on, [(w.get("worker"), w.get("chunk")) for w in workers or ()]))
         elapsed, now = self.elapsed(), time.monotonic()
-        if self.state is None or shown == self._recorded or elapsed < RECORD_AFTER_S:
+        if self.state is None or elapsed < RECORD_AFTER_S:
             return
         if self._recorded is not None and now - self._written < RECORD_EVERY_S:
+            return
+        workers = workers() if callable(workers) else workers
+        shown = repr((on, [(w.get("worker"), w.get("chunk")) for w in workers or ()]))
+        if shown == self._recorded:
             return
         running = self.state.data.get("running")
         if not isinstance(running, dict):
@@ -141,7 +146,7 @@ class Wait:
             if not pending:
                 break
             late = ", ".join(pending.values())
-            self.poll(late, [w for ref in pending for w in read_board(ref) or ()])
+            self.poll(late, lambda: [w for ref in pending for w in read_board(ref) or ()])
             if self.expired():
                 if cancel:
                     for ref in pending:

@@ -84,10 +84,9 @@ class WarmJob(FitJob):
     """The warm trainer's job: the policy to start from and the RRHF settings of every round
     (each round's pools come with its `train` command). `online_steps`: the online policy's run
     (OP-k, whose rounds are segments): one AdamW and LR schedule over that many steps, kept across
-    the segments and saved with each segment's checkpoint (`online_state`, in
-    its optimizer file); None: a fresh one
-    each round (IP). `kl_loss_coef`: β of the online policy's KL term in the loss
-    (`online.kl_in: loss`; 0 = none)."""
+    the segments and saved with each segment's checkpoint (`online_state`, in its optimizer
+    file); None: a fresh one each round (IP). `kl_loss_coef`: β of the online policy's KL term in
+    the loss (`online.kl_in: loss`; 0 = none)."""
 
     train: TrainConfig = Field(default_factory=TrainConfig)
     online_steps: int | None = Field(None, ge=1)
