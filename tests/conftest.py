@@ -15,6 +15,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def vllm_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """vLLM's cache (VLLM_CACHE_ROOT) for the whole session, in its tmp dirs: set before the
+    session's cluster starts, so its engines inherit it, and passed on to the sandboxed clusters
+    (`tests.helpers.sandbox_env` keeps it beside their fresh HOME). vLLM learns what a model class
+    supports in a subprocess of its own (~8 s of CPU: it imports vLLM and torch again) unless this
+    cache has it; with the cache shared, the session pays that once per model class, not once
+    more in every sandbox."""
+    path = os.environ.get("VLLM_CACHE_ROOT")
+    if path is None:
+        path = str(tmp_path_factory.mktemp("vllm-cache"))
+        os.environ["VLLM_CACHE_ROOT"] = path
+    return Path(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama (hidden 128, 2 heads → head_dim 64) with a locally trained BPE tokenizer."""

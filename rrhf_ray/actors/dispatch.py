@@ -30,7 +30,7 @@ _IN_FLIGHT_PER_WORKER = 2
 
 def on_callers_node() -> dict[str, Any]:
     """Options for a coordinating task (it runs `dispatch_chunks`) or actor (the warm trainer's
-    queues): on the caller's node (the driver's), so that losing a worker's node loses only that
+    mailbox): on the caller's node (the driver's), so that losing a worker's node loses only that
     worker's work, never the coordinator of the whole call. Hard affinity: with a soft one Ray
     places a zero-CPU task or actor on another node whenever the caller's is busy starting
     worker processes (seen on a 1-CPU head), where it dies with that node; the caller's node

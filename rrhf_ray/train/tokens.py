@@ -28,11 +28,12 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from rrhf_ray.types import Conversation, Query, conversation_text
+
+if TYPE_CHECKING:  # torch is imported where a batch is built: a rule reward's worker reads
+    import torch  # queries through this module and never needs it (~1 s of import)
 
 IGNORE = -100  # label of a token that carries no loss (the query, the padding)
 
@@ -182,11 +183,15 @@ class Batch:
 
     def labels(self) -> torch.Tensor:
         """The input ids on response tokens, `IGNORE` elsewhere (causal-LM labels)."""
+        import torch
+
         return torch.where(self.response_mask, self.input_ids, torch.full_like(self.input_ids, IGNORE))
 
 
 def collate(rows: Sequence[tuple[list[int], int]] | Sequence[list[int]], pad_id: int) -> Batch:
     """Right-pad `(ids, response_start)` rows (or plain id lists: no response) into a `Batch`."""
+    import torch
+
     pairs = [(r, len(r)) if not isinstance(r, tuple) else r for r in rows]
     width = max(len(ids) for ids, _ in pairs)
     n = len(pairs)

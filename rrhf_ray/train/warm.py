@@ -4,9 +4,9 @@ A `TorchTrainer` rebuilt every round would pay a controller, a worker group, a p
 a model load from storage before each round's first step. Here one `TorchTrainer.fit()` runs in a
 background thread of the driver for the whole run:
 
-- each worker reads commands from its own `ray.util.queue.Queue` (no collective wait while the
-  samplers work, however long that takes); rank 0 answers on one result queue; the queues live
-  on the driver's node (`driver_queue`), so a lost worker node leaves them;
+- each worker reads commands from its own channel (no collective wait while the samplers work,
+  however long that takes); rank 0 answers on one result channel; the channels are held by one
+  actor on the driver's node (`rrhf_ray.train.launch.Mailbox`), so a lost worker node leaves them;
 - a `train` command carries round r's pool paths (the bucket's URIs with output.dir on object
   storage: the workers read them from their node's cache, and load the start model likewise);
   every rank trains `train.epochs` on it with a fresh AdamW and schedule (the online policy,
@@ -30,13 +30,14 @@ background thread of the driver for the whole run:
 - the model stays in the workers' memory between rounds; with LoRA the adapters are merged at each
   round's end and new ones start, as a fit from the saved (merged) checkpoint would.
 
-A killed driver takes the worker group with it (the controller and the queues are its actors);
+A killed driver takes the worker group with it (the controller and the mailbox are its actors);
 started again, it starts a new group from the last finished round's checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import shutil
 import tempfile
 import threading
@@ -58,7 +59,7 @@ from rrhf_ray.train.checkpoints import (
     write_checkpoint,
 )
 from rrhf_ray.train.jobs import FitJob
-from rrhf_ray.train.launch import WorkerNodes, driver_queue, torch_trainer
+from rrhf_ray.train.launch import Mailbox, WorkerNodes, torch_trainer
 from rrhf_ray.train.loop import (
     NonFiniteTraining,
     Optimizer,
@@ -224,14 +225,15 @@ class WarmTrainer:
         self.store = store
         self.storage_path = storage_path
         self.name = name or f"rounds-from-{version}-{uuid.uuid4().hex[:6]}"
-        # On the driver's node: a worker's node lost takes the worker, never the queues.
-        self.commands = [driver_queue() for _ in range(cfg.num_workers)]
-        self.results = driver_queue()
+        # On the driver's node: a worker's node lost takes the worker, never the channels.
+        self.mailbox = Mailbox()
+        self.commands = [self.mailbox.channel(f"commands{rank}") for rank in range(cfg.num_workers)]
+        self.results = self.mailbox.channel("results")
         self._pending: dict[str, Any] | None = None
         self.starts = 0  # worker group (re)starts seen (a `ready` each)
         self._error: BaseException | None = None
         self.hung = False  # a round ran past its time limit: `close` does not wait long for it
-        self.nodes = WorkerNodes()  # where each worker runs (the driver records it)
+        self.nodes = WorkerNodes(self.mailbox)  # where each worker runs (the driver records it)
         trainer = torch_trainer(warm_loop_per_worker, job, name=self.name, storage_path=storage_path,
                                 max_failures=max_failures, store=store, nodes=self.nodes, version=version,
                                 global_step=global_step, commands=self.commands, results=self.results)
@@ -246,7 +248,7 @@ class WarmTrainer:
 
     @property
     def training_round(self) -> int | None:
-        """The round sent to every worker's queue and not yet trained (None between rounds)."""
+        """The round sent to every worker's channel and not yet trained (None between rounds)."""
         return None if self._pending is None else int(self._pending["round"])
 
     def _send(self, cmd: dict[str, Any]) -> None:
@@ -273,7 +275,7 @@ class WarmTrainer:
         pending = {"kind": "train", "round": r, "data_paths": [str(p) for p in data_paths],
                    "probe": [(list(p), list(q)) for p, q in probe]}
         self._send(pending)
-        self._pending = pending  # after the send: `training_round` names a round the queues hold
+        self._pending = pending  # after the send: `training_round` names a round the channels hold
         while True:
             msg = self._get(wait, r)
             if msg["kind"] == "ready":  # a restarted group: send the unfinished round again
@@ -296,12 +298,10 @@ class WarmTrainer:
                 return msg
 
     def _get(self, wait: Wait | None = None, r: int = 0) -> dict[str, Any]:
-        from ray.util.queue import Empty
-
         while True:
             try:
                 return self.results.get(timeout=POLL_SECONDS)
-            except Empty:
+            except queue.Empty:
                 if not self._thread.is_alive():
                     raise RuntimeError(f"the training worker group stopped: {self._error!r}") from self._error
                 if wait is not None:
@@ -313,9 +313,9 @@ class WarmTrainer:
                         raise wait.timeout(on)
 
     def close(self, timeout_s: float = CLOSE_SECONDS) -> bool:
-        """Stop the workers and end the fit: True when it ended within `timeout_s` (its queues are
+        """Stop the workers and end the fit: True when it ended within `timeout_s` (its mailbox is
         then shut down and its storage directory removed when local). A fit still running then is
-        logged as an error and left as it is (False): its queues stay, so a later `close` can
+        logged as an error and left as it is (False): its mailbox stays, so a later `close` can
         still end it; the driver's exit takes it down otherwise. A group whose round ran past its
         time limit (`hung`) gets at most `HUNG_CLOSE_SECONDS`: it is not expected to answer."""
         if self.hung:
@@ -331,9 +331,7 @@ class WarmTrainer:
                 logger.error("the warm trainer's fit %s did not stop within %.0f s of the stop command",
                              self.name, timeout_s)
             return False
-        for q in [*self.commands, self.results]:
-            q.shutdown()
-        self.nodes.shutdown()
+        self.mailbox.shutdown()
         local = Path(self.storage_path) / self.name
         if "://" not in self.storage_path and local.is_dir():
             shutil.rmtree(local, ignore_errors=True)
