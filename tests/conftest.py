@@ -13,6 +13,10 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# The session's cluster is this machine alone, as the local cluster `rrhf-ray run` starts, which
+# runs without Ray Train's preemption watcher (rrhf_ray.connection.PREEMPTION_WATCHER): nor do the
+# drivers and fits of the suite, which join the session's cluster by its address.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session", autouse=True)

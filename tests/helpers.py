@@ -169,9 +169,12 @@ def sandbox_or_skip(what: str) -> list[str]:
 
 def sandbox_env(home: Path, drop: tuple[str, ...] = ()) -> dict[str, str]:
     """This environment without the variables that would join or authenticate to another Ray
-    cluster (and `drop`), with a fresh HOME: a new machine's."""
+    cluster (and `drop`), with a fresh HOME: a new machine's. Ray Train's preemption watcher is
+    Ray's default there (tests/conftest.py turns it off for the session's one-machine cluster);
+    vLLM's cache (VLLM_CACHE_ROOT) is the session's."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER", "RAY_AUTH", "VIRTUAL_ENV", *drop))}
+           if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER", "RAY_AUTH", "VIRTUAL_ENV",
+                                "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", *drop))}
     env["HOME"] = str(home)
     return env
 
