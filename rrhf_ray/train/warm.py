@@ -6,7 +6,7 @@ background thread of the driver for the whole run:
 
 - each worker reads commands from its own channel (no collective wait while the samplers work,
   however long that takes); rank 0 answers on one result channel; the channels are held by one
-  actor on the driver's node (`rrhf_ray.train.launch.Mailbox`), so a lost worker node leaves them;
+  actor on the driver's node (`rrhf_ray.mailbox.Mailbox`), so a lost worker node leaves them;
 - a `train` command carries round r's pool paths (the bucket's URIs with output.dir on object
   storage: the workers read them from their node's cache, and load the start model likewise);
   every rank trains `train.epochs` on it with a fresh AdamW and schedule (the online policy,
@@ -52,6 +52,7 @@ from pydantic import Field
 
 from rrhf_ray.config import TrainConfig
 from rrhf_ray.logs import redirect_process_output
+from rrhf_ray.mailbox import Mailbox
 from rrhf_ray.train.checkpoints import (
     read_optimizer_state,
     read_train_state,
@@ -59,7 +60,7 @@ from rrhf_ray.train.checkpoints import (
     write_checkpoint,
 )
 from rrhf_ray.train.jobs import FitJob
-from rrhf_ray.train.launch import Mailbox, WorkerNodes, torch_trainer
+from rrhf_ray.train.launch import WorkerNodes, torch_trainer
 from rrhf_ray.train.loop import (
     NonFiniteTraining,
     Optimizer,
