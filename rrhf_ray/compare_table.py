@@ -10,7 +10,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,22 +27,48 @@ class Variant:
 
 @dataclass
 class RunResult:
-    """One finished run: its metrics rows (metrics.jsonl, round 0 first) and the seconds its own
-    stages took per round (state.json; shared stages count 0)."""
+    """One finished run: its metrics rows (metrics.jsonl, round 0 first), the seconds its own
+    stages took per round (state.json; shared stages count 0) and the training candidates it had
+    sampled by the end of each round (`round_candidates`)."""
 
     variant: str
     seed: int
     rows: list[dict[str, Any]]
     seconds: dict[int, float]
+    candidates: dict[int, float] = field(default_factory=dict)
+
+
+# A round's stage, or a stage of one of its segments (the online policy: round<r>/seg<i>/<stage>).
+ROUND_STAGE = re.compile(r"round(\d+)/(?:seg\d+/)?\w+")
 
 
 def round_seconds(stages: dict[str, Any]) -> dict[int, float]:
-    """Seconds of each round's stages (sample, score, reference, train, eval) summed per round."""
+    """Seconds of each round's stages (sample, score, reference, train, eval; an online pass's
+    segments' too) summed per round."""
     out: dict[int, float] = {}
     for name, info in stages.items():
-        m = re.fullmatch(r"round(\d+)/\w+", name)
+        m = ROUND_STAGE.fullmatch(name)
         if m and isinstance(info, dict):
             out[int(m.group(1))] = out.get(int(m.group(1)), 0.0) + float(info.get("seconds", 0.0))
+    return out
+
+
+def round_candidates(stages: dict[str, Any]) -> dict[int, float]:
+    """The training candidates sampled from round 1 to the end of each round r (r = 0: none), as
+    drawn (duplicates counted: `candidates_premerge` of each scored pool, an online pass's
+    segments summed; the evaluation's replies are not counted). IP-n and OP-k runs compare at
+    equal cost on this axis, not by round: an OP pass samples its queries once, as an IP round."""
+    per_round: dict[int, float] = {0: 0.0}
+    for name, info in stages.items():
+        m = ROUND_STAGE.fullmatch(name)
+        if m and name.endswith("/score") and isinstance(info, dict):
+            drawn = info.get("pool", {}).get("candidates_premerge")
+            r = int(m.group(1))
+            per_round[r] = per_round.get(r, 0.0) + float(drawn or 0)
+    total, out = 0.0, {}
+    for r in range(max(per_round) + 1):
+        total += per_round.get(r, 0.0)
+        out[r] = total
     return out
 
 
@@ -50,7 +76,7 @@ def collect_run(variant: str, seed: int, run_dir: Path) -> RunResult:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [row for row in rows if "segment" not in row]  # the online policy's segment rows
     stages = json.loads((run_dir / STATE_FILE).read_text())["stages"]
-    return RunResult(variant, seed, rows, round_seconds(stages))
+    return RunResult(variant, seed, rows, round_seconds(stages), round_candidates(stages))
 
 
 # (name in compare.jsonl, keys of a round's metrics row: the first present wins, header, format)
@@ -61,6 +87,7 @@ METRICS: tuple[tuple[str, tuple[str, ...], str, str], ...] = (
     ("reply_length", ("sampled_reply_length_mean", "eval_reply_length_mean"), "reply length", "{:.1f}"),
     ("perplexity", ("reference_perplexity", "perplexity"), "perplexity", "{:.2f}"),
     ("seconds", (), "seconds", "{:.0f}"),
+    ("candidates", (), "candidates sampled", "{:.0f}"),
 )
 
 
@@ -94,6 +121,8 @@ def aggregate(results: Sequence[RunResult], order: Sequence[str] | None = None) 
             for key, keys, _, _ in METRICS:
                 if key == "seconds":
                     values = [r.seconds.get(rnd) for r in runs]
+                elif key == "candidates":
+                    values = [r.candidates.get(rnd) for r in runs]
                 else:
                     values = [_value(row, keys) if row is not None else None for row in by_seed]
                 out[key] = summarize(values)
@@ -119,7 +148,8 @@ def format_markdown(rows: Sequence[dict[str, Any]], *, seeds: Sequence[int] = ()
              "sampled replies; win vs r0: the share of held-out queries whose reward beats the same "
              "run's round 0 (ties ½); reply length: mean tokens of the sampled held-out replies; perplexity: "
              "the policy's on the reference responses; seconds: the round's stages (round 0: its "
-             "evaluation)."), "",
+             "evaluation); candidates sampled: the training candidates drawn by the round's end, as "
+             "drawn (the cost axis on which IP-n rounds and OP-k passes compare)."), "",
              "| " + " | ".join(["variant", "round", *(m[2] for m in shown)]) + " |",
              "| " + " | ".join(["---", *("---:" for _ in range(len(shown) + 1))]) + " |"]
     for r in rows:
@@ -135,8 +165,9 @@ def format_markdown(rows: Sequence[dict[str, Any]], *, seeds: Sequence[int] = ()
 
 
 def plot(rows: Sequence[dict[str, Any]]) -> bytes:
-    """compare.png: sampled reward, win rate against round 0 and reply length by round, one line
-    per variant, error bars ± std over seeds."""
+    """compare.png: sampled reward, win rate against round 0 and reply length against the
+    training candidates sampled so far (by round where a run did not record them), one line per
+    variant, error bars ± std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,15 +177,21 @@ def plot(rows: Sequence[dict[str, Any]]) -> bytes:
               ("reply_length", "reply length (tokens)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     variants = list(dict.fromkeys(r["variant"] for r in rows))
+    by_candidates = bool(rows) and all(r.get("candidates", {}).get("mean") is not None for r in rows)
+
+    def x_of(r: dict[str, Any]) -> float:
+        return r["candidates"]["mean"] if by_candidates else r["round"]
+
     for ax, (key, title) in zip(axes, panels):
         for name in variants:
-            pts = [(r["round"], r[key]["mean"], r[key]["std"] or 0.0) for r in rows
+            pts = [(x_of(r), r[key]["mean"], r[key]["std"] or 0.0) for r in rows
                    if r["variant"] == name and r[key]["mean"] is not None]
             if pts:
                 x, y, e = zip(*pts)
                 ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=name)
-        ax.set(xlabel="round", title=title)
-        ax.set_xticks(sorted({r["round"] for r in rows}))
+        ax.set(xlabel="training candidates sampled" if by_candidates else "round", title=title)
+        if not by_candidates:
+            ax.set_xticks(sorted({r["round"] for r in rows}))
         ax.grid(alpha=0.3)
     if rows:
         axes[0].legend(fontsize=8)

@@ -160,8 +160,21 @@ def test_round_seconds_sum_each_rounds_stages():
     stages = {"base": {"seconds": 5.0}, "sft": {"seconds": 0.0, "shared_from": "x"},
               "round0/eval": {"seconds": 3.0}, "round1/sample": {"seconds": 1.5},
               "round1/reference": {"seconds": 0.5}, "round1/train": {"seconds": 2.0},
-              "round1/eval": {"seconds": 3.0}}
-    assert compare_table.round_seconds(stages) == {0: 3.0, 1: 7.0}
+              "round1/eval": {"seconds": 3.0}, "round2/seg1/sample": {"seconds": 1.0},
+              "round2/seg2/train": {"seconds": 2.5}, "round2/eval": {"seconds": 0.5}}
+    assert compare_table.round_seconds(stages) == {0: 3.0, 1: 7.0, 2: 4.0}  # a pass's segments count
+
+
+def test_candidates_sampled_add_up_over_rounds_and_an_online_pass_segments():
+    """IP rounds' pools and an OP pass's segment pools, as drawn (before duplicates merge)."""
+    def score(drawn, merged):
+        return {"seconds": 0.1, "pool": {"candidates_premerge": drawn, "candidates": merged}}
+
+    ip = {"round0/eval": {"seconds": 1.0}, "round1/score": score(576, 540), "round2/score": score(576, 500)}
+    assert compare_table.round_candidates(ip) == {0: 0.0, 1: 576.0, 2: 1152.0}
+    op = {"round0/eval": {}, "round1/seg1/score": score(256, 250), "round1/seg2/score": score(256, 240),
+          "round1/seg3/score": score(64, 60), "round1/eval": {}, "round2/seg4/score": score(256, 256)}
+    assert compare_table.round_candidates(op) == {0: 0.0, 1: 576.0, 2: 832.0}
 
 
 def test_aggregate_means_and_stds_over_seeds_per_variant_and_round():
@@ -201,6 +214,13 @@ def test_markdown_and_plot():
     assert "- `shuffled`: `train.shuffle_rewards=true`" in md
     png = compare_table.plot(out)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    # With the candidates each run sampled: a column, and the plot's x-axis.
+    counted = aggregate([RunResult("op8", s, rows([0.0, 0.5]), {0: 3.0, 1: 9.0}, {0: 0.0, 1: 576.0 + s})
+                         for s in (0, 1)])
+    md = compare_table.format_markdown(counted, seeds=[0, 1])
+    assert "| variant | round | sampled reward | win vs r0 (greedy) | perplexity | seconds | candidates sampled |" in md
+    assert "| op8 | 1 | +0.500 ± 0.000 | 0.70 ± 0.00 | 1.40 ± 0.00 | 9 ± 0 | 576 ± 1 |" in md
+    assert compare_table.plot(counted)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_parallel_runs_at_most_n_drivers_at_once_and_reports_the_failed(plan, monkeypatch):
