@@ -57,7 +57,13 @@ def runs(ray_cluster, tmp_path_factory):
             run(load_config(DEMO_CONFIG, [*OP, "online.kl_coef=0", f"output.dir={free}"]), engines)
         finally:
             stop_run_logs()
-    return {"kl": kl, "free": free, "killed": killed, "trained": len(finished), "mtimes": mtimes}
+    # A segment the killed driver trained but had not refreshed yet is not refreshed after the
+    # resume: the resumed engines start from its checkpoint (workflow.run_passes refreshes only
+    # older weights). The kill lands in that window now and then (the refresh takes ~0.05 s).
+    stages = _state(kl)["stages"]
+    unrefreshed = {i for i in (1, 2, 3, 4) if f"round1/seg{i}/refresh" not in stages}
+    return {"kl": kl, "free": free, "killed": killed, "trained": len(finished), "mtimes": mtimes,
+            "unrefreshed": unrefreshed}
 
 
 def test_a_driver_killed_mid_segment_resumes_without_redoing_a_finished_segment(runs):
@@ -72,7 +78,12 @@ def test_a_driver_killed_mid_segment_resumes_without_redoing_a_finished_segment(
     for path, mtime in runs["mtimes"].items():
         assert (out / "rounds/1" / path).stat().st_mtime_ns == mtime, f"{path} was rewritten"
     for i in (1, 2, 3, 4):
-        assert {f"round1/seg{i}/{s}" for s in ("sample", "score", "kl", "train", "refresh")} <= set(after)
+        assert {f"round1/seg{i}/{s}" for s in ("sample", "score", "kl", "train")} <= set(after)
+    # Every segment refreshed the samplers but, at most, the one the kill caught between its
+    # training and its refresh (the resumed engines were started from its checkpoint).
+    assert runs["unrefreshed"] in (set(), {n}), runs["unrefreshed"]
+    if runs["unrefreshed"]:
+        assert f"round1/seg{n}/train" in before and f"round1/seg{n}/refresh" not in before
     assert "round1/eval" in after
     # The resumed trainer continued segment 1's optimizer, schedule and float32 weights.
     logs = "".join(p.read_text() for p in (out / "logs").glob("train-*.log"))
@@ -94,7 +105,11 @@ def test_segment_metrics_and_the_kl_penalty(runs):
                                                                      (1, None)], name
         for m in metrics[1:5]:
             assert m["kl_estimator"] == "k3" and m["candidates"] == 16 and m["response_length_mean"] > 0
-            assert m["seconds_refresh"] > 0 and m["train_loss"] > 0
+            assert m["train_loss"] > 0
+            if name == "kl" and m["segment"] in runs["unrefreshed"]:  # resumed from its checkpoint
+                assert m["seconds_refresh"] is None
+            else:
+                assert m["seconds_refresh"] > 0
             beta = m["kl_coef"]
             assert m["reward_minus_kl_mean"] == pytest.approx(m["reward_mean"] - beta * m["kl_mean"])
     kl = [m["kl_mean"] for m in rows["kl"][1:5]]
