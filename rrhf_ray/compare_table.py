@@ -57,14 +57,18 @@ def round_candidates(stages: dict[str, Any]) -> dict[int, float]:
     """The training candidates sampled from round 1 to the end of each round r (r = 0: none), as
     drawn (duplicates counted: `candidates_premerge` of each scored pool, an online pass's
     segments summed; the evaluation's replies are not counted). IP-n and OP-k runs compare at
-    equal cost on this axis, not by round: an OP pass samples its queries once, as an IP round."""
+    equal cost on this axis, not by round: an OP pass samples its queries once, as an IP round.
+    Empty (unknown) when a scored pool does not say how many it drew (a state.json older than
+    the count): a partial sum would understate the run's cost."""
     per_round: dict[int, float] = {0: 0.0}
     for name, info in stages.items():
         m = ROUND_STAGE.fullmatch(name)
         if m and name.endswith("/score") and isinstance(info, dict):
             drawn = info.get("pool", {}).get("candidates_premerge")
+            if not isinstance(drawn, (int, float)):
+                return {}
             r = int(m.group(1))
-            per_round[r] = per_round.get(r, 0.0) + float(drawn or 0)
+            per_round[r] = per_round.get(r, 0.0) + float(drawn)
     total, out = 0.0, {}
     for r in range(max(per_round) + 1):
         total += per_round.get(r, 0.0)

@@ -19,7 +19,10 @@ class _MailboxActor:
         self._channels: dict[str, asyncio.Queue] = {}
 
     def _queue(self, name: str) -> asyncio.Queue:
-        return self._channels.setdefault(name, asyncio.Queue())
+        q = self._channels.get(name)
+        if q is None:  # a channel exists from its first use, by either side
+            q = self._channels[name] = asyncio.Queue()
+        return q
 
     async def put(self, name: str, item: Any) -> None:
         self._queue(name).put_nowait(item)

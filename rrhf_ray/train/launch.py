@@ -41,14 +41,14 @@ class WorkerNodes:
     def __init__(self, mailbox: Mailbox | None = None) -> None:
         self._own = mailbox is None
         self.mailbox = mailbox or Mailbox()
-        self.queue = self.mailbox.channel("nodes")
+        self.channel = self.mailbox.channel("nodes")
         self._seen: dict[int, dict[str, Any]] = {}
 
     def seen(self) -> dict[int, dict[str, Any]]:
         """{rank: {"node_id", "ip"}} of every worker started so far."""
         while True:
             try:
-                where = self.queue.get_nowait()
+                where = self.channel.get_nowait()
             except queue.Empty:
                 return dict(sorted(self._seen.items()))
             self._seen[where.pop("rank")] = where
@@ -58,8 +58,8 @@ class WorkerNodes:
             self.mailbox.shutdown()
 
 
-def _recording_node(loop: Callable[[dict[str, Any]], Any], queue: Any) -> Callable[[dict[str, Any]], Any]:
-    """`loop` preceded by the worker's node on `queue` (`WorkerNodes`) and in its log."""
+def _recording_node(loop: Callable[[dict[str, Any]], Any], channel: Any) -> Callable[[dict[str, Any]], Any]:
+    """`loop` preceded by the worker's node on `channel` (`WorkerNodes`) and in its log."""
 
     def train_loop_per_worker(config: dict[str, Any]) -> Any:
         import ray
@@ -68,7 +68,7 @@ def _recording_node(loop: Callable[[dict[str, Any]], Any], queue: Any) -> Callab
         rank = ray.train.get_context().get_world_rank()
         where = {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address()}
         logger.info("Ray Train worker %d on node %s (%s)", rank, where["node_id"], where["ip"])
-        queue.put({"rank": rank, **where})
+        channel.put({"rank": rank, **where})
         return loop(config)
 
     return train_loop_per_worker
@@ -91,7 +91,7 @@ def torch_trainer(loop: Callable[[dict[str, Any]], Any], job: FitJob, *, name: s
     cfg = job.train
     poll_workers_often()
     return TorchTrainer(
-        _recording_node(loop, nodes.queue) if nodes is not None else loop,
+        _recording_node(loop, nodes.channel) if nodes is not None else loop,
         train_loop_config={"job": job.model_dump(mode="json"), **loop_config},
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,

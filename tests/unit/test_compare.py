@@ -175,6 +175,8 @@ def test_candidates_sampled_add_up_over_rounds_and_an_online_pass_segments():
     op = {"round0/eval": {}, "round1/seg1/score": score(256, 250), "round1/seg2/score": score(256, 240),
           "round1/seg3/score": score(64, 60), "round1/eval": {}, "round2/seg4/score": score(256, 256)}
     assert compare_table.round_candidates(op) == {0: 0.0, 1: 576.0, 2: 832.0}
+    # A pool that does not say what it drew (an older state.json): unknown, not a partial sum.
+    assert compare_table.round_candidates({**ip, "round3/score": {"seconds": 0.1, "pool": {}}}) == {}
 
 
 def test_aggregate_means_and_stds_over_seeds_per_variant_and_round():
