@@ -122,6 +122,12 @@ class RunContext:
             return str(self.segment_dir(self.segments[version - 1]) / "checkpoint")
         return self.policy(version)
 
+    def sampler_version(self, seg: Segment) -> int:
+        """The policy version that samples `seg` (`rrhf_ray.segments.sampler_version`)."""
+        from rrhf_ray.segments import sampler_version
+
+        return sampler_version(seg.number, self.config.online.max_staleness)
+
     def segment_dir(self, seg: Segment) -> Path:
         return self.round_dir(seg.round) / f"seg{seg.index}"
 

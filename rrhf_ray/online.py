@@ -3,7 +3,8 @@
 as `round<r>/seg<i>/<stage>` and writing under `rounds/<r>/seg<i>/` (`rrhf_ray.context`).
 
 A segment samples its queries from the weights the previous segment trained (policy version
-seg.number − 1; ρ for the first), trains the next version for `online.refresh_every` optimizer
+seg.number − 1; ρ for the first; with `online.max_staleness: 1` the version before that, while
+the previous segment trains: `rrhf_ray.segments.sampler_version`), trains the next version for `online.refresh_every` optimizer
 steps with the run's one AdamW (`rrhf_ray.train.warm`, `WarmJob.online_steps`) and loads it into
 the samplers. Between score and train, `kl` measures each candidate's KL to ρ with the per-token
 log-probabilities of DPO's reference task (`rrhf_ray.train.reference`) under ρ and under the
@@ -32,10 +33,13 @@ logger = logging.getLogger(__name__)
 
 
 def sample(ctx: RunContext, seg: Segment) -> dict:
-    """The segment's candidates (unscored), drawn by the current weights with the seeds of policy
-    version seg.number (`stages.round_sampling`)."""
+    """The segment's candidates (unscored), drawn by the weights the samplers serve (version
+    `ctx.sampler_version(seg)`) with the seeds of policy version seg.number (`stages.round_sampling`)."""
     from rrhf_ray.waits import Wait
 
+    if (served := ctx.pools["current"].version) != ctx.sampler_version(seg):  # the driver's order broken
+        raise RuntimeError(f"{seg.name}: the samplers serve policy version {served}, the segment is "
+                           f"sampled by version {ctx.sampler_version(seg)}")
     with Wait(ctx.state, "the sampler replicas (each request under sampling.chunk_timeout_s)", None,
               "sampling.chunk_timeout_s") as wait:
         return stages.sample_candidates(
@@ -105,7 +109,7 @@ def kl(ctx: RunContext, seg: Segment) -> dict:
 
     cfg = ctx.config
     groups = read_groups(ctx.segment_outputs(seg, "score")[0])
-    sampler = ctx.version_policy(seg.number - 1)
+    sampler = ctx.version_policy(ctx.sampler_version(seg))
     policy_lp, ref_lp = compute_references(
         [ctx.hand_off(sampler), ctx.hand_off(ctx.rho)], groups, cfg.train,
         tokenizer_path=ctx.hand_off(cfg.model.tokenizer or sampler),  # the run's, as `stages.reference`

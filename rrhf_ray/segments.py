@@ -8,7 +8,8 @@ seeded order of its own. Pure: the driver (`rrhf_ray.workflow`) and the tests ca
 
 Segment numbers run over the whole run (1, 2, …): segment s trains policy version s from version
 s − 1 (version 0 is ρ), the same numbering the samplers' `policy@<version>` tags and the warm
-trainer's rounds use.
+trainer's rounds use. With `online.max_staleness: 1` (one-step overlap) segment s is sampled by
+version s − 2 while segment s − 1 trains (`sampler_version`).
 """
 
 from __future__ import annotations
@@ -106,3 +107,22 @@ def redone_with(seg: Segment, segments: list[Segment], names: list[str]) -> list
         elif (m := re.fullmatch(r"round(\d+)/eval", name)) and int(m.group(1)) >= seg.round:
             out.append(name)
     return out
+
+
+def sampler_version(number: int, staleness: int) -> int:
+    """The policy version that samples segment `number`: the one before it trains (s − 1), or with
+    `staleness` 1 the one before that (s − 2, sampled while segment s − 1 trains); ρ (0) at least.
+    Segment s trains from version s − 1, so its candidates are at most `staleness` versions behind."""
+    return max(0, number - 1 - staleness)
+
+
+def serving_version(segments: list[Segment], sampled: set[str], last: int, staleness: int) -> int:
+    """The policy version a (re)started run's samplers load: the one that samples the first segment
+    whose candidates are not all drawn and weighed yet (its `<name>/kl` stage is not in `sampled`),
+    never newer than `last` (the last trained, `last_trained`). Without staleness that is `last`;
+    with it, a driver killed while segment s trained beside segment s+1's sampling restarts that
+    sampling from version s − 1, as the killed driver drew it, not from version s."""
+    for seg in segments:
+        if f"{seg.name}/kl" not in sampled:
+            return min(last, sampler_version(seg.number, staleness))
+    return last

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -55,6 +56,7 @@ ADDED_LATER: tuple[tuple[tuple[str, ...], Any], ...] = (
     (("online",), None),  # the online policy's section: absent outside sampling.preset OP
     (("data", "chat_template_path"), None),
     (("reward", "chat_template_path"), None),
+    (("online", "max_staleness"), 0),
 )
 
 
@@ -159,9 +161,15 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 class RunState:
-    """The finished stages of one output directory, and the config they were made with."""
+    """The finished stages of one output directory, and the config they were made with.
+
+    Two stages may run at once (the online policy's one-step overlap trains one segment in a
+    thread while the driver samples the next): every change of `data` and every write holds
+    `lock`, and `running` names the stage started last (a stage that ends removes it only when it
+    is the one named)."""
 
     def __init__(self, out: Path, config: RunConfig) -> None:
+        self.lock = threading.RLock()
         self.path = out / STATE_FILE
         fingerprint = config_fingerprint(config)
         if self.path.exists():
@@ -180,32 +188,56 @@ class RunState:
         write_json_atomic(self.path, self.data)
 
     def save(self) -> None:
-        write_json_atomic(self.path, self.data)
+        with self.lock:
+            write_json_atomic(self.path, self.data)
 
     def done(self, stage: str, *outputs: Path) -> bool:
         return stage in self.data["stages"] and all(p.exists() for p in outputs)
 
     def start(self, stage: str) -> None:
         """Record `stage` as running in this process (written before its work starts)."""
-        self.data.pop("failed", None)
-        self.data["running"] = {"stage": stage, "started": time.time(), "pid": os.getpid(),
-                                "host": socket.gethostname(), "pid_started": process_start_ticks(os.getpid())}
-        write_json_atomic(self.path, self.data)
+        with self.lock:
+            self.data.pop("failed", None)
+            self.data["running"] = {"stage": stage, "started": time.time(), "pid": os.getpid(),
+                                    "host": socket.gethostname(), "pid_started": process_start_ticks(os.getpid())}
+            write_json_atomic(self.path, self.data)
+
+    def _stop_running(self, stage: str) -> dict[str, Any]:
+        """`running` taken out of `data` when it names `stage` (alone, or among stages run as one:
+        `timed_stages`), else left to the stage it names."""
+        running = self.data.get("running")
+        if isinstance(running, dict) and isinstance(named := running.get("stage"), str) \
+                and stage not in named.split(" + "):
+            return {}
+        return self.data.pop("running", None) or {}
 
     def finish(self, stage: str, seconds: float, **info: Any) -> None:
-        self.data.pop("running", None)
-        self.data["stages"][stage] = {"seconds": round(seconds, 2), "finished": time.time(), **info}
-        write_json_atomic(self.path, self.data)
+        with self.lock:
+            self._stop_running(stage)
+            self.data["stages"][stage] = {"seconds": round(seconds, 2), "finished": time.time(), **info}
+            write_json_atomic(self.path, self.data)
 
     def fail(self, stage: str, seconds: float, error: BaseException) -> None:
         """Record that `stage` raised `error` (the run stops; started again, it redoes the stage)."""
-        running = self.data.pop("running", None) or {}
+        with self.lock:
+            self._fail(stage, seconds, error)
+
+    def _fail(self, stage: str, seconds: float, error: BaseException) -> None:
+        failed = self.data.get("failed")
+        if isinstance(failed, dict) and failed.get("interrupted") and failed.get("pid") == os.getpid() \
+                and not isinstance(error, KeyboardInterrupt):
+            # A stage run beside the interrupted one, failing as the run shuts its actors down:
+            # the stop is the cause, and stays the record.
+            logger.info("%s ended with the stopped run: %s: %s", stage, type(error).__name__, error)
+            self._stop_running(stage)
+            return
+        running = self._stop_running(stage)
         # A Ray task's error wraps the task's own (once per task on the way): record that one.
         while isinstance(cause := getattr(error, "cause", None), BaseException) and cause is not error:
             error = cause
         record = {"stage": stage, "seconds": round(seconds, 2), "finished": time.time(),
                   "error": f"{type(error).__name__}: {error}"[:500],
-                  **{k: running[k] for k in ("pid", "host") if k in running}}
+                  "pid": running.get("pid", os.getpid()), "host": running.get("host", socket.gethostname())}
         if isinstance(error, KeyboardInterrupt):  # SIGINT, or SIGTERM (`StopSignal`): not a fault
             record["interrupted"] = True
         self.data["failed"] = record

@@ -45,7 +45,7 @@ def stage_limit(stages: Mapping[str, Any], step: str, configured: float | None) 
     """The time limit of round r's `step` ("train", "refresh", "eval"): `configured`, else
     derived from the seconds of the rounds whose `step` state.json records (`stages`) as
     `rrhf_ray.actors.dispatch.work_timeout` derives it, `FIRST_LIMIT_S` before any."""
-    measured = [float(info["seconds"]) for name, info in stages.items()
+    measured = [float(info["seconds"]) for name, info in list(stages.items())  # a copy: stages may grow meanwhile
                 if name.startswith("round") and name.endswith(f"/{step}")
                 and isinstance(info, dict) and isinstance(info.get("seconds"), (int, float))]
     return work_timeout(measured, configured, first=FIRST_LIMIT_S)
@@ -103,22 +103,25 @@ class Wait:
         shown = repr((on, [(w.get("worker"), w.get("chunk")) for w in workers or ()]))
         if shown == self._recorded:
             return
-        running = self.state.data.get("running")
-        if not isinstance(running, dict):
-            return
-        running["waiting"] = {"on": on, "since": self.since, "limit_s": self.limit, "key": self.key}
-        if workers:
-            running["waiting"]["workers"] = [dict(w) for w in workers]
-        self.state.save()
+        with self.state.lock:
+            running = self.state.data.get("running")
+            if not isinstance(running, dict):
+                return
+            waiting = {"on": on, "since": self.since, "limit_s": self.limit, "key": self.key}
+            if workers:
+                waiting["workers"] = [dict(w) for w in workers]
+            running["waiting"] = waiting
+            self.state.save()
         self._recorded, self._written = shown, now
 
     def end(self) -> None:
         """The wait is over: its record leaves state.json (written only when there was one)."""
         if self._recorded is None or self.state is None:
             return
-        running = self.state.data.get("running")
-        if isinstance(running, dict) and running.pop("waiting", None) is not None:
-            self.state.save()
+        with self.state.lock:
+            running = self.state.data.get("running")
+            if isinstance(running, dict) and running.pop("waiting", None) is not None:
+                self.state.save()
         self._recorded = None
 
     def timeout(self, on: str | None = None) -> StageTimeout:

@@ -26,7 +26,8 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from rrhf_ray.actors.pools import EngineCache
     from rrhf_ray.mirror import RunStore
     from rrhf_ray.preflight import Preflight
+    from rrhf_ray.segments import Segment
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +245,7 @@ def setup(ctx: RunContext) -> None:
     )
     from rrhf_ray.actors.scorer import RewardPool
     from rrhf_ray.data.queries import load_data
-    from rrhf_ray.segments import last_trained, plan_segments, total_steps
+    from rrhf_ray.segments import last_trained, plan_segments, serving_version, total_steps
     from rrhf_ray.train.checkpoints import start_state
     from rrhf_ray.train.warm import WarmJob, WarmTrainer
 
@@ -267,12 +269,16 @@ def setup(ctx: RunContext) -> None:
     else:
         ctx.last_trained = max([r for r in range(1, cfg.rounds + 1) if ctx.done(r, "train")], default=0)
     versions = len(ctx.segments) or cfg.rounds
-    current = ctx.version_policy(ctx.last_trained)
+    current = ctx.version_policy(ctx.last_trained)  # what the trainer starts from
+    serve = ctx.last_trained  # what the samplers serve: with one-step overlap, maybe the version before
+    if ctx.segments:
+        serve = serving_version(ctx.segments, {f"{s.name}/kl" for s in ctx.segments if ctx.segment_done(s, "kl")},
+                                ctx.last_trained, cfg.online.max_staleness)
     if ctx.pools:  # started beside SFT from the base model: ρ everywhere now, version 0
         ray.get([ref for pool in ctx.pools.values() for ref in pool.load_weights_refs(ctx.hand_off(ctx.rho), 0)])
     else:
-        ctx.pools = build_pools(cfg, ctx.preset, ctx.hand_off(ctx.rho), ctx.hand_off(current), ctx.last_trained,
-                                store=ctx.store, engines=ctx.engines, log_dir=ctx.log_dir, with_current=True)
+        ctx.pools = build_pools(cfg, ctx.preset, ctx.hand_off(ctx.rho), ctx.hand_off(ctx.version_policy(serve)),
+                                serve, store=ctx.store, engines=ctx.engines, log_dir=ctx.log_dir, with_current=True)
     ctx.rewards = RewardPool(ctx.reward, store=ctx.store, log_dir=ctx.log_dir)
     ctx.judge = cfg.eval.judge_model or ctx.rho  # one fixed judge for every round (docs/metrics.md)
     ctx.served_dtype = served_dtype(cfg.sampling.dtype, current, trust_remote_code=cfg.model.trust_remote_code)
@@ -402,26 +408,101 @@ def run_rounds(ctx: RunContext) -> None:
 def run_passes(ctx: RunContext) -> None:
     """The online policy (OP-k, `rrhf_ray.online`): each pass over the queries streams its
     segments (sample → score → KL → train k steps → refresh), then evaluates the weights it ends
-    with as round r. A resumed run skips every finished segment stage."""
+    with as round r. A resumed run skips every finished segment stage.
+
+    With `online.max_staleness: 1` segment s+1's sample, score and KL stages run while segment s
+    trains (in a thread of this process: `beside`), from the weights of segment s − 1; segment
+    s's weights reach the samplers before segment s+2 samples (or before its pass's evaluation)."""
+    overlap = ctx.config.online.max_staleness > 0
+    training: Segment | None = None  # trained beside the next segment's sampling
+    for seg in ctx.segments:
+        serve_version(ctx, ctx.sampler_version(seg))
+        if training is None:
+            front_segment(ctx, seg)
+        else:
+            beside(partial(train_segment, ctx, training), partial(front_segment, ctx, seg))
+            end_segment(ctx, training)
+        if overlap:
+            training = seg
+        else:
+            train_segment(ctx, seg)
+            end_segment(ctx, seg)
+    if training is not None:
+        train_segment(ctx, training)
+        end_segment(ctx, training)
+
+
+def front_segment(ctx: RunContext, seg: Segment) -> None:
+    """A segment's stages before its training: its candidates, their rewards and their KL to ρ."""
     from rrhf_ray import online
+
+    logger.info("── round %d/%d, segment %d/%d (sampled by policy version %d) ──", seg.round, ctx.config.rounds,
+                seg.index, sum(1 for s in ctx.segments if s.round == seg.round), ctx.sampler_version(seg))
+    ctx.run_segment_stage(seg, "sample", online.sample)
+    ctx.run_segment_stage(seg, "score", online.score)
+    ctx.run_segment_stage(seg, "kl", online.kl)
+
+
+def train_segment(ctx: RunContext, seg: Segment) -> None:
+    """Policy version seg.number, trained and its checkpoint published."""
+    from rrhf_ray import online
+
+    ctx.run_segment_stage(seg, "train", online.train)
+    publish(ctx, f"{seg.name}/train", f"rounds/{seg.round}/seg{seg.index}/checkpoint", seg.name)
+
+
+def serve_version(ctx: RunContext, version: int) -> None:
+    """The samplers serve policy `version` (no older): segment `version`'s refresh stage loads it in
+    place (no engine restart). A refresh finished by an earlier driver whose engines are gone is
+    done again without a record (the resumed samplers started from an older version)."""
+    from rrhf_ray import online
+
+    if ctx.pools["current"].version >= version:
+        return
+    seg = ctx.segments[version - 1]
+    if not ctx.run_segment_stage(seg, "refresh", online.refresh):
+        online.refresh(ctx, seg)
+
+
+def end_segment(ctx: RunContext, seg: Segment) -> None:
+    """After a segment's training: at the end of its pass, the samplers take its weights, and the
+    pass is evaluated and tracked as round seg.round."""
     from rrhf_ray.report import write_metrics
 
-    for r in range(1, ctx.config.rounds + 1):
-        pass_segments = [s for s in ctx.segments if s.round == r]
-        for seg in pass_segments:
-            logger.info("── round %d/%d, segment %d/%d (policy version %d) ──", r, ctx.config.rounds, seg.index,
-                        len(pass_segments), seg.number)
-            ctx.run_segment_stage(seg, "sample", online.sample)
-            ctx.run_segment_stage(seg, "score", online.score)
-            ctx.run_segment_stage(seg, "kl", online.kl)
-            ctx.run_segment_stage(seg, "train", online.train)
-            publish(ctx, f"{seg.name}/train", f"rounds/{seg.round}/seg{seg.index}/checkpoint", seg.name)
-            if ctx.pools["current"].version < seg.number:  # in place: no engine restart
-                ctx.run_segment_stage(seg, "refresh", online.refresh)
-        if ctx.trainer is not None:  # where the trainer ran, as a round records it
-            record_placement(ctx, {f"train{rank}": where for rank, where in ctx.trainer.nodes.seen().items()})
-        evaluate_round(ctx, r)
-        track_round(ctx, write_metrics(ctx.out, ctx.state.data["stages"], r), r)
+    if seg is not [s for s in ctx.segments if s.round == seg.round][-1]:
+        return
+    serve_version(ctx, seg.number)
+    if ctx.trainer is not None:  # where the trainer ran, as a round records it
+        record_placement(ctx, {f"train{rank}": where for rank, where in ctx.trainer.nodes.seen().items()})
+    evaluate_round(ctx, seg.round)
+    track_round(ctx, write_metrics(ctx.out, ctx.state.data["stages"], seg.round), seg.round)
+
+
+def beside(first: Callable[[], None], second: Callable[[], None]) -> None:
+    """`first` in a thread of its own while `second` runs here (the driver's thread, where SIGINT
+    and SIGTERM land); returns when both have. An error of either is raised once both are over
+    (`second`'s first), so that the other's stage ends recorded; an interrupt of `second` is raised
+    at once, `first` left to the run's release (which stops the trainer it waits on)."""
+    errors: list[BaseException] = []
+
+    def run_first() -> None:
+        try:
+            first()
+        except BaseException as error:  # noqa: BLE001 - handed to the driver's thread
+            errors.append(error)
+
+    thread = threading.Thread(target=run_first, name="rrhf-ray-train", daemon=True)
+    thread.start()
+    try:
+        second()
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        thread.join()
+        raise
+    thread.join()
+    if errors:
+        raise errors[0]
 
 
 def evaluate_round(ctx: RunContext, r: int) -> None:

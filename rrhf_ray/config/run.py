@@ -217,6 +217,12 @@ class OnlineConfig(Section):
         "the score and add β · the mean over each query's candidates of ½ (Σ log π − Σ log π_ref)², "
         "π the policy being trained, to the query's loss: on sampled responses its gradient is the "
         "KL's (rrhf_ray/train/rrhf.py, with_kl_term). kl_estimator then only names the KL reported.")
+    max_staleness: Literal[0, 1] = Field(
+        0, description="0 = each segment is sampled by the weights the segment before it trained; 1 = "
+        "one-step overlap: segment s+1 is sampled by segment s−1's weights while segment s trains, so "
+        "every candidate is at most one policy version behind the weights it trains (its `versions` in "
+        "the pool say which). Overlaps the sampler and the trainer; on a machine whose cores both "
+        "already use it is not faster (docs/algorithm.md, \"One-step overlap\").")
 
 
 class RewardConfig(Section):

@@ -1,8 +1,10 @@
 """The online policy OP-k (`sampling.preset: OP`) on a real local Ray cluster, on a shortened demo
 (no SFT, 16 queries in 4 segments of one optimizer step): a driver killed in the middle of a
-segment resumes without redoing or rewriting a finished segment, and the KL penalty keeps the
-policy nearer ρ than β = 0 does. Two runs in all, shared by the tests: the penalised run (killed,
-then resumed in this process) and a β = 0 run that reuses its sampler engines."""
+segment resumes without redoing or rewriting a finished segment, the KL penalty keeps the
+policy nearer ρ than β = 0 does, and with one-step overlap (`online.max_staleness: 1`) each
+segment samples while the one before it trains. Three runs in all, shared by the tests: the
+penalised run (killed, then resumed in this process), a β = 0 run and an overlapping β = 0 run
+that reuse its sampler engines."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from rrhf_ray.actors.pools import EngineCache
 from rrhf_ray.config import load_config
 from rrhf_ray.demo import DEMO_CONFIG
 from rrhf_ray.logs import stop_run_logs
+from rrhf_ray.types import read_groups
 from rrhf_ray.workflow import run
 from tests.helpers import QUICK, kill_driver_when
 
@@ -40,7 +43,7 @@ def _metrics(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def runs(ray_cluster, tmp_path_factory):
     base = tmp_path_factory.mktemp("online")
-    kl, free = base / "kl", base / "free"
+    kl, free, stale = base / "kl", base / "free", base / "stale"
     overrides = [*OP, *PENALISED, f"output.dir={kl}"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     # Killed as soon as segment 1 has trained: in segment 1's refresh or a stage of segment 2 (a
@@ -55,6 +58,7 @@ def runs(ray_cluster, tmp_path_factory):
         try:
             run(load_config(DEMO_CONFIG, overrides), engines)
             run(load_config(DEMO_CONFIG, [*OP, "online.kl_coef=0", f"output.dir={free}"]), engines)
+            run(load_config(DEMO_CONFIG, [*OP, "online.max_staleness=1", f"output.dir={stale}"]), engines)
         finally:
             stop_run_logs()
     # A segment the killed driver trained but had not refreshed yet is not refreshed after the
@@ -62,7 +66,7 @@ def runs(ray_cluster, tmp_path_factory):
     # older weights). The kill lands in that window now and then (the refresh takes ~0.05 s).
     stages = _state(kl)["stages"]
     unrefreshed = {i for i in (1, 2, 3, 4) if f"round1/seg{i}/refresh" not in stages}
-    return {"kl": kl, "free": free, "killed": killed, "trained": len(finished), "mtimes": mtimes,
+    return {"kl": kl, "free": free, "stale": stale, "killed": killed, "trained": len(finished), "mtimes": mtimes,
             "unrefreshed": unrefreshed}
 
 
@@ -117,3 +121,36 @@ def test_segment_metrics_and_the_kl_penalty(runs):
     assert kl[0] == free[0] == 0.0  # ρ samples segment 1 in both: π = ρ
     assert kl[1] == pytest.approx(free[1], rel=0.01)  # the same weights (two processes' float sums)
     assert kl[3] > 0 and kl[2] < free[2] and kl[3] < free[3], (kl, free)
+
+
+def test_one_step_overlap_samples_beside_the_training_from_weights_one_version_behind(runs):
+    """max_staleness 1: segment s is sampled by version s − 2 (ρ for segments 1 and 2) while
+    segment s − 1 trains version s − 1, so every candidate is at most one version behind the
+    weights it trains; the two stages ran at the same time; only the versions a later segment
+    samples from (1, 2) and the pass's last (4, evaluated) reach the samplers."""
+    out = runs["stale"]
+    stages = _state(out)["stages"]
+
+    def span(name: str) -> tuple[float, float]:
+        return stages[name]["finished"] - stages[name]["seconds"], stages[name]["finished"]
+
+    for s in (1, 2, 3, 4):
+        pool = read_groups(out / f"rounds/1/seg{s}/pool.parquet")
+        versions = {v for g in pool for v in g.versions}
+        assert versions == {max(0, s - 2)}, (s, versions)
+        assert all(0 <= (s - 1) - v <= 1 for v in versions)  # the trainer starts segment s from s − 1
+    for s in (2, 3, 4):  # sampling segment s and training segment s − 1 overlapped in time
+        train = span(f"round1/seg{s - 1}/train")
+        front = span(f"round1/seg{s}/sample")[0], span(f"round1/seg{s}/kl")[1]
+        assert max(train[0], front[0]) < min(train[1], front[1]), (s, train, front)
+    assert {n for n in stages if n.endswith("/refresh")} == {f"round1/seg{s}/refresh" for s in (1, 2, 4)}
+    metrics = _metrics(out)
+    assert [(m["round"], m.get("segment")) for m in metrics] == [(0, None), (1, 1), (1, 2), (1, 3), (1, 4),
+                                                                 (1, None)]
+    assert all(m["candidates"] == 16 and m["train_loss"] > 0 for m in metrics[1:5])
+    assert metrics[1]["kl_mean"] == metrics[2]["kl_mean"] == 0.0  # both drawn by ρ: π = ρ
+    assert metrics[3]["kl_mean"] > 0
+    # The same schedule as without overlap: one AdamW over the run's 4 steps.
+    steps = [json.loads(line)["global_step"] for i in (1, 2, 3, 4)
+             for line in (out / f"rounds/1/seg{i}/train_history.jsonl").read_text().splitlines()]
+    assert steps == [1.0, 2.0, 3.0, 4.0]

@@ -17,6 +17,8 @@ from rrhf_ray.segments import (
     last_trained,
     pass_order,
     plan_segments,
+    sampler_version,
+    serving_version,
     steps_of,
     total_steps,
 )
@@ -61,6 +63,50 @@ def test_the_last_trained_segment_is_the_end_of_the_finished_prefix():
     # A later segment recorded without the one before it does not count (trained in order).
     assert last_trained(segs, {"round1/seg1/train", "round1/seg3/train"}) == 1
     assert Segment(1, 2, 2, (0,), 1).name == "round1/seg2"
+
+
+def test_the_version_that_samples_each_segment():
+    """Without staleness segment s is sampled by version s − 1; with one-step overlap by s − 2
+    (ρ for the first two): every candidate at most one version behind the weights it trains."""
+    assert [sampler_version(s, 0) for s in (1, 2, 3, 4)] == [0, 1, 2, 3]
+    assert [sampler_version(s, 1) for s in (1, 2, 3, 4)] == [0, 0, 1, 2]
+    assert all(0 <= (s - 1) - sampler_version(s, 1) <= 1 for s in range(1, 20))
+
+
+def test_a_resumed_overlapping_run_samples_from_the_version_the_killed_one_drew_from():
+    segs = plan_segments(8, 2, 1, 1)  # 4 one-step segments
+    fronts = {f"round1/seg{i}/kl" for i in (1, 2)}
+    # Killed while segment 2 trained beside segment 3's sampling: segment 3 is drawn by version 1.
+    assert serving_version(segs, fronts, last=1, staleness=1) == 1
+    # Segment 2 trained, segment 3's sampling not finished: still version 1, not 2.
+    assert serving_version(segs, fronts, last=2, staleness=1) == 1
+    # Without staleness the samplers serve the last trained version.
+    assert serving_version(segs, fronts, last=2, staleness=0) == 2
+    # Everything sampled (the last segment trains): the last trained.
+    assert serving_version(segs, {f"round1/seg{i}/kl" for i in (1, 2, 3, 4)}, last=3, staleness=1) == 3
+    assert serving_version(segs, set(), last=0, staleness=1) == 0
+
+
+def test_beside_runs_both_at_once_and_raises_after_both_end():
+    import threading
+
+    from rrhf_ray.workflow import beside
+
+    met = threading.Barrier(2, timeout=10)  # passes only when both sides wait at once
+    seen: list[str] = []
+    beside(lambda: (met.wait(), seen.append("first")), lambda: (met.wait(), seen.append("second")))
+    assert sorted(seen) == ["first", "second"]
+    done = threading.Event()
+
+    def slow_failure() -> None:
+        done.wait(10)
+        raise ValueError("the trainer failed")
+
+    with pytest.raises(ValueError, match="the trainer failed"):  # raised once the second is over
+        beside(slow_failure, done.set)
+    with pytest.raises(KeyError):  # the second's error first, after the first has ended
+        beside(lambda: seen.append("ended"), lambda: (_ for _ in ()).throw(KeyError("x")))
+    assert seen[-1] == "ended"
 
 
 # --------------------------------------------------------------------------- KL estimators
@@ -113,6 +159,10 @@ def test_op_config_and_the_ip_fingerprint():
     assert "online" not in _fingerprint_data(ip) and _fingerprint_data(config)["online"]["kl_coef"] == 0.1
     assert config_fingerprint(config) != config_fingerprint(
         config.model_copy(update={"online": config.online.model_copy(update={"kl_coef": 0.2})}))
+    # max_staleness 0 (as before it existed) leaves an OP run's fingerprint as it was; 1 is another run.
+    assert "max_staleness" not in _fingerprint_data(config)["online"]
+    stale = load_config(DEMO_CONFIG, [*OP, "online.refresh_every=2", "online.kl_coef=0.1", "online.max_staleness=1"])
+    assert stale.online.max_staleness == 1 and config_fingerprint(stale) != config_fingerprint(config)
 
 
 @pytest.mark.parametrize("overrides, expected", [
@@ -121,6 +171,8 @@ def test_op_config_and_the_ip_fingerprint():
     (["sampling.preset=OP"], "train.epochs: 4 with sampling.preset OP"),
     ([*OP, "train.lora.enabled=true"], "train.lora.enabled: LoRA with sampling.preset OP"),
     ([*OP, "train.loss=dpo"], "train.loss.name: dpo with sampling.preset OP"),
+    ([*OP, "online.max_staleness=2"], "online.max_staleness: Input should be 0 or 1"),
+    (["online.max_staleness=1"], "online.max_staleness: sampling.preset is IP"),
 ])
 def test_online_mistakes_are_one_error_line_naming_the_field(overrides, expected, capsys):
     with pytest.raises(ConfigError, match=expected.replace("(", r"\(")):

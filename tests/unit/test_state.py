@@ -71,3 +71,26 @@ def test_the_refresh_transport_is_not_part_of_the_fingerprint():
     assert config_fingerprint(memory) == config_fingerprint(disk) == "7ecb40f289f591c9"
     with pytest.raises(ConfigError, match="refresh_transport"):
         load_config(DEMO_CONFIG, ["sampling.refresh_transport=network"])
+
+
+def test_two_stages_at_once_keep_the_running_record_of_the_one_started_last(tmp_path):
+    """The online policy's one-step overlap trains a segment while the next one samples: a stage
+    that ends removes `running` only when it names that stage; a stage that fails as an
+    interrupted run shuts down does not replace the interruption's record."""
+    import os
+
+    state = RunState(tmp_path, load_config(DEMO_CONFIG))
+    state.start("round1/seg1/train")
+    state.start("round1/seg2/sample")
+    state.finish("round1/seg1/train", 1.0)
+    assert state.data["running"]["stage"] == "round1/seg2/sample"
+    state.fail("round1/seg2/sample", 0.5, KeyboardInterrupt())
+    on_disk = json.loads(state.path.read_text())
+    assert "running" not in on_disk and on_disk["failed"]["interrupted"] is True
+    assert on_disk["failed"]["pid"] == os.getpid()
+    state.start("round1/seg2/train")  # (a start clears the failure: a new stage of a new try)
+    state.fail("round1/seg2/sample", 0.5, KeyboardInterrupt())
+    state.fail("round1/seg2/train", 2.0, RuntimeError("the trainer's actor died"))
+    failed = json.loads(state.path.read_text())["failed"]
+    assert failed["stage"] == "round1/seg2/sample" and failed["interrupted"] is True
+    assert "running" not in state.data
