@@ -207,7 +207,7 @@ class RunState:
         `timed_stages`), else left to the stage it names."""
         running = self.data.get("running")
         if isinstance(running, dict) and isinstance(named := running.get("stage"), str) \
-                and stage not in named.split(" + "):
+                and stage != named and stage not in named.split(" + "):
             return {}
         return self.data.pop("running", None) or {}
 

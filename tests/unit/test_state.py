@@ -94,3 +94,10 @@ def test_two_stages_at_once_keep_the_running_record_of_the_one_started_last(tmp_
     failed = json.loads(state.path.read_text())["failed"]
     assert failed["stage"] == "round1/seg2/sample" and failed["interrupted"] is True
     assert "running" not in state.data
+    # Stages run as one (`timed_stages`): the joint name, or each of them, ends the record.
+    state.start("round1/eval + round2/sample")
+    state.fail("round1/eval + round2/sample", 1.0, KeyboardInterrupt())
+    assert "running" not in state.data
+    state.start("round1/eval + round2/sample")
+    state.finish("round1/eval", 0.5)
+    assert "running" not in state.data
