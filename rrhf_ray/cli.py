@@ -464,8 +464,14 @@ def main(argv: list[str] | None = None) -> int:
     from rrhf_ray.logs import setup_console
 
     setup_console(args.verbose)  # a run's console turns quiet once its logs/ exist (rrhf_ray.logs)
-    from rrhf_ray.logs import current_log_dir, stop_run_logs
+    from rrhf_ray.logs import (
+        current_log_dir,
+        resume_worker_progress,
+        stop_run_logs,
+        stop_worker_progress,
+    )
 
+    resume_worker_progress()
     try:
         return args.func(args)
     except KeyboardInterrupt as err:  # SIGINT / SIGTERM (rrhf_ray.workflow.stop_signals)
@@ -473,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         # errors its refs carry ("every worker died"), printed by Ray as they are freed, are the
         # stop itself, not news, and would bury this line. This process ends right after.
         os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"
+        stop_worker_progress()  # the trainer's bar, still updating as it stops, stays above this line
         sig = str(err) or "SIGINT"
         stage = getattr(err, "stage", None)
         where = f" in stage {stage}" if stage else ""
@@ -482,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
     except Exception as err:  # a fault inside the work: its traceback where the user can find it
+        stop_worker_progress()
         log_dir = current_log_dir()
         if log_dir is None:
             traceback.print_exc()

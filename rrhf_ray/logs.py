@@ -246,6 +246,22 @@ class _ProgressPassthrough:
         return getattr(self.file, name)
 
 
+def stop_worker_progress() -> None:
+    """No more progress bars of Ray workers on this console (`route_worker_output`): later updates
+    are dropped and the bars drawn are cleared. For a stopped or failed run, whose last console line
+    is its error: a trainer still reporting steps as it is shut down would print below that line."""
+    _state["bars_stopped"] = True
+    manager = getattr(sys.modules.get("ray.experimental.tqdm_ray"), "_manager", None)
+    if manager is not None:
+        manager.hide_bars()
+
+
+def resume_worker_progress() -> None:
+    """Ray workers' progress bars shown again after `stop_worker_progress` (the next command of
+    this process, e.g. a test's or a notebook's)."""
+    _state["bars_stopped"] = False
+
+
 def worker_progress(total: int, desc: str, unit: str) -> Any:
     """A progress bar that the driver draws (`ray.experimental.tqdm_ray`) for work in a Ray
     worker process (rank 0 of a training run); None outside Ray workers, where log lines suffice."""
@@ -276,7 +292,7 @@ def route_worker_output() -> None:
 
     def handle(data: dict[str, Any]) -> None:
         lines = data.get("lines") or []
-        bars = [line for line in lines if RAY_TQDM_MAGIC in line]
+        bars = [line for line in lines if RAY_TQDM_MAGIC in line and not _state.get("bars_stopped")]
         rest = [line for line in lines if RAY_TQDM_MAGIC not in line]
         if bars and plain is not None:
             for line in bars:

@@ -48,3 +48,32 @@ def test_redirected_bars_print_once_per_update_through_the_driver(tmp_path, caps
         logs.stop_run_logs()
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sampling")]
     assert err == ["sampling: 24/72 query (33 %)", "sampling: 72/72 query (100 %), done"]
+
+
+def test_no_bar_is_printed_after_a_stopped_runs_last_line(tmp_path, capsys, monkeypatch):
+    """A stopped or failed run's error is its console's last line: a trainer still reporting its
+    steps while it is shut down prints nothing below it; the next command's bars show again."""
+    from ray._private import worker as ray_worker
+
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)  # restored after
+    monkeypatch.setitem(logs._state, "ray_printer", None)
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher
+
+    def emit(update: str) -> None:
+        dispatcher.emit({"lines": [update], "pid": 7, "is_err": False, "ip": "127.0.0.1",
+                         "task_name": "t", "actor_name": "", "job": "01000000"})
+
+    logs.start_run_logs(tmp_path / "logs")
+    try:
+        logs.route_worker_output()
+        emit(state(24))
+        logs.stop_worker_progress()
+        emit(state(48))  # the trainer's next step, as it is stopped
+        logs.resume_worker_progress()
+        emit(state(72, closed=True, uuid="u2"))
+    finally:
+        dispatcher.remove_handler("ray_print_logs")
+        logs.stop_run_logs()
+        logs.resume_worker_progress()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sampling")]
+    assert err == ["sampling: 24/72 query (33 %)", "sampling: 72/72 query (100 %), done"]
