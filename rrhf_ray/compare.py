@@ -321,7 +321,7 @@ def _run_jobs(plan: Plan, todo: list[PlannedRun], parallel: int, env: dict[str, 
         from rrhf_ray.actors.pools import EngineCache
         from rrhf_ray.workflow import run
 
-        with EngineCache() as engines:  # consecutive runs with the same sampling settings share them
+        with EngineCache() as engines:  # consecutive runs with the same model and engine settings share them
             for j in todo:
                 logger.info("compare: ── %s seed %d → %s", j.variant.name, j.seed, j.config.output.dir)
                 try:

@@ -6,10 +6,13 @@ trained) for IP, "initial" (the frozen ρ) for BP / DP / D, none for P. Evaluati
 
 `EngineCache` holds the engines that runs one after another in one process (`rrhf-ray
 compare`) share: a run that ends leaves its pools there, and the next run whose model and
-sampling settings are the same loads its own weights into them (`SamplerPool.load_weights_refs`,
-prefix cache reset) instead of starting engines, which mostly means importing vLLM again. Every
-request is seeded, so a kept engine samples what a new one would. The cache is an object the
-caller owns and passes in; nothing is kept in module state.
+engine settings (`ENGINE_FIELDS`) are the same loads its own weights into them
+(`SamplerPool.load_weights_refs`, prefix cache reset) instead of starting engines, which mostly
+means importing vLLM again (on a GPU, also compiling and capturing graphs). What a request asks
+for (k, temperature, lengths, the preset, the timeouts) may differ between the runs: the pool
+takes the new run's sampling settings and sends them with every request. Every request is
+seeded, so a kept engine samples what a new one would. The cache is an object the caller owns
+and passes in; nothing is kept in module state.
 """
 
 from __future__ import annotations
@@ -28,11 +31,17 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+# The sampling settings a pool's engines and placement are built from; the others are per request
+# or the driver's (`SamplerPool.sample_refs` sends them with each call).
+ENGINE_FIELDS = frozenset({"num_replicas", "seed", "enforce_eager", "dtype", "kv_cache_gib", "tensor_parallel_size",
+                           "max_model_len", "cpus_per_replica", "use_gpu", "max_restarts", "resources"})
+
+
 def engine_settings(config: RunConfig, tag: str) -> str:
-    """What an engine is built from: the pool's tag, the model and every sampling setting (the
-    pool's defaults too); a kept pool serves a run only when these are equal."""
-    return json.dumps([tag, config.model.model_dump(mode="json"), config.sampling.model_dump(mode="json")],
-                      sort_keys=True)
+    """What an engine is built from: the pool's tag, the model and the sampling settings of
+    `ENGINE_FIELDS`; a kept pool serves a run only when these are equal."""
+    return json.dumps([tag, config.model.model_dump(mode="json"),
+                       config.sampling.model_dump(mode="json", include=set(ENGINE_FIELDS))], sort_keys=True)
 
 
 class EngineCache:
@@ -83,6 +92,7 @@ def start_pool(config: RunConfig, tag: str, weights: str, version: int, *, store
     kept = engines.take(tag, engine_settings(config, tag)) if engines is not None else None
     if kept is not None:
         logger.info("sampler engines (%s) kept from the previous run: loading %s in place", tag, weights)
+        kept.config = config.sampling  # this run's requests (the engine settings are equal)
         ray.get(kept.redirect_logs_refs(log_dir) + kept.load_weights_refs(weights, version))
         return kept
     from rrhf_ray.mirror import hand_off

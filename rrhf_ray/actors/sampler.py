@@ -348,9 +348,9 @@ class SamplerPool:
         engine settings in it are ignored. `start_index` is the global index of prompts[0], so
         a caller that feeds the data set in slices still gets the seeds of the whole-set call.
         """
-        cfg = config or self.config
+        cfg = config or self.config  # always sent: a kept engine's own default is an earlier run's
         seeds = [query_seed(cfg.seed, start_index + i) for i in range(len(prompts))]
-        return self._dispatch(list(prompts), seeds, cfg.chunk_prompts, progress, config=config)
+        return self._dispatch(list(prompts), seeds, cfg.chunk_prompts, progress, config=cfg)
 
     def sample_many_refs(self, parts: Sequence[tuple[Sequence[str], SamplingConfig]], *,
                     progress: bool = True) -> ray.ObjectRef:
