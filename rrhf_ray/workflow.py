@@ -530,7 +530,8 @@ def publish(ctx: RunContext, trained: str, checkpoint: str, label: str) -> None:
         return
     ctx.store.sync()
     moved = ctx.store.uploaded(checkpoint)
-    info["checkpoint_upload"] = {"bytes": moved.bytes, "seconds": round(moved.seconds, 3)}
+    with ctx.state.lock:  # (an online segment publishes from the training thread: `beside`)
+        info["checkpoint_upload"] = {"bytes": moved.bytes, "seconds": round(moved.seconds, 3)}
     logger.info("%s's checkpoint: %s", label, moved.describe("uploaded"))
 
 
