@@ -4,11 +4,12 @@ as `round<r>/seg<i>/<stage>` and writing under `rounds/<r>/seg<i>/` (`rrhf_ray.c
 
 A segment samples its queries from the weights the previous segment trained (policy version
 seg.number − 1; ρ for the first; with `online.max_staleness: 1` the version before that, while
-the previous segment trains: `rrhf_ray.segments.sampler_version`), trains the next version for `online.refresh_every` optimizer
-steps with the run's one AdamW (`rrhf_ray.train.warm`, `WarmJob.online_steps`) and loads it into
-the samplers. Between score and train, `kl` measures each candidate's KL to ρ with the per-token
-log-probabilities of DPO's reference task (`rrhf_ray.train.reference`) under ρ and under the
-sampling policy, and writes the pool the trainer reads (pool_kl.parquet): rewards r − β·KL
+the previous segment trains: `rrhf_ray.segments.sampler_version`), trains the next version for
+`online.refresh_every` optimizer steps with the run's one AdamW (`rrhf_ray.train.warm`,
+`WarmJob.online_steps`) and loads it into the samplers. Between score and train, `kl` measures
+each candidate's KL to ρ with the per-token log-probabilities of DPO's reference task
+(`rrhf_ray.train.reference`) under ρ and under the sampling policy, and writes the pool the
+trainer reads (pool_kl.parquet): rewards r − β·KL
 (`online.kl_in: reward`, the paper's OP setting), or the rewards as scored with Σ log ρ of each
 candidate for the trainer's KL term (`kl_in: loss`). The score, train and refresh stages are the
 round's (`rrhf_ray.stages`) on the segment's files.

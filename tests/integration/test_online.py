@@ -40,6 +40,12 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def _global_steps(out: Path) -> list[float]:
+    """The optimizer's global step after each step of the 4 segments, in order."""
+    return [json.loads(line)["global_step"] for i in (1, 2, 3, 4)
+            for line in (out / f"rounds/1/seg{i}/train_history.jsonl").read_text().splitlines()]
+
+
 @pytest.fixture(scope="module")
 def runs(ray_cluster, tmp_path_factory):
     base = tmp_path_factory.mktemp("online")
@@ -93,9 +99,7 @@ def test_a_driver_killed_mid_segment_resumes_without_redoing_a_finished_segment(
     logs = "".join(p.read_text() for p in (out / "logs").glob("train-*.log"))
     assert f"optimizer, schedule (step {n}) and float32 weights of policy version {n} loaded" in logs
     # One schedule over the run's 4 steps: the resumed segments continue its global steps.
-    steps = [json.loads(line)["global_step"] for i in (1, 2, 3, 4)
-             for line in (out / f"rounds/1/seg{i}/train_history.jsonl").read_text().splitlines()]
-    assert steps == [1.0, 2.0, 3.0, 4.0]
+    assert _global_steps(out) == [1.0, 2.0, 3.0, 4.0]
 
 
 def test_segment_metrics_and_the_kl_penalty(runs):
@@ -151,6 +155,4 @@ def test_one_step_overlap_samples_beside_the_training_from_weights_one_version_b
     assert metrics[1]["kl_mean"] == metrics[2]["kl_mean"] == 0.0  # both drawn by ρ: π = ρ
     assert metrics[3]["kl_mean"] > 0
     # The same schedule as without overlap: one AdamW over the run's 4 steps.
-    steps = [json.loads(line)["global_step"] for i in (1, 2, 3, 4)
-             for line in (out / f"rounds/1/seg{i}/train_history.jsonl").read_text().splitlines()]
-    assert steps == [1.0, 2.0, 3.0, 4.0]
+    assert _global_steps(out) == [1.0, 2.0, 3.0, 4.0]
