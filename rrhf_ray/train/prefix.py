@@ -24,7 +24,8 @@ positions as in its padded row, so log-probs and every parameter's gradient equa
 path's up to float rounding (the tests check 1e-5 per token and rtol 1e-4 on gradients). It is
 one ordinary forward (no KV cache), so it works with gradient checkpointing, LoRA, DDP and FSDP
 like any forward. Log-softmax is taken in float32 whatever the model's dtype, and only the
-logits that predict a response token are computed (`logits_to_keep`).
+logits that predict a response token are computed (`logits_at`: the output head sees only
+those hidden states).
 
 Where it applies: see `supports_prefix_sharing` (tested architectures, loaded with eager / sdpa
 attention: flash-attention kernels unpad by their own rules); a sliding window shorter than a
@@ -119,6 +120,29 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def logits_at(model: nn.Module, rows: Tensor, columns: Tensor, **inputs) -> Tensor:
+    """The logits of `model(**inputs)` at the positions (`rows`[i], `columns`[i]) only, [N, V]:
+    the output head (`get_output_embeddings`) sees just those N hidden states, gathered by a
+    forward pre-hook, so neither the head's matmul nor the log-softmax after it runs at a
+    position nothing reads (a prompt token, padding, another row's response). What the model
+    does after the head (a softcap, a logit scale) is elementwise and applies unchanged. The
+    forward goes through `model` itself (a DDP or PEFT wrapper included); the hook is removed
+    on return."""
+    head = _unwrap(model).get_output_embeddings()
+
+    def gather(_module: nn.Module, args: tuple) -> tuple:
+        hidden = args[0]  # [B, T, H]
+        flat = rows * hidden.shape[1] + columns
+        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat)[None], *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        logits = model(use_cache=False, logits_to_keep=0, **inputs).logits  # [1, N, V]
+    finally:
+        handle.remove()
+    return logits[0]
+
+
 def supports_prefix_sharing(model: nn.Module) -> bool:
     """True when `candidate_logprobs_shared` is known to equal the padded path for `model`.
 
@@ -209,21 +233,24 @@ def _prefix_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                                       scaling=scaling, **kwargs)
     width = query.shape[2]
     outputs = []
-    for b, (p, spans) in enumerate(prefix_layout):
-        q, k, v = query[b : b + 1], key[b : b + 1], value[b : b + 1]
-        pieces = [sdpa_attention_forward(module, q[:, :, :p], k[:, :, :p], v[:, :, :p], None,
+    # The pieces come from one `split` per row and tensor (not one slice each): a split's backward
+    # is one concatenation, where every slice's backward would fill a zero tensor of the whole
+    # row and add into it (k + 1 times per layer and tensor).
+    for (p, spans), q, k, v in zip(prefix_layout, query.split(1), key.split(1), value.split(1)):
+        end = spans[-1][1] if spans else p
+        sizes = [p, *(e - s for s, e in spans)] + ([width - end] if end < width else [])
+        qs, ks, vs = (t.split(sizes, dim=2) for t in (q, k, v))
+        pieces = [sdpa_attention_forward(module, qs[0], ks[0], vs[0], None,
                                          dropout=dropout, scaling=scaling, is_causal=True)[0]]
-        end = p
-        for s, e in spans:
+        for i, (s, e) in enumerate(spans, start=1):
             r = e - s
-            keys = torch.cat([k[:, :, :p], k[:, :, s:e]], dim=2)
-            values = torch.cat([v[:, :, :p], v[:, :, s:e]], dim=2)
+            keys = torch.cat([ks[0], ks[i]], dim=2)
+            values = torch.cat([vs[0], vs[i]], dim=2)
             # allowed[j, t]: response token j sees every prompt key and its own keys up to j.
             allowed = torch.ones(r, p + r, dtype=torch.bool, device=q.device)
             allowed[:, p:] = torch.ones(r, r, dtype=torch.bool, device=q.device).tril()
-            pieces.append(sdpa_attention_forward(module, q[:, :, s:e], keys, values, allowed[None, None],
+            pieces.append(sdpa_attention_forward(module, qs[i], keys, values, allowed[None, None],
                                                  dropout=dropout, scaling=scaling)[0])
-            end = e
         if end < width:
             pieces.append(pieces[0].new_zeros(1, width - end, *pieces[0].shape[2:]))
         outputs.append(torch.cat(pieces, dim=1))
@@ -326,8 +353,8 @@ def candidate_logprobs_shared(model: nn.Module, batch: PackedQueries,
     another response); position ids restart at P for every response, so each response sees
     exactly the keys, values and rotary positions of its padded row. One forward, no cache:
     P + ΣR tokens per query, no response padding. Several queries are right-padded to the longest
-    row. Only the logits that predict a response token are computed (`logits_to_keep`). Same
-    result as `candidate_logprobs_padded` up to rounding, with either kernel.
+    row. Only the logits that predict a response token are computed (`logits_at`). Same result
+    as `candidate_logprobs_padded` up to rounding, with either kernel.
     """
     device = _device(model)
     inner = _unwrap(model)
@@ -365,12 +392,8 @@ def candidate_logprobs_shared(model: nn.Module, batch: PackedQueries,
     else:
         masks = {"attention_mask": pad_mask, "prefix_layout": tuple(layout)}
 
-    owner_t = torch.tensor(owners, device=device)
-    pred_t = torch.tensor(predictors, device=device)
-    keep, column = torch.unique(pred_t, sorted=True, return_inverse=True)  # columns any row needs
-    logits = model(input_ids=ids, position_ids=pos_t, use_cache=False, logits_to_keep=keep,
-                   **masks).logits  # [B, |keep|, V]
-    picked = logits[owner_t, column].float()  # [M, V], one row per response token
+    picked = logits_at(model, torch.tensor(owners, device=device), torch.tensor(predictors, device=device),
+                       input_ids=ids, position_ids=pos_t, **masks).float()  # [M, V], one per response token
     target = torch.tensor(targets, device=device)
     token_logp = picked.gather(-1, target[:, None]).squeeze(-1) - picked.logsumexp(-1)
     lengths_t = torch.tensor(lengths, device=device)
@@ -444,9 +467,7 @@ def packed_nll_sum(model: nn.Module, examples: Sequence[tuple[list[int], int]], 
         eye = torch.eye(width, dtype=torch.bool, device=device)
         segment_mask = ((same & causal) | eye)[:, None]  # [B, 1, T, T]
         masks = {"attention_mask": pad_mask, "segment_mask": segment_mask}
-    keep, column = torch.unique(torch.tensor(predictors, device=device), sorted=True, return_inverse=True)
-    logits = model(input_ids=ids, position_ids=pos_t, use_cache=False, logits_to_keep=keep,
-                   **masks).logits  # [B, |keep|, V]
-    picked = logits[torch.tensor(owners, device=device), column].float()  # one row per response token
+    picked = logits_at(model, torch.tensor(owners, device=device), torch.tensor(predictors, device=device),
+                       input_ids=ids, position_ids=pos_t, **masks).float()  # one row per response token
     loss = torch.nn.functional.cross_entropy(picked, torch.tensor(targets, device=device), reduction="sum")
     return loss, len(targets)

@@ -218,3 +218,40 @@ def test_tokens_computed() -> None:
     assert tokens_computed(200, [10, 20, 30], shared=True) == 260
     assert tokens_computed(200, [10, 20, 30], shared=False) == 660
     assert tokens_computed(5, [1], shared=True) == tokens_computed(5, [1], shared=False) == 6
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_at_equals_the_full_logits_there_and_leaves_no_hook(models, arch):
+    """`logits_at` (the head run on the gathered hidden states only) equals the full forward's
+    logits at the asked positions, in the asked order, through a DDP-style wrapper (`.module`);
+    the head has no hook left afterwards, also when the forward raises."""
+    from rrhf_ray.train.prefix import logits_at
+
+    model = models[arch]
+    torch.manual_seed(1)
+    ids = torch.randint(3, model.config.vocab_size, (3, 9))
+    full = model(input_ids=ids, use_cache=False).logits
+    rows, cols = torch.tensor([2, 0, 0, 1, 2]), torch.tensor([8, 0, 5, 3, 0])
+
+    class Wrapper(torch.nn.Module):  # exposes the model as `.module`, forwards to it, as DDP does
+        def __init__(self, module: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+        def forward(self, **kwargs):
+            return self.module(**kwargs)
+
+    got = logits_at(Wrapper(model), rows, cols, input_ids=ids)
+    assert got.shape == (5, full.shape[-1])
+    torch.testing.assert_close(got, full[rows, cols], rtol=1e-5, atol=1e-5)
+    head = model.get_output_embeddings()
+    assert not head._forward_pre_hooks
+
+    class Failing(Wrapper):
+        def forward(self, **kwargs):
+            assert self.module.get_output_embeddings()._forward_pre_hooks  # the hook is on
+            raise RuntimeError("the forward failed")
+
+    with pytest.raises(RuntimeError, match="the forward failed"):
+        logits_at(Failing(model), rows, cols, input_ids=ids)
+    assert not head._forward_pre_hooks
