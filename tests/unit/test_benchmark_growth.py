@@ -74,7 +74,13 @@ def test_growth_laws_recover_known_costs() -> None:
     assert share["queries"] == 256
     assert share["round_seconds"] == pytest.approx(total)
     assert share["share"] == pytest.approx(4.0 / total)
-    assert "fixed part of a round at 256 queries" in growth.summary(laws, share)
+    # Of the 4.0 s: the evaluation's 2.0 s, and 0.5 + 0.1 + 1.0 + 0.4 s of the other stages.
+    assert share["eval_seconds"] == pytest.approx(2.0)
+    assert share["overhead_seconds"] == pytest.approx(2.0)
+    assert share["overhead_share"] == pytest.approx(2.0 / total)
+    text = growth.summary(laws, share)
+    assert "fixed part of a round at 256 queries" in text
+    assert f"overhead (the other stages' fixed parts) 2.00 s = {2.0 / total:.1%} (target ≤ 5 %)" in text
 
 
 def test_a_factor_measured_at_one_point_has_no_law() -> None:
