@@ -59,7 +59,10 @@ SYSTEM_CONFIG = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1
                  "health_check_timeout_ms": 1000, "health_check_failure_threshold": 10}
 # Each chunk takes this long on a scorer: long enough for its node to be removed mid-chunk.
 CHUNK_SECONDS = 2.0
-ROUND2_STEPS = 40
+# Round 2's steps: enough that the round outlasts a few of the worker's progress-bar flushes (one
+# a second, what `steps_done` reads) on a quiet machine; at 40 steps, with the fused AdamW, the
+# whole round fitted between two flushes and the kill landed after its last step.
+ROUND2_STEPS = 160
 
 
 @ray.remote(num_cpus=0)
