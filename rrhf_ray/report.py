@@ -405,8 +405,8 @@ def waiting_line(running: dict[str, Any], now: float) -> str | None:
 
 def format_status(state: dict[str, Any], output_dir: str, now: float | None = None) -> str:
     """What `rrhf-ray status` prints for a state.json's contents: the finished stages, the stage
-    running (for how long; "stopped" when its driver on this host is gone; what its driver waits
-    on, `waiting_line`) or the one that failed,
+    running (for how long; "stopped" when its driver on this host is gone; the stages running
+    beside it; what its driver waits on, `waiting_line`) or the one that failed,
     the next stage, and the table of the evaluated rounds. `now`: the wall clock (time.time())."""
     now = time.time() if now is None else now
     stages = state["stages"]
@@ -428,13 +428,17 @@ def format_status(state: dict[str, Any], output_dir: str, now: float | None = No
         where = f"driver pid {running.get('pid')} on {running.get('host')}"
         since = _duration(now - running.get("started", now))
         alive = driver_alive(running)
+        beside = [b for b in running.get("beside", ()) if isinstance(b, dict)]  # one-step overlap
         if alive is False:
-            lines.append(f"{running['stage']}: stopped (driver pid {running.get('pid')} not alive), "
+            also = f" (and {', '.join(str(b.get('stage')) for b in beside)})" if beside else ""
+            lines.append(f"{running['stage']}{also}: stopped (driver pid {running.get('pid')} not alive), "
                          f"started {since} ago; run the same command again to resume")
         else:
             live = True
             lines.append(f"{running['stage']}: running for {since} ({where}"
                          + ("; another host: not checked from here)" if alive is None else ")"))
+            lines += [f"{b.get('stage')}: running beside it for {_duration(now - b.get('started', now))}"
+                      for b in beside]
             if (line := waiting_line(running, now)) is not None:
                 lines.append(line)
     elif isinstance(failed, dict):

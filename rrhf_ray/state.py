@@ -7,7 +7,8 @@ output directory.
 
 While a stage runs, `state.json` also names it under `running` (stage, wall-clock start, the
 driver's pid, host and process start time), so that `rrhf-ray status` can tell a live run from a
-killed one (`driver_alive`); a stage that raised leaves `failed` (stage, seconds, the error)
+killed one (`driver_alive`); a stage of the same driver still running when another starts (the
+online policy's one-step overlap) is listed under the new record's `beside`. A stage that raised leaves `failed` (stage, seconds, the error)
 instead, until the next stage starts (with `interrupted: true` for a stage a stop signal ended).
 
 One driver per output directory: `DriverLock` holds `driver.lock` (an exclusive `flock`, which
@@ -165,8 +166,9 @@ class RunState:
 
     Two stages may run at once (the online policy's one-step overlap trains one segment in a
     thread while the driver samples the next): every change of `data` and every write holds
-    `lock`, and `running` names the stage started last (a stage that ends removes it only when it
-    is the one named)."""
+    `lock`; `running` names the stage started last and lists the stages of this driver that still
+    run under `beside` (a stage that ends leaves the record, and the earliest stage beside it
+    takes its place)."""
 
     def __init__(self, out: Path, config: RunConfig) -> None:
         self.lock = threading.RLock()
@@ -198,18 +200,48 @@ class RunState:
         """Record `stage` as running in this process (written before its work starts)."""
         with self.lock:
             self.data.pop("failed", None)
-            self.data["running"] = {"stage": stage, "started": time.time(), "pid": os.getpid(),
-                                    "host": socket.gethostname(), "pid_started": process_start_ticks(os.getpid())}
+            record = {"stage": stage, "started": time.time(), "pid": os.getpid(),
+                      "host": socket.gethostname(), "pid_started": process_start_ticks(os.getpid())}
+            previous = self.data.get("running")
+            if isinstance(previous, dict) and previous.get("pid") == os.getpid():
+                # This driver's stages that still run (one-step overlap): listed beside the new one.
+                again = previous.get("stage") == stage  # (a retry replaces its own record)
+                beside = [*([] if again else [{k: previous[k] for k in ("stage", "started") if k in previous}]),
+                          *previous.get("beside", ())]
+                if beside:
+                    record["beside"] = beside
+            self.data["running"] = record
             write_json_atomic(self.path, self.data)
 
     def _stop_running(self, stage: str) -> dict[str, Any]:
-        """`running` taken out of `data` when it names `stage` (alone, or among stages run as one:
-        `timed_stages`), else left to the stage it names."""
+        """`stage` taken out of `running` (which names stages run as one by a joint name:
+        `timed_stages`) and returned as a record with the driver's pid and host, or {} when it is
+        not there. When `running` named it, the earliest stage beside it takes its place."""
         running = self.data.get("running")
-        if isinstance(running, dict) and isinstance(named := running.get("stage"), str) \
-                and stage != named and stage not in named.split(" + "):
+        if not isinstance(running, dict):
             return {}
-        return self.data.pop("running", None) or {}
+
+        def names(record: dict[str, Any]) -> bool:
+            named = record.get("stage")
+            return not isinstance(named, str) or stage == named or stage in named.split(" + ")
+
+        beside = [b for b in running.get("beside", ()) if isinstance(b, dict)]
+        if not names(running):
+            kept = [b for b in beside if not names(b)]
+            if len(kept) == len(beside):
+                return {}
+            if kept:
+                running["beside"] = kept
+            else:
+                running.pop("beside", None)
+            return {"stage": stage, "pid": running.get("pid"), "host": running.get("host")}
+        self.data.pop("running")
+        running.pop("beside", None)
+        if beside:
+            first, *rest = beside
+            self.data["running"] = {**first, **{k: running[k] for k in ("pid", "host", "pid_started") if k in running},
+                                    **({"beside": rest} if rest else {})}
+        return running
 
     def finish(self, stage: str, seconds: float, **info: Any) -> None:
         with self.lock:

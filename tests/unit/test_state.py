@@ -101,3 +101,39 @@ def test_two_stages_at_once_keep_the_running_record_of_the_one_started_last(tmp_
     state.start("round1/eval + round2/sample")
     state.finish("round1/eval", 0.5)
     assert "running" not in state.data
+
+
+def test_a_stage_started_while_another_runs_lists_it_beside_and_either_may_end_first(tmp_path):
+    """One-step overlap: segment 1 trains while segment 2 samples. `running` names the stage started
+    last and lists the other under `beside`; whichever ends first leaves, and the other is then
+    the record (with the driver's pid and host); a beside stage that fails is recorded as failed."""
+    import os
+
+    state = RunState(tmp_path, load_config(DEMO_CONFIG))
+    state.start("round1/seg1/train")
+    started = state.data["running"]["started"]
+    state.start("round1/seg2/sample")
+    on_disk = json.loads(state.path.read_text())["running"]
+    assert on_disk["stage"] == "round1/seg2/sample"
+    assert on_disk["beside"] == [{"stage": "round1/seg1/train", "started": started}]
+    # The later one ends first: the earlier one is the record again, whole.
+    state.finish("round1/seg2/sample", 1.0)
+    running = state.data["running"]
+    assert running["stage"] == "round1/seg1/train" and running["started"] == started
+    assert running["pid"] == os.getpid() and "beside" not in running
+    # The earlier one ends first: it leaves `beside`, the later one stays the record.
+    state.start("round1/seg2/score")
+    state.finish("round1/seg1/train", 2.0)
+    assert state.data["running"]["stage"] == "round1/seg2/score" and "beside" not in state.data["running"]
+    assert {"round1/seg1/train", "round1/seg2/sample"} <= set(state.data["stages"])
+    # A beside stage that fails is the failure on record; the later stage still runs.
+    state.finish("round1/seg2/score", 0.1)
+    state.start("round1/seg2/train")
+    state.start("round1/seg3/sample")
+    state.fail("round1/seg2/train", 3.0, RuntimeError("the trainer's actor died"))
+    on_disk = json.loads(state.path.read_text())
+    assert on_disk["failed"]["stage"] == "round1/seg2/train" and on_disk["failed"]["pid"] == os.getpid()
+    assert on_disk["running"]["stage"] == "round1/seg3/sample" and "beside" not in on_disk["running"]
+    # The same stage started again (a retry) is not listed beside itself.
+    state.start("round1/seg3/sample")
+    assert "beside" not in state.data["running"]

@@ -207,6 +207,24 @@ def test_status_of_a_running_stage_names_it_and_its_elapsed_time(tmp_path) -> No
     assert len(lines) == 3  # no "next:" while a stage runs; no round evaluated: no table
 
 
+def test_status_of_two_stages_at_once_names_both(tmp_path) -> None:
+    """One-step overlap: the stage started last, then the one still running beside it; a killed
+    driver's record names both as stopped."""
+    state = _state(tmp_path)
+    state.start("round1/seg1/train")
+    state.start("round1/seg2/sample")
+    data = _on_disk(state)
+    now = data["running"]["started"] + 30
+    lines = format_status(data, "outs/demo", now=now).splitlines()
+    trained = round(now - data["running"]["beside"][0]["started"])
+    assert lines[1] == f"round1/seg2/sample: running for 30 s (driver pid {os.getpid()} on {HOST})"
+    assert lines[2] == f"round1/seg1/train: running beside it for {trained} s"
+    data["running"]["pid"] = 2**22 + 1  # no such process: the driver is gone
+    data["running"]["pid_started"] = None
+    assert format_status(data, "outs/demo", now=now).splitlines()[1].startswith(
+        "round1/seg2/sample (and round1/seg1/train): stopped (driver pid")
+
+
 def test_status_command_of_a_running_run_shows_the_stage_the_finished_stages_and_the_table(tmp_path,
                                                                                           capsys) -> None:
     out = _write(tmp_path / "run", running=_this_process(time.time() - 41))
