@@ -8,8 +8,9 @@ output directory.
 While a stage runs, `state.json` also names it under `running` (stage, wall-clock start, the
 driver's pid, host and process start time), so that `rrhf-ray status` can tell a live run from a
 killed one (`driver_alive`); a stage of the same driver still running when another starts (the
-online policy's one-step overlap) is listed under the new record's `beside`. A stage that raised leaves `failed` (stage, seconds, the error)
-instead, until the next stage starts (with `interrupted: true` for a stage a stop signal ended).
+online policy's one-step overlap) is listed under the new record's `beside`. A stage that raised
+leaves `failed` (stage, seconds, the error) instead, until the next stage starts (with
+`interrupted: true` for a stage a stop signal ended).
 
 One driver per output directory: `DriverLock` holds `driver.lock` (an exclusive `flock`, which
 the kernel drops when its process dies, plus the driver's pid, host and start) for the whole run;
