@@ -216,9 +216,9 @@ class Optimizer:
         from transformers import get_scheduler
 
         params = [p for p in model.parameters() if p.requires_grad]
-        # PyTorch's fused AdamW kernel (one pass per tensor): 3.1x faster than its default
-        # per-tensor loop on this CPU (40 tensors of 512 x 512, 6.5 vs 19.9 ms a step), the same
-        # update up to float rounding. Where it does not apply, the default loop.
+        # PyTorch's fused AdamW kernel (one pass per tensor): about 3x faster than its default
+        # per-tensor loop on a 2-core CPU (benchmarks/optimizer.py), the same update up to float
+        # rounding. Where it does not apply, the default loop.
         fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype in _FUSED_DTYPES
                                      for p in params)
         optimizer = torch.optim.AdamW(
