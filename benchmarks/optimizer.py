@@ -60,8 +60,9 @@ def main() -> None:
             diff = max(float((a - b).abs().max()) for a, b in zip(model.parameters(), loop_model.parameters(),
                                                                    strict=True))
         ms = {k: 1000 * v / args.steps for k, v in seconds.items()}
-        print(f"{name}: {n / 1e6:.2f}M parameters in {len(grads)} tensors: default loop {ms['default loop']:.2f} ms, "
-              f"fused {ms['fused']:.2f} ms a step: fused {ms['default loop'] / ms['fused']:.2f}× "
+        print(f"{name}: {n / 1e6:.2f}M parameters in {len(grads)} tensors: "
+              f"default loop {ms['default loop']:.2f} ms, fused {ms['fused']:.2f} ms a step: "
+              f"fused {ms['default loop'] / ms['fused']:.2f}× "
               f"(largest weight difference after {args.steps + 1} steps: {diff:.1e})")
 
 

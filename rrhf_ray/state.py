@@ -207,8 +207,8 @@ class RunState:
             if isinstance(previous, dict) and previous.get("pid") == os.getpid():
                 # This driver's stages that still run (one-step overlap): listed beside the new one.
                 again = previous.get("stage") == stage  # (a retry replaces its own record)
-                beside = [*([] if again else [{k: previous[k] for k in ("stage", "started") if k in previous}]),
-                          *previous.get("beside", ())]
+                own = {k: previous[k] for k in ("stage", "started") if k in previous}
+                beside = [*([] if again else [own]), *previous.get("beside", ())]
                 if beside:
                     record["beside"] = beside
             self.data["running"] = record
@@ -240,8 +240,8 @@ class RunState:
         running.pop("beside", None)
         if beside:
             first, *rest = beside
-            self.data["running"] = {**first, **{k: running[k] for k in ("pid", "host", "pid_started") if k in running},
-                                    **({"beside": rest} if rest else {})}
+            driver = {k: running[k] for k in ("pid", "host", "pid_started") if k in running}
+            self.data["running"] = {**first, **driver, **({"beside": rest} if rest else {})}
         return running
 
     def finish(self, stage: str, seconds: float, **info: Any) -> None:
