@@ -437,10 +437,12 @@ def format_status(state: dict[str, Any], output_dir: str, now: float | None = No
             live = True
             lines.append(f"{running['stage']}: running for {since} ({where}"
                          + ("; another host: not checked from here)" if alive is None else ")"))
-            lines += [f"{b.get('stage')}: running beside it for {_duration(now - b.get('started', now))}"
-                      for b in beside]
             if (line := waiting_line(running, now)) is not None:
                 lines.append(line)
+            for b in beside:
+                lines.append(f"{b.get('stage')}: running beside it for {_duration(now - b.get('started', now))}")
+                if (line := waiting_line(b, now)) is not None:
+                    lines.append(line)
     elif isinstance(failed, dict):
         lines.append(f"{failed['stage']}: failed after {_duration(failed.get('seconds', 0))}: "
                      f"{failed.get('error')}; run the same command again to resume")

@@ -173,6 +173,7 @@ class RunState:
 
     def __init__(self, out: Path, config: RunConfig) -> None:
         self.lock = threading.RLock()
+        self._thread_stages: dict[int, str] = {}  # thread → the stage it started last
         self.path = out / STATE_FILE
         fingerprint = config_fingerprint(config)
         if self.path.exists():
@@ -201,23 +202,43 @@ class RunState:
         """Record `stage` as running in this process (written before its work starts)."""
         with self.lock:
             self.data.pop("failed", None)
+            self._thread_stages[threading.get_ident()] = stage
             record = {"stage": stage, "started": time.time(), "pid": os.getpid(),
                       "host": socket.gethostname(), "pid_started": process_start_ticks(os.getpid())}
             previous = self.data.get("running")
             if isinstance(previous, dict) and previous.get("pid") == os.getpid():
                 # This driver's stages that still run (one-step overlap): listed beside the new one.
                 again = previous.get("stage") == stage  # (a retry replaces its own record)
-                own = {k: previous[k] for k in ("stage", "started") if k in previous}
+                own = {k: previous[k] for k in ("stage", "started", "waiting") if k in previous}
                 beside = [*([] if again else [own]), *previous.get("beside", ())]
                 if beside:
                     record["beside"] = beside
             self.data["running"] = record
             write_json_atomic(self.path, self.data)
 
+    def stage_of_this_thread(self) -> str | None:
+        """The stage this thread started last (`start`): the one whose work calls from here."""
+        return self._thread_stages.get(threading.get_ident())
+
+    def running_record(self, stage: str | None) -> dict[str, Any] | None:
+        """`stage`'s record in `running`: `running` itself, or its entry under `beside`; None when
+        neither names it (`stage` None: `running`, whatever it names). Call holding `lock`."""
+        running = self.data.get("running")
+        if not isinstance(running, dict):
+            return None
+        for record in (running, *running.get("beside", ())):
+            named = record.get("stage") if isinstance(record, dict) else None
+            if stage is None or (isinstance(named, str) and (stage == named or stage in named.split(" + "))):
+                return record
+        return None
+
     def _stop_running(self, stage: str) -> dict[str, Any]:
         """`stage` taken out of `running` (which names stages run as one by a joint name:
         `timed_stages`) and returned as a record with the driver's pid and host, or {} when it is
         not there. When `running` named it, the earliest stage beside it takes its place."""
+        for thread, started in list(self._thread_stages.items()):  # its thread runs it no more
+            if stage == started or stage in started.split(" + "):
+                del self._thread_stages[thread]
         running = self.data.get("running")
         if not isinstance(running, dict):
             return {}

@@ -9,8 +9,9 @@ yet; the rule of `rrhf_ray.actors.dispatch.work_timeout`, which limits each samp
 request). Past it the stage fails with `StageTimeout`, one line naming the stage, what did not
 answer and the limit; `state.json` records the stage as failed and the same command resumes there.
 
-While the driver waits, `running.waiting` in state.json names what it waits on, since when and
-under which limit (`rrhf-ray status` shows it): written once a wait has lasted
+While the driver waits, `waiting` in the record of the wait's stage (`running`, or the stage's
+entry under `running.beside` when another stage started after it: the online policy's one-step
+overlap) names what it waits on, since when and under which limit (`rrhf-ray status` shows it): written once a wait has lasted
 `RECORD_AFTER_S`, so short waits cost no write, rewritten at most every `RECORD_EVERY_S` when
 what it waits on changes, and removed when it ends. A sampling or scoring stage waits on one
 coordinating task; its `workers` (`rrhf_ray.actors.dispatch.read_board`) name the replicas or
@@ -63,6 +64,9 @@ class Wait:
 
     def __init__(self, state: RunState | None, what: str, limit: float | None, key: str) -> None:
         self.state, self.what, self.limit, self.key = state, what, limit, key
+        # The stage this wait belongs to: the one its thread runs (two may run at once under the
+        # online policy's one-step overlap); its record in state.json holds the wait.
+        self.stage = state.stage_of_this_thread() if state is not None else None
         self.since = 0.0  # wall clock, for `rrhf-ray status`
         self._start: float | None = None  # the clock starts at the first poll, get or check
         self._recorded: str | None = None  # what the record in state.json names
@@ -104,8 +108,8 @@ class Wait:
         if shown == self._recorded:
             return
         with self.state.lock:
-            running = self.state.data.get("running")
-            if not isinstance(running, dict):
+            running = self.state.running_record(self.stage)
+            if running is None:
                 return
             waiting = {"on": on, "since": self.since, "limit_s": self.limit, "key": self.key}
             if workers:
@@ -119,15 +123,16 @@ class Wait:
         if self._recorded is None or self.state is None:
             return
         with self.state.lock:
-            running = self.state.data.get("running")
-            if isinstance(running, dict) and running.pop("waiting", None) is not None:
+            running = self.state.running_record(self.stage)
+            if running is not None and running.pop("waiting", None) is not None:
                 self.state.save()
         self._recorded = None
 
     def timeout(self, on: str | None = None) -> StageTimeout:
         """The error for a wait past its limit: the stage, what did not answer, the limit."""
-        running = self.state.data.get("running") if self.state is not None else None
-        stage = f"{running['stage']}: " if isinstance(running, dict) and running.get("stage") else ""
+        running = self.state.running_record(self.stage) if self.state is not None else None
+        named = self.stage or (running.get("stage") if running is not None else None)
+        stage = f"{named}: " if named else ""
         return StageTimeout(
             f"{stage}{on or self.what} did not finish within its limit of {self.limit:.0f} s ({self.key}; "
             f"by default 10× the stage's longest earlier round, at least 300 s); the stage is failed: "

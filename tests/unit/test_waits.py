@@ -162,3 +162,48 @@ def test_the_workers_a_stage_waits_on_are_recorded_and_shown(tmp_path, clock) ->
     assert line.splitlines()[1:] == ["  sampler replica 1: chunk 3 of 12 (8 queries) for 1 min 0 s",
                                      "  sampler replica 0: chunk 7 of 12 (8 queries) for 16 s"]
     assert line.splitlines()[0].startswith("round1/sample: waiting ")
+
+
+def test_a_wait_of_the_stage_beside_is_recorded_on_its_entry_and_names_its_stage(tmp_path, clock) -> None:
+    """One-step overlap: segment 1 trains in a thread of its own while the driver's thread samples
+    segment 2. The training's wait belongs to its stage: it is written on that stage's entry
+    under `running.beside`, status shows it under that stage, and its error names that stage."""
+    import threading
+
+    state = RunState(tmp_path / "run", _config(tmp_path))
+    on_disk = lambda: json.loads(state.path.read_text())
+    trained, sampling, done = threading.Event(), threading.Event(), threading.Event()
+    errors: list[StageTimeout] = []
+
+    def train() -> None:
+        with StageTimer(state, "round1/seg1/train"):
+            trained.set()
+            sampling.wait(10)
+            with Wait(state, "the trainer worker group", 60.0, "train.round_timeout_s") as wait:
+                wait.poll()
+                clock.now += 3.0
+                wait.poll()
+                errors.append(wait.timeout())
+                done.set()
+                sampling.wait(10)  # until the driver's thread has read the record
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    trained.wait(10)
+    with StageTimer(state, "round1/seg2/sample"):
+        sampling.set()
+        done.wait(10)
+        running = on_disk()["running"]
+        assert running["stage"] == "round1/seg2/sample" and "waiting" not in running
+        assert running["beside"][0]["stage"] == "round1/seg1/train"
+        assert running["beside"][0]["waiting"]["on"] == "the trainer worker group"
+        lines = format_status(on_disk(), "outs/demo", now=clock.time()).splitlines()
+        sampling.clear()
+        thread_lines = [line for line in lines if line.startswith("round1/seg1/train: ")]
+        assert thread_lines[0].startswith("round1/seg1/train: running beside it for ")
+        assert thread_lines[1] == ("round1/seg1/train: waiting 3 s on the trainer worker group "
+                                   "(limit 60 s: train.round_timeout_s)")
+        sampling.set()
+        thread.join(10)
+    assert str(errors[0]).startswith("round1/seg1/train: the trainer worker group did not finish")
+    assert "waiting" not in json.dumps(on_disk())  # the wait ended: its record went with it
