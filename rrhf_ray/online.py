@@ -9,10 +9,10 @@ the previous segment trains: `rrhf_ray.segments.sampler_version`), trains the ne
 `WarmJob.online_steps`) and loads it into the samplers. Between score and train, `kl` measures
 each candidate's KL to ρ with the per-token log-probabilities of DPO's reference task
 (`rrhf_ray.train.reference`) under ρ and under the sampling policy, and writes the pool the
-trainer reads (pool_kl.parquet): rewards r − β·KL
-(`online.kl_in: reward`, the paper's OP setting), or the rewards as scored with Σ log ρ of each
-candidate for the trainer's KL term (`kl_in: loss`). The score, train and refresh stages are the
-round's (`rrhf_ray.stages`) on the segment's files.
+trainer reads (pool_kl.parquet): rewards r − β·KL (`online.kl_in: reward`, the paper's OP
+setting), or the rewards as scored with Σ log ρ of each candidate for the trainer's KL term
+(`kl_in: loss`). The score, train and refresh stages are the round's (`rrhf_ray.stages`) on the
+segment's files.
 """
 
 from __future__ import annotations

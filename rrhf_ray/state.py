@@ -216,6 +216,12 @@ class RunState:
             self.data["running"] = record
             write_json_atomic(self.path, self.data)
 
+    @staticmethod
+    def _names(named: object, stage: str) -> bool:
+        """Whether a record's stage name `named` is `stage`, alone or among stages run as one
+        (`timed_stages`' joint name "a + b")."""
+        return isinstance(named, str) and (stage == named or stage in named.split(" + "))
+
     def stage_of_this_thread(self) -> str | None:
         """The stage this thread started last (`start`): the one whose work calls from here."""
         return self._thread_stages.get(threading.get_ident())
@@ -227,8 +233,7 @@ class RunState:
         if not isinstance(running, dict):
             return None
         for record in (running, *running.get("beside", ())):
-            named = record.get("stage") if isinstance(record, dict) else None
-            if stage is None or (isinstance(named, str) and (stage == named or stage in named.split(" + "))):
+            if isinstance(record, dict) and (stage is None or self._names(record.get("stage"), stage)):
                 return record
         return None
 
@@ -237,15 +242,15 @@ class RunState:
         `timed_stages`) and returned as a record with the driver's pid and host, or {} when it is
         not there. When `running` named it, the earliest stage beside it takes its place."""
         for thread, started in list(self._thread_stages.items()):  # its thread runs it no more
-            if stage == started or stage in started.split(" + "):
+            if self._names(started, stage):
                 del self._thread_stages[thread]
         running = self.data.get("running")
         if not isinstance(running, dict):
             return {}
 
-        def names(record: dict[str, Any]) -> bool:
+        def names(record: dict[str, Any]) -> bool:  # (a record without a stage name: ended too)
             named = record.get("stage")
-            return not isinstance(named, str) or stage == named or stage in named.split(" + ")
+            return not isinstance(named, str) or self._names(named, stage)
 
         beside = [b for b in running.get("beside", ()) if isinstance(b, dict)]
         if not names(running):

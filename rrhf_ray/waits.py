@@ -11,9 +11,9 @@ answer and the limit; `state.json` records the stage as failed and the same comm
 
 While the driver waits, `waiting` in the record of the wait's stage (`running`, or the stage's
 entry under `running.beside` when another stage started after it: the online policy's one-step
-overlap) names what it waits on, since when and under which limit (`rrhf-ray status` shows it): written once a wait has lasted
-`RECORD_AFTER_S`, so short waits cost no write, rewritten at most every `RECORD_EVERY_S` when
-what it waits on changes, and removed when it ends. A sampling or scoring stage waits on one
+overlap) names what it waits on, since when and under which limit (`rrhf-ray status` shows it):
+written once a wait has lasted `RECORD_AFTER_S`, so short waits cost no write, rewritten at most
+every `RECORD_EVERY_S` when what it waits on changes, and removed when it ends. A sampling or scoring stage waits on one
 coordinating task; its `workers` (`rrhf_ray.actors.dispatch.read_board`) name the replicas or
 scorers that task waits on, each with its chunk and since when.
 """
