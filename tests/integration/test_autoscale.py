@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from rrhf_ray.remote import cache_key
-from tests.helpers import sandbox_env, sandbox_or_skip
+from tests.helpers import required_sandbox, sandbox_env
 from tests.integration.test_job_submit import _checkout_copy
 from tests.object_store import moto_server_command
 
@@ -69,7 +69,7 @@ exec bash -e "$3"
 def run_sandboxed(tmp_path: Path) -> tuple[int | None, str, Path]:
     """The block in its sandbox (read by the test through `sandboxed_result`, tests/conftest.py):
     its exit status, its console and `tmp_path`."""
-    prefix = sandbox_or_skip("start an autoscaling head")
+    prefix = required_sandbox("start an autoscaling head")
     block = doc_block()
     for step in ("RAY_FAKE_CLUSTER=1", "--autoscaling-config=cluster/local-autoscale.yaml",
                  "rrhf-ray validate", "ray job submit", "ray status", "ray stop"):

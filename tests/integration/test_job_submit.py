@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import sandbox_env, sandbox_or_skip
+from tests.helpers import required_sandbox, sandbox_env
 
 pytestmark = pytest.mark.ray
 
@@ -77,7 +77,7 @@ SANDBOX_INIT = 'ip link set lo up && mkdir -p /tmp/ray && mount --bind "$1" /tmp
 def run_sandboxed(tmp_path: Path) -> tuple[int | None, str, float, Path]:
     """The block in its sandbox (read by the test through `sandboxed_result`, tests/conftest.py):
     its exit status, console, seconds and `tmp_path`."""
-    prefix = sandbox_or_skip("run the doc's `ray start` / `ray stop`")
+    prefix = required_sandbox("run the doc's `ray start` / `ray stop`")
     block = doc_block()
     # The commands the issue was about are there, as the reader types them.
     for step in ("source .venv/bin/activate", "export RAY_AUTH_MODE=token", "ray start --head",
